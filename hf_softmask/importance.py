@@ -1,0 +1,168 @@
+"""UnitImportance: per-unit importance in [0, 1] for attention heads and FFN neurons."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_write_text, atomic_save_safetensors
+
+__all__ = ["UnitImportance", "ImportanceShapeError", "tanh_zscore", "IMPORTANCE_WEIGHTS", "IMPORTANCE_CONFIG"]
+
+IMPORTANCE_WEIGHTS = "importance.safetensors"
+IMPORTANCE_CONFIG = "importance_config.json"
+
+
+class ImportanceShapeError(ValueError):
+    """Importance whose shape does not match the model it is applied to."""
+
+
+def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance") -> torch.Tensor:
+    """``|tanh((x - mean) / std)|`` along ``dim``; rows with zero or non-finite std give 0 (with a warning)."""
+    x = x.detach().float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf; the loss it was computed from diverged")
+    mean = x.mean(dim=dim, keepdim=True)
+    std = x.std(dim=dim, keepdim=True, unbiased=False) if x.shape[dim] > 1 else torch.zeros_like(mean)
+    flat = (std <= 0) | ~torch.isfinite(std)
+    if flat.any():
+        warnings.warn(
+            f"{name}: {int(flat.sum())} row(s) have constant values (std = 0); their normalized importance is set to 0. "
+            "This usually means the units received no gradient (frozen layer, too few batches).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    z = (x - mean) / torch.where(flat, torch.ones_like(std), std)
+    return torch.tanh(z).abs().masked_fill(flat.expand_as(z), 0.0)
+
+
+@dataclass
+class UnitImportance:
+    """Importance of attention heads ``heads[L, H]`` and FFN neurons ``ffn[L, I]``.
+
+    ``meta`` carries the layout signature (model type and shapes) and free-form provenance.
+    """
+
+    heads: torch.Tensor
+    ffn: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.heads = torch.as_tensor(self.heads).detach().float().cpu()
+        self.ffn = torch.as_tensor(self.ffn).detach().float().cpu()
+        if self.heads.dim() != 2 or self.ffn.dim() != 2 or self.heads.shape[0] != self.ffn.shape[0]:
+            raise ImportanceShapeError(
+                f"expected heads [L, H] and ffn [L, I] with the same L, got {tuple(self.heads.shape)} and {tuple(self.ffn.shape)}"
+            )
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def zeros_like_layout(cls, layout) -> "UnitImportance":
+        return cls(torch.zeros(layout.num_layers, layout.num_heads), torch.zeros(layout.num_layers, layout.ffn_size),
+                   meta={"layout": layout.signature()})
+
+    @classmethod
+    def ones_like_layout(cls, layout) -> "UnitImportance":
+        return cls(torch.ones(layout.num_layers, layout.num_heads), torch.ones(layout.num_layers, layout.ffn_size),
+                   meta={"layout": layout.signature()})
+
+    # -- algebra -------------------------------------------------------------------------------
+    def normalized(self) -> "UnitImportance":
+        """Per-layer ``|tanh(z-score)|`` of heads and of FFN neurons, separately."""
+        return UnitImportance(tanh_zscore(self.heads, -1, "head importance"), tanh_zscore(self.ffn, -1, "FFN importance"), dict(self.meta))
+
+    def maximum(self, other: "UnitImportance") -> "UnitImportance":
+        """Elementwise max (EMax accumulation across domains/tasks)."""
+        self._check_same_shape(other)
+        return UnitImportance(torch.maximum(self.heads, other.heads), torch.maximum(self.ffn, other.ffn), dict(self.meta))
+
+    def soft_mask(self) -> "UnitImportance":
+        """``1 - importance`` (the factor applied to protected units' updates)."""
+        return UnitImportance(1 - self.heads, 1 - self.ffn, dict(self.meta))
+
+    def _check_same_shape(self, other: "UnitImportance") -> None:
+        if self.heads.shape != other.heads.shape or self.ffn.shape != other.ffn.shape:
+            raise ImportanceShapeError(
+                f"cannot combine importance of shapes heads{tuple(self.heads.shape)}/ffn{tuple(self.ffn.shape)} "
+                f"and heads{tuple(other.heads.shape)}/ffn{tuple(other.ffn.shape)}"
+            )
+
+    def validate_for(self, layout) -> None:
+        """Raise ImportanceShapeError unless this importance fits ``layout``."""
+        want_h = (layout.num_layers, layout.num_heads)
+        want_f = (layout.num_layers, layout.ffn_size)
+        if tuple(self.heads.shape) != want_h or tuple(self.ffn.shape) != want_f:
+            saved = self.meta.get("layout", {})
+            raise ImportanceShapeError(
+                f"importance has heads{tuple(self.heads.shape)} and ffn{tuple(self.ffn.shape)}, but the model "
+                f"({layout.model_type}) has heads{want_h} and ffn{want_f}. It was computed for {saved or 'an unknown model'}; "
+                "recompute it with hf_softmask.compute_importance on this model."
+            )
+        if not (torch.isfinite(self.heads).all() and torch.isfinite(self.ffn).all()):
+            raise ValueError("importance contains NaN or Inf; recompute it")
+        lo = min(self.heads.min().item(), self.ffn.min().item())
+        hi = max(self.heads.max().item(), self.ffn.max().item())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"importance must lie in [0, 1] (got [{lo:.3g}, {hi:.3g}]); call .normalized() first")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **_) -> None:
+        """Write ``importance.safetensors`` and ``importance_config.json`` into ``save_directory`` (atomically)."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({"heads": self.heads.contiguous(), "ffn": self.ffn.contiguous()}, path / IMPORTANCE_WEIGHTS)
+        atomic_write_text(path / IMPORTANCE_CONFIG, json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+
+    @classmethod
+    def exists(cls, directory: str | os.PathLike) -> bool:
+        return (Path(directory) / IMPORTANCE_WEIGHTS).is_file()
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, *, layout=None, revision: str | None = None, **hub_kwargs) -> "UnitImportance":
+        """Load from a local directory or a Hub repo id; with ``layout``, check the shapes fit."""
+        path = Path(path_or_repo)
+        if path.is_dir():
+            weights, config = path / IMPORTANCE_WEIGHTS, path / IMPORTANCE_CONFIG
+            if not weights.is_file():
+                raise FileNotFoundError(f"{weights} not found: {path} holds no saved UnitImportance")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            weights = hf_hub_download(str(path_or_repo), IMPORTANCE_WEIGHTS, revision=revision, **hub_kwargs)
+            config = hf_hub_download(str(path_or_repo), IMPORTANCE_CONFIG, revision=revision, **hub_kwargs)
+        tensors = load_file(str(weights))
+        meta = json.loads(Path(config).read_text()) if Path(config).is_file() else {}
+        imp = cls(tensors["heads"], tensors["ffn"], meta)
+        if layout is not None:
+            imp.validate_for(layout)
+        return imp
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload unit importance", private: bool | None = None, token=None, revision=None) -> str:
+        """Upload to the Hub like any HF object; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
+        return str(info)
+
+    # -- summaries -----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {
+            "heads_mean": float(self.heads.mean()),
+            "ffn_mean": float(self.ffn.mean()),
+            "heads_above_0.9": float((self.heads > 0.9).float().mean()),
+            "ffn_above_0.9": float((self.ffn > 0.9).float().mean()),
+        }
+
+    def __repr__(self) -> str:
+        return f"UnitImportance(heads={tuple(self.heads.shape)}, ffn={tuple(self.ffn.shape)}, mean={self.heads.mean():.3f}/{self.ffn.mean():.3f})"

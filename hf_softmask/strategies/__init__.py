@@ -1,0 +1,5 @@
+"""Continual-learning strategies built on the unit registry, gates and masking machinery."""
+
+from .base import ContinualStrategy, StrategyCallback, StrategyTrainer
+
+__all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer"]

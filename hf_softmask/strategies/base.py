@@ -1,0 +1,157 @@
+"""The strategy interface and the Trainer that drives it.
+
+A strategy is a small object with a few hooks (before a task, an extra loss term, after
+backward, after the optimizer step, after a task, state to save). It is not a branch inside the
+trainer: :class:`StrategyTrainer` calls the hooks, whatever the strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ..io import atomic_save_safetensors, atomic_write_json
+
+__all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer", "STRATEGY_STATE_WEIGHTS", "STRATEGY_STATE_CONFIG"]
+
+STRATEGY_STATE_WEIGHTS = "strategy_state.safetensors"
+STRATEGY_STATE_CONFIG = "strategy_config.json"
+
+
+class ContinualStrategy:
+    """Base class: every hook is a no-op, so a subclass overrides only what it changes.
+
+    Lifecycle over a sequence of tasks (domains, for continual pre-training)::
+
+        model = strategy.prepare_model(model)            # once (wrap layers, add embeddings)
+        for t, task in enumerate(tasks):
+            strategy.before_task(model, t, train_dataloader)
+            Trainer loop:  on_train_begin(model, optimizer)
+                           loss += extra_loss(model, inputs, outputs)
+                           after_backward(model)          # before the optimizer step
+                           after_optimizer_step(model, optimizer)
+                           on_train_end(model, optimizer)
+            strategy.after_task(model, t, dataloader)     # importance, masks, snapshots
+
+    ``state_dict()`` returns tensors (saved as safetensors) and ``config()`` JSON-able settings;
+    ``save_pretrained``/``load_pretrained`` write/read both beside a model checkpoint.
+    """
+
+    name: str = "base"
+    #: True when the strategy lowers the effective learning rate of protected units, so it must be
+    #: compared against the plain-training learning-rate frontier, not one plain run.
+    changes_effective_lr: bool = False
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def before_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
+        self.task_id = task_id
+
+    def forward_kwargs(self, model: nn.Module, inputs: dict) -> dict:
+        """Extra keyword arguments for the model's forward (e.g. a task id)."""
+        return {}
+
+    def extra_loss(self, model: nn.Module, inputs: dict, outputs) -> torch.Tensor | None:
+        return None
+
+    def on_train_begin(self, model: nn.Module, optimizer) -> None:
+        pass
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module, optimizer) -> None:
+        pass
+
+    def on_train_end(self, model: nn.Module, optimizer) -> None:
+        pass
+
+    def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
+        pass
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        state = self.state_dict()
+        if state:
+            atomic_save_safetensors(state, directory / STRATEGY_STATE_WEIGHTS)
+        atomic_write_json(directory / STRATEGY_STATE_CONFIG, self.config())
+
+    def load_pretrained(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / STRATEGY_STATE_WEIGHTS
+        if path.is_file():
+            self.load_state_dict(load_file(str(path)))
+
+    @staticmethod
+    def saved_config(directory: str | os.PathLike) -> dict | None:
+        path = Path(directory) / STRATEGY_STATE_CONFIG
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+class StrategyCallback(TrainerCallback):
+    """Forwards Trainer events to a strategy's hooks."""
+
+    def __init__(self, strategy: ContinualStrategy):
+        self.strategy = strategy
+        self._optimizer = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._optimizer = optimizer
+        self.strategy.on_train_begin(model, optimizer)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.strategy.after_backward(model)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.strategy.after_optimizer_step(model, optimizer or self._optimizer)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.strategy.on_train_end(model, optimizer or self._optimizer)
+
+
+class StrategyTrainer(Trainer):
+    """A Trainer whose loss and steps are extended by a :class:`ContinualStrategy`."""
+
+    def __init__(self, *args, strategy: ContinualStrategy | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strategy = strategy or ContinualStrategy()
+        self.add_callback(StrategyCallback(self.strategy))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        extra_kwargs = self.strategy.forward_kwargs(model, inputs)
+        if extra_kwargs:
+            inputs = {**inputs, **extra_kwargs}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            extra = self.strategy.extra_loss(model, inputs, outputs)
+            if extra is not None:
+                # The Trainer divides the loss by the accumulation steps only when the model did not
+                # normalise by num_items_in_batch; the extra term must follow the same scaling.
+                scaled = self.loss_is_scaled_for_ga
+                if scaled is None:
+                    scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+                if scaled:
+                    extra = extra / self.current_gradient_accumulation_steps
+                loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        self.strategy.save_pretrained(output_dir or self.args.output_dir)

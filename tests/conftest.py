@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real transformers models built from configs, and the shipped checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest
+import torch
+
+VOCAB = 128
+
+
+def tiny_bert(seed=0, **kw):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, **kw)
+    return BertForMaskedLM(cfg)
+
+
+def tiny_gpt2(seed=0, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw)
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_llama(seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_distilbert(seed=0, **kw):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **kw)
+    return DistilBertForMaskedLM(cfg)
+
+
+TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "distilbert": tiny_distilbert}
+
+
+def random_lm_batches(n_batches=4, batch_size=4, seq_len=16, seed=0, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if labels:
+            b["labels"] = ids.clone()
+        out.append(b)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from hf_softmask.assets import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M converted once from the shipped GGUF to a plain safetensors checkpoint."""
+    from hf_softmask.assets import load_smollm2
+
+    model, tok = load_smollm2()
+    d = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    del model
+    return d
