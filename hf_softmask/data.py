@@ -372,5 +372,4 @@ def tokenize_classification(dataset: datasets.Dataset, tokenizer, max_length: in
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
         remove_columns=["text"],
-        desc=None,
     )

@@ -43,6 +43,8 @@ class ContinualStrategy:
     """
 
     name: str = "base"
+    #: where the strategy applies: "pretrain" (domain sequences, LM loss), "finetune" (task sequences)
+    settings: tuple[str, ...] = ("pretrain", "finetune")
     #: True when the strategy lowers the effective learning rate of protected units, so it must be
     #: compared against the plain-training learning-rate frontier, not one plain run.
     changes_effective_lr: bool = False

@@ -1,0 +1,40 @@
+"""Strategy names → classes, as data. Classes are imported lazily so a strategy's module loads only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["STRATEGIES", "get_strategy", "strategy_class", "available_strategies"]
+
+#: name -> "module:Class" (relative to hf_softmask.strategies)
+STRATEGIES: dict[str, str] = {
+    "ncl": "naive:NaiveStrategy",
+    "ft": "naive:NaiveStrategy",
+    "das": "das:DASStrategy",
+    "tss": "tss:TSSStrategy",
+    "wsn": "wsn:WSNStrategy",
+    "hat": "hat:HATStrategy",
+    "adahat": "hat:AdaHATStrategy",
+    "cbp": "cbp:CBPStrategy",
+    "talos": "talos:TaLoSStrategy",
+    "ewc": "ewc:EWCStrategy",
+    "kd": "kd:KDStrategy",
+}
+
+
+def strategy_class(name: str):
+    try:
+        target = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"hf_softmask.strategies.{module}"), cls)
+
+
+def get_strategy(name: str, **kwargs):
+    """Instantiate the strategy registered as ``name`` with keyword settings."""
+    return strategy_class(name)(**kwargs)
+
+
+def available_strategies() -> list[str]:
+    return sorted(STRATEGIES)
