@@ -92,8 +92,20 @@ def _split_indices(n: int, test_fraction: float, rng: random.Random) -> tuple[li
     return train, test
 
 
-def split_documents(docs: Sequence[str], test_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic random split of ``docs`` into (train, test); each part keeps the input order."""
+def _dedupe(docs: Iterable[str]) -> list[str]:
+    # The BBC corpus repeats ~100 articles within topics; a repeated text must not land in both train and test.
+    return list(dict.fromkeys(docs))
+
+
+def split_documents(
+    docs: Sequence[str], test_fraction: float = 0.1, seed: int = 0, dedupe: bool = True
+) -> tuple[list[str], list[str]]:
+    """Deterministic random split of ``docs`` into (train, test); each part keeps the input order.
+
+    With ``dedupe`` exact duplicate texts are dropped first (first occurrence kept), so the parts share no text.
+    """
+    if dedupe:
+        docs = _dedupe(docs)
     train_idx, test_idx = _split_indices(len(docs), test_fraction, random.Random(seed))
     return [docs[i] for i in train_idx], [docs[i] for i in test_idx]
 
@@ -175,7 +187,8 @@ def load_domains(
     ``train_files``/``path`` (a directory of ``pattern``-matching files, default ``*.txt``, or a glob),
     or ``hf_dataset`` (a ``datasets.Dataset``/``DatasetDict``, a ``save_to_disk`` directory, or a
     ``load_dataset`` name/path, with ``hf_config``, ``split`` default "train" and ``text_column`` default "text").
-    A dict whose name is a BBC topic and has no source loads that topic. Evaluation texts come from
+    A dict whose name is a BBC topic and has no source loads that topic. Exact duplicate texts are dropped
+    (first occurrence kept). Evaluation texts come from
     ``eval_files``/``eval_path`` or ``eval_split`` when given, else from a deterministic ``eval_fraction`` split.
     ``max_train_docs``, ``max_eval_docs``, ``eval_fraction`` and ``seed`` may also be set per entry.
     """
@@ -215,11 +228,13 @@ def load_domains(
         eval_source = entry.get("eval_files", entry.get("eval_path"))
         if eval_source is not None:
             eval_texts = _texts_from_files(eval_source, pattern)
+        texts = _dedupe(texts)
         if eval_texts is None:
             # Seed by domain name too, so two domains of equal size do not get the same split positions.
             train_idx, eval_idx = _split_indices(len(texts), frac, random.Random(f"{dseed}:{name}"))
             train_texts, eval_texts = [texts[i] for i in train_idx], [texts[i] for i in eval_idx]
         else:
+            eval_texts = _dedupe(eval_texts)
             train_texts = texts
         if n_train is not None:
             train_texts = train_texts[:n_train]
@@ -331,8 +346,8 @@ def bbc_task_sequence(
 ) -> list[ClassificationTask]:
     """A sequence of BBC topic-classification tasks; task ``k`` classifies among ``tasks[k]`` (labels in that order).
 
-    Each topic is split into train/test once and every task reuses that split, so a test article of one task is
-    never a training article of another task that shares the topic.
+    Each topic is deduplicated (the corpus repeats some articles) and split into train/test once, and every task
+    reuses that split, so a test article of one task is never a training article of any task.
     """
     tasks = [tuple(t) for t in tasks]
     for t in tasks:
@@ -343,7 +358,7 @@ def bbc_task_sequence(
 
     pools: dict[str, tuple[list[str], list[str]]] = {}
     for topic in topics:
-        docs = corpus[topic]
+        docs = _dedupe(corpus[topic])
         train_idx, test_idx = _split_indices(len(docs), test_fraction, random.Random(f"{seed}:{topic}"))
         # Shuffle within each pool so max_*_per_class takes a random, not the lowest-numbered, subset.
         rng = random.Random(f"{seed}:{topic}:order")

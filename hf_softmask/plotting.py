@@ -16,12 +16,13 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["plot_frontier", "plot_importance", "plot_matrix"]
 
 
 def _new_figure(figsize) -> Figure:
-    fig = Figure(figsize=figsize, dpi=100)
+    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -63,8 +64,7 @@ def plot_matrix(
     if M.ndim != 2 or M.shape != (len(row_labels), len(col_labels)):
         raise ValueError(f"matrix shape {M.shape} does not match {len(row_labels)} row and {len(col_labels)} column labels")
     masked = np.ma.masked_invalid(M)
-    colormap = matplotlib.colormaps[cmap].copy()
-    colormap.set_bad("white")
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="white")
 
     fig = _new_figure((1.2 + 0.9 * M.shape[1], 1.0 + 0.7 * M.shape[0]))
     ax = fig.add_subplot()
@@ -107,6 +107,7 @@ def plot_importance(heads, ffn, path: str | os.PathLike, title: str = "") -> Pat
         ax.set_xlabel(xlabel)
         ax.set_ylabel("layer")
         ax.set_yticks(range(L), [str(i) for i in range(L)])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return _save(fig, path)
 

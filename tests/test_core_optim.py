@@ -1,0 +1,82 @@
+"""Masked optimizers: equal to torch's without masks, exact freezing with masks, compatible state."""
+
+import pytest
+import torch
+
+from hf_softmask import MaskedAdamW, MaskedSGD, install_update_masks
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(6, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+
+
+def _run(opt_factory, masks_fn=None, steps=5, install=False):
+    params = _params()
+    opt = opt_factory(params)
+    if masks_fn is not None:
+        masks = masks_fn(params)
+        if install:
+            install_update_masks(opt, masks)
+        else:
+            opt.set_update_masks(masks)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_masked_adamw_without_masks_matches_torch_adamw(wd):
+    ours, _ = _run(lambda ps: MaskedAdamW(ps, lr=1e-2, weight_decay=wd))
+    ref, _ = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=wd))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_mask_entries_neither_move_nor_decay_and_half_mask_moves_half():
+    init = [p.detach().clone() for p in _params()]
+    row_mask = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 0.0]).view(6, 1)
+    params, _ = _run(lambda ps: MaskedAdamW(ps, lr=1e-2, weight_decay=0.1), lambda ps: {ps[0]: row_mask})
+    free, _ = _run(lambda ps: MaskedAdamW(ps, lr=1e-2, weight_decay=0.1), steps=1)
+    assert torch.equal(params[0][0], init[0][0]) and torch.equal(params[0][5], init[0][5])
+    assert not torch.equal(params[0][1], init[0][1])
+    one_masked, _ = _run(lambda ps: MaskedAdamW(ps, lr=1e-2, weight_decay=0.1), lambda ps: {ps[0]: row_mask}, steps=1)
+    torch.testing.assert_close(one_masked[0][2] - init[0][2], 0.5 * (free[0][2] - init[0][2]))
+
+
+def test_install_on_plain_adamw_is_exact_and_state_dict_stays_compatible():
+    mask = lambda ps: {ps[0]: torch.zeros(1, 5)}  # noqa: E731
+    params, opt = _run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), mask, install=True)
+    assert torch.equal(params[0], _params()[0])
+    ours, _ = _run(lambda ps: MaskedAdamW(ps, lr=1e-2, weight_decay=0.1), mask)
+    torch.testing.assert_close(params[1], ours[1])
+    fresh = torch.optim.AdamW(_params(), lr=1e-2)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state[fresh.param_groups[0]["params"][1]]["step"].item() == 5
+
+
+def test_snapshot_fallback_for_other_optimizers():
+    init = _params()
+    mask = {0: torch.tensor(0.0), 1: torch.tensor(0.25)}
+    params, opt = _run(lambda ps: torch.optim.Adagrad(ps, lr=0.1), lambda ps: {ps[0]: mask[0], ps[1]: mask[1]}, steps=1, install=True)
+    free, _ = _run(lambda ps: torch.optim.Adagrad(ps, lr=0.1), steps=1)
+    assert torch.equal(params[0], init[0])
+    torch.testing.assert_close(params[1] - init[1], 0.25 * (free[1] - init[1]))
+
+
+def test_masked_sgd_momentum_of_frozen_entries_is_zeroed():
+    entry_mask = torch.ones(6, 5)
+    entry_mask[2, 3] = 0
+    params, opt = _run(lambda ps: MaskedSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1), lambda ps: {ps[0]: entry_mask})
+    assert torch.equal(params[0][2, 3], _params()[0][2, 3])
+    assert opt.state[params[0]]["momentum_buffer"][2, 3] == 0
+    ref, _ = _run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1))
+    torch.testing.assert_close(params[1], ref[1])
+
+
+def test_masked_adamw_rejects_options_it_does_not_implement():
+    with pytest.raises(ValueError, match="amsgrad"):
+        MaskedAdamW(_params(), amsgrad=True)
