@@ -10,9 +10,9 @@ from torch import nn
 
 from .importance import UnitImportance
 from .layout import UNOWNED_CATEGORIES, UnitLayout
-from .optim import install_update_masks
+from .optim import _is_dtensor, _local, _LocalMasks, _unwrap, install_update_masks
 
-__all__ = ["SoftMaskConfig", "build_param_masks", "GradMaskHooks", "SoftMasker", "POLICIES", "MODES"]
+__all__ = ["SoftMaskConfig", "build_param_masks", "GradMaskHooks", "ShardedGradMask", "SoftMasker", "POLICIES", "MODES"]
 
 POLICIES = ("train", "freeze", "mean")
 MODES = ("update", "grad")
@@ -30,6 +30,8 @@ class SoftMaskConfig:
     task_head: str = field(default="train", metadata={"help": "Policy for parameters outside the base model (LM head, classifier): train | freeze | mean."})
     other: str = field(default="train", metadata={"help": "Policy for other unowned parameters (output-projection biases, pooler): train | freeze | mean."})
     mask_power: float = field(default=1.0, metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."})
+    compile_update: bool = field(default=False, metadata={"help": "Update mode with Adam/AdamW: run the masked update through torch.compile, "
+                                                          "one fused pass per tensor (as fast as torch's fused AdamW); the first step compiles."})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -94,6 +96,33 @@ class GradMaskHooks:
         self._handles.clear()
 
 
+class ShardedGradMask:
+    """Grad mode for DTensor (FSDP2) parameters: multiplies each local gradient shard by its mask shard
+    in an optimizer step pre-hook.
+
+    FSDP2 computes gradients on the all-gathered parameter and assigns the reduce-scattered shard to
+    ``.grad`` directly, so tensor hooks on the sharded parameter never fire. The pre-hook runs after
+    gradient clipping: the clip norm sees unmasked gradients (with clipping off, results equal
+    :class:`GradMaskHooks`).
+    """
+
+    def __init__(self, masks: dict[nn.Parameter, torch.Tensor], optimizer):
+        self.masks = masks
+        self._local = _LocalMasks()
+        self._handle = _unwrap(optimizer).register_step_pre_hook(self._apply)
+
+    @torch.no_grad()
+    def _apply(self, optimizer, args, kwargs) -> None:
+        for p in self.masks:
+            if p.grad is not None:
+                _local(p.grad).mul_(self._local.get(self.masks, p))
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 class SoftMasker:
     """Applies the masks of ``importance`` to a model's training, in ``config.mode``.
 
@@ -107,16 +136,25 @@ class SoftMasker:
         self.layout = layout or UnitLayout.from_model(model)
         self.importance = importance
         self.masks = build_param_masks(self.layout, importance, self.config)
-        self._grad_hooks: GradMaskHooks | None = None
+        self._grad_hooks: GradMaskHooks | ShardedGradMask | None = None
         self._opt_handle = None
+        self._optimizer = None
+
+    def _grad_masker(self, optimizer):
+        if not any(_is_dtensor(p) for p in self.masks):
+            return GradMaskHooks(self.masks)
+        if optimizer is None:
+            raise ValueError("grad mode on DTensor (FSDP2) parameters needs the optimizer: SoftMasker.attach(optimizer)")
+        return ShardedGradMask(self.masks, optimizer)
 
     def attach(self, optimizer=None) -> "SoftMasker":
         if self.config.mode == "grad":
-            self._grad_hooks = GradMaskHooks(self.masks)
+            self._optimizer = optimizer
+            self._grad_hooks = self._grad_masker(optimizer)
         else:
             if optimizer is None:
                 raise ValueError("update mode needs the optimizer: SoftMasker.attach(optimizer)")
-            self._opt_handle = install_update_masks(optimizer, self.masks)
+            self._opt_handle = install_update_masks(optimizer, self.masks, compiled=self.config.compile_update)
         return self
 
     def update(self, importance: UnitImportance) -> None:
@@ -124,7 +162,7 @@ class SoftMasker:
         self.masks = build_param_masks(self.layout, importance, self.config)
         if self._grad_hooks is not None:
             self._grad_hooks.remove()
-            self._grad_hooks = GradMaskHooks(self.masks)
+            self._grad_hooks = self._grad_masker(self._optimizer)
         if self._opt_handle is not None:
             self._opt_handle.update(self.masks)
 

@@ -62,6 +62,10 @@ class ContinualStrategy:
     def extra_loss(self, model: nn.Module, inputs: dict, outputs) -> torch.Tensor | None:
         return None
 
+    def on_train_schedule(self, batches_per_epoch: int) -> None:
+        """Told before ``on_train_begin``: forward passes (micro-batches) the Trainer runs per epoch of this task."""
+        pass
+
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         pass
 
@@ -114,8 +118,15 @@ class StrategyCallback(TrainerCallback):
         self.strategy = strategy
         self._optimizer = None
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         self._optimizer = optimizer
+        per_epoch = len(train_dataloader) if train_dataloader is not None and hasattr(train_dataloader, "__len__") else None
+        if state.max_steps and state.max_steps > 0:
+            # training may stop before the first epoch ends (max_steps)
+            planned = state.max_steps * args.gradient_accumulation_steps
+            per_epoch = min(per_epoch, planned) if per_epoch else planned
+        if per_epoch:
+            self.strategy.on_train_schedule(int(per_epoch))
         self.strategy.on_train_begin(model, optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):

@@ -1,0 +1,435 @@
+"""Every strategy on the same sequences: continual pre-training and continual finetuning, one table.
+
+For each strategy and each setting it declares (``settings``), the setting's runner is called with the same
+data, model and budget (:mod:`hf_softmask.continual.pretrain`, :mod:`hf_softmask.continual.finetune`); the
+record keeps the final score (mean held-out loss / perplexity, or accuracy), BWT, forgetting, wall time and
+peak memory. Plain sequential training (``ncl``) is also run at several learning rates in pre-training: the
+strategies that lower the effective learning rate of protected units (``changes_effective_lr``) are placed
+against that frontier (beyond / on / behind), not against one plain run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import resource
+import time
+import traceback
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .io import atomic_write_json, atomic_write_text
+
+__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "STRATEGY_DEFAULTS", "DEFAULT_STRATEGIES"]
+
+DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
+
+#: Settings used for each strategy unless --strategy_kwargs overrides them: sized for short CPU runs (a few
+#: dozen steps per task), where e.g. CBP's default maturity of 100 steps would never replace anything.
+STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
+    "pretrain": {
+        "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10},
+        "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
+        "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
+        "kd": {"kd_weight": 1.0, "temperature": 2.0},
+    },
+    "finetune": {
+        "tss": {"mode": "update", "threshold": 0.0, "init_score": 0.05},
+        "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 5},
+        "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
+        "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
+        "kd": {"kd_weight": 1.0, "temperature": 2.0},
+    },
+}
+
+#: Backbone learning rate per strategy in finetuning: TSS/WSN train mask scores, which need a far larger
+#: step than the weights the other strategies train.
+FINETUNE_LR = {"tss": 2e-3, "wsn": 2e-3}
+FINETUNE_WEIGHT_LR = 1e-4
+
+
+@dataclass
+class CompareArguments:
+    """What to compare and at which size. Every field is a ``--flag``."""
+
+    output_dir: str = field(default="outputs/compare_strategies", metadata={"help": "Where comparison.json/.md and one run directory per (setting, strategy) go."})
+    strategies: str = field(default=",".join(DEFAULT_STRATEGIES), metadata={"help": "Comma-separated strategy names; each runs in every setting it declares ('ncl' runs as 'ft' in finetuning)."})
+    settings: str = field(default="pretrain,finetune", metadata={"help": "Comma-separated settings to run: pretrain, finetune."})
+    quick: bool = field(default=False, metadata={"help": "Tiny sizes (a randomly initialised 2-layer BERT with MiniLM's tokenizer, a few steps): a smoke test, not a measurement."})
+    pretrain_config: str | None = field(default="configs/default.yaml", metadata={"help": "YAML of ContinualPretrainingArguments the pre-training runs start from."})
+    finetune_config: str | None = field(default="configs/finetune_default.yaml", metadata={"help": "YAML of the finetuning runner's arguments the finetuning runs start from."})
+    pretrain_overrides: str | None = field(default=None, metadata={"help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."})
+    finetune_overrides: str | None = field(default=None, metadata={"help": "JSON object of finetuning arguments applied on top."})
+    strategy_kwargs: str | None = field(default=None, metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."})
+    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={"help": "ncl is run at the pre-training learning rate times each factor: the plain-training frontier."})
+    frontier_tolerance: float = field(default=0.005, metadata={"help": "Forgetting difference (nats) within which a run counts as ON the frontier."})
+    num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
+
+
+# -- memory --------------------------------------------------------------------------------------------------
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class peak_memory:
+    """Context manager measuring the peak resident memory (and peak CUDA memory) of the enclosed work.
+
+    ``rss_scope`` is ``"run"`` when the peak counter could be reset at entry, ``"process"`` otherwise (then
+    the value is the process's peak so far, an upper bound).
+    """
+
+    def __enter__(self):
+        gc.collect()
+        self.rss_scope = "run" if _reset_peak_rss() else "process"
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_rss_mb = _peak_rss_mb()
+        self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        return False
+
+
+# -- frontier ------------------------------------------------------------------------------------------------
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated (in-domain loss, forgetting) points, by increasing loss (so decreasing forgetting)."""
+    front = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def frontier_position(point: tuple[float, float], baseline: list[tuple[float, float]], tolerance: float) -> str:
+    """Where (in-domain loss, forgetting) stands against the plain-training frontier: beyond | on | behind | undecided.
+
+    The frontier is the piecewise-linear curve through the non-dominated plain runs. Beyond: less forgetting
+    than the frontier at the same in-domain loss (by more than ``tolerance``) or dominating its best run;
+    behind: more; undecided: outside the frontier's range without dominating it (a plain run at a further
+    learning rate would be needed).
+    """
+    pts = [(x, y) for x, y in baseline if math.isfinite(x) and math.isfinite(y)]
+    x, y = point
+    if not pts or not (math.isfinite(x) and math.isfinite(y)):
+        return "undecided"
+    front = _pareto(pts)
+    if any(bx <= x and by <= y - tolerance for bx, by in pts):
+        return "behind"
+    if x < front[0][0]:
+        return "beyond" if y < front[0][1] - tolerance else "undecided"
+    if x > front[-1][0]:
+        return "beyond" if y < front[-1][1] - tolerance else ("on" if y <= front[-1][1] + tolerance else "behind")
+    for (x0, y0), (x1, y1) in zip(front, front[1:] + [front[-1]]):
+        if x0 <= x <= x1:
+            f = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            break
+    if y < f - tolerance:
+        return "beyond"
+    if y > f + tolerance:
+        return "behind"
+    return "on"
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+def _load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} not found; pass --pretrain_config/--finetune_config '' to use the runners' defaults")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def _json_arg(value, name: str) -> dict:
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{name} must be a JSON object, got {value!r}: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"--{name} must be a JSON object, got {value!r}")
+    return out
+
+
+def tiny_model_dir(directory: Path) -> str:
+    """A randomly initialised 2-layer BERT (MLM) with the shipped MiniLM's tokenizer, for --quick."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from .assets import minilm_path
+
+    if (directory / "config.json").is_file():
+        return str(directory)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+QUICK_PRETRAIN = dict(domains=["business", "sports"], max_train_docs=16, max_eval_docs=4, block_size=32, max_train_blocks=16,
+                      max_eval_blocks=2, importance_blocks=4, max_steps_per_domain=3, per_device_train_batch_size=4,
+                      per_device_eval_batch_size=4, lm_head_warmup_steps=0, save_steps=1000, logging_steps=1000, learning_rate=1e-3)
+QUICK_FINETUNE = dict(tasks=["business,entertainment", "politics,sports"], max_train_per_class=4, max_test_per_class=4, max_length=32,
+                      num_train_epochs=1, per_device_train_batch_size=4, eval_batch_size=8, logging_steps=1000)
+QUICK_STRATEGY = {"talos": {"examples_per_round": 4}, "ewc": {"fisher_examples": 4}, "cbp": {"maturity_threshold": 1, "replacement_rate": 0.05}}
+
+
+def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict:
+    kw = dict(STRATEGY_DEFAULTS.get(setting, {}).get(name, {}))
+    if quick:
+        kw.update(QUICK_STRATEGY.get(name, {}))
+    kw.update(user.get(name, {}))
+    return kw
+
+
+def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
+    from dataclasses import replace
+
+    from .continual.config import ContinualPretrainingArguments
+    from .continual.pretrain import ContinualPretrainer, lm_eval_loss
+
+    class Runner(ContinualPretrainer):
+        """The pre-training runner with per-strategy settings and task-aware evaluation (HAT's set_task)."""
+
+        def make_strategy(self):
+            strategy = super().make_strategy()
+            if kwargs:
+                cfg = getattr(strategy, "cfg", None)
+                if cfg is None:
+                    raise ValueError(f"strategy {name!r} takes no settings in this comparison's pre-training (got {kwargs})")
+                strategy.cfg = replace(cfg, **kwargs)
+            self.strategy = strategy
+            return strategy
+
+        def _eval_row(self, model):
+            strategy = getattr(self, "strategy", None)
+            if strategy is None or not hasattr(strategy, "set_task"):
+                return super()._eval_row(model)
+            causal = not self.data.mlm
+            losses = []
+            for j, ev in enumerate(self.data.eval):
+                strategy.set_task(j)
+                losses.append(lm_eval_loss(model, ev, causal))
+            strategy.set_task(None)
+            return losses, lm_eval_loss(model, self.data.general_eval, causal)
+
+    fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
+    unknown = sorted(set(base) - fields_ok)
+    if unknown:
+        raise ValueError(f"unknown ContinualPretrainingArguments field(s) {unknown}")
+    args = ContinualPretrainingArguments(**{**base, "strategy": name, "output_dir": str(out), "learning_rates": None, "strategies": None,
+                                            "frontier_runs": None, "run_name": name,
+                                            **({"learning_rate": lr} if lr is not None else {})})
+    return Runner(args).run(), args.learning_rate
+
+
+def _run_finetune(name: str, base: dict, kwargs: dict, out: Path):
+    from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments, run_continual_finetune
+
+    a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
+    t_fields = {f.name for f in fields(ContinualFinetuneTrainingArguments)}
+    unknown = sorted(set(base) - a_fields - t_fields)
+    if unknown:
+        raise ValueError(f"unknown finetuning argument(s) {unknown}")
+    a = {k: v for k, v in base.items() if k in a_fields}
+    t = {k: v for k, v in base.items() if k in t_fields and k not in a_fields}
+    a.update(strategy=name, strategy_kwargs=json.dumps(kwargs) if kwargs else None)
+    t.setdefault("learning_rate", FINETUNE_LR.get(name, FINETUNE_WEIGHT_LR))
+    t.update(output_dir=str(out), report_to="none")
+    targs = ContinualFinetuneTrainingArguments(**t)
+    return run_continual_finetune(ContinualFinetuneArguments(**a), targs), targs.learning_rate
+
+
+def _record(setting: str, name: str, lr, result: dict | None, mem: peak_memory, seconds: float, out: Path, kwargs: dict,
+            error: str | None) -> dict:
+    from .strategies.registry import strategy_class
+
+    cls = strategy_class(name)
+    rec = {"setting": setting, "strategy": name, "learning_rate": lr, "changes_effective_lr": bool(getattr(cls, "changes_effective_lr", False)),
+           "strategy_settings": kwargs, "wall_seconds": round(seconds, 2), "peak_rss_mb": round(mem.peak_rss_mb, 1),
+           "rss_scope": mem.rss_scope, "peak_gpu_mb": mem.peak_gpu_mb, "run_dir": str(out), "error": error}
+    if result:
+        if setting == "pretrain":
+            fm = result.get("final_mean_loss")
+            rec.update({"final_mean_loss": fm, "final_perplexity": math.exp(fm) if fm is not None else None,
+                        "in_domain_loss": result.get("in_domain_loss"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"),
+                        "general_loss_increase": result.get("general_loss_increase"), "complete": result.get("complete")})
+        else:
+            rec.update({"acc": result.get("acc"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"), "fwt": result.get("fwt"),
+                        "accuracy_matrix": result.get("accuracy_matrix")})
+    return rec
+
+
+def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> dict:
+    error, result, used_lr = None, None, lr
+    t0 = time.time()
+    with peak_memory() as mem:
+        try:
+            if setting == "pretrain":
+                result, used_lr = _run_pretrain(name, lr, base, kwargs, out)
+            else:
+                result, used_lr = _run_finetune(name, base, kwargs, out)
+        except Exception as e:  # one failing strategy must not stop the comparison; the record says why
+            error = f"{type(e).__name__}: {e}"
+            atomic_write_text(out.parent / f"{out.name}.error.txt", traceback.format_exc())
+    return _record(setting, name, used_lr, result, mem, time.time() - t0, out, kwargs, error)
+
+
+# -- the comparison ------------------------------------------------------------------------------------------
+def run_comparison(args: CompareArguments) -> dict:
+    """Run every (setting, strategy), write ``comparison.json`` and ``comparison.md`` into ``args.output_dir``."""
+    from .strategies.registry import strategy_class
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    bad = sorted(set(settings) - {"pretrain", "finetune"})
+    if bad:
+        raise ValueError(f"unknown setting(s) {bad}; use pretrain and/or finetune")
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for n in names:
+        strategy_class(n)  # fails early, listing the available names
+    user = _json_arg(args.strategy_kwargs, "strategy_kwargs")
+    pre = {**_load_yaml(args.pretrain_config), **_json_arg(args.pretrain_overrides, "pretrain_overrides")}
+    fine_yaml = _load_yaml(args.finetune_config)
+    # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
+    yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
+    fine_yaml.pop("learning_rate", None)
+    for key in ("output_dir", "strategy"):
+        pre.pop(key, None)
+    fine = {**fine_yaml, **_json_arg(args.finetune_overrides, "finetune_overrides")}
+    if args.quick:
+        model = tiny_model_dir(out / "_tiny_bert")
+        pre = {**pre, **QUICK_PRETRAIN, "model_name_or_path": model}
+        fine = {**fine, **QUICK_FINETUNE, "model_name_or_path": model}
+    if args.num_threads:
+        pre["num_threads"] = args.num_threads
+        fine["num_threads"] = args.num_threads
+    if yaml_strategy and isinstance(yaml_kwargs, dict):
+        user.setdefault(yaml_strategy, {})
+        user[yaml_strategy] = {**yaml_kwargs, **user[yaml_strategy]}
+
+    records: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for setting in settings:
+        for name in names:
+            run_name = "ft" if (setting == "finetune" and name == "ncl") else name
+            if setting not in getattr(strategy_class(run_name), "settings", ()):
+                continue
+            kwargs = _strategy_settings(run_name, setting, user, args.quick)
+            print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)
+            records.append(_one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name))
+            _write(out, records, args, started)
+        if setting == "pretrain" and "pretrain" in settings:
+            records.extend(_frontier_runs(args, pre, out, records))
+            _place_on_frontier(records, args.frontier_tolerance)
+            _write(out, records, args, started)
+    return _write(out, records, args, started)
+
+
+def _frontier_runs(args: CompareArguments, pre: dict, out: Path, records: list[dict]) -> list[dict]:
+    base = next((r for r in records if r["setting"] == "pretrain" and r["strategy"] == "ncl"), None)
+    lr0 = base["learning_rate"] if base and base["learning_rate"] else pre.get("learning_rate", 5e-5)
+    extra = []
+    for f in [float(x) for x in args.frontier_lr_factors.split(",") if x.strip()]:
+        lr = lr0 * f
+        if base and math.isclose(lr, lr0):
+            base["frontier"] = True
+            continue
+        print(f"[compare] pretrain frontier: ncl lr={lr:g}", flush=True)
+        rec = _one("pretrain", "ncl", lr, pre, {}, out / "pretrain" / f"ncl_lr{lr:g}")
+        rec["frontier"] = True
+        extra.append(rec)
+    return extra
+
+
+def _place_on_frontier(records: list[dict], tolerance: float) -> None:
+    base = [(r["in_domain_loss"], r["forgetting"]) for r in records
+            if r["setting"] == "pretrain" and r.get("frontier") and r.get("in_domain_loss") is not None and r.get("forgetting") is not None]
+    for r in records:
+        if r["setting"] != "pretrain" or r.get("frontier") or r.get("in_domain_loss") is None or r.get("forgetting") is None:
+            continue
+        r["frontier_position"] = frontier_position((r["in_domain_loss"], r["forgetting"]), base, tolerance)
+
+
+def _fmt(v, spec=".4f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
+    lines = [f"Strategy comparison, started {started}; device: {_device()}; quick={args.quick}.", ""]
+    pre = [r for r in records if r["setting"] == "pretrain"]
+    if pre:
+        lines += ["### Continual pre-training (held-out MLM/CLM loss, lower is better)", "",
+                  "| strategy | lr | final ppl | final mean loss | in-domain loss | forgetting | BWT | general-loss increase | vs ncl frontier | wall s | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in pre:
+            pos = "frontier run" if r.get("frontier") else r.get("frontier_position", "–")
+            if r.get("changes_effective_lr") and not r.get("frontier"):
+                pos = f"**{pos}** (lowers eff. lr)"
+            name = r["strategy"] + (" (error)" if r["error"] else "")
+            lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('final_perplexity'), '.2f')} | {_fmt(r.get('final_mean_loss'))} | "
+                         f"{_fmt(r.get('in_domain_loss'))} | {_fmt(r.get('forgetting'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('general_loss_increase'))} | "
+                         f"{pos} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+        lines.append("")
+    fin = [r for r in records if r["setting"] == "finetune"]
+    if fin:
+        lines += ["### Continual finetuning (task-incremental accuracy, higher is better)", "",
+                  "| strategy | lr | ACC | BWT | forgetting | FWT | wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+        for r in fin:
+            name = r["strategy"] + (" (error)" if r["error"] else "")
+            lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
+                         f"{_fmt(r.get('fwt'))} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+        lines.append("")
+    errors = [r for r in records if r["error"]]
+    if errors:
+        lines += ["Errors:", ""] + [f"- {r['setting']}/{r['strategy']}: {r['error']}" for r in errors] + [""]
+    return "\n".join(lines)
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _write(out: Path, records: list[dict], args: CompareArguments, started: str) -> dict:
+    payload = {"started": started, "device": _device(), "quick": args.quick, "frontier_tolerance": args.frontier_tolerance,
+               "arguments": {f.name: getattr(args, f.name) for f in fields(args)}, "records": records}
+    atomic_write_json(out / "comparison.json", payload)
+    atomic_write_text(out / "comparison.md", _markdown(records, args, started))
+    return payload

@@ -1,0 +1,19 @@
+"""Continual pre-training over a sequence of domains: configuration, runner, evaluation and the LR frontier."""
+
+from .config import ContinualPretrainingArguments, parse_config
+from .evaluation import FixedEvalSet, lm_eval_loss
+from .frontier import mark_beyond_frontier, write_frontier
+from .pretrain import ContinualPretrainer, load_model_and_tokenizer, run_continual_pretraining, run_sweep
+
+__all__ = [
+    "ContinualPretrainer",
+    "ContinualPretrainingArguments",
+    "FixedEvalSet",
+    "lm_eval_loss",
+    "load_model_and_tokenizer",
+    "mark_beyond_frontier",
+    "parse_config",
+    "run_continual_pretraining",
+    "run_sweep",
+    "write_frontier",
+]

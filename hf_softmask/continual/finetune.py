@@ -1,0 +1,307 @@
+"""Continual finetuning over a sequence of classification tasks, generic over strategies.
+
+Contract between this runner and a strategy (any ``ContinualStrategy`` whose ``settings`` include "finetune"):
+
+1. The runner builds ``model = MultiTaskClassifier(AutoModel.from_pretrained(...), num_labels per task)``
+   (:mod:`hf_softmask.task_heads`): a shared ``model.backbone`` (the transformers base model, with ``.config``) and
+   one linear head per task in ``model.heads``, all created up front from a seeded generator.
+2. ``model = strategy.prepare_model(model)``, once. A strategy may replace ``model.backbone`` by a wrapper (TSS/WSN
+   put a :class:`~hf_softmask.tss.SubnetworkModel` there) and freeze backbone parameters; it must return a model
+   with the same ``forward(input_ids, attention_mask, labels, task_ids)``. Unit-based strategies build their
+   ``UnitLayout`` from ``model.backbone``. A backbone that has ``set_task(t)`` is told which task every forward
+   belongs to (``MultiTaskClassifier`` groups a mixed batch by task id).
+3. Before training anything, every task is evaluated (row ``R``: the untrained model's scores, for FWT).
+4. For each task ``t``: ``model.set_task(t)``; ``model.train_only_head(t)`` (heads of other tasks frozen; backbone
+   flags are the strategy's); ``strategy.before_task(model, t, train_dataloader)``; a
+   :class:`~hf_softmask.strategies.StrategyTrainer` over task ``t``'s training set (batches carry ``labels`` and
+   ``task_ids``) calls ``on_train_begin(model, optimizer)``, ``extra_loss``, ``after_backward``,
+   ``after_optimizer_step``, ``on_train_end``; then ``strategy.after_task(model, t, dataloader)`` with a
+   deterministic dataloader over task ``t``'s training set (e.g. for importance).
+5. After each task every task ``j`` is evaluated (upper triangle included, untrained heads where ``j > t``):
+   ``strategy.set_task(j)`` is called first if the strategy has one (``strategy.set_task(None)`` after), and
+   the batches carry ``task_ids = j``.
+6. At the end the heads are saved; ``strategy.save_model(model, dir)`` saves the backbone if the strategy
+   defines it (TSS/WSN: the subnetwork adapter), else ``model.backbone.save_pretrained(dir)`` and
+   ``strategy.save_pretrained(dir)``.
+
+Outputs in ``output_dir``: ``results.json`` (``tasks``, ``accuracy_matrix``, ``f1_matrix``, ``acc``, ``bwt``,
+``fwt``, ``forgetting``, ...), ``accuracy_matrix.png`` and ``final/`` (heads, tokenizer, strategy's files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
+
+from ..assets import load_smollm2, resolve_model_path
+from ..continual_metrics import summarize
+from ..data import bbc_task_sequence, tokenize_classification
+from ..io import atomic_write_json
+from ..metrics import load_metric
+from ..plotting import plot_matrix
+from ..strategies import StrategyTrainer, get_strategy, strategy_class
+from ..task_heads import POOLINGS, MultiTaskClassifier
+
+__all__ = ["ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments", "run_continual_finetune", "evaluate_task",
+           "build_optimizer", "load_backbone", "parse_finetune_config", "DEFAULT_TASKS"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ["business,entertainment", "politics,sports", "tech,entertainment"]
+
+
+@dataclass
+class ContinualFinetuneArguments:
+    """What to learn in sequence, with which model and strategy."""
+
+    model_name_or_path: str = field(default="minilm", metadata={"help": "Base model: a path, a Hub id, or the shipped 'minilm' / 'smollm2'."})
+    strategy: str = field(default="tss", metadata={"help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
+                                                            "(see hf_softmask.strategies.available_strategies())."})
+    strategy_kwargs: Optional[str] = field(default=None, metadata={"help": "JSON object of keyword settings for the strategy, "
+                                                                            "e.g. '{\"mode\": \"grad\"}' (a mapping in YAML)."})
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS),
+                             metadata={"help": "BBC News tasks in order, each a comma-separated list of topics (its classes), "
+                                               "e.g. business,entertainment politics,sports."})
+    max_train_per_class: Optional[int] = field(default=32, metadata={"help": "Training articles per class and task (None: all)."})
+    max_test_per_class: Optional[int] = field(default=20, metadata={"help": "Test articles per class and task (None: all)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Fraction of each topic held out for testing."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and subsampling."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per article (truncation)."})
+    pooling: str = field(default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."})
+    head_learning_rate: Optional[float] = field(default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Batch size of evaluation and of after_task passes."})
+    num_threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads (None: leave torch's default)."})
+
+    def strategy_settings(self) -> dict:
+        if not self.strategy_kwargs:
+            return {}
+        if isinstance(self.strategy_kwargs, dict):
+            return dict(self.strategy_kwargs)
+        try:
+            value = json.loads(self.strategy_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
+        return value
+
+    def task_topics(self) -> list[list[str]]:
+        tasks = [self.tasks] if isinstance(self.tasks, str) else self.tasks
+        out = [[p.strip() for p in (t.split(",") if isinstance(t, str) else t) if p.strip()] for t in tasks]
+        if not out:
+            raise ValueError("tasks is empty; give at least one task such as business,entertainment")
+        return out
+
+
+@dataclass
+class ContinualFinetuneTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with CPU-sized defaults for one task of the sequence."""
+
+    output_dir: str = field(default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per task."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, "
+                                                                   "or all weights for ft)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup fraction of each task's steps."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "The runner saves the final model itself."})
+    report_to: Optional[str] = field(default="none", metadata={"help": "Trackers (none by default)."})
+    disable_tqdm: bool = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar."})
+
+
+def parse_finetune_config(argv: list[str] | None = None) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
+    """``--config file.yaml`` gives the defaults (fields of both dataclasses); every other flag overrides its YAML value."""
+    import sys
+
+    import yaml
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments))
+    parser.add_argument("--config", default=None, help="YAML file of ContinualFinetuneArguments / TrainingArguments fields.")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        data = yaml.safe_load(Path(known.config).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{known.config}: expected a mapping of field: value at the top level")
+        names = {f.name for cls in (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments) for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown field(s) {unknown}; run with --help for the list of fields")
+        if isinstance(data.get("strategy_kwargs"), dict):
+            data["strategy_kwargs"] = json.dumps(data["strategy_kwargs"])
+        # argparse converts only string defaults; YAML values arrive already typed.
+        parser.set_defaults(**data)
+    args, training_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args, training_args
+
+
+def load_backbone(name_or_path: str):
+    """(base model without its LM head, tokenizer with a pad token) for a path, Hub id, 'minilm' or 'smollm2'."""
+    if name_or_path in ("smollm2", "smollm2-135m"):
+        # The shipped SmolLM2 is a GGUF file that AutoModel cannot open directly; load it and drop the LM head.
+        lm, tokenizer = load_smollm2()
+        backbone = lm.get_decoder()
+        backbone.config = lm.config
+    else:
+        path = resolve_model_path(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return backbone, tokenizer
+
+
+# -- pieces --------------------------------------------------------------------------------------------
+def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learning_rate: float | None, weight_decay: float):
+    """AdamW over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
+
+    Weight decay applies to matrices only, and never to subnetwork scores (it would pull every score to 0).
+    """
+    head_ids = {id(p) for p in model.heads.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = id(p) in head_ids
+        decay = p.dim() >= 2 and "subnet_scores" not in name
+        groups.setdefault((is_head, decay), []).append(p)
+    if not groups:
+        raise ValueError("no trainable parameters: the strategy froze everything, including the task head")
+    param_groups = [{"params": ps, "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
+                     "weight_decay": weight_decay if decay else 0.0} for (is_head, decay), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=learning_rate)
+
+
+@torch.no_grad()
+def evaluate_task(model: torch.nn.Module, loader: DataLoader, metrics: dict) -> dict[str, float]:
+    """Accuracy and macro-F1 of ``model`` on ``loader`` (eval mode; mode restored after)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds, refs = [], []
+    try:
+        for batch in loader:
+            labels = batch.pop("labels")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            preds.extend(model(**batch).logits.argmax(-1).cpu().tolist())
+            refs.extend(labels.tolist())
+    finally:
+        model.train(was_training)
+    acc = metrics["accuracy"].compute(predictions=preds, references=refs)["accuracy"]
+    f1 = metrics["f1"].compute(predictions=preds, references=refs, average="macro")["f1"]
+    return {"accuracy": float(acc), "f1": float(f1)}
+
+
+def _with_task_ids(dataset, task_id: int):
+    return dataset.add_column("task_ids", [task_id] * len(dataset))
+
+
+def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
+    row = []
+    for j, loader in enumerate(tqdm(test_loaders, desc=desc, leave=False)):
+        if hasattr(strategy, "set_task"):
+            strategy.set_task(j)
+        row.append(evaluate_task(model, loader, metrics))
+    if hasattr(strategy, "set_task"):
+        strategy.set_task(None)
+    return row
+
+
+# -- the runner ----------------------------------------------------------------------------------------
+def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
+    """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring)."""
+    start = time.time()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    cls = strategy_class(args.strategy)
+    if "finetune" not in getattr(cls, "settings", ()):
+        raise ValueError(f"strategy {args.strategy!r} does not support continual finetuning (its settings: {cls.settings})")
+    set_seed(training_args.seed)
+    out_dir = Path(training_args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
+                              max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction, seed=args.split_seed)
+    backbone, tokenizer = load_backbone(args.model_name_or_path)
+    model = MultiTaskClassifier(backbone, [len(t.label_names) for t in tasks], [t.name for t in tasks], pooling=args.pooling,
+                                seed=training_args.seed)
+    strategy = get_strategy(args.strategy, **args.strategy_settings())
+    model = strategy.prepare_model(model)
+    model.to(training_args.device)
+
+    collator = DataCollatorWithPadding(tokenizer)
+    train_sets = [_with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)]
+    test_loaders = [DataLoader(_with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
+                               batch_size=args.eval_batch_size, collate_fn=collator) for k, t in enumerate(tasks)]
+    metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
+
+    T = len(tasks)
+    initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
+    rows: list[list[dict]] = []
+    train_seconds = []
+    for t, task in enumerate(tasks):
+        logger.info("task %d/%d: %s (%d training examples)", t + 1, T, task.name, len(train_sets[t]))
+        model.set_task(t)
+        model.train_only_head(t)
+        train_loader = DataLoader(train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator)
+        strategy.before_task(model, t, train_loader)
+        optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay)
+        trainer = StrategyTrainer(model=model, args=training_args, train_dataset=train_sets[t], data_collator=collator,
+                                  strategy=strategy, optimizers=(optimizer, None))
+        t0 = time.time()
+        trainer.train()
+        train_seconds.append(time.time() - t0)
+        strategy.after_task(model, t, DataLoader(train_sets[t], batch_size=args.eval_batch_size, collate_fn=collator))
+        rows.append(_evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}"))
+        logger.info("after %s: accuracy %s", task.name, [round(r["accuracy"], 4) for r in rows[-1]])
+
+    acc_matrix = [[r["accuracy"] for r in row] for row in rows]
+    f1_matrix = [[r["f1"] for r in row] for row in rows]
+    results = {
+        "tasks": [t.name for t in tasks],
+        "strategy": args.strategy,
+        "accuracy_matrix": acc_matrix,
+        "f1_matrix": f1_matrix,
+        "initial_accuracy": [r["accuracy"] for r in initial],
+        "initial_f1": [r["f1"] for r in initial],
+        **summarize(acc_matrix, higher_is_better=True, random_init_scores=[r["accuracy"] for r in initial]),
+        "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
+        "strategy_config": strategy.config(),
+        "storage_bytes_per_task": [getattr(strategy, "storage_bytes", {}).get(t) for t in range(T)]
+        if getattr(strategy, "storage_bytes", None) else None,
+        "train_seconds_per_task": train_seconds,
+        "total_seconds": None,
+        "arguments": asdict(args),
+        "training": {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
+                     "per_device_train_batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
+        "device": f"{training_args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+    }
+
+    final = out_dir / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    model.save_heads(final)
+    tokenizer.save_pretrained(final)
+    if hasattr(strategy, "save_model"):
+        strategy.save_model(model, final)
+    else:
+        model.backbone.save_pretrained(final)
+        strategy.save_pretrained(final)
+    # Short labels keep the cells readable; results.json maps T1, T2, ... to the task names.
+    short = [f"T{k + 1}" for k in range(T)]
+    plot_matrix(acc_matrix, [f"after {s}" for s in short], short, out_dir / "accuracy_matrix.png",
+                title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})", fmt=".2f")
+    results["total_seconds"] = time.time() - start
+    atomic_write_json(out_dir / "results.json", results)
+    return results

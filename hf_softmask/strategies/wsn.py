@@ -1,0 +1,64 @@
+"""WSN (winning subnetworks): per task, the top-c% scored weights of each layer; weights an earlier task uses never move.
+
+Reuses the TSS scored layers (:mod:`hf_softmask.tss`) with ``selection="topk"`` and trainable base weights
+(ALGORITHMS.md §6). The update of each scored weight is multiplied by ``1 - used``, ``used`` = union of the
+finished tasks' masks, so a weight some earlier task relies on neither moves nor decays; each finished task's
+mask is stored bit-packed. Biases, norms and embeddings of the backbone stay frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..optim import install_update_masks
+from ..tss import SubnetworkConfig
+from .tss import SubnetworkStrategy, subnetwork_backbone
+
+__all__ = ["WSNStrategy"]
+
+
+class WSNStrategy(SubnetworkStrategy):
+    """Winning SubNetworks: top-``keep_ratio`` weights per layer per task, earlier tasks' weights frozen."""
+
+    name = "wsn"
+
+    def __init__(self, keep_ratio: float = 0.5, init_score: float = 1.0, score_init: str = "magnitude", target_modules=None,
+                 adapter_config: SubnetworkConfig | dict | None = None):
+        if adapter_config is None:
+            adapter_config = SubnetworkConfig(target_modules=target_modules, selection="topk", keep_ratio=keep_ratio,
+                                              score_init=score_init, init_score=init_score, train_base_weights=True)
+        elif isinstance(adapter_config, dict):
+            adapter_config = SubnetworkConfig(**adapter_config)
+        if adapter_config.selection != "topk" or not adapter_config.train_base_weights:
+            raise ValueError("WSN needs SubnetworkConfig(selection='topk', train_base_weights=True)")
+        super().__init__(adapter_config)
+        self._handle = None
+
+    def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+        """``1 - used`` per scored weight (empty before any task finished)."""
+        tuner = subnetwork_backbone(model)
+        if not tuner.finished_tasks():
+            return {}
+        out = {}
+        for layer in tuner.subnetwork_layers().values():
+            w = layer.get_base_layer().weight
+            out[w] = (~layer.used_mask(tuner.adapter_name)).to(w.dtype)
+        return out
+
+    def on_train_begin(self, model: nn.Module, optimizer) -> None:
+        masks = self.update_masks(model)
+        if masks:
+            if optimizer is None:
+                raise ValueError("WSN needs the optimizer at on_train_begin to freeze earlier tasks' weights")
+            self._handle = install_update_masks(optimizer, masks)
+
+    def on_train_end(self, model: nn.Module, optimizer) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            if self._handle.how == "native":
+                self._handle.optimizer.set_update_masks(None)
+            self._handle = None
+
+    def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
+        self.finish(model, task_id)

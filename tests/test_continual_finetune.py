@@ -1,0 +1,94 @@
+"""The continual finetuning runner: real BBC task sequences, real Trainer runs, results on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from subnetwork_utils import one_thread
+from hf_softmask.continual.finetune import (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments,
+                                            parse_finetune_config, run_continual_finetune)
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+RESULT_KEYS = {"tasks", "accuracy_matrix", "f1_matrix", "acc", "bwt", "fwt", "forgetting"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, minilm_dir):
+    """A 2-layer BERT with MiniLM's tokenizer (so BBC text tokenizes), saved like any checkpoint."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64))
+    d = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def run(tiny_bert_dir, out, strategy, **kw):
+    args = ContinualFinetuneArguments(model_name_or_path=str(tiny_bert_dir), strategy=strategy,
+                                      tasks=["business,entertainment", "politics,sports,tech"], max_train_per_class=6,
+                                      max_test_per_class=4, max_length=32, eval_batch_size=16, **kw)
+    targs = ContinualFinetuneTrainingArguments(output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=6,
+                                               learning_rate=5e-3, use_cpu=True, seed=0)
+    return run_continual_finetune(args, targs)
+
+
+def _check_results_files(out, results):
+    saved = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(saved)
+    assert saved["tasks"] == ["business_vs_entertainment", "politics_vs_sports_vs_tech"]
+    for key in ("accuracy_matrix", "f1_matrix"):
+        M = saved[key]
+        assert len(M) == 2 and all(len(r) == 2 for r in M)
+        assert all(0.0 <= v <= 1.0 for r in M for v in r)  # upper triangle filled too
+    assert saved["fwt"] is not None
+    assert (out / "accuracy_matrix.png").stat().st_size > 1000
+    assert saved == json.loads(json.dumps(results))
+
+
+def test_tss_run_has_zero_forgetting_and_saves_its_subnetworks(tiny_bert_dir, tmp_path):
+    results = run(tiny_bert_dir, tmp_path, "tss", strategy_kwargs='{"init_score": 0.01}')
+    _check_results_files(tmp_path, results)
+    A = results["accuracy_matrix"]
+    assert results["bwt"] == 0.0 and results["forgetting"] == 0.0  # task 0 is evaluated bit-identically after task 1
+    assert A[1][0] == A[0][0]
+    scored = (2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64))  # q, k, v, attention output, FFN in/out per layer
+    assert results["storage_bytes_per_task"] == [scored // 8, scored // 8]
+    final = tmp_path / "final"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "task_heads.safetensors", "task_heads.json",
+                 "strategy_config.json", "tokenizer_config.json"):
+        assert (final / name).is_file(), name
+
+
+def test_ft_baseline_run_saves_the_whole_backbone(tiny_bert_dir, tmp_path):
+    results = run(tiny_bert_dir, tmp_path, "ft")
+    _check_results_files(tmp_path, results)
+    assert results["storage_bytes_per_task"] is None
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "final" / "task_heads.safetensors").is_file()
+
+
+def test_config_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("strategy: wsn\nstrategy_kwargs: {keep_ratio: 0.3}\ntasks: [\"business,tech\", \"sports,politics\"]\n"
+                   "learning_rate: 1.0e-4\noutput_dir: %s\n" % (tmp_path / "o"))
+    args, targs = parse_finetune_config(["--config", str(cfg), "--learning_rate", "3e-4", "--max_length", "48"])
+    assert args.strategy == "wsn" and args.strategy_settings() == {"keep_ratio": 0.3}
+    assert args.task_topics() == [["business", "tech"], ["sports", "politics"]]
+    assert targs.learning_rate == 3e-4 and args.max_length == 48
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stratgy: tss\n")
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_finetune_config(["--config", str(bad)])
+
+
+def test_bad_strategy_kwargs_are_reported():
+    with pytest.raises(ValueError, match="JSON object"):
+        ContinualFinetuneArguments(strategy_kwargs="[1, 2]").strategy_settings()

@@ -1,0 +1,143 @@
+"""DAS: the contrastive loss, the importance-gated view, soft-masking through StrategyTrainer, strategy state."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import random_lm_batches, tiny_bert, tiny_llama
+from datasets import Dataset
+from transformers import TrainingArguments, default_data_collator
+
+from hf_softmask.contrastive import das_contrastive_loss, info_nce, masked_mean_pool, sentence_views, unmasked_input_ids
+from hf_softmask.importance import UnitImportance
+from hf_softmask.layout import UnitLayout
+from hf_softmask.masking import SoftMaskConfig
+from hf_softmask.strategies import StrategyTrainer, get_strategy
+from hf_softmask.strategies.das import DASStrategy
+
+
+def _importance(layout, value=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if value is None:
+        return UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
+                              torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+    return UnitImportance(torch.full((layout.num_layers, layout.num_heads), value), torch.full((layout.num_layers, layout.ffn_size), value))
+
+
+def test_info_nce_identical_views_score_lower_than_random():
+    torch.manual_seed(0)
+    z1 = torch.randn(8, 16)
+    negatives = torch.randn(8, 16)
+    same = info_nce(z1, z1.clone(), negatives, temperature=0.05)
+    rand = info_nce(z1, torch.randn(8, 16), negatives, temperature=0.05)
+    assert same < 0.1 < rand
+    # With B positives and N extra negatives, uniform logits give log(B + N).
+    flat = info_nce(torch.ones(4, 3), torch.ones(4, 3), torch.ones(2, 3))
+    assert flat.item() == pytest.approx(torch.log(torch.tensor(6.0)).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(z1, z1, temperature=0)
+
+
+def test_mean_pool_ignores_padding_and_mlm_labels_restore_input():
+    h = torch.arange(12.0).view(1, 4, 3)
+    pooled = masked_mean_pool(h, torch.tensor([[1, 1, 0, 0]]))
+    assert torch.allclose(pooled, h[0, :2].mean(0))
+    ids = torch.tensor([[5, 103, 7]])
+    labels = torch.tensor([[-100, 9, -100]])
+    assert unmasked_input_ids({"input_ids": ids, "labels": labels}).tolist() == [[5, 9, 7]]
+
+
+def test_prior_view_z3_differs_from_z1_only_when_importance_gates_units():
+    model = tiny_bert().eval()  # dropout off: every difference comes from the gates
+    layout = UnitLayout.from_model(model)
+    batch = random_lm_batches(1, batch_size=3, seq_len=12)[0]
+    z1, z2, z3 = sentence_views(model, batch, _importance(layout), layout)
+    assert torch.allclose(z1, z2)
+    assert (z1 - z3).abs().max() > 1e-3
+    z1, _, z3_ones = sentence_views(model, batch, _importance(layout, 1.0), layout)
+    assert torch.allclose(z1, z3_ones, atol=1e-6)
+
+
+def test_llama_views_get_their_own_perturbation():
+    model = tiny_llama().train()  # Llama has no dropout: without the gate dropout both views are equal
+    layout = UnitLayout.from_model(model)
+    batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
+    z1, z2, _ = sentence_views(model, batch, _importance(layout), layout, perturbation_dropout=0.0)
+    assert torch.allclose(z1, z2)
+    torch.manual_seed(0)
+    z1, z2, _ = sentence_views(model, batch, _importance(layout), layout, perturbation_dropout=0.1)
+    assert (z1 - z2).abs().max() > 1e-4
+
+
+def _parameter_numel_in_memory() -> int:
+    gc.collect()
+    # type() rather than isinstance(): some module proxies warn when isinstance-checked.
+    return sum(o.numel() for o in gc.get_objects() if type(o) is torch.nn.Parameter)
+
+
+def test_contrastive_loss_needs_no_teacher_copy_and_backpropagates():
+    model = tiny_bert().train()
+    layout = UnitLayout.from_model(model)
+    batch = random_lm_batches(1, batch_size=4, seq_len=12)[0]
+    before = _parameter_numel_in_memory()
+    loss = das_contrastive_loss(model, batch, _importance(layout), layout, temperature=0.05)
+    loss.backward()
+    assert _parameter_numel_in_memory() == before
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # no hook survives the views
+    assert all(not m._forward_pre_hooks for m in layout.attn_out_modules + layout.ffn_out_modules)
+
+
+def _lm_dataset(n=16, seq_len=12, seed=0):
+    rows = [b for b in random_lm_batches(n // 4, batch_size=4, seq_len=seq_len, seed=seed)]
+    ids = torch.cat([b["input_ids"] for b in rows])
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()})
+
+
+def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
+    """Through StrategyTrainer: units of importance 1 do not move (update mode), others do; state round-trips."""
+    model = tiny_bert(seed=1)
+    layout = UnitLayout.from_model(model)
+    strategy = get_strategy("das", softmask=SoftMaskConfig(mode="update"), contrastive_weight=1.0)
+    assert isinstance(strategy, DASStrategy) and strategy.changes_effective_lr and "pretrain" in strategy.settings
+    loader = random_lm_batches(2, batch_size=4, seq_len=12, seed=3)
+    strategy.before_task(model, 0, loader)  # general importance (kl_dropout)
+    assert strategy.general_importance is not None and strategy.general_importance.meta["objective"] == "kl_dropout"
+    # Protect layer 0 completely, leave layer 1 free.
+    heads = strategy.importance.heads.clone()
+    ffn = strategy.importance.ffn.clone()
+    heads[0], ffn[0], heads[1], ffn[1] = 1.0, 1.0, 0.0, 0.0
+    strategy.importance = UnitImportance(heads, ffn)
+    q0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    q1 = model.bert.encoder.layer[1].attention.self.query.weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch")
+    trainer = StrategyTrainer(model=model, args=args, train_dataset=_lm_dataset(), data_collator=default_data_collator, strategy=strategy)
+    trainer.train()
+    assert len(strategy.contrastive_losses) == 3 and all(v > 0 for v in strategy.contrastive_losses)
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, q0)
+    assert not torch.equal(model.bert.encoder.layer[1].attention.self.query.weight, q1)
+    strategy.after_task(model, 0, loader)  # domain importance (lm_loss), EMax
+    assert len(strategy.domain_importances) == 1
+    assert torch.all(strategy.importance.heads >= strategy.domain_importances[0].heads)
+    assert torch.all(strategy.importance.heads[0] == 1.0)
+
+    strategy.save_pretrained(tmp_path / "s")
+    restored = DASStrategy()
+    restored.load_pretrained(tmp_path / "s")
+    assert torch.equal(restored.importance.heads, strategy.importance.heads)
+    assert torch.equal(restored.general_importance.ffn, strategy.general_importance.ffn)
+    assert len(restored.domain_importances) == 1
+    assert DASStrategy.saved_config(tmp_path / "s")["contrastive_weight"] == 1.0
+
+
+def test_das_rejects_bad_settings():
+    with pytest.raises(ValueError, match="temperature"):
+        DASStrategy(temperature=0.0)
+    with pytest.raises(ValueError, match="mode"):
+        DASStrategy(softmask={"mode": "both"})
+    with pytest.raises(RuntimeError, match="before_task"):
+        DASStrategy().on_train_begin(tiny_bert(), None)
