@@ -104,7 +104,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
     except (RuntimeError, ValueError):  # fused AdamW unsupported for this device/dtype
         pass
 
-    warmup, rounds, iters = (1, 2, 2) if env.quick else (1, 3, 3)
+    warmup, rounds, iters = (1, 3, 2) if env.quick else (1, 4, 3)
     t = blocks(variants, env, warmup, rounds, iters)
     tokens = batch_size * seq_len
     base_ms, _, base_peak = t["plain (AdamW foreach)"]

@@ -35,14 +35,14 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
         "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 10},
         "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
         "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
-        "kd": {"kd_weight": 1.0, "temperature": 2.0},
+        "kd": {"kd_weight": 1.0, "kd_temperature": 2.0},
     },
     "finetune": {
         "tss": {"mode": "update", "threshold": 0.0, "init_score": 0.05},
         "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 5},
         "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
         "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
-        "kd": {"kd_weight": 1.0, "temperature": 2.0},
+        "kd": {"kd_weight": 1.0, "kd_temperature": 2.0},
     },
 }
 
@@ -211,23 +211,15 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from dataclasses import replace
-
     from .continual.config import ContinualPretrainingArguments
     from .continual.pretrain import ContinualPretrainer, lm_eval_loss
 
     class Runner(ContinualPretrainer):
-        """The pre-training runner with per-strategy settings and task-aware evaluation (HAT's set_task)."""
+        """The pre-training runner, evaluating domain j under ``set_task(j)`` for strategies that have one (HAT)."""
 
         def make_strategy(self):
-            strategy = super().make_strategy()
-            if kwargs:
-                cfg = getattr(strategy, "cfg", None)
-                if cfg is None:
-                    raise ValueError(f"strategy {name!r} takes no settings in this comparison's pre-training (got {kwargs})")
-                strategy.cfg = replace(cfg, **kwargs)
-            self.strategy = strategy
-            return strategy
+            self.strategy = super().make_strategy()
+            return self.strategy
 
         def _eval_row(self, model):
             strategy = getattr(self, "strategy", None)
@@ -246,7 +238,7 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
     if unknown:
         raise ValueError(f"unknown ContinualPretrainingArguments field(s) {unknown}")
     args = ContinualPretrainingArguments(**{**base, "strategy": name, "output_dir": str(out), "learning_rates": None, "strategies": None,
-                                            "frontier_runs": None, "run_name": name,
+                                            "frontier_runs": None, "run_name": name, "strategy_kwargs": json.dumps(kwargs) if kwargs else None,
                                             **({"learning_rate": lr} if lr is not None else {})})
     return Runner(args).run(), args.learning_rate
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2
 from hf_softmask.strategies import get_strategy
@@ -64,7 +63,7 @@ def test_kd_keeps_previous_outputs_closer_and_resumes(tmp_path):
     drift = {}
     for weight in (0.0, 20.0):
         model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        kd = get_strategy("kd", kd_weight=weight, temperature=2.0)
+        kd = get_strategy("kd", kd_weight=weight, kd_temperature=2.0)
         run_task(model, kd, lm_dataset(seed=0, n_batches=2), tmp_path / f"a{weight}", 0, learning_rate=5e-3, weight_decay=0.0)
         assert kd.teacher is not None and not any(p.requires_grad for p in kd.teacher.parameters())
         old = logits_of(model, ev)

@@ -33,6 +33,7 @@ ids = torch.cat([b["input_ids"] for b in loader])
 '''
 
 
+@pytest.mark.distributed
 def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
     accelerate = shutil.which("accelerate")
     if accelerate is None:

@@ -275,6 +275,35 @@ def test_update_masks_for_parameters_the_optimizer_does_not_step_are_refused():
         install_update_masks(opt, {p: torch.zeros(()) for p in model.parameters()})
 
 
+@pytest.mark.slow
+def test_compiled_masked_adamw_equals_foreach_step():
+    """``compile_update=True`` (torch.compile'd fused update) takes the same steps as the foreach path."""
+    from conftest import random_lm_batches, tiny_llama
+    from hf_softmask import SoftMaskConfig, SoftMasker, UnitImportance, UnitLayout
+
+    results = []
+    for compiled in (False, True):
+        model = tiny_llama(seed=0)
+        layout = UnitLayout.from_model(model)
+        g = torch.Generator().manual_seed(0)
+        imp = UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
+                             torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        masker = SoftMasker(model, imp, SoftMaskConfig(mode="update", embeddings="freeze", compile_update=compiled)).attach(opt)
+        for i, batch in enumerate(random_lm_batches(n_batches=3, seed=3)):
+            if i == 2:
+                opt.param_groups[0]["lr"] = 5e-3  # a new learning rate must be honoured (not baked into the graph)
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        masker.detach()
+        results.append(dict(model.named_parameters()))
+    init = dict(tiny_llama(seed=0).named_parameters())
+    torch.testing.assert_close(results[1]["model.embed_tokens.weight"], init["model.embed_tokens.weight"], atol=0, rtol=0)
+    for name, p in results[0].items():
+        torch.testing.assert_close(results[1][name], p, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -50,7 +50,7 @@ def test_frozen_entries_bit_identical_with_weight_decay(tmp_path, optimizer):
                 assert torch.count_nonzero(buf[~talos.trainable[name]]) == 0
 
 
-def test_selection_prefers_least_sensitive_and_rounds_nest(tmp_path):
+def test_selection_prefers_least_sensitive(tmp_path):
     model = tiny_bert()
     from torch.utils.data import DataLoader
     data = lm_dataset(n_batches=2)

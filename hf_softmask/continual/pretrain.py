@@ -143,7 +143,9 @@ class _Data:
         self.eval = [FixedEvalSet(d.name, build_lm_dataset(d.eval_texts, tokenizer, bs, args.max_eval_blocks), self.collator,
                                   args.per_device_eval_batch_size, seed=args.seed + 1) for d in self.domains]
         general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
-        self.general_train = build_lm_dataset(general_train, tokenizer, bs)
+        # Only the LM-head warm-up and a 'general' importance source read it: tokenize no more than they use.
+        needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
+        self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
         self.general_eval = FixedEvalSet("general", build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
                                          self.collator, args.per_device_eval_batch_size, seed=args.seed + 2)
 
@@ -231,21 +233,16 @@ def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int
 
 
 # -- the runner -------------------------------------------------------------------------------------------------
-class _FailAfterSave:
-    """Testing only: dies after the checkpoint of a given step is written (see FAIL_ENV)."""
+def _die_after_save(step: int):
+    """Testing only (FAIL_ENV): a callback that kills the process once the checkpoint of ``step`` is on disk."""
+    from transformers import TrainerCallback
 
-    def __init__(self, domain: int, step: int):
-        from transformers import TrainerCallback
+    class _DieAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                os._exit(17)
 
-        outer = self
-
-        class _CB(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):
-                if state.global_step >= outer.step:
-                    os._exit(17)
-
-        self.step = step
-        self.callback = _CB()
+    return _DieAfterSave()
 
 
 class ContinualPretrainer:
@@ -393,16 +390,17 @@ class ContinualPretrainer:
                 api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
 
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
-        """The accumulated importance into the stage directory, the stage's own importance into plots/."""
+        """Heatmap of the stage's own importance (0_base: the general proxy) into plots/ and the stage directory."""
         from ..plotting import plot_importance
 
         imp = self._importance_of(strategy)
         if imp is None or not self.args.plots:
             return
-        plot_importance(imp.heads, imp.ffn, directory / "importance.png", title=f"accumulated importance after {title}")
-        own = (getattr(strategy, "domain_importances", None) or [None])[-1] if name != "0_base" else imp
-        if own is not None:
-            plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
+        own = imp if name == "0_base" else (getattr(strategy, "domain_importances", None) or [None])[-1]
+        if own is None:
+            return
+        path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
+        shutil.copyfile(path, directory / "importance.png")
 
     def run(self) -> dict:
         a = self.args
@@ -464,7 +462,7 @@ class ContinualPretrainer:
             targs = self._training_args(name)
             callbacks = []
             if fail and int(fail.split(":")[0]) == k + 1:
-                callbacks.append(_FailAfterSave(k + 1, int(fail.split(":")[1])).callback)
+                callbacks.append(_die_after_save(int(fail.split(":")[1])))
             trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
                                       strategy=strategy, callbacks=callbacks)
             resume = last_trainer_checkpoint(targs.output_dir)

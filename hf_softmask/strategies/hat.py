@@ -18,7 +18,6 @@ outputs under its own mask exactly reproducible later).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch

@@ -27,13 +27,13 @@ class KDConfig:
     """Settings of :class:`KDStrategy` (each may be passed as a keyword)."""
 
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
-    temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of teacher and student (the term is scaled by T^2)."})
+    kd_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of teacher and student (the term is scaled by T^2)."})
 
     def __post_init__(self):
         if self.kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +92,7 @@ class KDStrategy(ContinualStrategy):
             with torch.no_grad():
                 teacher_logits = self.teacher(**feed).logits
             student_logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[1]
-            loss = distillation_kl(student_logits, teacher_logits, self.cfg.temperature, feed.get("attention_mask"))
+            loss = distillation_kl(student_logits, teacher_logits, self.cfg.kd_temperature, feed.get("attention_mask"))
         if loss is None:
             return None
         self.last_kd_loss = float(loss.detach())
@@ -106,7 +106,7 @@ class KDStrategy(ContinualStrategy):
             with torch.no_grad():
                 t_logits = self.teacher(**{**feed, "task_ids": ids}).logits
             s_logits = model(**{**feed, "task_ids": ids}).logits
-            terms.append(distillation_kl(s_logits, t_logits, self.cfg.temperature))
+            terms.append(distillation_kl(s_logits, t_logits, self.cfg.kd_temperature))
         return torch.stack(terms).mean() if terms else None
 
     # -- state ------------------------------------------------------------------------------------
