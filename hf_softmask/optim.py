@@ -79,20 +79,27 @@ class _LocalMasks:
         if hit is None or hit[0] is not m:
             local = local_mask(m, p)
             target = _local(p)
-            if local.device != target.device or (local.dtype != target.dtype and target.dtype.is_floating_point):
-                local = local.to(device=target.device, dtype=target.dtype)
-            hit = self._cache[id(p)] = (m, local, local.float())
+            if local.device != target.device:
+                local = local.to(target.device)
+            # Per-unit (broadcast) masks are small: keep them in the parameter's dtype and in fp32. A per-entry
+            # mask (TaLoS, WSN) is parameter-sized: keep it as given, never a second parameter-sized copy.
+            small = local.numel() < target.numel()
+            if small and local.dtype != target.dtype and target.dtype.is_floating_point:
+                local = local.to(target.dtype)
+            hit = self._cache[id(p)] = (m, local, local.float() if small else None)
         return hit
 
     def get(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
-        """The local mask in the parameter's dtype and device."""
+        """The local mask on the parameter's device (in its dtype when per-unit)."""
         hit = self._entry(masks, p)
         return None if hit is None else hit[1]
 
     def get_float(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
         """The local mask in float32 (for factors like ``1 - lr*wd*m`` that bf16 would round to 1)."""
         hit = self._entry(masks, p)
-        return None if hit is None else hit[2]
+        if hit is None:
+            return None
+        return hit[2] if hit[2] is not None else hit[1].float()
 
 
 def _local_masks(optimizer: Optimizer) -> _LocalMasks:
