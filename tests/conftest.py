@@ -13,6 +13,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest
 import torch
 
+# Tiny models run many times faster on one thread (no oversubscription on a 2-core CI machine).
+torch.set_num_threads(1)
+
 VOCAB = 128
 
 
