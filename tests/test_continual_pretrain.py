@@ -102,9 +102,10 @@ def test_frontier_marks_only_runs_beyond_every_comparable_baseline():
         {"strategy": "das", "lr": 1e-4, "in_domain_loss": 2.1, "forgetting": 0.05},  # beats the only ncl at <= 2.1
         {"strategy": "das", "lr": 5e-5, "in_domain_loss": 2.3, "forgetting": 0.12},  # ncl 5e-5 forgets less
         {"strategy": "das", "lr": 1e-3, "in_domain_loss": 1.5, "forgetting": 0.01},  # no ncl run that good in-domain
+        {"strategy": "das", "lr": 2e-3, "in_domain_loss": 2.1, "forgetting": 0.0, "complete": False},  # cut short
     ]
     marks = [r["beyond_frontier"] for r in mark_beyond_frontier(recs)]
-    assert marks == [None, None, True, False, None]
+    assert marks == [None, None, True, False, None, None]
 
 
 def _digest(directory: Path) -> dict[str, tuple[str, int]]:

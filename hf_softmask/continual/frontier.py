@@ -38,11 +38,14 @@ def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE) -> list[
 
     True: less forgetting than EVERY baseline run with equal or better (lower) in-domain loss, and at least one
     such baseline run exists. False: some such baseline run forgets as little or less. None: no baseline run
-    is as good in-domain, so the comparison is undecided (it would need a baseline at a higher learning rate).
+    is as good in-domain, so the comparison is undecided (it would need a baseline at a higher learning rate),
+    or the run is incomplete.
     """
-    base = [r for r in records if r["strategy"] == baseline and _finite(r["in_domain_loss"], r["forgetting"])]
+    # A run cut short (complete False) has metrics over fewer domains: it is neither judged nor a rival.
+    usable = lambda r: r.get("complete", True) and _finite(r["in_domain_loss"], r["forgetting"])
+    base = [r for r in records if r["strategy"] == baseline and usable(r)]
     for r in records:
-        if r["strategy"] == baseline or not _finite(r["in_domain_loss"], r["forgetting"]):
+        if r["strategy"] == baseline or not usable(r):
             r["beyond_frontier"] = None
             continue
         rivals = [b for b in base if b["in_domain_loss"] <= r["in_domain_loss"]]
