@@ -212,26 +212,7 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.config import ContinualPretrainingArguments
-    from .continual.pretrain import ContinualPretrainer, lm_eval_loss
-
-    class Runner(ContinualPretrainer):
-        """The pre-training runner, evaluating domain j under ``set_task(j)`` for strategies that have one (HAT)."""
-
-        def make_strategy(self):
-            self.strategy = super().make_strategy()
-            return self.strategy
-
-        def _eval_row(self, model):
-            strategy = getattr(self, "strategy", None)
-            if strategy is None or not hasattr(strategy, "set_task"):
-                return super()._eval_row(model)
-            causal = not self.data.mlm
-            losses = []
-            for j, ev in enumerate(self.data.eval):
-                strategy.set_task(j)
-                losses.append(lm_eval_loss(model, ev, causal))
-            strategy.set_task(None)
-            return losses, lm_eval_loss(model, self.data.general_eval, causal)
+    from .continual.pretrain import ContinualPretrainer
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
     unknown = sorted(set(base) - fields_ok)
@@ -240,7 +221,7 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
     args = ContinualPretrainingArguments(**{**base, "strategy": name, "output_dir": str(out), "learning_rates": None, "strategies": None,
                                             "frontier_runs": None, "run_name": name, "strategy_kwargs": json.dumps(kwargs) if kwargs else None,
                                             **({"learning_rate": lr} if lr is not None else {})})
-    return Runner(args).run(), args.learning_rate
+    return ContinualPretrainer(args).run(), args.learning_rate
 
 
 def _run_finetune(name: str, base: dict, kwargs: dict, out: Path):

@@ -282,8 +282,18 @@ class ContinualPretrainer:
         return cls(**{**offered, **(extra or {})})
 
     def _eval_row(self, model) -> tuple[list[float], float]:
+        """Held-out loss on every domain and on general text; a strategy with ``set_task`` (HAT) evaluates
+        domain j under its own task mask, and general text with its task selection cleared."""
         causal = not self.data.mlm
-        losses = [lm_eval_loss(model, ev, causal) for ev in self.data.eval]
+        strategy = getattr(self, "strategy", None)
+        select = getattr(strategy, "set_task", None)
+        losses = []
+        for j, ev in enumerate(self.data.eval):
+            if select is not None:
+                select(j)
+            losses.append(lm_eval_loss(model, ev, causal))
+        if select is not None:
+            select(None)
         return losses, lm_eval_loss(model, self.data.general_eval, causal)
 
     def _load_stage_model(self, directory: Path):
