@@ -38,7 +38,9 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
         "kd": {"kd_weight": 1.0, "kd_temperature": 2.0},
     },
     "finetune": {
-        "tss": {"mode": "update", "threshold": 0.0, "init_score": 0.05},
+        # as configs/finetune_default.yaml and configs/finetune_wsn.yaml
+        "tss": {"mode": "update", "threshold": 0.0, "score_init": "magnitude", "init_score": 0.02},
+        "wsn": {"keep_ratio": 0.9, "score_init": "magnitude", "init_score": 1.0},
         "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 5},
         "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
         "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
@@ -46,9 +48,9 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
     },
 }
 
-#: Backbone learning rate per strategy in finetuning: TSS/WSN train mask scores, which need a far larger
-#: step than the weights the other strategies train.
-FINETUNE_LR = {"tss": 2e-3, "wsn": 2e-3}
+#: Backbone learning rate per strategy in finetuning (the shipped configs' values): TSS trains mask scores,
+#: which need a far larger step than the weights the other strategies train.
+FINETUNE_LR = {"tss": 1e-3, "wsn": 5e-5}
 FINETUNE_WEIGHT_LR = 1e-4
 
 

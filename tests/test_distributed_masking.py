@@ -6,7 +6,7 @@ process: ``--cpu``). Each launch trains every configuration once on a tiny Llama
 
 - a real ``Trainer`` with ``SoftMaskCallback`` (DDP through accelerate), update and grad mode;
 - FSDP2 (torch ``fully_shard``: DTensor parameters) with a hand-written loop, update and grad mode
-  (accelerate 1.15 does not apply FSDP on a CPU; see docs/performance.md).
+  (accelerate 1.15 does not apply FSDP on a CPU; see README, "Performance and scale-out").
 
 Importance is computed on each rank's share of the data and all-reduced. Both launches see the same
 global batches in the same order, so final parameters must agree up to reduction-order rounding.
@@ -87,7 +87,7 @@ def _trainer_run(out: Path, mode: str, importance, rank: int, world: int) -> dic
 def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     """FSDP2 (``fully_shard``, DTensor parameters) with a hand-written loop; one process: no sharding.
 
-    accelerate 1.15 does not apply FSDP on CPU (see docs/performance.md), so the sharding is torch's own;
+    accelerate 1.15 does not apply FSDP on CPU (see README, "Performance and scale-out"), so the sharding is torch's own;
     the processes still come from ``accelerate launch``. Grad mode runs without clipping: under FSDP2 the
     grad mask is applied after clipping (ShardedGradMask).
     """
