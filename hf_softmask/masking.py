@@ -172,6 +172,4 @@ class SoftMasker:
             self._grad_hooks = None
         if self._opt_handle is not None:
             self._opt_handle.remove()
-            if self._opt_handle.how == "native":
-                self._opt_handle.optimizer.set_update_masks(None)
             self._opt_handle = None

@@ -291,6 +291,18 @@ class _MaskMixin:
         """Masks keyed by parameter; ``None`` or ``{}`` makes this the plain optimizer."""
         self.update_masks = dict(masks or {})
 
+    def _masked_update(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._masked_update()
+        return loss
+
 
 class MaskedAdamW(_MaskMixin, AdamW):
     """``torch.optim.AdamW`` with per-parameter update masks (same state dict, same hyper-parameters)."""
@@ -306,14 +318,8 @@ class MaskedAdamW(_MaskMixin, AdamW):
         self.set_update_masks(update_masks)
         self.compiled = bool(compile)  # torch.compile the update into one fused pass (see masked_adamw_step)
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _masked_update(self) -> None:
         masked_adamw_step(self, self.update_masks, compiled=self.compiled)
-        return loss
 
 
 class MaskedSGD(_MaskMixin, SGD):
@@ -325,14 +331,8 @@ class MaskedSGD(_MaskMixin, SGD):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, **kwargs)
         self.set_update_masks(update_masks)
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _masked_update(self) -> None:
         masked_sgd_step(self, self.update_masks)
-        return loss
 
 
 class UpdateMaskHandle:
@@ -349,6 +349,9 @@ class UpdateMaskHandle:
         self.masks.update(masks)
 
     def remove(self) -> None:
+        if self.how == "native":
+            self.optimizer.set_update_masks(None)
+            return
         if self._original is not None:
             if self._original is _CLASS_STEP:
                 self.optimizer.__dict__.pop("step", None)

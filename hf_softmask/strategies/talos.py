@@ -170,8 +170,6 @@ class TaLoSStrategy(ContinualStrategy):
     def on_train_end(self, model: nn.Module, optimizer) -> None:
         if self._handle is not None:
             self._handle.remove()
-            if self._handle.how == "native":
-                self._handle.optimizer.set_update_masks(None)
             self._handle = None
 
     def task_vector(self, model: nn.Module) -> SparseTaskVector:

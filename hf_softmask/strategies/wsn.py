@@ -56,8 +56,6 @@ class WSNStrategy(SubnetworkStrategy):
     def on_train_end(self, model: nn.Module, optimizer) -> None:
         if self._handle is not None:
             self._handle.remove()
-            if self._handle.how == "native":
-                self._handle.optimizer.set_update_masks(None)
             self._handle = None
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
