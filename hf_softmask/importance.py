@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .io import atomic_write_text, atomic_save_safetensors
+from .io import atomic_save_safetensors, atomic_write_text, push_saved_to_hub
 
 __all__ = ["UnitImportance", "ImportanceShapeError", "tanh_zscore", "IMPORTANCE_WEIGHTS", "IMPORTANCE_CONFIG"]
 
@@ -146,14 +145,7 @@ class UnitImportance:
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload unit importance", private: bool | None = None, token=None, revision=None) -> str:
         """Upload to the Hub like any HF object; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
-        return str(info)
+        return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
 
     # -- summaries -----------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "atomic_torch_save", "atomic_replace_dir"]
+__all__ = ["push_saved_to_hub", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "atomic_torch_save", "atomic_replace_dir"]
 
 
 def _tmp_beside(path: Path) -> str:
@@ -82,3 +82,15 @@ def atomic_replace_dir(staging: str | os.PathLike, final: str | os.PathLike) -> 
         shutil.rmtree(old)
     else:
         os.replace(staging, final)
+
+
+def push_saved_to_hub(save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None) -> str:
+    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
+    return str(info)

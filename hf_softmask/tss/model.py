@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -13,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_save_safetensors
+from ..io import atomic_save_safetensors, push_saved_to_hub
 from .config import SubnetworkConfig
 from .layer import SUPPORTED_LAYER_TYPES, SubnetworkLayer, SubnetworkLinear
 
@@ -253,14 +252,7 @@ class SubnetworkModel(BaseTuner):
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload subnetwork adapter", private: bool | None = None,
                     token=None, revision=None) -> str:
         """Upload ``save_pretrained``'s files to a Hub repo; returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
-        return str(info)
+        return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
 
 
 def get_subnetwork_model(model: nn.Module, config: SubnetworkConfig, adapter_name: str = "default") -> SubnetworkModel:
