@@ -15,7 +15,7 @@ from .gates import UnitGates
 from .importance import UnitImportance
 from .layout import UnitLayout
 
-__all__ = ["compute_importance", "OBJECTIVES", "kl_dropout_loss", "lm_loss", "has_dropout", "EmptyDataError"]
+__all__ = ["move_batch", "compute_importance", "OBJECTIVES", "kl_dropout_loss", "lm_loss", "has_dropout", "EmptyDataError"]
 
 
 class EmptyDataError(ValueError):
@@ -27,6 +27,11 @@ def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()) or any(
         float(getattr(model.config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop", "hidden_dropout")
     )
+
+
+def move_batch(batch: dict, device) -> dict:
+    """The batch with every tensor on ``device`` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -161,7 +166,7 @@ def compute_importance(
             for batch in bar:
                 if max_batches is not None and batches >= max_batches:
                     break
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                batch = move_batch(batch, device)
                 loss, n = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(

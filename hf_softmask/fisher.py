@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .estimators import move_batch
+
 __all__ = ["sampled_log_likelihood", "fisher_diagonal"]
 
 _NON_MODEL_KEYS = ("labels", "special_tokens_mask")
@@ -51,10 +53,6 @@ def sampled_log_likelihood(model: nn.Module, batch: dict, generator: torch.Gener
     return (logp.gather(-1, y).squeeze(-1) * mask).sum(-1)
 
 
-def _move(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def fisher_diagonal(
     model: nn.Module,
     batches: Iterable[dict],
@@ -80,7 +78,7 @@ def fisher_diagonal(
     bar = tqdm(total=max_examples, desc=desc, leave=False, disable=max_examples is not None and max_examples < 64)
     try:
         for batch in batches:
-            batch = _move(batch, device)
+            batch = move_batch(batch, device)
             n = len(batch["input_ids"])
             groups = [{k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(n)] if per_example else [batch]
             for group in groups:

@@ -68,6 +68,20 @@ def random_lm_batches(n_batches=4, batch_size=4, seq_len=16, seed=0, labels=True
     return out
 
 
+def save_tiny_bert_with_minilm_tokenizer(model_cls, directory, tokenizer_dir):
+    """A 2-layer BERT (``model_cls``: BertModel, BertForMaskedLM, ...) with MiniLM's tokenizer, so that real
+    text tokenizes, saved like any checkpoint into ``directory``."""
+    from transformers import AutoTokenizer, BertConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = model_cls(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     from hf_softmask.assets import minilm_path

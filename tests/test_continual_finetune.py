@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from conftest import save_tiny_bert_with_minilm_tokenizer
 from subnetwork_utils import one_thread
 from hf_softmask.continual.finetune import (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments,
                                             parse_finetune_config, run_continual_finetune)
@@ -19,16 +19,9 @@ RESULT_KEYS = {"tasks", "accuracy_matrix", "f1_matrix", "acc", "bwt", "fwt", "fo
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory, minilm_dir):
     """A 2-layer BERT with MiniLM's tokenizer (so BBC text tokenizes), saved like any checkpoint."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertModel
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64))
-    d = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert_with_minilm_tokenizer(BertModel, tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
 
 
 def run(tiny_bert_dir, out, strategy, **kw):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+from conftest import save_tiny_bert_with_minilm_tokenizer
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
 from hf_softmask.continual import ContinualPretrainingArguments, mark_beyond_frontier, parse_config, run_continual_pretraining
 from hf_softmask.importance import UnitImportance
@@ -23,14 +24,7 @@ SCRIPT = ROOT / "scripts" / "continual_pretrain.py"
 @pytest.fixture(scope="module")
 def tiny_mlm_dir(tmp_path_factory, minilm_dir):
     """A 2-layer BERT MLM with the MiniLM tokenizer, saved as a normal checkpoint."""
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=64))
-    d = tmp_path_factory.mktemp("tiny_mlm")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
 
 
 def tiny_args(model_dir, out, **kw) -> list[str]:

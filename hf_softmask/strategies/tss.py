@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..estimators import move_batch
 from ..io import atomic_write_json
 from ..masking import MODES, GradMaskHooks
 from ..optim import install_update_masks
@@ -134,8 +135,7 @@ class TSSStrategy(SubnetworkStrategy):
         model.eval()
         try:
             def loss_fn(batch):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                return model(**batch).loss
+                return model(**move_batch(batch, device)).loss
 
             importance = tuner.compute_score_importance(loss_fn, dataloader, max_batches=self.importance_batches,
                                                         desc=f"TSS importance (task {task_id})")
