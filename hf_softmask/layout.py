@@ -101,7 +101,7 @@ class UnitLayout:
                 raise ValueError("layers of different shapes are not supported")
             head_dim, ffn_size = d, ffn_in_features
 
-            def own(module: nn.Module, path: str, kind: str, side: str, index: torch.Tensor) -> None:
+            def own(module: nn.Module, path: str, kind: str, side: str, index: torch.Tensor, l: int = l) -> None:
                 """Own ``index``'s units along the ``side`` ("out"/"in") features of the module at ``path``."""
                 axis = out_axis if side == "out" else in_axis
                 tensors = []

@@ -24,12 +24,13 @@ from torch import nn
 __all__ = [
     "SUPPORTED_PEFT_TYPES",
     "UnsupportedAdapterError",
-    "unwrap_peft",
+    "adapter_tensors",
+    "base_modules",
+    "category_module",
+    "check_adapters_reach_units",
     "is_tuner_layer",
     "plain_modules",
-    "adapter_tensors",
-    "category_module",
-    "base_modules",
+    "unwrap_peft",
 ]
 
 SUPPORTED_PEFT_TYPES = ("LORA", "IA3")
@@ -137,10 +138,9 @@ def adapter_tensors(module: nn.Module, side: str, path: str = "") -> list[tuple[
                     out.append((lin.bias, 0))
         else:
             out.extend((lin.weight, 1) for lin in module.lora_A.values())
-    elif kind == "ia3":
+    elif kind == "ia3" and module.is_feedforward == (side == "in"):
         # ia3_l is [1, in] (scales inputs, "feedforward") or [out, 1] (scales outputs), whatever the base layer.
-        if module.is_feedforward == (side == "in"):
-            out.extend((p, 1 if side == "in" else 0) for p in module.ia3_l.values())
+        out.extend((p, 1 if side == "in" else 0) for p in module.ia3_l.values())
     return out
 
 
@@ -163,3 +163,23 @@ def base_modules(model: nn.Module) -> list[nn.Module]:
             kept = {id(m) for m in module.get_base_layer().modules()}
             adapter_parts.update(id(m) for m in module.modules() if id(m) not in kept)
     return [m for m in inner.modules() if id(m) not in adapter_parts]
+
+
+def check_adapters_reach_units(layout) -> None:
+    """Refuse soft-masking a PEFT model whose adapters train no slice any unit owns (e.g. LoRA on ``lm_head``
+    only): every unit is frozen already, so masks would protect nothing that can change."""
+    model = layout._model_ref
+    peft = _peft()
+    if peft is None:
+        return
+    wrapped = isinstance(model, peft["models"]) or any(isinstance(m, peft["layer"]) for m in model.modules())
+    if not wrapped or any(s.param.requires_grad for s in layout.owned):
+        return
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trained:
+        shown = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
+        raise UnsupportedAdapterError(
+            f"the adapters of this {type(model).__name__} train no parameter that an attention head or FFN neuron owns "
+            f"(trainable: {shown}), so soft-masking has nothing to protect. Put the adapters on the attention/FFN "
+            f"projections (LoRA target_modules) or train without soft-masking."
+        )

@@ -58,7 +58,7 @@ def test_layout_is_found_through_the_peft_wrapper(family):
     per_layer = 6 if family == "bert" else 7  # q, k, v, attention out, FFN in (up and gate for Llama), FFN out
     assert len(lora) == per_layer * layout.num_layers
     names = {n for n, _ in wrapped.named_parameters()}
-    for cat, params in layout.unowned_parameters().items():
+    for params in layout.unowned_parameters().values():
         for n, _ in params:
             assert n in names
     unowned = {n: cat for cat, ps in layout.unowned_parameters().items() for n, _ in ps}
@@ -191,8 +191,7 @@ def _train_and_check(model, tmp_path, **args):
     trainable = [s for s in layout.owned if s.param.requires_grad]
     assert trainable, "the adapter owns no trainable slice"
     before = {s.name: s.param.detach().clone() for s in trainable}
-    kw = dict(max_steps=4, learning_rate=1e-2, weight_decay=0.1)
-    kw.update(args)
+    kw = {"max_steps": 4, "learning_rate": 1e-2, "weight_decay": 0.1, **args}
     trainer = Trainer(model=model, args=train_args(tmp_path, **kw), train_dataset=lm_dataset(4, 4, 12),
                       callbacks=[SoftMaskCallback(imp, mode="update")])
     trainer.train()
@@ -267,3 +266,15 @@ def test_importance_dataloader_on_wrapped_model(tmp_path):
     loader = DataLoader(lm_dataset(2, 4, 12), batch_size=4)
     imp = compute_importance(wrapped, loader, "lm_loss", show_progress=False)
     imp.validate_for(UnitLayout.from_model(wrapped))
+
+
+def test_adapters_that_train_no_unit_are_refused_at_train_begin(tmp_path):
+    """LoRA on lm_head only: every unit is frozen, soft-masking could protect nothing; importance still works."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["lm_head"]))
+    compute_importance(model, random_lm_batches(1, 2, 8), "lm_loss", show_progress=False)
+    imp = UnitImportance(torch.ones(2, 4), torch.ones(2, 64))
+    for mode in ("update", "grad"):
+        trainer = Trainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=lm_dataset(1, 4, 12),
+                          callbacks=[SoftMaskCallback(imp, mode=mode)])
+        with pytest.raises(UnsupportedAdapterError, match="lm_head.lora_A"):
+            trainer.train()
