@@ -278,3 +278,11 @@ def test_adapters_that_train_no_unit_are_refused_at_train_begin(tmp_path):
                           callbacks=[SoftMaskCallback(imp, mode=mode)])
         with pytest.raises(UnsupportedAdapterError, match="lm_head.lora_A"):
             trainer.train()
+
+
+def test_adapters_on_unowned_layers_take_the_category_of_the_layer_they_adapt():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens", "lm_head"]))
+    unowned = {n: cat for cat, ps in UnitLayout.from_model(model).unowned_parameters().items() for n, _ in ps}
+    assert unowned["base_model.model.model.embed_tokens.lora_embedding_A.default"] == "embeddings"
+    assert unowned["base_model.model.model.embed_tokens.base_layer.weight"] == "embeddings"
+    assert unowned["base_model.model.lm_head.lora_B.default.weight"] == "task_head"
