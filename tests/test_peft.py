@@ -286,3 +286,27 @@ def test_adapters_on_unowned_layers_take_the_category_of_the_layer_they_adapt():
     assert unowned["base_model.model.model.embed_tokens.lora_embedding_A.default"] == "embeddings"
     assert unowned["base_model.model.model.embed_tokens.base_layer.weight"] == "embeddings"
     assert unowned["base_model.model.lm_head.lora_B.default.weight"] == "task_head"
+
+
+def test_das_strategy_on_a_lora_model_keeps_protected_lora_slices(tmp_path):
+    """DASStrategy through StrategyTrainer on a LoRA-wrapped Llama: contrastive views run, protection holds."""
+    from hf_softmask.strategies.das import DASStrategy
+    from hf_softmask.strategies.base import StrategyTrainer
+
+    model = _lora("llama")
+    layout = UnitLayout.from_model(model)
+    strategy = DASStrategy(show_progress=False, importance_batches=2)
+    data = lm_dataset(2, 4, 12)
+    strategy.before_task(model, 0, DataLoader(data, batch_size=4))
+    strategy.importance = strategy.importance.maximum(_half_importance(layout))
+    imp = strategy.importance
+    trainable = [s for s in layout.owned if s.param.requires_grad]
+    before = {s.name: s.param.detach().clone() for s in trainable}
+    StrategyTrainer(model=model, args=train_args(tmp_path, max_steps=4, learning_rate=1e-2), train_dataset=data,
+                    strategy=strategy).train()
+    assert strategy.contrastive_losses and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))
+    for s in trainable:
+        prot = _protected(layout, s, imp)
+        moved = (s.param.detach() != before[s.name]).movedim(s.axis, 0).reshape(len(s.index), -1).any(1)
+        assert not moved[prot].any(), s.name
+        assert moved[~prot].any(), s.name
