@@ -19,7 +19,7 @@ CELLS = ["fp16_gradscaler", "fused_adamw_bf16", "fsdp2", "das_smollm2"]
 
 def _run(*args, timeout=900):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=False,
                           timeout=timeout, cwd=ROOT)
 
 

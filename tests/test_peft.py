@@ -310,3 +310,21 @@ def test_das_strategy_on_a_lora_model_keeps_protected_lora_slices(tmp_path):
         moved = (s.param.detach() != before[s.name]).movedim(s.axis, 0).reshape(len(s.index), -1).any(1)
         assert not moved[prot].any(), s.name
         assert moved[~prot].any(), s.name
+
+
+def test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance(tmp_path):
+    from hf_softmask import SoftMaskTrainer, SoftMaskTrainingArguments
+
+    model = _lora("bert")
+    layout = UnitLayout.from_model(model)
+    imp = _half_importance(layout)
+    imp.save_pretrained(tmp_path / "imp")
+    q_b = next(s for s in layout.owned if s.name.endswith("layer.0.attention.self.query.lora_B.default.weight"))
+    args = SoftMaskTrainingArguments(output_dir=str(tmp_path / "out"), importance_path=str(tmp_path / "imp"),
+                                     max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4, report_to=[],
+                                     save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True)
+    SoftMaskTrainer(model=model, args=args, train_dataset=lm_dataset(2, 4, 12)).train()
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    assert (ckpt / "adapter_model.safetensors").is_file() and UnitImportance.exists(ckpt)
+    prot = _protected(layout, q_b, imp)
+    assert q_b.param[prot].abs().max() == 0 and q_b.param[~prot].abs().max() > 0  # B rows start at 0
