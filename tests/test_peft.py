@@ -185,6 +185,11 @@ def _protected(layout, s, imp):
     return (layout.unit_values(s.kind, s.layer, imp.heads, imp.ffn) == 1)[s.index]
 
 
+def _moved(s, before):
+    """Boolean [len(index)]: positions of ``s`` along its axis where any entry changed since ``before``."""
+    return (s.param.detach() != before[s.name]).movedim(s.axis, 0).reshape(len(s.index), -1).any(1)
+
+
 def _train_and_check(model, tmp_path, **args):
     layout = UnitLayout.from_model(model)
     imp = _half_importance(layout)
@@ -197,7 +202,7 @@ def _train_and_check(model, tmp_path, **args):
     trainer.train()
     for s in trainable:
         prot = _protected(layout, s, imp)
-        moved = (s.param.detach() != before[s.name]).movedim(s.axis, 0).reshape(len(s.index), -1).any(1)
+        moved = _moved(s, before)
         assert not moved[prot].any(), f"{s.name}: protected units moved"
         assert moved[~prot].all(), f"{s.name}: unprotected units did not move"
     return layout
@@ -290,8 +295,8 @@ def test_adapters_on_unowned_layers_take_the_category_of_the_layer_they_adapt():
 
 def test_das_strategy_on_a_lora_model_keeps_protected_lora_slices(tmp_path):
     """DASStrategy through StrategyTrainer on a LoRA-wrapped Llama: contrastive views run, protection holds."""
-    from hf_softmask.strategies.das import DASStrategy
     from hf_softmask.strategies.base import StrategyTrainer
+    from hf_softmask.strategies.das import DASStrategy
 
     model = _lora("llama")
     layout = UnitLayout.from_model(model)
@@ -307,7 +312,7 @@ def test_das_strategy_on_a_lora_model_keeps_protected_lora_slices(tmp_path):
     assert strategy.contrastive_losses and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))
     for s in trainable:
         prot = _protected(layout, s, imp)
-        moved = (s.param.detach() != before[s.name]).movedim(s.axis, 0).reshape(len(s.index), -1).any(1)
+        moved = _moved(s, before)
         assert not moved[prot].any(), s.name
         assert moved[~prot].any(), s.name
 
