@@ -115,7 +115,13 @@ def snapshot(layout) -> dict[str, torch.Tensor]:
 def check_protection(layout, importance, before: dict[str, torch.Tensor], model) -> str:
     """Raise AssertionError unless every slice owned by a unit of importance 1 is unchanged and most other units
     moved; parameters are looked up by name in ``model`` (FSDP2 replaces the parameter objects)."""
-    params = dict(model.named_parameters())
+    # Wrappers that rename parameters (DDP's leading "module", FSDP1, checkpoint wrappers, torch.compile) are looked
+    # through by name.
+    wrappers = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+    params = {}
+    for name, p in model.named_parameters():
+        parts = [x for x in name.split(".") if x not in wrappers]
+        params[".".join(parts[1:] if parts[0] == "module" else parts)] = p
     prot_moved = prot_total = free_moved = free_total = 0
     worst = None
     for s in layout.owned:
