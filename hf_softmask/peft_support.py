@@ -19,6 +19,8 @@ prompt-learning methods are refused with a message naming them.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 __all__ = [
@@ -40,8 +42,9 @@ class UnsupportedAdapterError(ValueError):
     """A PEFT method whose tensors do not split into per-unit slices."""
 
 
+@functools.cache
 def _peft():
-    """The peft classes used here, or None when peft is not installed."""
+    """The peft classes used here, or None when peft is not installed (looked up once)."""
     try:
         from peft import PeftMixedModel, PeftModel
         from peft.tuners.ia3 import IA3Layer
