@@ -15,6 +15,7 @@ from torch import nn
 from .gates import UnitGates
 from .importance import UnitImportance
 from .layout import UnitLayout
+from .peft_support import unwrap_peft
 
 __all__ = ["masked_mean_pool", "info_nce", "unmasked_input_ids", "sentence_views", "das_contrastive_loss"]
 
@@ -59,7 +60,8 @@ def unmasked_input_ids(inputs: dict) -> torch.Tensor:
 def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     # The base model alone: its last hidden state is the LM's hidden_states[-1], without paying for the
     # vocabulary-sized LM head that the views do not need.
-    base = getattr(model, "base_model", model)
+    inner = unwrap_peft(model)  # under PEFT, base_model is the tuner (LoraModel), not the transformers base
+    base = getattr(inner, "base_model", inner)
     out = base(input_ids=input_ids, attention_mask=attention_mask)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .gates import UnitGates
 from .importance import UnitImportance
 from .layout import UnitLayout
+from .peft_support import base_modules, unwrap_peft
 
 __all__ = ["move_batch", "compute_importance", "OBJECTIVES", "kl_dropout_loss", "lm_loss", "has_dropout", "EmptyDataError"]
 
@@ -24,7 +25,7 @@ class EmptyDataError(ValueError):
 
 def has_dropout(model: nn.Module) -> bool:
     """True if any dropout module of ``model`` has p > 0 (Llama-family models have none)."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()) or any(
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in base_modules(model)) or any(
         float(getattr(model.config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop", "hidden_dropout")
     )
 
@@ -75,6 +76,7 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def _is_mlm(model: nn.Module) -> bool:
+    model = unwrap_peft(model)
     return not getattr(model.config, "is_decoder", False) and type(model).__name__.endswith("ForMaskedLM")
 
 

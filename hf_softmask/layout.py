@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .peft_support import adapter_tensors, category_module, is_tuner_layer, plain_modules, unwrap_peft
 from .registry import ArchitectureSpec, get_architecture
 
 __all__ = ["UnitLayout", "OwnedSlice", "UNOWNED_CATEGORIES"]
@@ -43,8 +44,10 @@ def _get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 def _features(module: nn.Module, conv1d: bool) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D module."""
-    w = module.weight
+    """(in_features, out_features) of a Linear or Conv1D module, or of the base layer under an adapter."""
+    if is_tuner_layer(module):  # the adapter layer records them; its base weight may be quantized (packed)
+        return module.in_features, module.out_features
+    w = plain_modules(module)[0].weight
     return (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
 
 
@@ -54,13 +57,20 @@ class UnitLayout:
     Attributes: ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``ffn_size``,
     ``attn_out_modules`` / ``ffn_out_modules`` (where gates hook in), ``owned`` (list of
     :class:`OwnedSlice`).
+
+    ``model`` may be wrapped by PEFT (``get_peft_model``, or adapters added with ``add_adapter``): the layout is
+    found in the transformers model under the wrapper. Gates hook the module at each path, i.e. the adapter
+    layer, so a gate scales the unit's output through the base weight and the adapter alike. Each unit owns its
+    slices of the base weights (frozen under LoRA: their masks then have no effect) and of the adapter tensors
+    (see :mod:`hf_softmask.peft_support`); ``OwnedSlice.name`` is the parameter's name in ``model``.
     """
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec, model_type: str):
         self.model_type = model_type
         self.spec = spec
-        config = model.config
-        base = getattr(model, "base_model", model)
+        inner = unwrap_peft(model)
+        config = inner.config
+        base = getattr(inner, "base_model", inner)
         self.base_model = base
         layers = _get_submodule(base, spec.layers)
         self.num_layers = len(layers)
@@ -91,34 +101,43 @@ class UnitLayout:
                 raise ValueError("layers of different shapes are not supported")
             head_dim, ffn_size = d, ffn_in_features
 
-            def own(module: nn.Module, kind: str, axis: int, index: torch.Tensor, with_bias: bool) -> None:
-                self.owned.append(OwnedSlice(names[id(module.weight)], module.weight, kind, l, axis, index))
-                if with_bias and getattr(module, "bias", None) is not None:
-                    self.owned.append(OwnedSlice(names[id(module.bias)], module.bias, kind, l, 0, index))
+            def own(module: nn.Module, path: str, kind: str, side: str, index: torch.Tensor, l: int = l) -> None:
+                """Own ``index``'s units along the ``side`` ("out"/"in") features of the module at ``path``."""
+                axis = out_axis if side == "out" else in_axis
+                tensors = []
+                for plain in plain_modules(module):
+                    # Integer (quantized, e.g. 4-bit) base weights never train: they get no mask.
+                    if plain.weight.is_floating_point():
+                        tensors.append((plain.weight, axis))
+                    if side == "out" and getattr(plain, "bias", None) is not None:
+                        tensors.append((plain.bias, 0))
+                tensors += adapter_tensors(module, side, f"layer {l}: {path}")
+                for p, ax in tensors:
+                    self.owned.append(OwnedSlice(names[id(p)], p, kind, l, ax, index))
 
             heads_idx = torch.arange(self.num_heads * d) // d
             if spec.fused_qkv:
-                qkv = _get_submodule(block, spec.query)
-                own(qkv, "head", out_axis, heads_idx.repeat(3), with_bias=True)
+                own(_get_submodule(block, spec.query), spec.query, "head", "out", heads_idx.repeat(3))
             else:
-                own(_get_submodule(block, spec.query), "head", out_axis, heads_idx, with_bias=True)
+                own(_get_submodule(block, spec.query), spec.query, "head", "out", heads_idx)
                 kv_kind = "head" if self.num_kv_heads == self.num_heads else "kv_head"
                 kv_idx = torch.arange(self.num_kv_heads * d) // d
-                own(_get_submodule(block, spec.key), kv_kind, out_axis, kv_idx, with_bias=True)
-                own(_get_submodule(block, spec.value), kv_kind, out_axis, kv_idx, with_bias=True)
-            own(attn_out, "head", in_axis, heads_idx, with_bias=False)
+                own(_get_submodule(block, spec.key), spec.key, kv_kind, "out", kv_idx)
+                own(_get_submodule(block, spec.value), spec.value, kv_kind, "out", kv_idx)
+            own(attn_out, spec.attn_out, "head", "in", heads_idx)
             ffn_idx = torch.arange(ffn_in_features)
             for path in spec.ffn_in:
-                own(_get_submodule(block, path), "ffn", out_axis, ffn_idx, with_bias=True)
-            own(ffn_out, "ffn", in_axis, ffn_idx, with_bias=False)
+                own(_get_submodule(block, path), path, "ffn", "out", ffn_idx)
+            own(ffn_out, spec.ffn_out, "ffn", "in", ffn_idx)
         self.head_dim = head_dim
         self.ffn_size = ffn_size
         self._model_ref = model
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "UnitLayout":
-        """Build the layout of a transformers model; raises UnsupportedModelError for unknown types."""
-        config = getattr(model, "config", None)
+        """Build the layout of a transformers model (PEFT-wrapped or not); raises UnsupportedModelError for unknown
+        types."""
+        config = getattr(unwrap_peft(model), "config", None)
         if config is None:
             raise TypeError(f"{type(model).__name__} has no .config; pass a transformers PreTrainedModel")
         model_type = config.model_type
@@ -160,12 +179,13 @@ class UnitLayout:
         kind_of: dict[int, str] = {}
         for module in model.modules():
             cat = None
-            if isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__:
+            typed = category_module(module)  # an adapter's tensors fall in the category of the layer they adapt
+            if isinstance(typed, nn.Embedding) or "Embedding" in type(typed).__name__:
                 cat = "embeddings"
-            elif "Norm" in type(module).__name__:
+            elif "Norm" in type(typed).__name__:
                 cat = "norms"
             if cat:
-                for p in module.parameters(recurse=False):
+                for p in module.parameters(recurse=typed is not module):
                     kind_of.setdefault(id(p), cat)
         out: dict[str, list] = {c: [] for c in UNOWNED_CATEGORIES}
         for name, p in model.named_parameters():

@@ -11,6 +11,7 @@ from torch import nn
 from .importance import UnitImportance
 from .layout import UNOWNED_CATEGORIES, UnitLayout
 from .optim import _is_dtensor, _local, _LocalMasks, _unwrap, install_update_masks
+from .peft_support import check_adapters_reach_units
 
 __all__ = ["SoftMaskConfig", "build_param_masks", "GradMaskHooks", "ShardedGradMask", "SoftMasker", "POLICIES", "MODES"]
 
@@ -134,6 +135,7 @@ class SoftMasker:
         self.model = model
         self.config = config or SoftMaskConfig()
         self.layout = layout or UnitLayout.from_model(model)
+        check_adapters_reach_units(self.layout)
         self.importance = importance
         self.masks = build_param_masks(self.layout, importance, self.config)
         self._grad_hooks: GradMaskHooks | ShardedGradMask | None = None

@@ -23,7 +23,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Module paths of one model family, relative to ``model.base_model``.
+    """Module paths of one model family, relative to ``model.base_model`` (for a PEFT-wrapped model: the base model
+    of the transformers model under the wrapper; the module found at a path may then be an adapter layer).
 
     Attributes:
         layers: path of the ``ModuleList`` of transformer blocks.
