@@ -1,0 +1,148 @@
+"""Replay: every batch the model sees mixes the named sources at the ratio, under a real Trainer, gradient
+accumulation and accelerate's 2-process sharding; R = 0 is the plain stream; rows are a function of (seed, index)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+
+from conftest import tiny_gpt2
+from hf_softmask.replay import (ReplayMixture, replay_dataset, replay_rows_per_batch, replay_sources,
+                                replay_training_overrides)
+from strategy_utils import train_args
+
+SEQ = 8
+BAND = 20  # source k's tokens lie in [1 + BAND * k, 1 + BAND * (k + 1)): the source of a row is read off its tokens
+
+
+def _rows(n, band, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1 + BAND * band, 1 + BAND * (band + 1), (n, SEQ), generator=g)
+    return [{"input_ids": r, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": r.clone()} for r in ids]
+
+
+def _band(row_ids) -> int:
+    return int((int(row_ids[0]) - 1) // BAND)
+
+
+def _sets():
+    """Three earlier domains' worth of data: domain (band 0), domains 1 and 2 (bands 1, 2), general (band 3)."""
+    return _rows(23, 0, 0), [_rows(7, 1, 1), _rows(11, 2, 2)], _rows(5, 3, 3)
+
+
+@pytest.mark.parametrize("ratio,batch,want", [(0.25, 8, 2), (0.3, 4, 1), (0.375, 4, 2), (0.5, 2, 1), (0.0, 4, 0)])
+def test_replay_rows_rounding_rule(ratio, batch, want):
+    assert replay_rows_per_batch(ratio, batch) == want
+
+
+@pytest.mark.parametrize("ratio,batch,msg", [(1.0, 4, "at 1 no batch"), (0.05, 4, "rounds to 0"),
+                                             (0.9, 4, "no current-domain row"), (-0.1, 4, r"\[0, 1\)")])
+def test_replay_ratio_refused(ratio, batch, msg):
+    with pytest.raises(ValueError, match=msg):
+        replay_rows_per_batch(ratio, batch)
+
+
+def test_zero_ratio_and_no_source_give_the_plain_stream():
+    domain, earlier, general = _sets()
+    assert replay_dataset(domain, earlier, 0.0, 4) is domain
+    assert replay_dataset(domain, [], 0.5, 4) is domain  # first domain without general text
+    assert replay_training_overrides(domain) == {}
+
+
+def test_sources_of_a_domain():
+    domain, earlier, general = _sets()
+    srcs, names = replay_sources([earlier[0], earlier[1], domain], 2, general, True, names=["a", "b", "c"])
+    assert srcs == [earlier[0], earlier[1], general] and names == ["a", "b", "general"]
+    assert replay_sources([domain], 0)[0] == []
+    with pytest.raises(ValueError, match="replay_general"):
+        replay_sources([domain], 0, None, True)
+
+
+def test_every_trainer_micro_batch_mixes_at_the_ratio(tmp_path):
+    """A real Trainer run, gradient accumulation 2: every micro-batch has B - r domain rows and r replay rows,
+    spread over the K = 3 sources in turn (r = 3 = K: exactly one row each)."""
+    domain, earlier, general = _sets()
+    B, steps, ga = 8, 3, 2
+    r = replay_rows_per_batch(0.4, B)
+    assert r == 3
+    mix = replay_dataset(domain, earlier + [general], 0.4, B, num_batches=steps * ga, seed=5,
+                         source_names=["d1", "d2", "general"])
+    assert isinstance(mix, ReplayMixture) and len(mix) == steps * ga * B
+    seen = []
+    model = tiny_gpt2()
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    args = train_args(tmp_path, per_device_train_batch_size=B, gradient_accumulation_steps=ga, max_steps=steps,
+                      **replay_training_overrides(mix))
+    replay_training_overrides(mix, args)  # batch sizes agree
+    from transformers import Trainer
+
+    Trainer(model=model, args=args, train_dataset=mix).train()
+    assert len(seen) == steps * ga
+    for g, batch in enumerate(seen):
+        counts = Counter(_band(row) for row in batch)
+        assert counts == Counter({0: B - r, 1: 1, 2: 1, 3: 1}), (g, counts)
+        # what the dataset says it put there is what the model got
+        assert [mix.source_of(g * B + s) for s in range(B)] == ["domain"] * (B - r) + ["d1", "d2", "general"]
+        torch.testing.assert_close(batch, torch.stack([mix[g * B + s]["input_ids"] for s in range(B)]))
+
+
+def test_uneven_share_rotates_over_sources():
+    """r = 2 rows over K = 3 sources: each batch has 2 distinct sources; over 3 batches each source gets 2 rows."""
+    domain, earlier, general = _sets()
+    mix = ReplayMixture(domain, earlier + [general], batch_size=4, replay_rows=2, num_batches=3)
+    per_batch = [Counter(_band(mix[g * 4 + s]["input_ids"]) for s in range(4)) for g in range(3)]
+    assert all(c[0] == 2 and sum(c.values()) == 4 and max(c[k] for k in (1, 2, 3)) == 1 for c in per_batch)
+    total = sum(per_batch, Counter())
+    assert [total[k] for k in (1, 2, 3)] == [2, 2, 2]
+
+
+def test_two_processes_each_get_mixed_batches():
+    """accelerate's sharding (what the Trainer applies under DDP/FSDP) gives each of 2 ranks whole mixed batches."""
+    from accelerate.data_loader import prepare_data_loader
+
+    domain, earlier, general = _sets()
+    B = 4
+    mix = replay_dataset(domain, earlier, 0.5, B, num_batches=5, seed=1)
+    ranks = []
+    for rank in range(2):
+        base = DataLoader(mix, batch_size=B, sampler=SequentialSampler(mix), collate_fn=lambda rows: torch.stack(
+            [r["input_ids"] for r in rows]))
+        dl = prepare_data_loader(base, num_processes=2, process_index=rank, put_on_device=False, even_batches=True)
+        ranks.append(list(dl))
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 5 batches: the last rank's third batch wraps around to batch 0
+    for batches in ranks:
+        for batch in batches:
+            assert Counter(_band(row) for row in batch) == Counter({0: 2, 1: 1, 2: 1})
+    # the ranks see different batches (no duplicated work inside the first pass)
+    assert not torch.equal(ranks[0][0], ranks[1][0])
+
+
+def test_rows_are_a_function_of_seed_and_index_without_replacement():
+    domain, earlier, general = _sets()
+    B, r = 4, 1
+    assert ReplayMixture(domain, earlier, B, r, seed=3).num_batches == 8  # default: one pass, ceil(23 / 3)
+    mix = ReplayMixture(domain, earlier, B, r, seed=3, num_batches=16)
+    order = [mix.locate(j) for j in range(len(mix))]
+    # a fresh object asked for rows out of order (a resumed run) gives the same rows
+    fresh = ReplayMixture(domain, earlier, B, r, seed=3, num_batches=16)
+    assert [fresh.locate(j) for j in reversed(range(len(mix)))] == order[::-1]
+    assert order != [ReplayMixture(domain, earlier, B, r, seed=4, num_batches=16).locate(j) for j in range(len(mix))]
+    # each pass over the domain (23 rows) draws every row once, the next pass in a new order
+    dom = [row for k, row in order if k < 0]
+    assert len(dom) == 48 and sorted(dom[:23]) == sorted(dom[23:46]) == list(range(23)) and dom[:23] != dom[23:46]
+    # replay: 16 draws alternate over the 2 sources; source 0 (7 rows) draws each row once per pass
+    src0 = [row for k, row in order if k == 0]
+    assert len(src0) == 8 and sorted(src0[:7]) == list(range(7))
+
+
+def test_mixture_refuses_mismatched_sources():
+    domain, earlier, _ = _sets()
+    bad = [{"input_ids": torch.ones(SEQ, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="row keys"):
+        ReplayMixture(domain, [bad], 4, 1)
+    mix = ReplayMixture(domain, earlier, 4, 1)
+    with pytest.raises(ValueError, match="per_device_train_batch_size is 8"):
+        replay_training_overrides(mix, train_args("unused", per_device_train_batch_size=8))
