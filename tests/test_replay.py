@@ -146,3 +146,69 @@ def test_mixture_refuses_mismatched_sources():
     mix = ReplayMixture(domain, earlier, 4, 1)
     with pytest.raises(ValueError, match="per_device_train_batch_size is 8"):
         replay_training_overrides(mix, train_args("unused", per_device_train_batch_size=8))
+
+
+# -- two real processes (DDP over gloo) ---------------------------------------------------------------------------
+def _ddp_worker(out):
+    """Run inside `accelerate launch` with 2 processes: a Trainer (DDP, gradient accumulation 2) over a replay
+    mixture with a weight EMA, then WiSE-FT; each rank saves the batches it saw and its final weights."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Trainer
+
+    from hf_softmask.merging import WeightEMA, interpolate_weights_, snapshot_weights
+
+    domain, earlier, general = _sets()
+    B, steps, ga = 4, 3, 2
+    args = train_args(out / "trainer", per_device_train_batch_size=B, gradient_accumulation_steps=ga, max_steps=steps,
+                      train_sampling_strategy="sequential")
+    assert args.world_size == 2
+    mix = replay_dataset(domain, earlier + [general], 0.5, B, num_batches=steps * ga * args.world_size, seed=2)
+    assert replay_training_overrides(mix)["train_sampling_strategy"] == args.train_sampling_strategy
+    model = tiny_gpt2()
+    before = snapshot_weights(model)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()), with_kwargs=True)
+    Trainer(model=model, args=args, train_dataset=mix, callbacks=[WeightEMA(0.5)]).train()
+    interpolate_weights_(model, before, 0.5)
+    rank = args.process_index
+    (out / f"seen{rank}.json").write_text(json.dumps(seen))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(out / f"params{rank}.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           "--main_process_port", str(29500 + os.getpid() % 2000), str(Path(__file__)), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 6  # 3 steps x 2 micro-batches per rank
+    for batches in seen:
+        for batch in batches:  # r = 2 rows over K = 3 sources in turn: 2 domain rows, 2 replay rows of 2 sources
+            counts = Counter(_band(torch.tensor(row)) for row in batch)
+            assert counts[0] == 2 and sum(counts.values()) == 4 and max(counts[k] for k in (1, 2, 3)) == 1
+    flat = [tuple(map(tuple, b)) for r in range(2) for b in seen[r]]
+    assert len(set(flat)) == 12  # the two ranks trained on 12 different batches
+    p0, p1 = load_file(str(tmp_path / "params0.safetensors")), load_file(str(tmp_path / "params1.safetensors"))
+    assert all(torch.equal(p0[n], p1[n]) for n in p0)  # EMA + WiSE-FT leave the replicas identical
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    _ddp_worker(Path(sys.argv[1]))
