@@ -89,3 +89,18 @@ def test_lora_settings_validated_and_registered():
     strategy.before_task(model, 0)
     with pytest.raises(ValueError, match="already holds LoRA"):
         LoRAStrategy().before_task(model, 0)
+
+
+def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_path):
+    """Reentrant checkpointing drops the gradients of a segment whose inputs need none (the base is frozen):
+    the adapters must still train, and the base must still stay bit-identical."""
+    model = tiny_llama()
+    base = {id(p): p.detach().clone() for p in model.parameters()}
+    strategy = LoRAStrategy(lora_rank=2)
+    run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, after=False, learning_rate=1e-2, max_steps=2,
+             bf16=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
+             gradient_checkpointing_kwargs={"use_reentrant": True})
+    lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
+    assert len(lora_b) == 14 and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
+    assert all(torch.equal(p.detach(), base[id(p)]) for p in model.parameters() if id(p) in base)
+    strategy.after_task(model, 0)
