@@ -47,8 +47,8 @@ import torch
 
 from .continual_metrics import forgetting
 
-__all__ = ["RunBlocks", "resample_indices", "run_metrics", "paired_difference_ci", "frontier_gap_ci", "frontier_verdict",
-           "blocks_for_halfwidth", "block_losses", "METRICS"]
+__all__ = ["RunBlocks", "resample_indices", "run_metrics", "metric_ci", "paired_difference_ci", "frontier_gap_ci",
+           "frontier_verdict", "beyond_frontier", "frontier_intervals", "blocks_for_halfwidth", "block_losses", "METRICS"]
 
 METRICS = ("in_domain_loss", "forgetting", "general_loss_increase")
 UNDEFINED_LIMIT = 0.05
@@ -75,6 +75,27 @@ class RunBlocks:
             self.general.shape[1])
         if [len(w) for w in self.domain_w] != self.block_counts[:-1] or len(self.general_w) != self.block_counts[-1]:
             raise ValueError("weights must give one value per evaluation block of each domain and of general text")
+
+    @classmethod
+    def from_results(cls, results: dict) -> "RunBlocks":
+        """From a run's ``results.json`` holding ``eval_block_losses`` [stage][domain][block] (stage 0: before
+        training), ``general_block_losses`` [stage][block] and, optionally, the label-token counts
+        ``eval_block_tokens`` [domain][block] and ``general_block_tokens`` [block] (then token-weighted means)."""
+        missing = [k for k in ("eval_block_losses", "general_block_losses") if k not in results]
+        if missing:
+            raise KeyError(f"results lack per-block losses {missing}: the run was made without keeping them")
+        return cls(results["eval_block_losses"], results["general_block_losses"], results.get("eval_block_tokens"),
+                   results.get("general_block_tokens"))
+
+    @classmethod
+    def mean(cls, runs: Sequence["RunBlocks"]) -> "RunBlocks":
+        """Block-wise mean over runs on the same blocks (the seeds of one setting), weights from the first run."""
+        _check_paired(runs)
+        first = runs[0]
+        S = first.general.shape[0]
+        loss = [[np.mean([r.domain[j][s] for r in runs], axis=0) for j in range(first.num_domains)] for s in range(S)]
+        general = np.mean([r.general for r in runs], axis=0)
+        return cls(loss, general, first.domain_w, first.general_w)
 
     @staticmethod
     def _matrix(rows, what: str) -> np.ndarray:
@@ -149,6 +170,13 @@ def paired_difference_ci(a: RunBlocks, b: RunBlocks, n_resamples: int = 2000, co
     return {m: _interval(pa[m] - pb[m], sa[m] - sb[m], confidence) for m in METRICS}
 
 
+def metric_ci(run: RunBlocks, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """Per metric, the estimate and percentile interval of one run (its evaluation noise alone)."""
+    idx = resample_indices(run.block_counts, n_resamples, seed)
+    point, samples = run_metrics(run), run_metrics(run, idx)
+    return {m: _interval(point[m], samples[m], confidence) for m in METRICS}
+
+
 def _frontier_value(x, frontier_x: np.ndarray, frontier_y: np.ndarray) -> np.ndarray:
     """The piecewise-linear frontier through points (frontier_x, frontier_y) [F, R] at x [R]; NaN outside its range."""
     out = np.full(np.shape(x), math.nan)
@@ -191,6 +219,34 @@ def frontier_verdict(ci: dict) -> str | None:
     if ci["low"] > 0:
         return "behind"
     return "inside"
+
+
+def beyond_frontier(verdict: str | None) -> bool | None:
+    """The frontier table's flag: True only for ``"beyond"``; False for ``"inside"``/``"behind"``; None undecided."""
+    return None if verdict is None else verdict == "beyond"
+
+
+def frontier_intervals(runs: dict[str, RunBlocks], frontier: Sequence[str], n_resamples: int = 2000,
+                       confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """For every run: its metrics with intervals; for every run not on the frontier also the gaps to the frontier
+    (``forgetting_gap``, ``general_gap``, :func:`frontier_gap_ci`) and ``beyond_frontier`` (of the forgetting gap).
+
+    ``runs``: label -> per-block losses (seeds already averaged with :meth:`RunBlocks.mean`); ``frontier``: the
+    labels of the ncl runs (one per learning rate). All runs must share the evaluation blocks.
+    """
+    unknown = [f for f in frontier if f not in runs]
+    if unknown:
+        raise KeyError(f"frontier runs {unknown} not among the runs {sorted(runs)}")
+    base = [runs[f] for f in frontier]
+    out = {}
+    for label, run in runs.items():
+        entry = {"metrics": metric_ci(run, n_resamples, confidence, seed)}
+        if label not in frontier:
+            gaps = frontier_gap_ci(run, base, n_resamples, confidence, seed)
+            entry.update(forgetting_gap=gaps["forgetting"], general_gap=gaps["general_loss_increase"],
+                         beyond_frontier=beyond_frontier(gaps["forgetting"]["verdict"]))
+        out[label] = entry
+    return out
 
 
 def blocks_for_halfwidth(values, halfwidth: float = 0.01, confidence: float = 0.95,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from hf_softmask.bootstrap import (RunBlocks, blocks_for_halfwidth, block_losses, frontier_gap_ci, frontier_verdict,
-                                   paired_difference_ci, run_metrics)
+from hf_softmask.bootstrap import (RunBlocks, blocks_for_halfwidth, block_losses, frontier_gap_ci, frontier_intervals,
+                                   frontier_verdict, metric_ci, paired_difference_ci, run_metrics)
 from hf_softmask.continual.evaluation import lm_eval_loss
 
 Z95 = 1.959963984540054
@@ -104,6 +104,32 @@ def test_frontier_gap_and_verdicts():
     assert frontier_verdict({"estimate": 0.1, "low": -0.01, "high": 0.2, "undefined_fraction": 0.06}) is None
     with pytest.raises(ValueError, match=">= 2 ncl runs"):
         frontier_gap_ci(ncl[0], ncl[:1])
+
+
+def test_frontier_table_entries_from_results_and_seeds():
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0, 0.3, 20)
+
+    def as_results(run):
+        return {"eval_block_losses": [[list(run.domain[j][s]) for j in range(2)] for s in range(3)],
+                "general_block_losses": run.general.tolist(), "eval_block_tokens": [[63] * 20, [63] * 20],
+                "general_block_tokens": [63] * 20}
+
+    runs = {f"ncl_lr{x}": RunBlocks.from_results(as_results(_designed_run(x, f, noise, rng)))
+            for x, f in [(2.0, 0.5), (2.2, 0.3), (2.4, 0.1)]}
+    seeds = [_designed_run(2.1, 0.1, noise, rng) for _ in range(3)]
+    runs["das_lr1e-4"] = RunBlocks.mean(seeds)
+    np.testing.assert_allclose(runs["das_lr1e-4"].domain[0], np.mean([r.domain[0] for r in seeds], axis=0))
+    table = frontier_intervals(runs, [k for k in runs if k.startswith("ncl")], n_resamples=200)
+    assert table["das_lr1e-4"]["beyond_frontier"] is True
+    assert table["das_lr1e-4"]["forgetting_gap"]["estimate"] == pytest.approx(-0.3, abs=0.003)
+    assert "beyond_frontier" not in table["ncl_lr2.0"]
+    own = metric_ci(runs["ncl_lr2.2"], n_resamples=200)["in_domain_loss"]
+    assert own["estimate"] == run_metrics(runs["ncl_lr2.2"])["in_domain_loss"] and own["low"] < own["estimate"] < own["high"]
+    with pytest.raises(KeyError, match="per-block losses"):
+        RunBlocks.from_results({"loss_matrix": []})
+    with pytest.raises(KeyError, match="not among the runs"):
+        frontier_intervals(runs, ["ncl_lr9"])
 
 
 def test_blocks_for_halfwidth_formula():
