@@ -118,3 +118,37 @@ def test_options_validated():
     with pytest.raises(RuntimeError, match="before_domain"):
         DomainTraining(merge_alpha=0.5).after_domain(tiny_llama())
     assert DomainTraining().callbacks() == [] and DomainTraining().after_domain(tiny_llama()) == 0
+
+
+@pytest.mark.parametrize("name", ["cpu_small", "gpu_h100"])
+def test_experiment_configs_use_known_fields_and_valid_settings(name):
+    """Every key is a runner field of today or a proposed one (docs/baselines.md); every run's strategy exists,
+    declares pretrain, accepts its strategy_kwargs, and its replay/merge overrides validate."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from hf_softmask.continual.config import ContinualPretrainingArguments
+    from hf_softmask.strategies.registry import strategy_class
+
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "experiments" / f"{name}.yaml").read_text())
+    options = {f.name for f in dataclasses.fields(DomainTrainingOptions)}
+    proposed = options | {"seeds", "runs", "bf16", "bootstrap_resamples", "bootstrap_confidence"}
+    today = {f.name for f in dataclasses.fields(ContinualPretrainingArguments)}
+    assert set(cfg) - today - proposed == set()
+    shared = ContinualPretrainingArguments(**{k: v for k, v in cfg.items() if k in today})
+    labels = []
+    for run in cfg["runs"]:
+        assert set(run) <= {"name", "strategy", "learning_rates", "strategy_kwargs"} | options, run
+        cls = strategy_class(run["strategy"])
+        assert "pretrain" in cls.settings
+        if run.get("strategy_kwargs"):
+            cls(**run["strategy_kwargs"])
+        DomainTrainingOptions(**{k: run.get(k, cfg[k]) for k in options if k in cfg or k in run})
+        assert all(float(lr) > 0 for lr in run["learning_rates"])
+        labels.append(run["name"])
+    assert len(set(labels)) == len(labels) and cfg["runs"][0]["strategy"] == "ncl"
+    if name == "gpu_h100":
+        assert len(shared.domains) == 5 and shared.block_size == 256 and shared.per_device_train_batch_size == 16
+        assert len(cfg["runs"][0]["learning_rates"]) == 5 and len(cfg["runs"][1]["learning_rates"]) == 3
