@@ -40,15 +40,27 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .continual_metrics import forgetting
 
-__all__ = ["RunBlocks", "resample_indices", "run_metrics", "metric_ci", "paired_difference_ci", "frontier_gap_ci",
-           "frontier_verdict", "beyond_frontier", "frontier_intervals", "blocks_for_halfwidth", "block_losses", "METRICS"]
+__all__ = [
+    "METRICS",
+    "RunBlocks",
+    "beyond_frontier",
+    "block_losses",
+    "blocks_for_halfwidth",
+    "frontier_gap_ci",
+    "frontier_intervals",
+    "frontier_verdict",
+    "metric_ci",
+    "paired_difference_ci",
+    "resample_indices",
+    "run_metrics",
+]
 
 METRICS = ("in_domain_loss", "forgetting", "general_loss_increase")
 UNDEFINED_LIMIT = 0.05
@@ -77,7 +89,7 @@ class RunBlocks:
             raise ValueError("weights must give one value per evaluation block of each domain and of general text")
 
     @classmethod
-    def from_results(cls, results: dict) -> "RunBlocks":
+    def from_results(cls, results: dict) -> RunBlocks:
         """From a run's ``results.json`` holding ``eval_block_losses`` [stage][domain][block] (stage 0: before
         training), ``general_block_losses`` [stage][block] and, optionally, the label-token counts
         ``eval_block_tokens`` [domain][block] and ``general_block_tokens`` [block] (then token-weighted means)."""
@@ -88,7 +100,7 @@ class RunBlocks:
                    results.get("general_block_tokens"))
 
     @classmethod
-    def mean(cls, runs: Sequence["RunBlocks"]) -> "RunBlocks":
+    def mean(cls, runs: Sequence[RunBlocks]) -> RunBlocks:
         """Block-wise mean over runs on the same blocks (the seeds of one setting), weights from the first run."""
         _check_paired(runs)
         first = runs[0]

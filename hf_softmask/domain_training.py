@@ -3,7 +3,7 @@
 They change only the data a domain trains on and the weights before/after it, so they combine with every
 strategy (DAS + replay, LoRA + merging, ...). A runner holds one :class:`DomainTraining` and calls, per domain ``k``::
 
-    extras.before_domain(model)                                   # WiSE-FT snapshot (before the strategy's before_task)
+    extras.before_domain(model)                                   # WiSE-FT snapshot, before the strategy's hooks
     strategy.before_task(model, k, loader)
     train_set = extras.train_dataset(k, train_sets, general_train, batch_size=B, seed=seed,
                                      num_batches=max_steps * grad_accum * world_size, names=domain_names)
@@ -19,27 +19,30 @@ The strategy's own loaders (importance, Fisher) stay on the domain's text; only 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from .merging import WeightEMA, interpolate_weights_, snapshot_weights
 from .replay import replay_dataset, replay_sources, replay_training_overrides
 
-__all__ = ["DomainTrainingOptions", "DomainTraining"]
+__all__ = ["DomainTraining", "DomainTrainingOptions"]
 
 
 @dataclass
 class DomainTrainingOptions:
     """Runner flags of the strategy-independent baselines (defaults: all off)."""
 
-    replay_ratio: float = field(default=0.0, metadata={"help": "Fraction R of every training batch drawn from earlier domains' training "
-                                                               "text (floor(R*B + 0.5) rows of a batch of B); 0: off."})
-    replay_general: bool = field(default=False, metadata={"help": "Also replay general text (one more replay source, from the first domain on)."})
-    merge_alpha: float = field(default=1.0, metadata={"help": "WiSE-FT: after each domain the weights become A*new + (1-A)*before the "
-                                                              "domain; 1: off."})
-    ema_decay: float = field(default=0.0, metadata={"help": "Decay d of an EMA of the weights during each domain, swapped in at its end "
-                                                            "(e <- d*e + (1-d)*theta after every optimizer step); 0: off."})
+    replay_ratio: float = field(default=0.0, metadata={
+        "help": "Fraction R of every training batch drawn from earlier domains' training text "
+                "(floor(R*B + 0.5) rows of a batch of B); 0: off."})
+    replay_general: bool = field(default=False, metadata={
+        "help": "Also replay general text (one more replay source, from the first domain on)."})
+    merge_alpha: float = field(default=1.0, metadata={
+        "help": "WiSE-FT: after each domain the weights become A*new + (1-A)*before the domain; 1: off."})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "Decay d of an EMA of the weights during each domain, swapped in at its end "
+                "(e <- d*e + (1-d)*theta after every optimizer step); 0: off."})
     merge_snapshot_device: str | None = field(default=None, metadata={
         "help": "Where the WiSE-FT snapshot lives: 'cpu' saves accelerator memory; default beside each parameter."})
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-__all__ = ["snapshot_weights", "interpolate_weights_", "WeightEMA", "EMA_STATE_FILE"]
+__all__ = ["EMA_STATE_FILE", "WeightEMA", "interpolate_weights_", "snapshot_weights"]
 
 EMA_STATE_FILE = "ema_weights.safetensors"
 
@@ -64,8 +64,9 @@ def interpolate_weights_(model: nn.Module, before: dict[str, torch.Tensor], alph
     params = dict(_float_params(model))
     missing, extra = sorted(set(params) - set(before)), sorted(set(before) - set(params))
     if missing or extra:
-        raise ValueError(f"weight snapshot does not match the model: model-only {missing[:5]}, snapshot-only {extra[:5]} "
-                         "(take the snapshot when the model has the same modules, e.g. after an adapter is merged)")
+        raise ValueError(f"weight snapshot does not match the model: model-only {missing[:5]}, "
+                         f"snapshot-only {extra[:5]} (take the snapshot when the model has the same modules, "
+                         "e.g. after an adapter is merged)")
     changed = 0
     for name, p in params.items():
         local = _local(p)
@@ -95,7 +96,8 @@ class WeightEMA(TrainerCallback):
 
     @staticmethod
     def _state_file(directory) -> Path:
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         name = EMA_STATE_FILE if rank == 0 else EMA_STATE_FILE.replace(".safetensors", f"-rank{rank}.safetensors")
         return Path(directory) / name
 

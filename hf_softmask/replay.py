@@ -28,12 +28,12 @@ refused: the first leaves no domain text, the second would silently replay nothi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ReplayMixture", "replay_rows_per_batch", "replay_dataset", "replay_training_overrides", "replay_sources"]
+__all__ = ["ReplayMixture", "replay_dataset", "replay_rows_per_batch", "replay_sources", "replay_training_overrides"]
 
 
 def replay_rows_per_batch(ratio: float, batch_size: int) -> int:
@@ -62,7 +62,8 @@ class ReplayMixture(Dataset):
     """``num_batches`` batches of ``batch_size`` rows, the last ``replay_rows`` of each from ``sources``.
 
     Args:
-        domain: the current domain's training rows (any map-style dataset, e.g. :func:`hf_softmask.data.build_lm_dataset`).
+        domain: the current domain's training rows (any map-style dataset, e.g. from
+            :func:`hf_softmask.data.build_lm_dataset`).
         sources: replay datasets (earlier domains, general text), with the same row keys as ``domain``.
         batch_size: the per-device training batch size ``B`` (must equal the Trainer's).
         replay_rows: ``r`` (:func:`replay_rows_per_batch`), ``1 <= r < B``.
@@ -92,7 +93,8 @@ class ReplayMixture(Dataset):
         self.num_batches = num_batches if num_batches is not None else math.ceil(len(domain) / self.domain_rows)
         if self.num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {self.num_batches}")
-        self.source_names = list(source_names) if source_names is not None else [f"source{i}" for i in range(len(sources))]
+        self.source_names = (list(source_names) if source_names is not None
+                             else [f"source{i}" for i in range(len(sources))])
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -162,6 +164,7 @@ def replay_training_overrides(dataset, args=None) -> dict:
         return {}
     if args is not None and args.per_device_train_batch_size != dataset.batch_size:
         raise ValueError(f"the replay mixture is laid out in batches of {dataset.batch_size} but "
-                         f"per_device_train_batch_size is {args.per_device_train_batch_size}; build it with the same size")
+                         f"per_device_train_batch_size is {args.per_device_train_batch_size}; "
+                         "build it with the same size")
     # dataloader_drop_last=False: the length is a whole number of batches, so nothing is dropped or split.
     return {"train_sampling_strategy": "sequential", "dataloader_drop_last": False}

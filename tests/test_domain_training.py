@@ -101,7 +101,8 @@ def test_learning_rate_rewarms_each_domain(tmp_path):
     for k in range(2):
         targs = train_args(tmp_path / f"d{k}", max_steps=4, learning_rate=1e-3, warmup_steps=0.5,
                            lr_scheduler_type="linear", logging_strategy="steps", logging_steps=1)
-        trainer = StrategyTrainer(model=model, args=targs, train_dataset=_band_rows(0, 16), strategy=get_strategy("ncl"))
+        trainer = StrategyTrainer(model=model, args=targs, train_dataset=_band_rows(0, 16),
+                                  strategy=get_strategy("ncl"))
         trainer.train()
         lrs.append([e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e])
     assert len(lrs[0]) == 4 and lrs[1] == lrs[0]  # the second domain starts its own warm-up and decay

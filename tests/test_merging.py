@@ -19,7 +19,8 @@ def _trained_pair(tmp_path):
     model = tiny_llama()
     model.model.norm.weight.requires_grad_(False)
     before = snapshot_weights(model)
-    Trainer(model=model, args=train_args(tmp_path, max_steps=2, learning_rate=1e-2), train_dataset=lm_dataset()).train()
+    args = train_args(tmp_path, max_steps=2, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=lm_dataset()).train()
     return model, before
 
 
@@ -118,13 +119,14 @@ def test_ema_matches_hand_recursion_over_three_steps(tmp_path):
             assert torch.equal(p.detach(), theta0[name])  # not trainable: not averaged, untouched
             continue
         torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
-        assert not torch.equal(p.detach(), record.after_step[-1][name]), name  # the EMA, not the last step, is in place
+        # the EMA, not the last step, is in place
+        assert not torch.equal(p.detach(), record.after_step[-1][name]), name
 
 
 def test_ema_resumes_from_a_trainer_checkpoint(tmp_path):
     """A run resumed from step 2 ends with the same EMA weights as the uninterrupted run."""
     full = tiny_llama()
-    args = dict(max_steps=3, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    args = {"max_steps": 3, "learning_rate": 1e-2, "save_strategy": "steps", "save_steps": 2}
     Trainer(model=full, args=train_args(tmp_path / "a", **args), train_dataset=lm_dataset(),
             callbacks=[WeightEMA(0.5)]).train()
     assert (tmp_path / "a" / "checkpoint-2" / "ema_weights.safetensors").is_file()

@@ -15,12 +15,12 @@ from strategy_utils import lm_dataset, logits_of, run_task
 
 
 def test_targets_are_the_registry_projections():
-    llama = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                                   "mlp.down_proj")]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    llama = [f"model.layers.{i}.{p}" for i in range(2) for p in projections]
     assert lora_target_modules(tiny_llama(), "all") == llama
-    assert lora_target_modules(tiny_gpt2(), "all") == [f"transformer.h.{i}.{p}" for i in range(2)
-                                                       for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    gpt2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert lora_target_modules(tiny_gpt2(), "all") == [f"transformer.h.{i}.{p}" for i in range(2) for p in gpt2]
     assert lora_target_modules(tiny_bert(), "ffn") == [f"bert.encoder.layer.{i}.{p}" for i in range(2)
                                                        for p in ("intermediate.dense", "output.dense")]
     with pytest.raises(ValueError, match="one of"):

@@ -25,9 +25,10 @@ __all__ = ["FreezeBottomConfig", "FreezeBottomStrategy", "bottom_parameters"]
 class FreezeBottomConfig:
     """Settings of :class:`FreezeBottomStrategy` (each may be passed as a keyword)."""
 
-    num_frozen_layers: int = field(default=1, metadata={"help": "k: the bottom k transformer blocks are frozen (0 .. number of layers)."})
-    freeze_embeddings: bool = field(default=True, metadata={"help": "Also freeze the embeddings (token, position, token-type; "
-                                                                    "a tied LM head with them)."})
+    num_frozen_layers: int = field(default=1, metadata={
+        "help": "k: the bottom k transformer blocks are frozen (0 .. number of layers)."})
+    freeze_embeddings: bool = field(default=True, metadata={
+        "help": "Also freeze the embeddings (token, position, token-type; a tied LM head with them)."})
 
     def __post_init__(self):
         if self.num_frozen_layers < 0:
@@ -38,7 +39,7 @@ class FreezeBottomConfig:
 
 
 def bottom_parameters(model: nn.Module, num_layers: int, embeddings: bool) -> dict[str, nn.Parameter]:
-    """The parameters of the bottom ``num_layers`` blocks (and embeddings), named as in ``model.named_parameters()``."""
+    """The parameters of the bottom ``num_layers`` blocks (and embeddings), named as in ``named_parameters()``."""
     inner = unit_model(model)
     base = getattr(inner, "base_model", inner)
     layers = base.get_submodule(get_architecture(inner.config.model_type).layers)

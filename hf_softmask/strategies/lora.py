@@ -34,11 +34,12 @@ class LoRAConfig:
     """Settings of :class:`LoRAStrategy` (each may be passed as a keyword)."""
 
     lora_rank: int = field(default=8, metadata={"help": "Rank r of each adapter."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: the update is (alpha / r) * B A."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator: the update is (alpha / r) * B A."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input during training."})
     lora_targets: str = field(default="all", metadata={
-        "help": "Projections that get adapters: 'attention' (query, key, value, attention output), 'ffn' (FFN input(s) "
-                "and output) or 'all' (both), as the architecture registry names them.", "choices": list(TARGETS)})
+        "help": "Projections that get adapters: 'attention' (query, key, value, attention output), 'ffn' "
+                "(FFN input(s) and output) or 'all' (both), as the architecture registry names them.",
+        "choices": list(TARGETS)})
 
     def __post_init__(self):
         if self.lora_rank < 1:
@@ -97,8 +98,8 @@ class LoRAStrategy(ContinualStrategy):
         self._had_peft_config = hasattr(model, "peft_config")
         spec = get_architecture(unit_model(model).config.model_type)
         config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                            target_modules=lora_target_modules(model, self.cfg.lora_targets), fan_in_fan_out=spec.conv1d,
-                            bias="none")
+                            target_modules=lora_target_modules(model, self.cfg.lora_targets),
+                            fan_in_fan_out=spec.conv1d, bias="none")
         base_ids = set(self._requires_grad)
         inject_adapter_in_model(config, model, adapter_name=self.adapter)
         # Only the new adapter trains, whatever PEFT's defaults: the Trainer's optimizer then holds nothing else.
