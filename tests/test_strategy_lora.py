@@ -104,3 +104,53 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
     assert len(lora_b) == 14 and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
     assert all(torch.equal(p.detach(), base[id(p)]) for p in model.parameters() if id(p) in base)
     strategy.after_task(model, 0)
+
+
+def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
+    """Killed after step 2 of 3: a fresh model + before_task + Trainer resume ends where the uninterrupted run does."""
+    from transformers import Trainer
+
+    from strategy_utils import train_args
+
+    def domain(resume=None):
+        torch.manual_seed(0)  # the adapter's initialisation
+        model, strategy = tiny_llama(), LoRAStrategy(lora_rank=2)
+        strategy.before_task(model, 0)
+        args = train_args(tmp_path / "run", max_steps=3, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+        Trainer(model=model, args=args, train_dataset=lm_dataset(seed=0)).train(resume_from_checkpoint=resume)
+        strategy.after_task(model, 0)
+        return model
+
+    full = domain()
+    if (tmp_path / "run" / "checkpoint-3").exists():
+        import shutil
+
+        shutil.rmtree(tmp_path / "run" / "checkpoint-3")
+    torch.manual_seed(123)  # a different adapter initialisation: the checkpoint must overwrite it
+    resumed = domain(resume=str(tmp_path / "run" / "checkpoint-2"))
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,kwargs", [("lora", '{"lora_rank": 4}'), ("freeze_bottom", '{"num_frozen_layers": 1}')])
+def test_runs_in_todays_pretraining_runner(tmp_path, minilm_dir, strategy, kwargs):
+    """The runner of today, unchanged: --strategy lora / freeze_bottom with --strategy_kwargs, two BBC domains with
+    mid-domain Trainer checkpoints; every domain directory is a plain checkpoint with the model's own weights."""
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    from conftest import save_tiny_bert_with_minilm_tokenizer
+    from hf_softmask.continual import parse_config, run_continual_pretraining
+
+    model_dir = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "m", minilm_dir)
+    flags = {"model_name_or_path": model_dir, "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
+             "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "max_steps_per_domain": 4,
+             "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
+             "logging_steps": 2, "num_threads": 1, "plots": False, "output_dir": tmp_path / "out",
+             "strategy": strategy, "strategy_kwargs": kwargs}
+    res = run_continual_pretraining(parse_config([x for k, v in flags.items() for x in (f"--{k}", str(v))]))
+    assert res["complete"] and len(res["loss_matrix"]) == 2
+    reference = set(BertForMaskedLM.from_pretrained(model_dir).state_dict())
+    for d in ("1_business", "2_sports"):
+        reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out" / d)
+        assert set(reloaded.state_dict()) == reference  # no adapter or wrapper left in the saved weights
