@@ -133,7 +133,8 @@ def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,kwargs", [("lora", '{"lora_rank": 4}'), ("freeze_bottom", '{"num_frozen_layers": 1}')])
+@pytest.mark.parametrize("strategy,kwargs", [("lora", '{"lora_rank": 4}'),
+                                             ("freeze_bottom", '{"num_frozen_layers": 1}')])
 def test_runs_in_todays_pretraining_runner(tmp_path, minilm_dir, strategy, kwargs):
     """The runner of today, unchanged: --strategy lora / freeze_bottom with --strategy_kwargs, two BBC domains with
     mid-domain Trainer checkpoints; every domain directory is a plain checkpoint with the model's own weights."""
