@@ -98,8 +98,9 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
     base = {id(p): p.detach().clone() for p in model.parameters()}
     strategy = LoRAStrategy(lora_rank=2)
     run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, after=False, learning_rate=1e-2, max_steps=2,
-             bf16=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
-             gradient_checkpointing_kwargs={"use_reentrant": True})
+             bf16=True, gradient_accumulation_steps=2, activation_checkpointing=True,
+             activation_checkpointing_kwargs={"use_reentrant": True})
+    assert model.is_gradient_checkpointing
     lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
     assert len(lora_b) == 14 and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
     assert all(torch.equal(p.detach(), base[id(p)]) for p in model.parameters() if id(p) in base)
@@ -132,7 +133,6 @@ def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy,kwargs", [("lora", '{"lora_rank": 4}'),
                                              ("freeze_bottom", '{"num_frozen_layers": 1}')])
 def test_runs_in_todays_pretraining_runner(tmp_path, minilm_dir, strategy, kwargs):
