@@ -100,7 +100,7 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
     run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, after=False, learning_rate=1e-2, max_steps=2,
              bf16=True, gradient_accumulation_steps=2, activation_checkpointing=True,
              activation_checkpointing_kwargs={"use_reentrant": True})
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
     assert len(lora_b) == 14 and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
     assert all(torch.equal(p.detach(), base[id(p)]) for p in model.parameters() if id(p) in base)
