@@ -177,9 +177,27 @@ def _ddp_worker(out):
     params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
     save_file(params, str(out / f"params{rank}.safetensors"))
 
+    # WiSE-FT on a model sharded over the 2 ranks with FSDP2: each rank merges its own shards, nothing gathered
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import tiny_llama
+
+    sharded = tiny_llama()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (2,)))
+    before = snapshot_weights(sharded)
+    with torch.no_grad():
+        for p in sharded.parameters():
+            p.to_local().mul_(2.0)  # "after the domain": every weight doubled
+    interpolate_weights_(sharded, before, 0.3)
+    full = {n: p.full_tensor().contiguous() for n, p in sharded.named_parameters()}
+    if rank == 0:
+        save_file(full, str(out / "fsdp2_merged.safetensors"))
+
 
 @pytest.mark.slow
 def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
+    """Also: WiSE-FT of an FSDP2 model sharded over the 2 ranks equals the hand interpolation of the full weights."""
     import json
     import os
     import subprocess
@@ -206,6 +224,11 @@ def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
     assert len(set(flat)) == 12  # the two ranks trained on 12 different batches
     p0, p1 = load_file(str(tmp_path / "params0.safetensors")), load_file(str(tmp_path / "params1.safetensors"))
     assert all(torch.equal(p0[n], p1[n]) for n in p0)  # EMA + WiSE-FT leave the replicas identical
+    merged = load_file(str(tmp_path / "fsdp2_merged.safetensors"))
+    from conftest import tiny_llama
+
+    for name, p in tiny_llama().named_parameters():
+        assert torch.equal(merged[name], 0.3 * (2.0 * p.detach()) + 0.7 * p.detach()), name
 
 
 if __name__ == "__main__":
