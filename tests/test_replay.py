@@ -89,6 +89,27 @@ def test_every_trainer_micro_batch_mixes_at_the_ratio(tmp_path):
         torch.testing.assert_close(batch, torch.stack([mix[g * B + s]["input_ids"] for s in range(B)]))
 
 
+def test_mixture_of_token_block_datasets_with_the_runners_collator(tmp_path, minilm_dir):
+    """What the runner holds: datasets.Dataset token blocks (lists) and its LM collator (padding, labels)."""
+    import datasets
+    from transformers import AutoTokenizer, Trainer
+
+    from hf_softmask.data import lm_data_collator
+
+    def blocks(band, n):
+        return datasets.Dataset.from_dict({"input_ids": [[1 + BAND * band + (i % BAND)] * SEQ for i in range(n)],
+                                           "attention_mask": [[1] * SEQ for _ in range(n)]})
+
+    mix = replay_dataset(blocks(0, 10), [blocks(1, 6)], 0.5, 4, num_batches=2, seed=0)
+    seen = []
+    model = tiny_gpt2()
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["labels"].clone()), with_kwargs=True)
+    args = train_args(tmp_path, per_device_train_batch_size=4, max_steps=2, **replay_training_overrides(mix))
+    collator = lm_data_collator(AutoTokenizer.from_pretrained(minilm_dir), mlm=False)
+    Trainer(model=model, args=args, train_dataset=mix, data_collator=collator).train()
+    assert len(seen) == 2 and all(Counter(_band(row) for row in labels) == Counter({0: 2, 1: 2}) for labels in seen)
+
+
 def test_uneven_share_rotates_over_sources():
     """r = 2 rows over K = 3 sources: each batch has 2 distinct sources; over 3 batches each source gets 2 rows."""
     domain, earlier, general = _sets()
