@@ -217,6 +217,7 @@ def _ddp_worker(out):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
     """Also: WiSE-FT of an FSDP2 model sharded over the 2 ranks equals the hand interpolation of the full weights."""
     import json
