@@ -95,7 +95,7 @@ class ReplayMixture(Dataset):
             raise ValueError(f"num_batches must be >= 1, got {self.num_batches}")
         self.source_names = (list(source_names) if source_names is not None
                              else [f"source{i}" for i in range(len(sources))])
-        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}  # stream -> (pass, its permutation): the current one
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
@@ -103,10 +103,10 @@ class ReplayMixture(Dataset):
     def _row(self, stream: int, dataset, draw: int) -> int:
         n = len(dataset)
         cycle = draw // n
-        perm = self._perms.get((stream, cycle))
-        if perm is None:
-            perm = self._perms[(stream, cycle)] = _permutation(n, self.seed, stream, cycle)
-        return int(perm[draw % n])
+        cached = self._perms.get(stream)
+        if cached is None or cached[0] != cycle:
+            cached = self._perms[stream] = (cycle, _permutation(n, self.seed, stream, cycle))
+        return int(cached[1][draw % n])
 
     def locate(self, j: int) -> tuple[int, int]:
         """``(source, row)`` of mixture row ``j``: source -1 is the domain, k >= 0 is ``sources[k]``."""
