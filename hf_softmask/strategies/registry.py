@@ -19,6 +19,8 @@ STRATEGIES: dict[str, str] = {
     "talos": "talos:TaLoSStrategy",
     "ewc": "ewc:EWCStrategy",
     "kd": "kd:KDStrategy",
+    "lora": "lora:LoRAStrategy",
+    "freeze_bottom": "freeze_bottom:FreezeBottomStrategy",
 }
 
 
