@@ -177,3 +177,15 @@ def test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoin
     for s, before in zip(layout.owned, protected):
         if before is not None:
             assert torch.equal(_unit_slice(s, layout, 2, 5, 1, 0), before)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch", "sgd"])
+def test_freeze_policy_in_grad_mode_does_not_move_the_parameter(optim, tmp_path):
+    """Grad mode zeroes the frozen parameter's gradient; weight decay must not move it either."""
+    model = TINY_MODELS["gpt2"]()
+    layout = UnitLayout.from_model(model)
+    wte = model.transformer.wte.weight
+    before = wte.detach().clone()
+    _train(model, tmp_path, [SoftMaskCallback(UnitImportance.zeros_like_layout(layout), mode="grad", embeddings="freeze")],
+           weight_decay=0.1, optim=optim)
+    assert torch.equal(wte.detach(), before)

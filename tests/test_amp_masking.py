@@ -1,0 +1,150 @@
+"""Update masks under mixed-precision machinery: accelerate's AcceleratedOptimizer with a GradScaler, fused
+AdamW driven by a GradScaler (grad_scale / found_inf), and a real Trainer whose accelerator scales the loss.
+
+``torch.amp.GradScaler("cpu")`` stands in for CUDA's scaler: same code path (loss scaling, ``unscale_``,
+``found_inf``, ``grad_scale`` handed to fused optimizers), only on the CPU.
+"""
+
+import pytest
+import torch
+from conftest import random_lm_batches, tiny_llama
+from test_core_masking import ListDataset, _args, _one_hot_importance, _unit_slice
+
+from hf_softmask import MaskedAdamW, SoftMaskCallback, SoftMaskConfig, SoftMasker, UnitLayout, install_update_masks
+
+
+def _protected(layout):
+    return [_unit_slice(s, layout, 2, 5, 1, 0) for s in layout.owned]
+
+
+def _assert_protected_unchanged(layout, before):
+    checked = 0
+    for s, b in zip(layout.owned, before):
+        if b is not None:
+            assert torch.equal(_unit_slice(s, layout, 2, 5, 1, 0), b), f"{s.name}: protected slice moved"
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.fixture(scope="module")
+def accelerator_state():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_update_masks_hold_through_accelerated_optimizer_with_grad_scaler(accelerator_state, fused):
+    """AcceleratedOptimizer re-patches optimizer.step on every scaled step; the masks must survive that."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    model = tiny_llama(seed=0)
+    layout = UnitLayout.from_model(model)
+    before = _protected(layout)
+    free_before = [_unit_slice(s, layout, 0, 9, 1, 0) for s in layout.owned]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, foreach=not fused)
+    wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    masker = SoftMasker(model, _one_hot_importance(layout), SoftMaskConfig(mode="update")).attach(wrapped)
+    for batch in random_lm_batches(n_batches=3, seed=4):
+        scaler.scale(model(**batch).loss).backward()
+        wrapped.step()
+        wrapped.zero_grad()
+    assert not wrapped.step_was_skipped and opt.state[next(model.parameters())]["step"].item() == 3
+    _assert_protected_unchanged(layout, before)
+    moved = [not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), b) for s, b in zip(layout.owned, free_before) if b is not None]
+    assert all(moved[:2]), "unprotected units did not train"
+    masker.detach()
+
+
+def _model_and_params(seed=0):
+    model = tiny_llama(seed=seed)
+    return model, list(model.parameters())
+
+
+def _scaled_steps(opt, model, scaler, n_steps, inf_at=None):
+    for i, batch in enumerate(random_lm_batches(n_batches=n_steps, seed=5)):
+        scaler.scale(model(**batch).loss).backward()
+        if i == inf_at:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+
+def test_fused_adamw_under_grad_scaler_unscales_and_skips_inf_steps():
+    """Fused AdamW tells the scaler it unscales by itself: the masked step must honour grad_scale and found_inf.
+
+    Reference: torch's own fused AdamW with the same scaler. Moments must be in unscaled units, and the
+    step with an inf gradient must change nothing (parameters, moments, step count).
+    """
+    results = {}
+    for name in ("torch", "masked"):
+        model, params = _model_and_params()
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        if name == "masked":
+            install_update_masks(opt, {}, compiled=False)  # no masks: must equal torch's step exactly
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+        _scaled_steps(opt, model, scaler, n_steps=4, inf_at=2)
+        results[name] = (model, opt, scaler)
+    (ref, ref_opt, ref_scaler), (got, got_opt, got_scaler) = results["torch"], results["masked"]
+    assert ref_scaler.get_scale() == got_scaler.get_scale() == 2.0**13  # one inf step halved the scale
+    for (name, p), q in zip(ref.named_parameters(), got.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        s_ref, s_got = ref_opt.state[p], got_opt.state[q]
+        assert s_got["step"].item() == s_ref["step"].item() == 3  # the inf step was skipped, state included
+        torch.testing.assert_close(s_got["exp_avg"], s_ref["exp_avg"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(s_got["exp_avg_sq"], s_ref["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+
+
+def test_inf_step_under_grad_scaler_leaves_masked_parameters_and_state_untouched():
+    model, params = _model_and_params()
+    layout = UnitLayout.from_model(model)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+    SoftMasker(model, _one_hot_importance(layout), SoftMaskConfig(mode="update")).attach(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    _scaled_steps(opt, model, scaler, n_steps=1)
+    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    _scaled_steps(opt, model, scaler, n_steps=1, inf_at=0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), snap[n]), n
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[n][k]), (n, k)
+
+
+def test_masked_adamw_native_fused_flag_under_grad_scaler_matches_torch():
+    """MaskedAdamW(fused=True) declares amp support like torch's fused AdamW and handles the scaler itself."""
+    out = []
+    for cls in (torch.optim.AdamW, MaskedAdamW):
+        model, params = _model_and_params()
+        opt = cls(params, lr=1e-2, weight_decay=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+        _scaled_steps(opt, model, scaler, n_steps=3, inf_at=1)
+        out.append(model)
+    for p, q in zip(out[0].parameters(), out[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
+    """A real Trainer (default optimizer: torch's fused AdamW) whose accelerator scales the loss with a GradScaler.
+
+    accelerate makes no GradScaler on a CPU (fp16 there has no scaler), so the test hands the Trainer's
+    accelerator a ``GradScaler("cpu")`` before training: prepare() then wraps the optimizer with it and
+    backward() scales the loss, the code path of CUDA fp16 training.
+    """
+    model = tiny_llama(seed=0)
+    layout = UnitLayout.from_model(model)
+    before = _protected(layout)
+    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=data,
+                      callbacks=[SoftMaskCallback(_one_hot_importance(layout), mode="update")])
+    assert trainer.args.optim == "adamw_torch_fused"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    trainer.accelerator.scaler = scaler
+    trainer.train()
+    assert trainer.optimizer.scaler is scaler and scaler._scale is not None  # the scaler really drove the steps
+    assert trainer.optimizer.optimizer._step_supports_amp_scaling
+    _assert_protected_unchanged(layout, before)
