@@ -10,7 +10,14 @@ import torch
 from conftest import random_lm_batches, tiny_llama
 from test_core_masking import ListDataset, _args, _one_hot_importance, _unit_slice
 
-from hf_softmask import MaskedAdamW, SoftMaskCallback, SoftMaskConfig, SoftMasker, UnitLayout, install_update_masks
+from hf_softmask import (
+    MaskedAdamW,
+    SoftMaskCallback,
+    SoftMaskConfig,
+    SoftMasker,
+    UnitLayout,
+    install_update_masks,
+)
 
 
 def _protected(layout):
