@@ -164,23 +164,24 @@ def _new_step(optimizer: Optimizer, p: torch.Tensor) -> torch.Tensor:
 def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, decoupled: bool):
     """The whole masked Adam(W) update of lists of tensors, written per element for torch.compile to fuse.
 
-    ``hyper[i]`` = [lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2), 1/grad_scale] of
-    tensor ``i``, a tensor so that a new learning rate or step does not recompile. Math in fp32, results cast
-    back to each tensor's dtype.
+    ``hyper[i]`` = [lr/bias_correction1, beta1, beta2, eps, weight decay (times lr when decoupled),
+    1/sqrt(bias_correction2), 1/grad_scale] of tensor ``i``: a tensor, so a new learning rate or step does not
+    recompile; the per-step scalars are folded on the host so each element costs one division, as in torch's
+    fused kernel. Math in fp32, results cast back to each tensor's dtype.
     """
     for i, (p, g, m, v, k) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks)):
-        lr, b1, b2, eps, wd, bc1, bc2_sqrt, inv_scale = (hyper[i, j] for j in range(8))
+        step_size, b1, b2, eps, wd, inv_bc2_sqrt, inv_scale = (hyper[i, j] for j in range(7))
         pf, gf = p.float(), g.float() * inv_scale
         if not decoupled:
             gf = gf + wd * pf
         mf = m.float().lerp(gf, 1 - b1)
         vf = v.float() * b2 + (1 - b2) * gf * gf
-        upd = (mf / bc1) / (vf.sqrt() / bc2_sqrt + eps)
+        upd = step_size * mf / (vf.sqrt() * inv_bc2_sqrt + eps)
         if decoupled:
             upd = upd + wd * pf
         m.copy_(mf)
         v.copy_(vf)
-        p.copy_(pf - lr * k * upd)
+        p.copy_(pf - k * upd)
 
 
 _COMPILED_UPDATE = None
@@ -190,7 +191,7 @@ _COMPILE_WARNED: set[str] = set()
 def _compiled_update():
     global _COMPILED_UPDATE
     if _COMPILED_UPDATE is None:
-        _COMPILED_UPDATE = torch.compile(_adamw_update_lists, dynamic=False, fullgraph=True)
+        _COMPILED_UPDATE = torch.compile(_adamw_update_lists, dynamic=False)
     return _COMPILED_UPDATE
 
 
@@ -348,15 +349,19 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
             by_device.setdefault(p.device, []).append((p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], owners[i], hp))
     for device, rows in by_device.items():
         steps = [r[4] for r in rows]
-        hyper = torch.tensor([r[6] + [1.0 if inv_scale is None else inv_scale] for r in rows], dtype=torch.float32)
-        if all(s.device.type == "cpu" for s in steps):
-            nxt = torch.stack(steps).float() + 1
-        else:  # fused/capturable AdamW keeps steps on the device: bias corrections computed there, no host sync
-            nxt = torch.stack([s.to(device) for s in steps]).float() + 1
-            hyper = hyper.to(device)
-        b1, b2 = hyper[:, 1].to(nxt.device), hyper[:, 2].to(nxt.device)
-        bc = torch.stack([1 - b1**nxt, (1 - b2**nxt).sqrt()], 1).to(hyper.device)
-        hyper = torch.cat([hyper[:, :5], bc, hyper[:, 5:]], 1)
+        inv = 1.0 if inv_scale is None else inv_scale
+        if all(s.device.type == "cpu" for s in steps):  # torch's default: fold on the host, in float64 like torch
+            hyper_rows = []
+            for r, s in zip(rows, steps):
+                lr, b1, b2, eps, wd = r[6]
+                n = float(s) + 1
+                hyper_rows.append([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv])
+            hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+        else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
+            lr, b1, b2, eps, wd = torch.tensor([r[6] for r in rows], dtype=torch.float64, device=device).unbind(1)
+            n = torch.stack([s.to(device) for s in steps]).double() + 1
+            hyper = torch.stack([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n).rsqrt(),
+                                 torch.full_like(lr, inv)], 1).float()
         if hyper.device != device:
             # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
             hyper = hyper.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hyper.to(device)
