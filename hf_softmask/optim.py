@@ -105,6 +105,13 @@ class _LocalMasks:
         hit = self._entry(masks, p)
         return None if hit is None else hit[1]
 
+    def get_kernel(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
+        """For a kernel computing in float32: a per-unit mask in float32, a per-entry mask as given (no copy)."""
+        hit = self._entry(masks, p)
+        if hit is None:
+            return None
+        return hit[2] if hit[2] is not None else hit[1]
+
     def get_float(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
         """The local mask in float32 (for factors like ``1 - lr*wd*m`` that bf16 would round to 1)."""
         hit = self._entry(masks, p)
@@ -366,7 +373,7 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
             # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
             hyper = hyper.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hyper.to(device)
         ones = torch.ones((), dtype=torch.float32, device=device)
-        kmasks = [local_masks.get_float(masks, r[5]) for r in rows]
+        kmasks = [local_masks.get_kernel(masks, r[5]) for r in rows]
         _compiled_update()([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
                            [ones if k is None else k for k in kmasks], hyper, decoupled)
         torch._foreach_add_(steps, 1)

@@ -199,3 +199,24 @@ def test_compiled_masked_step_under_grad_scaler_matches_torch_fused():
         torch.testing.assert_close(q, p, rtol=0, atol=5e-5, msg=name)
         assert got_opt.state[q]["step"].item() == ref_opt.state[p]["step"].item() == 3
         torch.testing.assert_close(got_opt.state[q]["exp_avg"], ref_opt.state[p]["exp_avg"], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_masked_sgd_fused_under_grad_scaler_matches_torch_fused_sgd():
+    """Sibling of the fused-AdamW case: SGD(fused=True) also takes grad_scale / found_inf from the scaler."""
+    from hf_softmask import MaskedSGD
+
+    out = []
+    for name in ("torch", "native", "installed"):
+        model, params = _model_and_params()
+        cls = MaskedSGD if name == "native" else torch.optim.SGD
+        opt = cls(params, lr=0.1, momentum=0.9, weight_decay=0.01, fused=True)
+        if name == "installed":
+            install_update_masks(opt, {})
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+        _scaled_steps(opt, model, scaler, n_steps=3, inf_at=1)
+        out.append((model, opt))
+    (ref, ref_opt), *others = out
+    for got, got_opt in others:
+        for p, q in zip(ref.parameters(), got.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_opt.state[q]["momentum_buffer"], ref_opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
