@@ -136,9 +136,9 @@ def test_masked_adamw_native_fused_flag_under_grad_scaler_matches_torch():
 def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
     """A real Trainer (default optimizer: torch's fused AdamW) whose accelerator scales the loss with a GradScaler.
 
-    accelerate makes no GradScaler on a CPU (fp16 there has no scaler), so the test hands the Trainer's
-    accelerator a ``GradScaler("cpu")`` before training: prepare() then wraps the optimizer with it and
-    backward() scales the loss, the code path of CUDA fp16 training.
+    ``fp16=True`` as a user sets it. On a CPU, accelerate then runs without autocast and without a scaler, so the
+    test hands the Trainer's accelerator a ``GradScaler("cpu")`` before training: prepare() wraps the optimizer
+    with it and backward() scales the loss, the code path of CUDA fp16 training (fp16 autocast itself needs a GPU).
     """
     model = tiny_llama(seed=0)
     layout = UnitLayout.from_model(model)
@@ -146,13 +146,13 @@ def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
     data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     from transformers import Trainer
 
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=data,
+    trainer = Trainer(model=model, args=_args(tmp_path, fp16=True), train_dataset=data,
                       callbacks=[SoftMaskCallback(_one_hot_importance(layout), mode="update")])
     assert trainer.args.optim == "adamw_torch_fused"
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     trainer.accelerator.scaler = scaler
     trainer.train()
-    assert trainer.optimizer.scaler is scaler and scaler._scale is not None  # the scaler really drove the steps
+    assert trainer.optimizer.scaler is scaler and scaler._get_growth_tracker() == 4  # it drove all 4 steps
     assert trainer.optimizer.optimizer._step_supports_amp_scaling
     _assert_protected_unchanged(layout, before)
 
