@@ -44,8 +44,8 @@ class SoftMaskConfig:
     mask_power: float = field(default=1.0, metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."})
     compile_update: bool | str = field(default="auto", metadata={
         "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, one fused pass per tensor (as fast "
-                "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and holds >= 2**20 "
-                "elements."})
+                "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
+                "(hf_softmask.optim.resolve_compiled)."})
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -98,3 +98,26 @@ def test_strategy_trainer_logs_mask_statistics_before_report_to(tmp_path):
     trainer.train()
     _assert_logged([r for r in trainer.state.log_history if "loss" in r])
     _assert_logged(seen, steps=False)  # the logs dict an integration gets carries no step key
+
+
+def test_softmask_trainer_hands_mask_statistics_to_report_to_integrations(tmp_path):
+    from transformers import TrainerCallback
+
+    from hf_softmask import SoftMaskTrainer, SoftMaskTrainingArguments
+
+    model = tiny_llama()
+    imp = _hand_made_importance(UnitLayout.from_model(model))
+    seen = []
+
+    class Integration(TrainerCallback):  # where report_to integrations sit: before user callbacks
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                seen.append(dict(logs))
+
+    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    args = _args(tmp_path, cls=SoftMaskTrainingArguments, logging_strategy="steps", logging_steps=2)
+    trainer = SoftMaskTrainer(model=model, args=args, train_dataset=data, importance=imp)
+    trainer.callback_handler.callbacks.insert(1, Integration())
+    trainer.train()
+    _assert_logged([r for r in trainer.state.log_history if "loss" in r])
+    _assert_logged(seen, steps=False)
