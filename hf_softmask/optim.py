@@ -347,6 +347,13 @@ def _foreach_group_step(group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pm
             del denom
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
+    if t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: bool, inv_scale: float | None) -> None:
     """All groups in one compiled call per device; steps are advanced only after the update succeeded."""
     by_device: dict[torch.device, list] = {}
@@ -365,13 +372,11 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
                 hyper_rows.append([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv])
             hyper = torch.tensor(hyper_rows, dtype=torch.float32)
         else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
-            lr, b1, b2, eps, wd = torch.tensor([r[6] for r in rows], dtype=torch.float64, device=device).unbind(1)
+            lr, b1, b2, eps, wd = _to_device(torch.tensor([r[6] for r in rows], dtype=torch.float64), device).unbind(1)
             n = torch.stack([s.to(device) for s in steps]).double() + 1
             hyper = torch.stack([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n).rsqrt(),
                                  torch.full_like(lr, inv)], 1).float()
-        if hyper.device != device:
-            # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
-            hyper = hyper.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hyper.to(device)
+        hyper = _to_device(hyper, device)
         ones = torch.ones((), dtype=torch.float32, device=device)
         kmasks = [local_masks.get_kernel(masks, r[5]) for r in rows]
         _compiled_update()([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],

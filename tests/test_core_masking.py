@@ -189,3 +189,10 @@ def test_freeze_policy_in_grad_mode_does_not_move_the_parameter(optim, tmp_path)
     _train(model, tmp_path, [SoftMaskCallback(UnitImportance.zeros_like_layout(layout), mode="grad", embeddings="freeze")],
            weight_decay=0.1, optim=optim)
     assert torch.equal(wte.detach(), before)
+
+
+def test_compile_update_setting_is_validated_and_parsed():
+    assert SoftMaskConfig().compile_update == "auto"
+    assert SoftMaskConfig(compile_update="False").compile_update is False  # as a command-line flag arrives
+    with pytest.raises(ValueError, match="compile_update"):
+        SoftMaskConfig(compile_update="sometimes")
