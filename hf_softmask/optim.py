@@ -23,6 +23,7 @@ except ImportError:  # torch built without distributed
     _DTensor = None
 
 __all__ = [
+    "AUTO_COMPILE_AFTER_STEPS",
     "AUTO_COMPILE_MIN_ELEMENTS",
     "MaskedAdamW",
     "MaskedSGD",
@@ -134,6 +135,8 @@ _CHUNK_ELEMENTS = 1 << 27
 #: ``compiled="auto"`` compiles the masked update only for optimizers holding at least this many elements:
 #: below it the eager step costs milliseconds, less than compiling (tens of seconds) ever wins back.
 AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
+#: ... and only from this masked step on: short runs (smoke tests, a few steps) never pay for compiling.
+AUTO_COMPILE_AFTER_STEPS = 50
 
 
 def _chunks(idx: list[int], sizes: list[int]):
@@ -229,7 +232,8 @@ def _warn_once(key: str, message: str) -> None:
 def resolve_compiled(optimizer: Optimizer, compiled: bool | str) -> bool:
     """The ``compiled`` setting of a masked Adam/AdamW step: ``"auto"`` compiles when the user's optimizer is
     fused (so a plain step would be torch's one-pass kernel), holds >= AUTO_COMPILE_MIN_ELEMENTS elements, and
-    torch.compile works on its device; otherwise the eager foreach step (a warning says why when fused)."""
+    torch.compile works on its device; otherwise the eager foreach step (a warning says why when fused).
+    With ``"auto"`` the first AUTO_COMPILE_AFTER_STEPS steps still run eagerly (see :func:`compile_after`)."""
     if compiled != "auto":
         if compiled not in (True, False):
             raise ValueError(f"compiled must be True, False or 'auto', got {compiled!r}")
@@ -247,8 +251,14 @@ def resolve_compiled(optimizer: Optimizer, compiled: bool | str) -> bool:
     return True
 
 
+def compile_after(compiled: bool | str) -> int:
+    """Masked steps run eagerly before the compiled update takes over: AUTO_COMPILE_AFTER_STEPS for ``"auto"``."""
+    return AUTO_COMPILE_AFTER_STEPS if compiled == "auto" else 0
+
+
 @torch.no_grad()
-def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False) -> None:
+def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False,
+                      after: int = 0) -> None:
     """One Adam/AdamW step over ``optimizer.param_groups`` with update masks; state keys match torch's.
 
     Works on local tensors, so DTensor (FSDP2) parameters, gradients and states are updated shard by shard
@@ -258,7 +268,8 @@ def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = T
 
     ``compiled=True`` runs the update through ``torch.compile`` instead: one fused pass over each tensor
     (as fast as torch's fused AdamW, no temporary buffer); the first step compiles (tens of seconds). If
-    compiling fails, a warning names the error and the eager step runs.
+    compiling fails, a warning names the error and the eager step runs. ``after``: the number of masked steps
+    of this optimizer that still run eagerly.
 
     Under a GradScaler (``optimizer.grad_scale`` / ``found_inf``, set for optimizers that declare
     ``_step_supports_amp_scaling``), gradients are unscaled and a step with an inf gradient changes nothing.
@@ -290,7 +301,9 @@ def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = T
             lists.append((group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks))
     if not lists:
         return
-    if compiled and "_hf_softmask_compile_error" not in optimizer.__dict__:
+    done = optimizer.__dict__.get("_hf_softmask_masked_steps", 0)
+    optimizer.__dict__["_hf_softmask_masked_steps"] = done + 1
+    if compiled and done >= after and "_hf_softmask_compile_error" not in optimizer.__dict__:
         try:
             _compiled_step(lists, masks, local_masks, decoupled, inv_scale)
             return
@@ -462,9 +475,10 @@ class MaskedAdamW(_MaskMixin, AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self.set_update_masks(update_masks)
         self.compiled = resolve_compiled(self, compile)  # torch.compile the update into one fused pass
+        self.compile_after = compile_after(compile)
 
     def _masked_update(self) -> None:
-        masked_adamw_step(self, self.update_masks, compiled=self.compiled)
+        masked_adamw_step(self, self.update_masks, compiled=self.compiled, after=self.compile_after)
 
 
 class MaskedSGD(_MaskMixin, SGD):
@@ -490,11 +504,12 @@ class UpdateMaskHandle:
     LR scheduler's wrapper): nothing is installed on ``optimizer.step``, so nothing can overwrite it.
     """
 
-    def __init__(self, optimizer: Optimizer, masks: MaskDict, how: str, compiled: bool = False):
+    def __init__(self, optimizer: Optimizer, masks: MaskDict, how: str, compiled: bool = False, after: int = 0):
         self.optimizer = optimizer
         self.masks = masks
         self.how = how
         self.compiled = compiled
+        self.compile_after = after
         self._hooks: list = []
         self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._snapshot: dict = {}
@@ -540,7 +555,8 @@ class UpdateMaskHandle:
         if self.how == "sgd":
             masked_sgd_step(self.optimizer, self.masks)
         else:
-            masked_adamw_step(self.optimizer, self.masks, decoupled=(self.how == "adamw"), compiled=self.compiled)
+            masked_adamw_step(self.optimizer, self.masks, decoupled=(self.how == "adamw"), compiled=self.compiled,
+                              after=self.compile_after)
 
     def _post_fused(self, opt, args, kwargs) -> None:
         for p, g in self._hidden:
@@ -588,7 +604,8 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
     its step and interpolating ``old + m * (new - old)`` after it (exact, but one extra copy).
 
     ``compiled``: the Adam/AdamW update runs through ``torch.compile`` (one fused pass per tensor); ``"auto"``
-    (default) does so when the optimizer is fused (see :func:`resolve_compiled`).
+    (default) does so when the optimizer is fused and big, after AUTO_COMPILE_AFTER_STEPS eager steps (see
+    :func:`resolve_compiled`).
 
     The masking is installed as step hooks of the inner optimizer (see :class:`UpdateMaskHandle`), so user step
     hooks keep firing and accelerate's GradScaler path cannot replace it. One set of masks per optimizer.
@@ -612,11 +629,11 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
     if kind == "native":
         opt.set_update_masks(masks)
         if compiled != "auto" and isinstance(opt, MaskedAdamW):
-            opt.compiled = resolve_compiled(opt, compiled)
+            opt.compiled, opt.compile_after = resolve_compiled(opt, compiled), compile_after(compiled)
         handle = UpdateMaskHandle(opt, opt.update_masks, "native")
     elif kind is not None:
         use_compiled = resolve_compiled(opt, compiled) if kind in ("adamw", "adam") else False
-        handle = UpdateMaskHandle(opt, masks, kind, compiled=use_compiled)
+        handle = UpdateMaskHandle(opt, masks, kind, compiled=use_compiled, after=compile_after(compiled))
         handle._hooks = [opt.register_step_pre_hook(handle._pre_fused), opt.register_step_post_hook(handle._post_fused)]
     else:
         handle = UpdateMaskHandle(opt, masks, "snapshot")

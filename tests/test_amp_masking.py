@@ -158,7 +158,7 @@ def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
 
 
 def test_auto_compiles_the_masked_step_only_for_big_fused_optimizers():
-    from hf_softmask.optim import AUTO_COMPILE_MIN_ELEMENTS, compile_available
+    from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS, AUTO_COMPILE_MIN_ELEMENTS, compile_available
 
     big = [torch.nn.Parameter(torch.zeros(AUTO_COMPILE_MIN_ELEMENTS))]
     small = [torch.nn.Parameter(torch.zeros(10))]
@@ -169,6 +169,15 @@ def test_auto_compiles_the_masked_step_only_for_big_fused_optimizers():
         assert handle.compiled is want, (params[0].numel(), fused)
         handle.remove()
     assert MaskedAdamW(big, fused=True).compiled is expect and MaskedAdamW(big).compiled is False
+    # "auto" runs the first steps eagerly (short runs never compile); an explicit True compiles at once
+    opt = torch.optim.AdamW(big, fused=True)
+    handle = install_update_masks(opt, {big[0]: torch.zeros(())})
+    assert handle.compile_after == AUTO_COMPILE_AFTER_STEPS > 0
+    big[0].grad = torch.ones_like(big[0])
+    opt.step()
+    assert opt.__dict__["_hf_softmask_masked_steps"] == 1 and torch.equal(big[0], torch.zeros_like(big[0]))
+    handle.remove()
+    assert install_update_masks(torch.optim.AdamW(big, fused=True), {}, compiled=True).compile_after == 0
 
 
 @pytest.mark.slow
