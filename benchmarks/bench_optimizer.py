@@ -71,7 +71,7 @@ def run(env: Env, shape: str) -> list[Row]:
     how = "compiled" if default.compiled and not compile_error else f"eager ({compile_error or 'auto chose eager'})"[:60]
     rows = [
         Row("optimizer", shape, "masked fused AdamW (default)", "torch AdamW fused", t["masked fused AdamW (default)"].ms, fused_ms,
-            target="<=1.10x", note=f"{note}; {how}"),
+            note=f"{note}; {how}; the 1.05x target is on the training step (bench step)"),
         Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW foreach", t["masked AdamW (ours)"].ms, base, target="<=1.10x"),
         Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW fused", t["masked AdamW (ours)"].ms, fused_ms),
         Row("optimizer", shape, "ours, no masks", "torch AdamW foreach", t["ours, no masks"].ms, base),

@@ -531,7 +531,8 @@ class UpdateMaskHandle:
     # -- fused kinds: the masked update runs inside the optimizer's own step, via its closure --------------------
     def _pre_fused(self, opt, args, kwargs):
         """Hand the class's step a closure that runs the user's closure, then the masked update, then hides the
-        gradients so the class's own update finds nothing to do. It runs after every other pre-hook."""
+        gradients so the class's own update finds nothing to do. The step calls it after all pre-hooks ran, in
+        whatever order they were registered."""
         args, kwargs = tuple(args), dict(kwargs)
         closure = kwargs.pop("closure", None)
         if len(args) > 1:
