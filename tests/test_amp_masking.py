@@ -33,31 +33,31 @@ def _assert_protected_unchanged(layout, before):
     assert checked >= 6
 
 
-@pytest.fixture(scope="module")
-def accelerator_state():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 @pytest.mark.parametrize("fused", [False, True])
-def test_update_masks_hold_through_accelerated_optimizer_with_grad_scaler(accelerator_state, fused):
-    """AcceleratedOptimizer re-patches optimizer.step on every scaled step; the masks must survive that."""
-    from accelerate.optimizer import AcceleratedOptimizer
+def test_update_masks_hold_through_accelerated_optimizer_with_grad_scaler(fused):
+    """AcceleratedOptimizer re-patches optimizer.step on every scaled step; the masks must survive that.
+
+    accelerate makes no GradScaler on a CPU, so the Accelerator is handed ``GradScaler("cpu")`` before
+    ``prepare``: prepare() wraps the optimizer with it and ``accelerator.backward`` scales the loss.
+    """
+    from accelerate import Accelerator
 
     model = tiny_llama(seed=0)
     layout = UnitLayout.from_model(model)
     before = _protected(layout)
     free_before = [_unit_slice(s, layout, 0, 9, 1, 0) for s in layout.owned]
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    accelerator = Accelerator(cpu=True)
+    scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, foreach=not fused)
-    wrapped = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    model, wrapped = accelerator.prepare(model, opt)
+    assert type(wrapped).__name__ == "AcceleratedOptimizer" and wrapped.scaler is scaler
     masker = SoftMasker(model, _one_hot_importance(layout), SoftMaskConfig(mode="update")).attach(wrapped)
     for batch in random_lm_batches(n_batches=3, seed=4):
-        scaler.scale(model(**batch).loss).backward()
+        accelerator.backward(model(**batch).loss)
         wrapped.step()
         wrapped.zero_grad()
     assert not wrapped.step_was_skipped and opt.state[next(model.parameters())]["step"].item() == 3
+    assert scaler._get_growth_tracker() == 3  # the scaler drove every step
     _assert_protected_unchanged(layout, before)
     moved = [not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), b) for s, b in zip(layout.owned, free_before) if b is not None]
     assert all(moved[:2]), "unprotected units did not train"
