@@ -132,6 +132,10 @@ class GradMaskHooks:
     """
 
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor]):
+        if any(_is_dtensor(p) for p in masks):
+            # FSDP2 assigns reduce-scattered gradients to .grad directly: these hooks would never fire.
+            raise ValueError("GradMaskHooks cannot mask DTensor (FSDP2) parameters; use ShardedGradMask(masks, optimizer) "
+                             "or SoftMasker, which picks it")
         self.masks = masks
         self._handles = [p.register_hook(self._hook(m)) for p, m in masks.items() if p.requires_grad]
 

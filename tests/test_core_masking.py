@@ -196,3 +196,21 @@ def test_compile_update_setting_is_validated_and_parsed():
     assert SoftMaskConfig(compile_update="False").compile_update is False  # as a command-line flag arrives
     with pytest.raises(ValueError, match="compile_update"):
         SoftMaskConfig(compile_update="sometimes")
+
+
+def test_gradient_hooks_refuse_dtensor_parameters(tmp_path):
+    """Tensor hooks never fire on FSDP2's DTensor parameters; GradMaskHooks must say so instead of masking nothing."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_softmask.masking import GradMaskHooks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="ShardedGradMask"):
+            GradMaskHooks({p: torch.ones(4, 1)})
+    finally:
+        dist.destroy_process_group()
