@@ -1,9 +1,10 @@
 """The optimizer step alone: update-masked AdamW (hf_softmask.optim) against torch's AdamW.
 
 Compared on the parameters of a Llama shape with random gradients, every owned slice masked per unit
-(the real soft-masking layout): torch AdamW foreach (the CUDA default), torch AdamW fused, our masked
-step, our step with no masks, and the generic snapshot fallback (copy, step, interpolate) that the
-fused mask replaces.
+(the real soft-masking layout): torch AdamW foreach, torch AdamW fused (the Trainer's default), masks on a
+fused AdamW with the default settings (the update compiled into one pass: ``compiled="auto"``), masks on a
+foreach AdamW (the eager masked step), our step with no masks, and the generic snapshot fallback (copy,
+step, interpolate) that the fused mask replaces.
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ from common import Env, Row, free, interleaved, llama_model, random_importance
 try:
     from hf_softmask.masking import SoftMaskConfig, build_param_masks
     from hf_softmask.layout import UnitLayout
-    from hf_softmask.optim import install_update_masks
+    from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS, install_update_masks
 except ImportError as err:  # pragma: no cover - run from a checkout without `pip install -e .`
     raise SystemExit(f"hf_softmask is not importable ({err}); run `pip install -e .` in the repository") from None
 
 
 class OpaqueAdamW(torch.optim.AdamW):
     """AdamW under another name: install_update_masks cannot fuse into it and falls back to the snapshot."""
-
-
-def with_compiled(env: Env) -> bool:
-    """Time the torch.compile'd masked update? Always on a GPU; on a CPU not in --quick (compiling takes ~1 min)."""
-    return env.cuda or not env.quick
 
 
 def _optimizer(params, env: Env, fused: bool):
@@ -52,6 +48,10 @@ def run(env: Env, shape: str) -> list[Row]:
     install_update_masks(unmasked_ours, {})
     snapshot = OpaqueAdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
     install_update_masks(snapshot, masks)
+    fused_masked = _optimizer(params, env, fused=True)
+    default = install_update_masks(fused_masked, masks)  # compiled="auto": compiled for a fused optimizer this big
+    for _ in range(AUTO_COMPILE_AFTER_STEPS):  # "auto" steps eagerly first; the next (warm-up) step compiles
+        fused_masked.step()
 
     # Updates of 1e-4 per step keep the parameters sane across all the variants' steps.
     variants = {
@@ -60,31 +60,22 @@ def run(env: Env, shape: str) -> list[Row]:
         "masked AdamW (ours)": masked.step,
         "ours, no masks": unmasked_ours.step,
         "snapshot fallback": snapshot.step,
+        "masked fused AdamW (default)": fused_masked.step,  # the first (warm-up) step compiles, outside the timing
     }
-    compiled, compile_error = None, None
-    if with_compiled(env):
-        compiled = _optimizer(params, env, fused=False)
-        install_update_masks(compiled, masks, compiled=True)
-        try:
-            compiled.step()  # compiles (tens of seconds), outside the timing
-            variants["masked AdamW (ours, compiled)"] = compiled.step
-        except Exception as err:  # no compiler / unsupported backend: report, keep the other rows
-            compile_error = f"{type(err).__name__}: {err}"[:100]
     warmup, rounds = (1, 5) if env.quick else (3, 20)
     t = interleaved(variants, env, warmup=warmup, rounds=rounds)
     base = t["torch AdamW foreach"].ms
     fused_ms = t["torch AdamW fused"].ms
     note = f"{n_params / 1e6:.0f}M params, {100 * n_masked / n_params:.0f}% masked"
+    compile_error = fused_masked.__dict__.get("_hf_softmask_compile_error")
+    how = "compiled" if default.compiled and not compile_error else f"eager ({compile_error or 'auto chose eager'})"[:60]
     rows = [
-        Row("optimizer", shape, "masked AdamW (ours)", "torch AdamW foreach", t["masked AdamW (ours)"].ms, base, target="<=1.10x", note=note),
-        Row("optimizer", shape, "masked AdamW (ours)", "torch AdamW fused", t["masked AdamW (ours)"].ms, fused_ms, note="fused: one kernel per tensor list"),
+        Row("optimizer", shape, "masked fused AdamW (default)", "torch AdamW fused", t["masked fused AdamW (default)"].ms, fused_ms,
+            note=f"{note}; {how}; the 1.05x target is on the training step (bench step)"),
+        Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW foreach", t["masked AdamW (ours)"].ms, base, target="<=1.10x"),
+        Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW fused", t["masked AdamW (ours)"].ms, fused_ms),
         Row("optimizer", shape, "ours, no masks", "torch AdamW foreach", t["ours, no masks"].ms, base),
         Row("optimizer", shape, "snapshot fallback", "torch AdamW foreach", t["snapshot fallback"].ms, base, note="copy + step + lerp"),
     ]
-    if "masked AdamW (ours, compiled)" in t:
-        rows.insert(2, Row("optimizer", shape, "masked AdamW (ours, compiled)", "torch AdamW fused", t["masked AdamW (ours, compiled)"].ms,
-                           fused_ms, target="<=1.10x", note="compile_update=True: one fused pass"))
-    elif compile_error:
-        rows.insert(2, Row("optimizer", shape, "masked AdamW (ours, compiled)", "torch AdamW fused", float("nan"), fused_ms, note=compile_error))
-    free(model, params, foreach, fused, masked, unmasked_ours, snapshot, compiled)
+    free(model, params, foreach, fused, masked, unmasked_ours, snapshot, fused_masked)
     return rows

@@ -9,7 +9,18 @@ from transformers import TrainerCallback
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
 
-__all__ = ["SoftMaskCallback"]
+__all__ = ["SoftMaskCallback", "merge_log_metrics"]
+
+
+def merge_log_metrics(logs: dict, state, metrics: dict[str, float]) -> None:
+    """Add ``metrics`` to a training log (one with ``loss``) in ``on_log``: to ``logs`` (seen by the callbacks after
+    this one) and to the record the Trainer has just appended to ``state.log_history``."""
+    if not metrics or "loss" not in logs:
+        return
+    logs.update(metrics)
+    last = state.log_history[-1] if state.log_history else None
+    if last is not None and last.get("step") == state.global_step and "loss" in last:
+        last.update(metrics)
 
 
 class SoftMaskCallback(TrainerCallback):
@@ -20,6 +31,12 @@ class SoftMaskCallback(TrainerCallback):
         mode: ``"update"`` (default) scales the optimizer's whole change of each owned slice by
             ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step).
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
+
+    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask per layer
+    for heads and FFN, fraction of units with importance > 0.5) join the training log and
+    ``trainer.state.log_history``. The Trainer calls its ``report_to`` integrations before user callbacks; to
+    have them receive the statistics too, use :class:`~hf_softmask.SoftMaskTrainer`, or put this callback first:
+    ``trainer.callback_handler.callbacks.insert(0, callback)``.
 
     Example::
 
@@ -42,6 +59,10 @@ class SoftMaskCallback(TrainerCallback):
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.masker is not None and logs is not None:
+            merge_log_metrics(logs, state, self.masker.statistics())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.masker is not None:

@@ -174,7 +174,8 @@ class UnitLayout:
     def unowned_parameters(self, model: nn.Module | None = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters no unit owns, by category: embeddings, norms, task_head, other."""
         model = model if model is not None else self._model_ref
-        owned = self.owned_parameter_ids()
+        # By name: fully_shard replaces every parameter object after the layout was built, not the names.
+        owned = {s.name for s in self.owned}
         base_ids = {id(p) for p in self.base_model.parameters()}
         kind_of: dict[int, str] = {}
         for module in model.modules():
@@ -189,7 +190,7 @@ class UnitLayout:
                     kind_of.setdefault(id(p), cat)
         out: dict[str, list] = {c: [] for c in UNOWNED_CATEGORIES}
         for name, p in model.named_parameters():
-            if id(p) in owned:
+            if name in owned:
                 continue
             if id(p) not in base_ids:
                 cat = "task_head"

@@ -13,7 +13,19 @@ from .layout import UNOWNED_CATEGORIES, UnitLayout
 from .optim import _is_dtensor, _local, _LocalMasks, _unwrap, install_update_masks
 from .peft_support import check_adapters_reach_units
 
-__all__ = ["SoftMaskConfig", "build_param_masks", "GradMaskHooks", "ShardedGradMask", "SoftMasker", "POLICIES", "MODES"]
+__all__ = [
+    "MODES",
+    "POLICIES",
+    "FrozenGradients",
+    "GradMaskHooks",
+    "ShardedGradMask",
+    "SoftMaskConfig",
+    "SoftMasker",
+    "build_named_masks",
+    "build_param_masks",
+    "mask_statistics",
+    "resolve_masks",
+]
 
 POLICIES = ("train", "freeze", "mean")
 MODES = ("update", "grad")
@@ -31,8 +43,10 @@ class SoftMaskConfig:
     task_head: str = field(default="train", metadata={"help": "Policy for parameters outside the base model (LM head, classifier): train | freeze | mean."})
     other: str = field(default="train", metadata={"help": "Policy for other unowned parameters (output-projection biases, pooler): train | freeze | mean."})
     mask_power: float = field(default=1.0, metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."})
-    compile_update: bool = field(default=False, metadata={"help": "Update mode with Adam/AdamW: run the masked update through torch.compile, "
-                                                          "one fused pass per tensor (as fast as torch's fused AdamW); the first step compiles."})
+    compile_update: bool | str = field(default="auto", metadata={
+        "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, one fused pass per tensor (as fast "
+                "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
+                "(hf_softmask.optim.resolve_compiled)."})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -42,37 +56,72 @@ class SoftMaskConfig:
                 raise ValueError(f"{cat} policy must be one of {POLICIES}, got {getattr(self, cat)!r}")
         if not self.mask_power > 0:
             raise ValueError(f"mask_power must be > 0, got {self.mask_power}")
+        if isinstance(self.compile_update, str) and self.compile_update.lower() in ("true", "false"):
+            self.compile_update = self.compile_update.lower() == "true"  # from a command line
+        if self.compile_update not in (True, False, "auto"):
+            raise ValueError(f"compile_update must be True, False or 'auto', got {self.compile_update!r}")
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def build_param_masks(layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None) -> dict[nn.Parameter, torch.Tensor]:
-    """Masks keyed by parameter, each broadcastable to it: ``1 - I**p`` on owned slices, policies elsewhere.
+def build_named_masks(layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None) -> dict[str, torch.Tensor]:
+    """Masks keyed by parameter NAME, each broadcastable to it: ``1 - I**p`` on owned slices, policies elsewhere.
 
-    Parameters with policy "train" get no entry (they are not masked at all).
+    Names survive what replaces parameter objects (FSDP2's ``fully_shard``); see :meth:`SoftMasker.attach`.
+    Parameters with policy "train" get no entry (they are not masked at all). Masks are float32 on the CPU.
     """
     config = config or SoftMaskConfig()
     importance.validate_for(layout)
-    imp_h = importance.heads ** config.mask_power
-    imp_f = importance.ffn ** config.mask_power
-    masks: dict[nn.Parameter, torch.Tensor] = {}
+    imp_h = importance.heads.float().cpu() ** config.mask_power
+    imp_f = importance.ffn.float().cpu() ** config.mask_power
+    masks: dict[str, torch.Tensor] = {}
     for s in layout.owned:
         unit_mask = 1.0 - layout.unit_values(s.kind, s.layer, imp_h, imp_f)
-        masks[s.param] = unit_mask[s.index].view(s.broadcast_shape())
+        masks[s.name] = unit_mask[s.index].view(s.broadcast_shape())
 
     layer_mean = torch.cat([1 - imp_h, 1 - imp_f], dim=1).mean(1)
     global_mean = float(layer_mean.mean())
     for cat, params in layout.unowned_parameters().items():
         policy = getattr(config, cat)
-        for name, p in params:
+        for name, _ in params:
             if policy == "freeze":
-                masks[p] = torch.zeros(())
+                masks[name] = torch.zeros(())
             elif policy == "mean":
                 m = _LAYER_RE.search(name)
                 value = float(layer_mean[int(m.group(1))]) if (m and cat == "norms" and int(m.group(1)) < layout.num_layers) else global_mean
-                masks[p] = torch.tensor(value)
-    return {p: m.to(device=p.device, dtype=p.dtype) for p, m in masks.items()}
+                masks[name] = torch.tensor(value)
+    return masks
+
+
+def resolve_masks(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    """``named`` masks keyed by ``model``'s current parameter objects, on each parameter's device and dtype."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in named if n not in params]
+    if missing:
+        raise ValueError(f"{len(missing)} masked parameters are not parameters of {type(model).__name__} (e.g. {missing[:3]}); "
+                         "build the masks (SoftMasker / UnitLayout) from this model")
+    return {params[n]: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in named.items()}
+
+
+def build_param_masks(layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None) -> dict[nn.Parameter, torch.Tensor]:
+    """:func:`build_named_masks` keyed by the current parameters of the layout's model."""
+    return resolve_masks(layout._model_ref, build_named_masks(layout, importance, config))
+
+
+def mask_statistics(importance: UnitImportance, mask_power: float = 1.0, threshold: float = 0.5,
+                    prefix: str = "softmask/") -> dict[str, float]:
+    """Scalars for ``report_to``: the mean soft mask ``1 - I**p`` of each layer's heads and FFN neurons, and the
+    fraction of units (heads, FFN neurons, all) whose importance exceeds ``threshold``."""
+    heads, ffn = importance.heads.float().cpu(), importance.ffn.float().cpu()
+    out: dict[str, float] = {}
+    for kind, imp in (("heads", heads), ("ffn", ffn)):
+        mean_mask = (1 - imp**mask_power).mean(1)
+        for layer, value in enumerate(mean_mask.tolist()):
+            out[f"{prefix}mask_mean_{kind}/layer_{layer}"] = value
+    for kind, imp in (("heads", heads), ("ffn", ffn), ("all", torch.cat([heads.flatten(), ffn.flatten()]))):
+        out[f"{prefix}frac_importance_gt_{threshold:g}_{kind}"] = float((imp > threshold).float().mean())
+    return out
 
 
 class GradMaskHooks:
@@ -84,6 +133,10 @@ class GradMaskHooks:
     """
 
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor]):
+        if any(_is_dtensor(p) for p in masks):
+            # FSDP2 assigns reduce-scattered gradients to .grad directly: these hooks would never fire.
+            raise ValueError("GradMaskHooks cannot mask DTensor (FSDP2) parameters; use ShardedGradMask(masks, optimizer) "
+                             "or SoftMasker, which picks it")
         self.masks = masks
         self._handles = [p.register_hook(self._hook(m)) for p, m in masks.items() if p.requires_grad]
 
@@ -124,11 +177,37 @@ class ShardedGradMask:
             self._handle = None
 
 
+class FrozenGradients:
+    """Grad mode, policy ``freeze``: drops the gradients of wholly frozen parameters in an optimizer step pre-hook.
+
+    A zeroed gradient does not stop AdamW's (or SGD's) weight decay from moving the parameter; an optimizer
+    skips a parameter without ``.grad`` entirely (no decay, no state update). The hook runs inside the
+    optimizer's step however it is reached (accelerate, GradScaler), after gradient clipping.
+    """
+
+    def __init__(self, params: list[nn.Parameter], optimizer):
+        self.params = params
+        self._handle = _unwrap(optimizer).register_step_pre_hook(self._drop)
+
+    def _drop(self, optimizer, args, kwargs) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
 class SoftMasker:
     """Applies the masks of ``importance`` to a model's training, in ``config.mode``.
 
     ``attach(optimizer)`` installs the masking; ``detach()`` removes every trace. ``update(importance)``
     swaps the importance in place (next domain) without re-creating the optimizer.
+
+    Masks are built by parameter name and resolved against the model's parameters at ``attach`` (train begin):
+    a SoftMasker or layout built before ``fully_shard`` (which replaces every parameter) still masks the
+    sharded parameters.
     """
 
     def __init__(self, model: nn.Module, importance: UnitImportance, config: SoftMaskConfig | None = None, layout: UnitLayout | None = None):
@@ -137,22 +216,31 @@ class SoftMasker:
         self.layout = layout or UnitLayout.from_model(model)
         check_adapters_reach_units(self.layout)
         self.importance = importance
-        self.masks = build_param_masks(self.layout, importance, self.config)
-        self._grad_hooks: GradMaskHooks | ShardedGradMask | None = None
+        self.named_masks = build_named_masks(self.layout, importance, self.config)
+        self.masks = resolve_masks(model, self.named_masks)
+        self._grad_hooks: list = []
         self._opt_handle = None
         self._optimizer = None
 
-    def _grad_masker(self, optimizer):
+    def _grad_maskers(self, optimizer) -> list:
+        frozen = [p for p, m in self.masks.items() if m.dim() == 0 and float(m) == 0 and p.requires_grad]
+        out = []
+        if frozen:
+            if optimizer is None:
+                raise ValueError("grad mode with policy 'freeze' needs the optimizer (weight decay would still move frozen "
+                                 "parameters): SoftMasker.attach(optimizer)")
+            out.append(FrozenGradients(frozen, optimizer))
         if not any(_is_dtensor(p) for p in self.masks):
-            return GradMaskHooks(self.masks)
+            return [GradMaskHooks(self.masks), *out]
         if optimizer is None:
             raise ValueError("grad mode on DTensor (FSDP2) parameters needs the optimizer: SoftMasker.attach(optimizer)")
-        return ShardedGradMask(self.masks, optimizer)
+        return [ShardedGradMask(self.masks, optimizer), *out]
 
-    def attach(self, optimizer=None) -> "SoftMasker":
+    def attach(self, optimizer=None) -> SoftMasker:
+        self.masks = resolve_masks(self.model, self.named_masks)  # the parameters as they are now (after sharding)
         if self.config.mode == "grad":
             self._optimizer = optimizer
-            self._grad_hooks = self._grad_masker(optimizer)
+            self._grad_hooks = self._grad_maskers(optimizer)
         else:
             if optimizer is None:
                 raise ValueError("update mode needs the optimizer: SoftMasker.attach(optimizer)")
@@ -161,17 +249,25 @@ class SoftMasker:
 
     def update(self, importance: UnitImportance) -> None:
         self.importance = importance
-        self.masks = build_param_masks(self.layout, importance, self.config)
-        if self._grad_hooks is not None:
-            self._grad_hooks.remove()
-            self._grad_hooks = self._grad_masker(self._optimizer)
+        self.named_masks = build_named_masks(self.layout, importance, self.config)
+        self.masks = resolve_masks(self.model, self.named_masks)
+        if self._grad_hooks:
+            self._remove_grad_hooks()
+            self._grad_hooks = self._grad_maskers(self._optimizer)
         if self._opt_handle is not None:
             self._opt_handle.update(self.masks)
 
+    def statistics(self, threshold: float = 0.5) -> dict[str, float]:
+        """:func:`mask_statistics` of the current importance (what ``report_to`` gets at logging steps)."""
+        return mask_statistics(self.importance, self.config.mask_power, threshold)
+
+    def _remove_grad_hooks(self) -> None:
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+
     def detach(self) -> None:
-        if self._grad_hooks is not None:
-            self._grad_hooks.remove()
-            self._grad_hooks = None
+        self._remove_grad_hooks()
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None

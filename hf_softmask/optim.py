@@ -12,7 +12,7 @@ cancels. The mask is fused into the step: no parameter-sized snapshot is taken.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim import SGD, Adam, AdamW, Optimizer
@@ -22,7 +22,19 @@ try:
 except ImportError:  # torch built without distributed
     _DTensor = None
 
-__all__ = ["MaskedAdamW", "MaskedSGD", "masked_adamw_step", "masked_sgd_step", "install_update_masks", "UpdateMaskHandle", "local_mask"]
+__all__ = [
+    "AUTO_COMPILE_AFTER_STEPS",
+    "AUTO_COMPILE_MIN_ELEMENTS",
+    "MaskedAdamW",
+    "MaskedSGD",
+    "UpdateMaskHandle",
+    "compile_available",
+    "install_update_masks",
+    "local_mask",
+    "masked_adamw_step",
+    "masked_sgd_step",
+    "resolve_compiled",
+]
 
 MaskDict = dict  # Parameter -> Tensor (broadcastable); keyed by the parameter object
 
@@ -94,6 +106,13 @@ class _LocalMasks:
         hit = self._entry(masks, p)
         return None if hit is None else hit[1]
 
+    def get_kernel(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
+        """For a kernel computing in float32: a per-unit mask in float32, a per-entry mask as given (no copy)."""
+        hit = self._entry(masks, p)
+        if hit is None:
+            return None
+        return hit[2] if hit[2] is not None else hit[1]
+
     def get_float(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
         """The local mask in float32 (for factors like ``1 - lr*wd*m`` that bf16 would round to 1)."""
         hit = self._entry(masks, p)
@@ -113,6 +132,12 @@ def _local_masks(optimizer: Optimizer) -> _LocalMasks:
 # allocates it for all parameters at once) without adding kernel launches for typical layer sizes.
 _CHUNK_ELEMENTS = 1 << 27
 
+#: ``compiled="auto"`` compiles the masked update only for optimizers holding at least this many elements:
+#: below it the eager step costs milliseconds, less than compiling (tens of seconds) ever wins back.
+AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
+#: ... and only from this masked step on: short runs (smoke tests, a few steps) never pay for compiling.
+AUTO_COMPILE_AFTER_STEPS = 50
+
 
 def _chunks(idx: list[int], sizes: list[int]):
     chunk, n = [], 0
@@ -126,28 +151,51 @@ def _chunks(idx: list[int], sizes: list[int]):
         yield chunk
 
 
-def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hp, decoupled: bool):
+def _amp_inputs(optimizer: Optimizer) -> tuple[bool, float | None]:
+    """(skip, inverse grad scale) from a GradScaler driving an optimizer that declares ``_step_supports_amp_scaling``.
+
+    Such an optimizer gets still-scaled gradients plus ``optimizer.grad_scale`` (None once ``unscale_`` ran, e.g.
+    for clipping) and ``optimizer.found_inf``; a step with an inf/NaN gradient must change nothing. One host sync.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and bool(found_inf):
+        return True, None
+    scale = getattr(optimizer, "grad_scale", None)
+    return False, (None if scale is None else 1.0 / float(scale))
+
+
+def _new_step(optimizer: Optimizer, p: torch.Tensor) -> torch.Tensor:
+    # Where torch keeps it: on the parameter's device for fused/capturable AdamW, else a CPU scalar.
+    d = optimizer.defaults
+    on_device = d.get("fused") or d.get("capturable")
+    return torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0, dtype=torch.float32)
+
+
+def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, decoupled: bool):
     """The whole masked Adam(W) update of lists of tensors, written per element for torch.compile to fuse.
 
-    ``hp`` = [lr, beta1, beta2, eps, weight_decay, bias_correction1, sqrt(bias_correction2)] as a tensor, so a
-    new learning rate does not recompile. Math in fp32, results cast back to each tensor's dtype.
+    ``hyper[i]`` = [lr/bias_correction1, beta1, beta2, eps, weight decay (times lr when decoupled),
+    1/sqrt(bias_correction2), 1/grad_scale] of tensor ``i``: a tensor, so a new learning rate or step does not
+    recompile; the per-step scalars are folded on the host so each element costs one division, as in torch's
+    fused kernel. Math in fp32, results cast back to each tensor's dtype.
     """
-    lr, b1, b2, eps, wd, bc1, bc2_sqrt = (hp[i] for i in range(7))
-    for p, g, m, v, k in zip(params, grads, exp_avgs, exp_avg_sqs, masks):
-        pf, gf = p.float(), g.float()
+    for i, (p, g, m, v, k) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks)):
+        step_size, b1, b2, eps, wd, inv_bc2_sqrt, inv_scale = (hyper[i, j] for j in range(7))
+        pf, gf = p.float(), g.float() * inv_scale
         if not decoupled:
             gf = gf + wd * pf
         mf = m.float().lerp(gf, 1 - b1)
         vf = v.float() * b2 + (1 - b2) * gf * gf
-        upd = (mf / bc1) / (vf.sqrt() / bc2_sqrt + eps)
+        upd = step_size * mf / (vf.sqrt() * inv_bc2_sqrt + eps)
         if decoupled:
             upd = upd + wd * pf
         m.copy_(mf)
         v.copy_(vf)
-        p.copy_(pf - lr * k * upd)
+        p.copy_(pf - k * upd)
 
 
 _COMPILED_UPDATE = None
+_COMPILE_WARNED: set[str] = set()
 
 
 def _compiled_update():
@@ -157,8 +205,60 @@ def _compiled_update():
     return _COMPILED_UPDATE
 
 
+def compile_available(device: torch.device) -> str | None:
+    """None when torch.compile can build the masked update on ``device``, else the reason it cannot."""
+    import shutil
+
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed"
+    if device.type == "cpu":
+        import os
+
+        cxx = os.environ.get("CXX")
+        return None if (cxx and shutil.which(cxx)) or any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler"
+    return f"no tested torch.compile backend for {device.type}"
+
+
+def _warn_once(key: str, message: str) -> None:
+    import warnings
+
+    if key not in _COMPILE_WARNED:
+        _COMPILE_WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_compiled(optimizer: Optimizer, compiled: bool | str) -> bool:
+    """The ``compiled`` setting of a masked Adam/AdamW step: ``"auto"`` compiles when the user's optimizer is
+    fused (so a plain step would be torch's one-pass kernel), holds >= AUTO_COMPILE_MIN_ELEMENTS elements, and
+    torch.compile works on its device; otherwise the eager foreach step (a warning says why when fused).
+    With ``"auto"`` the first AUTO_COMPILE_AFTER_STEPS steps still run eagerly (see :func:`compile_after`)."""
+    if compiled != "auto":
+        if compiled not in (True, False):
+            raise ValueError(f"compiled must be True, False or 'auto', got {compiled!r}")
+        return compiled
+    if not optimizer.defaults.get("fused"):
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params or sum(p.numel() for p in params) < AUTO_COMPILE_MIN_ELEMENTS:
+        return False
+    reason = compile_available(params[0].device)
+    if reason is not None:
+        _warn_once(f"auto:{reason}", f"update masks on a fused optimizer: torch.compile is unavailable ({reason}); using the "
+                   "eager masked step, several times slower than torch's fused AdamW step")
+        return False
+    return True
+
+
+def compile_after(compiled: bool | str) -> int:
+    """Masked steps run eagerly before the compiled update takes over: AUTO_COMPILE_AFTER_STEPS for ``"auto"``."""
+    return AUTO_COMPILE_AFTER_STEPS if compiled == "auto" else 0
+
+
 @torch.no_grad()
-def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False) -> None:
+def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False,
+                      after: int = 0) -> None:
     """One Adam/AdamW step over ``optimizer.param_groups`` with update masks; state keys match torch's.
 
     Works on local tensors, so DTensor (FSDP2) parameters, gradients and states are updated shard by shard
@@ -167,13 +267,20 @@ def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = T
     step): no parameter-sized buffer beyond the denominator torch's own foreach AdamW uses.
 
     ``compiled=True`` runs the update through ``torch.compile`` instead: one fused pass over each tensor
-    (as fast as torch's fused AdamW, no temporary buffer); the first step compiles (tens of seconds).
+    (as fast as torch's fused AdamW, no temporary buffer); the first step compiles (tens of seconds). If
+    compiling fails, a warning names the error and the eager step runs. ``after``: the number of masked steps
+    of this optimizer that still run eagerly.
+
+    Under a GradScaler (``optimizer.grad_scale`` / ``found_inf``, set for optimizers that declare
+    ``_step_supports_amp_scaling``), gradients are unscaled and a step with an inf gradient changes nothing.
     """
+    skip, inv_scale = _amp_inputs(optimizer)
+    if skip:
+        return
     local_masks = _local_masks(optimizer)
+    lists = []  # per group: (group, params, grads, exp_avgs, exp_avg_sqs, steps, masks)
     for group in optimizer.param_groups:
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        lr = float(lr)
-        params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks, fmasks = [], [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks = [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -181,71 +288,113 @@ def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = T
                 raise RuntimeError("masked Adam does not support sparse gradients")
             state = optimizer.state[p]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = _new_step(optimizer, p)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            pl = _local(p)
-            params.append(pl)
+            params.append(_local(p))
             grads.append(_local(p.grad))
             exp_avgs.append(_local(state["exp_avg"]))
             exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             step_ts.append(state["step"])
-            pmasks.append(local_masks.get(masks, p))
-            fmasks.append(local_masks.get_float(masks, p) if compiled or (wd != 0 and decoupled) else None)
-        if not params:
-            continue
-        torch._foreach_add_(step_ts, 1)
-        if compiled:
-            _compiled_group_step(params, grads, exp_avgs, exp_avg_sqs, step_ts, fmasks, (lr, b1, b2, eps, wd), decoupled)
-            continue
-        if wd != 0 and not decoupled:
-            grads = torch._foreach_add(grads, params, alpha=wd)  # L2-regularised Adam
-        torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
-        torch._foreach_mul_(exp_avg_sqs, b2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
-        del grads
-        sizes = [t.numel() for t in params]
-        # Params of one group almost always share a step count; bucket by it to use foreach kernels.
-        buckets: dict[float, list[int]] = {}
-        for i, s in enumerate(step_ts):
-            buckets.setdefault(float(s), []).append(i)
-        for step, idx in buckets.items():
-            bc1 = 1 - b1**step
-            bc2_sqrt = math.sqrt(1 - b2**step)
-            # ea/(sqrt(v)/bc2_sqrt + eps) == bc2_sqrt * ea/(sqrt(v) + eps*bc2_sqrt): one pass fewer.
-            step_size = lr * bc2_sqrt / bc1
-            if wd != 0 and decoupled:
-                plain = [params[i] for i in idx if pmasks[i] is None]
-                if plain:
-                    torch._foreach_mul_(plain, 1 - lr * wd)
-                masked = [i for i in idx if pmasks[i] is not None]
-                if masked:
-                    # 1 - lr*wd*m per unit (small tensors), in fp32 so that bf16 does not round it to 1.
-                    decay = torch._foreach_mul([fmasks[i] for i in masked], -(lr * wd))
-                    torch._foreach_add_(decay, 1.0)
-                    torch._foreach_mul_([params[i] for i in masked], decay)
-            for chunk in _chunks(idx, sizes):
-                denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in chunk])
-                torch._foreach_add_(denom, eps * bc2_sqrt)
-                masked = [k for k, i in enumerate(chunk) if pmasks[i] is not None]
-                if masked:
-                    torch._foreach_div_([denom[k] for k in masked], [pmasks[chunk[k]] for k in masked])
-                torch._foreach_addcdiv_([params[i] for i in chunk], [exp_avgs[i] for i in chunk], denom, -step_size)
-                del denom
+            pmasks.append(p)
+        if params:
+            lists.append((group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks))
+    if not lists:
+        return
+    done = optimizer.__dict__.get("_hf_softmask_masked_steps", 0)
+    optimizer.__dict__["_hf_softmask_masked_steps"] = done + 1
+    if compiled and done >= after and "_hf_softmask_compile_error" not in optimizer.__dict__:
+        try:
+            _compiled_step(lists, masks, local_masks, decoupled, inv_scale)
+            return
+        except Exception as err:  # no compiler, unsupported op/backend: the eager step is exact, only slower
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            optimizer.__dict__["_hf_softmask_compile_error"] = f"{type(err).__name__}: {err}"
+            _warn_once(f"fail:{type(err).__name__}", f"compiling the masked AdamW update failed ({type(err).__name__}: "
+                       f"{str(err)[:200]}); using the eager masked step")
+    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
+        _foreach_group_step(group, params, grads, exp_avgs, exp_avg_sqs, step_ts,
+                            [local_masks.get(masks, p) for p in owners], [local_masks.get_float(masks, p) for p in owners],
+                            decoupled, inv_scale)
 
 
-def _compiled_group_step(params, grads, exp_avgs, exp_avg_sqs, step_ts, fmasks, hyper, decoupled: bool) -> None:
-    lr, b1, b2, eps, wd = hyper
-    buckets: dict[tuple, list[int]] = {}  # by step count and device: one compiled call each
-    for i, s in enumerate(step_ts):
-        buckets.setdefault((float(s), params[i].device), []).append(i)
-    for (step, device), idx in buckets.items():
-        hp = torch.tensor([lr, b1, b2, eps, wd, 1 - b1**step, math.sqrt(1 - b2**step)], dtype=torch.float32)
-        # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
-        hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
+def _foreach_group_step(group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks, fmasks, decoupled, inv_scale) -> None:
+    lr, (b1, b2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    if inv_scale is not None:
+        torch._foreach_mul_(grads, inv_scale)  # what GradScaler.unscale_ does for non-fused optimizers
+    if wd != 0 and not decoupled:
+        grads = torch._foreach_add(grads, params, alpha=wd)  # L2-regularised Adam
+    torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
+    torch._foreach_mul_(exp_avg_sqs, b2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - b2)
+    del grads
+    torch._foreach_add_(step_ts, 1)
+    sizes = [t.numel() for t in params]
+    # Params of one group almost always share a step count; bucket by it to use foreach kernels (one host read).
+    buckets: dict[float, list[int]] = {}
+    for i, s in enumerate(torch.stack(step_ts).tolist()):
+        buckets.setdefault(s, []).append(i)
+    for step, idx in buckets.items():
+        bc1 = 1 - b1**step
+        bc2_sqrt = math.sqrt(1 - b2**step)
+        # ea/(sqrt(v)/bc2_sqrt + eps) == bc2_sqrt * ea/(sqrt(v) + eps*bc2_sqrt): one pass fewer.
+        step_size = lr * bc2_sqrt / bc1
+        if wd != 0 and decoupled:
+            plain = [params[i] for i in idx if pmasks[i] is None]
+            if plain:
+                torch._foreach_mul_(plain, 1 - lr * wd)
+            masked = [i for i in idx if pmasks[i] is not None]
+            if masked:
+                # 1 - lr*wd*m per unit (small tensors), in fp32 so that bf16 does not round it to 1.
+                decay = torch._foreach_mul([fmasks[i] for i in masked], -(lr * wd))
+                torch._foreach_add_(decay, 1.0)
+                torch._foreach_mul_([params[i] for i in masked], decay)
+        for chunk in _chunks(idx, sizes):
+            denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in chunk])
+            torch._foreach_add_(denom, eps * bc2_sqrt)
+            masked = [k for k, i in enumerate(chunk) if pmasks[i] is not None]
+            if masked:
+                torch._foreach_div_([denom[k] for k in masked], [pmasks[chunk[k]] for k in masked])
+            torch._foreach_addcdiv_([params[i] for i in chunk], [exp_avgs[i] for i in chunk], denom, -step_size)
+            del denom
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A pageable host-to-device copy would wait for the queued backward; pinned + non_blocking does not.
+    if t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: bool, inv_scale: float | None) -> None:
+    """All groups in one compiled call per device; steps are advanced only after the update succeeded."""
+    by_device: dict[torch.device, list] = {}
+    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
+        hp = [float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"]]
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append((p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], owners[i], hp))
+    for device, rows in by_device.items():
+        steps = [r[4] for r in rows]
+        inv = 1.0 if inv_scale is None else inv_scale
+        if all(s.device.type == "cpu" for s in steps):  # torch's default: fold on the host, in float64 like torch
+            hyper_rows = []
+            for r, s in zip(rows, steps):
+                lr, b1, b2, eps, wd = r[6]
+                n = float(s) + 1
+                hyper_rows.append([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv])
+            hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+        else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
+            lr, b1, b2, eps, wd = _to_device(torch.tensor([r[6] for r in rows], dtype=torch.float64), device).unbind(1)
+            n = torch.stack([s.to(device) for s in steps]).double() + 1
+            hyper = torch.stack([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n).rsqrt(),
+                                 torch.full_like(lr, inv)], 1).float()
+        hyper = _to_device(hyper, device)
         ones = torch.ones((), dtype=torch.float32, device=device)
-        _compiled_update()([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                           [exp_avg_sqs[i] for i in idx], [ones if fmasks[i] is None else fmasks[i] for i in idx], hp, decoupled)
+        kmasks = [local_masks.get_kernel(masks, r[5]) for r in rows]
+        _compiled_update()([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                           [ones if k is None else k for k in kmasks], hyper, decoupled)
+        torch._foreach_add_(steps, 1)
 
 
 @torch.no_grad()
@@ -254,8 +403,11 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
 
     Momentum of entries whose mask is exactly 0 is zeroed too, so a frozen entry carries no
     velocity into a later phase (the SparseSGDM behaviour TaLoS relies on). DTensor parameters are
-    updated shard by shard, like :func:`masked_adamw_step`.
+    updated shard by shard, like :func:`masked_adamw_step`, and a GradScaler is honoured the same way.
     """
+    skip, inv_scale = _amp_inputs(optimizer)
+    if skip:
+        return
     local_masks = _local_masks(optimizer)
     for group in optimizer.param_groups:
         lr, mom, damp, wd, nesterov = group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
@@ -263,6 +415,8 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
             if p.grad is None:
                 continue
             pl, g = _local(p), _local(p.grad)
+            if inv_scale is not None:
+                g = g * inv_scale
             d_p = g if wd == 0 else g.add(pl, alpha=wd)
             m = local_masks.get(masks, p)
             if mom != 0:
@@ -305,28 +459,32 @@ class _MaskMixin:
 
 
 class MaskedAdamW(_MaskMixin, AdamW):
-    """``torch.optim.AdamW`` with per-parameter update masks (same state dict, same hyper-parameters)."""
+    """``torch.optim.AdamW`` with per-parameter update masks (same state dict, same hyper-parameters).
+
+    ``fused=True`` declares GradScaler support like torch's fused AdamW (the scaler hands over
+    ``grad_scale``/``found_inf``) and, with ``compile="auto"``, runs the update compiled into one pass
+    (see :func:`resolve_compiled`).
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, update_masks: MaskDict | None = None,
-                 compile: bool = False, **kwargs):
+                 compile: bool | str = "auto", **kwargs):
         for unsupported in ("amsgrad", "maximize", "capturable", "differentiable"):
             if kwargs.get(unsupported):
                 raise ValueError(f"MaskedAdamW does not support {unsupported}=True")
-        kwargs.pop("fused", None)
         kwargs.pop("foreach", None)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self.set_update_masks(update_masks)
-        self.compiled = bool(compile)  # torch.compile the update into one fused pass (see masked_adamw_step)
+        self.compiled = resolve_compiled(self, compile)  # torch.compile the update into one fused pass
+        self.compile_after = compile_after(compile)
 
     def _masked_update(self) -> None:
-        masked_adamw_step(self, self.update_masks, compiled=self.compiled)
+        masked_adamw_step(self, self.update_masks, compiled=self.compiled, after=self.compile_after)
 
 
 class MaskedSGD(_MaskMixin, SGD):
     """``torch.optim.SGD`` with per-parameter update masks; frozen entries' momentum is masked too."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, update_masks: MaskDict | None = None, **kwargs):
-        kwargs.pop("fused", None)
         kwargs.pop("foreach", None)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, **kwargs)
         self.set_update_masks(update_masks)
@@ -335,14 +493,27 @@ class MaskedSGD(_MaskMixin, SGD):
         masked_sgd_step(self, self.update_masks)
 
 
-class UpdateMaskHandle:
-    """Returned by :func:`install_update_masks`; ``remove()`` restores the optimizer's own step."""
+_HANDLE_ATTR = "_hf_softmask_update_mask_handle"
 
-    def __init__(self, optimizer: Optimizer, original_step, masks: MaskDict, how: str):
+
+class UpdateMaskHandle:
+    """Returned by :func:`install_update_masks`; ``remove()`` makes the optimizer plain again.
+
+    The masking lives in step hooks of the inner optimizer, which torch runs from the class's ``step``
+    however it is reached (a bound method captured by accelerate's AcceleratedOptimizer, a GradScaler, an
+    LR scheduler's wrapper): nothing is installed on ``optimizer.step``, so nothing can overwrite it.
+    """
+
+    def __init__(self, optimizer: Optimizer, masks: MaskDict, how: str, compiled: bool = False, after: int = 0):
         self.optimizer = optimizer
-        self._original = original_step
         self.masks = masks
         self.how = how
+        self.compiled = compiled
+        self.compile_after = after
+        self._hooks: list = []
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._snapshot: dict = {}
+        self._updated = False
 
     def update(self, masks: MaskDict) -> None:
         self.masks.clear()
@@ -351,16 +522,68 @@ class UpdateMaskHandle:
     def remove(self) -> None:
         if self.how == "native":
             self.optimizer.set_update_masks(None)
-            return
-        if self._original is not None:
-            if self._original is _CLASS_STEP:
-                self.optimizer.__dict__.pop("step", None)
-            else:
-                self.optimizer.step = self._original
-            self._original = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.optimizer.__dict__.get(_HANDLE_ATTR) is self:
+            del self.optimizer.__dict__[_HANDLE_ATTR]
 
+    # -- fused kinds: the masked update runs inside the optimizer's own step, via its closure --------------------
+    def _pre_fused(self, opt, args, kwargs):
+        """Hand the class's step a closure that runs the user's closure, then the masked update, then hides the
+        gradients so the class's own update finds nothing to do. The step calls it after all pre-hooks ran, in
+        whatever order they were registered."""
+        args, kwargs = tuple(args), dict(kwargs)
+        closure = kwargs.pop("closure", None)
+        if len(args) > 1:
+            closure, args = args[1], args[:1]
+        self._updated = False
+        self._first_post_hook(opt)
 
-_CLASS_STEP = object()
+        def masked_closure():
+            loss = closure() if closure is not None else None
+            self._update()
+            self._hidden = [(p, p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            for p, _ in self._hidden:
+                p.grad = None
+            self._updated = True
+            return loss
+
+        kwargs["closure"] = masked_closure
+        return args, kwargs
+
+    def _update(self) -> None:
+        if self.how == "sgd":
+            masked_sgd_step(self.optimizer, self.masks)
+        else:
+            masked_adamw_step(self.optimizer, self.masks, decoupled=(self.how == "adamw"), compiled=self.compiled,
+                              after=self.compile_after)
+
+    def _post_fused(self, opt, args, kwargs) -> None:
+        for p, g in self._hidden:
+            p.grad = g
+        self._hidden = []
+        if not self._updated:
+            raise RuntimeError(f"{type(opt).__name__}.step did not call its closure, so the update masks were not applied")
+
+    # -- any other optimizer: snapshot the masked parameters, step, interpolate -------------------------------
+    @torch.no_grad()
+    def _pre_snapshot(self, opt, args, kwargs) -> None:
+        self._first_post_hook(opt)
+        self._snapshot = {p: _local(p).detach().clone() for p in self.masks if p.grad is not None}
+
+    @torch.no_grad()
+    def _post_snapshot(self, opt, args, kwargs) -> None:
+        local_masks = _local_masks(opt)
+        for p, old in self._snapshot.items():
+            pl = _local(p)
+            pl.copy_(old.lerp_(pl, local_masks.get(self.masks, p).to(old.dtype).expand_as(old)))
+        self._snapshot = {}
+
+    def _first_post_hook(self, opt) -> None:
+        # Post-hooks registered later must see the masked result (and the gradients back): ours runs first.
+        post = self._hooks[1]
+        opt._optimizer_step_post_hooks.move_to_end(post.id, last=False)
 
 
 def _fusable(opt: Optimizer) -> str | None:
@@ -374,16 +597,25 @@ def _fusable(opt: Optimizer) -> str | None:
     return None
 
 
-def install_update_masks(optimizer, masks: MaskDict, compiled: bool = False) -> UpdateMaskHandle:
+def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "auto") -> UpdateMaskHandle:
     """Make ``optimizer`` (torch or accelerate-wrapped) apply ``masks`` to its updates.
-
-    ``compiled=True``: the Adam/AdamW update runs through ``torch.compile`` (one fused pass per tensor).
 
     AdamW, Adam and SGD get the mask fused into their step (state dict unchanged, so checkpoints
     stay compatible). Any other optimizer falls back to snapshotting the masked parameters before
     its step and interpolating ``old + m * (new - old)`` after it (exact, but one extra copy).
+
+    ``compiled``: the Adam/AdamW update runs through ``torch.compile`` (one fused pass per tensor); ``"auto"``
+    (default) does so when the optimizer is fused and big, after AUTO_COMPILE_AFTER_STEPS eager steps (see
+    :func:`resolve_compiled`).
+
+    The masking is installed as step hooks of the inner optimizer (see :class:`UpdateMaskHandle`), so user step
+    hooks keep firing and accelerate's GradScaler path cannot replace it. One set of masks per optimizer.
     """
     opt = _unwrap(optimizer)
+    previous = opt.__dict__.get(_HANDLE_ATTR)
+    if previous is not None:
+        raise RuntimeError(f"{type(opt).__name__} already has update masks installed; remove() their handle first "
+                           "(or install the product of both mask sets)")
     masks = dict(masks)
     optimized = {id(p) for group in opt.param_groups for p in group["params"]}
     if masks and not any(id(p) in optimized for p in masks):
@@ -397,55 +629,15 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool = False) -> 
     kind = _fusable(opt)
     if kind == "native":
         opt.set_update_masks(masks)
-        if compiled and isinstance(opt, MaskedAdamW):
-            opt.compiled = True
-        handle = UpdateMaskHandle(opt, None, opt.update_masks, "native")
-        return handle
-
-    original = opt.__dict__.get("step", _CLASS_STEP)
-    handle = UpdateMaskHandle(opt, original, masks, kind or "snapshot")
-
-    if kind in ("adamw", "adam"):
-        def compute(closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            masked_adamw_step(opt, handle.masks, decoupled=(kind == "adamw"), compiled=compiled)
-            return loss
-    elif kind == "sgd":
-        def compute(closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            masked_sgd_step(opt, handle.masks)
-            return loss
+        if compiled != "auto" and isinstance(opt, MaskedAdamW):
+            opt.compiled, opt.compile_after = resolve_compiled(opt, compiled), compile_after(compiled)
+        handle = UpdateMaskHandle(opt, opt.update_masks, "native")
+    elif kind is not None:
+        use_compiled = resolve_compiled(opt, compiled) if kind in ("adamw", "adam") else False
+        handle = UpdateMaskHandle(opt, masks, kind, compiled=use_compiled, after=compile_after(compiled))
+        handle._hooks = [opt.register_step_pre_hook(handle._pre_fused), opt.register_step_post_hook(handle._post_fused)]
     else:
-        inner_step = opt.step
-        local_masks = _local_masks(opt)
-
-        def compute(closure=None):
-            with torch.no_grad():
-                snap = {p: _local(p).detach().clone() for p in handle.masks if p.grad is not None}
-            loss = inner_step(closure) if closure is not None else inner_step()
-            with torch.no_grad():
-                for p, old in snap.items():
-                    pl = _local(p)
-                    pl.copy_(old.lerp_(pl, local_masks.get(handle.masks, p).to(old.dtype).expand_as(old)))
-            return loss
-
-    def step(closure=None):
-        # LR schedulers check this flag to verify optimizer.step ran before scheduler.step.
-        opt._opt_called = True
-        return compute(closure)
-
-    step._wrapped_by_lr_sched = True
-    opt.step = step
+        handle = UpdateMaskHandle(opt, masks, "snapshot")
+        handle._hooks = [opt.register_step_pre_hook(handle._pre_snapshot), opt.register_step_post_hook(handle._post_snapshot)]
+    opt.__dict__[_HANDLE_ATTR] = handle
     return handle
-
-
-def param_masks_to_device(masks: MaskDict) -> MaskDict:
-    """Move each mask to its parameter's device (dtype float32 for bf16-safe multiplies)."""
-    return {p: m.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else torch.float32) for p, m in masks.items()}
-

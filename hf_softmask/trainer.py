@@ -53,7 +53,8 @@ class SoftMaskTrainer(Trainer):
         self.softmask_callback = None
         if importance is not None:
             self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
-            self.add_callback(self.softmask_callback)
+            # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
+            self.callback_handler.callbacks.insert(0, self.softmask_callback)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)

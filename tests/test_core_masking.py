@@ -177,3 +177,40 @@ def test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoin
     for s, before in zip(layout.owned, protected):
         if before is not None:
             assert torch.equal(_unit_slice(s, layout, 2, 5, 1, 0), before)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch", "sgd"])
+def test_freeze_policy_in_grad_mode_does_not_move_the_parameter(optim, tmp_path):
+    """Grad mode zeroes the frozen parameter's gradient; weight decay must not move it either."""
+    model = TINY_MODELS["gpt2"]()
+    layout = UnitLayout.from_model(model)
+    wte = model.transformer.wte.weight
+    before = wte.detach().clone()
+    _train(model, tmp_path, [SoftMaskCallback(UnitImportance.zeros_like_layout(layout), mode="grad", embeddings="freeze")],
+           weight_decay=0.1, optim=optim)
+    assert torch.equal(wte.detach(), before)
+
+
+def test_compile_update_setting_is_validated_and_parsed():
+    assert SoftMaskConfig().compile_update == "auto"
+    assert SoftMaskConfig(compile_update="False").compile_update is False  # as a command-line flag arrives
+    with pytest.raises(ValueError, match="compile_update"):
+        SoftMaskConfig(compile_update="sometimes")
+
+
+def test_gradient_hooks_refuse_dtensor_parameters(tmp_path):
+    """Tensor hooks never fire on FSDP2's DTensor parameters; GradMaskHooks must say so instead of masking nothing."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_softmask.masking import GradMaskHooks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="ShardedGradMask"):
+            GradMaskHooks({p: torch.ones(4, 1)})
+    finally:
+        dist.destroy_process_group()

@@ -1,5 +1,7 @@
 """Masked optimizers: equal to torch's without masks, exact freezing with masks, compatible state."""
 
+import copy
+
 import pytest
 import torch
 
@@ -80,3 +82,75 @@ def test_masked_sgd_momentum_of_frozen_entries_is_zeroed():
 def test_masked_adamw_rejects_options_it_does_not_implement():
     with pytest.raises(ValueError, match="amsgrad"):
         MaskedAdamW(_params(), amsgrad=True)
+
+
+_HOOKED_OPTIMIZERS = {
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adagrad_snapshot": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "masked_adamw": lambda ps: MaskedAdamW(ps, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HOOKED_OPTIMIZERS))
+def test_step_hooks_keep_firing_with_update_masks(kind):
+    """register_step_pre_hook / post_hook: the pre-hook sees the gradients before the update, the post-hook after it."""
+    params = _params()
+    opt = _HOOKED_OPTIMIZERS[kind](params)
+    seen = []
+
+    def pre(o, args, kwargs):
+        seen.append(("pre", params[0].detach().clone(), params[0].grad is not None))
+
+    def post(o, args, kwargs):
+        seen.append(("post", params[0].detach().clone(), params[0].grad is not None))
+
+    opt.register_step_pre_hook(pre)
+    handle = install_update_masks(opt, {params[0]: torch.tensor([0.0, 1, 1, 1, 1, 1]).view(6, 1)})
+    opt.register_step_post_hook(post)
+    init = params[0].detach().clone()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [s[0] for s in seen] == ["pre", "post"], seen
+    assert torch.equal(seen[0][1], init) and seen[0][2]
+    assert not torch.equal(seen[1][1][1:], init[1:]) and seen[1][2]  # post-hook: updated, gradients still there
+    assert torch.equal(params[0][0], init[0])  # and masked
+    handle.remove()
+    opt.step()
+    assert len(seen) == 4 and not torch.equal(params[0][0], init[0])  # removed: the plain step again
+
+
+@pytest.mark.parametrize("kind", ["adamw_foreach", "adamw_fused", "sgd"])
+def test_state_dict_round_trip_and_zero_grad_after_masked_steps(kind):
+    params = _params()
+    opt = _HOOKED_OPTIMIZERS[kind](params)
+    install_update_masks(opt, {params[0]: torch.zeros(6, 1)})
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in params)
+    fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = _HOOKED_OPTIMIZERS[kind](fresh_params)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict would alias the tensors
+    for p, q in zip(params, fresh_params):
+        for k, v in opt.state[p].items():
+            torch.testing.assert_close(fresh.state[q][k], v)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()  # masked: params[0] frozen
+    fresh.step()  # unmasked torch step continues from the masked run's state
+    assert torch.equal(params[0], _params()[0]) and not torch.equal(fresh_params[0], params[0])
+    torch.testing.assert_close(fresh_params[1], params[1])
+
+
+def test_second_install_on_one_optimizer_is_refused():
+    params = _params()
+    opt = torch.optim.AdamW(params)
+    handle = install_update_masks(opt, {params[0]: torch.zeros(())})
+    with pytest.raises(RuntimeError, match="already"):
+        install_update_masks(opt, {params[1]: torch.zeros(())})
+    handle.remove()
+    install_update_masks(opt, {params[1]: torch.zeros(())}).remove()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ..callback import merge_log_metrics
 from ..io import atomic_save_safetensors, atomic_write_json
 
 __all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer", "STRATEGY_STATE_WEIGHTS", "STRATEGY_STATE_CONFIG"]
@@ -81,6 +82,15 @@ class ContinualStrategy:
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
         pass
 
+    def log_metrics(self) -> dict[str, float]:
+        """Scalars added to the Trainer's training logs (``report_to``) at logging steps.
+
+        Default: the mask statistics of the strategy's active :class:`~hf_softmask.SoftMasker` (``self._masker``,
+        as DAS and HAT keep it), else nothing.
+        """
+        masker = getattr(self, "_masker", None)
+        return masker.statistics() if masker is not None else {}
+
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -135,6 +145,11 @@ class StrategyCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.strategy.after_optimizer_step(model, optimizer or self._optimizer)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = self.strategy.log_metrics() if logs is not None else {}
+        if metrics and not any(k in logs for k in metrics):  # StrategyTrainer.log added them already
+            merge_log_metrics(logs, state, metrics)
+
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.strategy.on_train_end(model, optimizer or self._optimizer)
 
@@ -164,6 +179,12 @@ class StrategyTrainer(Trainer):
                     extra = extra / self.current_gradient_accumulation_steps
                 loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Before the Trainer hands the logs to its report_to integrations and log_history.
+        if "loss" in logs:
+            logs.update(self.strategy.log_metrics())
+        super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
