@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import VOCAB, random_lm_batches, tiny_bert
+from strategy_utils import lm_dataset
+from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
 from torch.utils.data import DataLoader
 
-from conftest import VOCAB, random_lm_batches, tiny_bert
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.cbp import CBPStrategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy
 from hf_softmask.task_heads import MultiTaskClassifier
-from strategy_utils import lm_dataset
-from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -188,9 +188,8 @@ def test_finished_task_masks_stay_bit_packed_while_the_next_trains(wsn_trained):
 
 
 def test_talos_update_masks_and_task_vectors_are_bits(tmp_path):
-    from strategy_utils import run_task
-
     from conftest import tiny_gpt2
+    from strategy_utils import run_task
 
     model = tiny_gpt2()
     talos = get_strategy("talos", keep_fraction=0.2, rounds=1, examples_per_round=4, task_vector_dir=str(tmp_path / "tv"))

@@ -279,7 +279,8 @@ class CBPStrategy(ContinualStrategy):
             # entries whose own correction has converged to the shared one need no more work
             done = (b2 ** n) < 1e-9
             reset_at[idx[done]] = float("nan")
-            idx, n = idx[~done], n[~done]
+            keep = ~done & (n >= 1)  # n = 0: reset after this step's update, nothing to correct yet
+            idx, n = idx[keep], n[keep]
             if idx.numel() == 0:
                 continue
             shape = [1] * p.dim()
@@ -294,23 +295,6 @@ class CBPStrategy(ContinualStrategy):
             shared = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
             own = (m / bc1_n) / ((v / bc2_n).sqrt() + eps)
             p.index_add_(axis, i, (lr * (shared - own)).to(p.dtype))
-
-
-_ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
-
-
-def _check_optimizer(optimizer) -> None:
-    """Refuse optimizers whose reset entries CBP cannot give a fresh bias correction."""
-    opt = _unwrap(optimizer)
-    if isinstance(opt, _ADAM):
-        bad = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in opt.param_groups)]
-        if bad:
-            raise ValueError(f"CBP cannot bias-correct replaced units under {type(opt).__name__} with {bad}=True; "
-                             "use plain Adam/AdamW or SGD")
-        return
-    if "betas" in opt.defaults:
-        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a bias-corrected "
-                         "moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW or SGD")
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -335,6 +319,23 @@ def _check_optimizer(optimizer) -> None:
 
     def summary(self) -> dict:
         return {"replaced_per_layer": [] if self.num_replaced is None else self.num_replaced.int().tolist(), "steps": self.steps}
+
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
+
+
+def _check_optimizer(optimizer) -> None:
+    """Refuse optimizers whose reset entries CBP cannot give a fresh bias correction."""
+    opt = _unwrap(optimizer)
+    if isinstance(opt, _ADAM):
+        bad = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in opt.param_groups)]
+        if bad:
+            raise ValueError(f"CBP cannot bias-correct replaced units under {type(opt).__name__} with {bad}=True; "
+                             "use plain Adam/AdamW or SGD")
+        return
+    if "betas" in opt.defaults:
+        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a bias-corrected "
+                         "moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW or SGD")
 
 
 class CBPCallback(StrategyCallback):
