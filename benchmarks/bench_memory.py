@@ -24,11 +24,11 @@ from collections import Counter, OrderedDict
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES  # noqa: E402
+from common import SHAPES
 
 TALOS_KEEP = 0.1  # TaLoS's default keep_fraction
 
@@ -131,8 +131,8 @@ def _mb(b: int) -> str:
 
 def markdown(rows: list[dict], stamp: str) -> str:
     lines = [f"State bytes per finished task, from the tensors each strategy keeps ({stamp}).", "",
-             "| model | strategy | scored weights | per finished task: mask MB (bits/weight) | + changed values MB | "
-             "float mask copies held MB | live training state MB | the old code also kept MB (by formula) |",
+             ("| model | strategy | scored weights | per finished task: mask MB (bits/weight) | + changed values MB | "
+             "float mask copies held MB | live training state MB | the old code also kept MB (by formula) |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['strategy']} | {r['scored_weights']:,} | {_mb(r['per_task'])} ({r['mask_bits_per_weight']:.3f}) | "

@@ -95,8 +95,8 @@ class SparseTaskVector:
     def save_pretrained(self, directory: str | os.PathLike, filename: str = TASK_VECTOR_FILE) -> Path:
         path = Path(directory) / filename
         tensors = {}
-        for name in self.masks:
-            tensors[f"{name}.mask"] = self.masks[name].contiguous()
+        for name, mask in self.masks.items():
+            tensors[f"{name}.mask"] = mask.contiguous()
             tensors[f"{name}.values"] = self.values[name].contiguous()
         atomic_save_safetensors(tensors, path, metadata={"shapes": json.dumps({k: list(v) for k, v in self.shapes.items()})})
         return path
@@ -113,12 +113,12 @@ class SparseTaskVector:
             shapes = {k: tuple(v) for k, v in json.loads(f.metadata()["shapes"]).items()}
             keys = set(f.keys())
             tv = cls(shapes=shapes)
-            for name in shapes:
+            for name, shape in shapes.items():
                 tv.values[name] = f.get_tensor(f"{name}.values")
                 if f"{name}.mask" in keys:
                     tv.masks[name] = f.get_tensor(f"{name}.mask")
                 else:  # the earlier format: flat int64 indices
-                    keep = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
+                    keep = torch.zeros(math.prod(shape), dtype=torch.bool)
                     keep[f.get_tensor(f"{name}.indices")] = True
                     tv.masks[name] = pack_bits(keep)
         return tv

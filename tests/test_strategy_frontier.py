@@ -7,7 +7,12 @@ import json
 import pytest
 
 from hf_softmask.comparison import frontier_position as comparison_position
-from hf_softmask.continual.frontier import frontier_position, mark_beyond_frontier, pareto_front, write_frontier
+from hf_softmask.continual.frontier import (
+    frontier_position,
+    mark_beyond_frontier,
+    pareto_front,
+    write_frontier,
+)
 
 # (x = in-domain loss, y = forgetting); (3.3, 0.20) is dominated by (3.2, 0.10)
 PLAIN = [(3.0, 0.30), (3.2, 0.10), (3.4, 0.05), (3.3, 0.20)]

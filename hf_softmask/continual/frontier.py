@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from itertools import pairwise
 from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
@@ -47,7 +48,7 @@ def pareto_front(points) -> list[tuple[float, float]]:
 
 def _interpolate(front: list[tuple[float, float]], x: float) -> float:
     """The frontier's ``y`` at ``x`` (``front`` sorted by ``x``; ``x`` within its range)."""
-    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+    for (x0, y0), (x1, y1) in pairwise(front):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return front[0][1]  # a single-point frontier
@@ -81,7 +82,7 @@ def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE, toleranc
     ``beyond_frontier``: True for "beyond", False for "on"/"behind", None for "undecided", for baseline runs and for
     runs cut short (``complete`` False: metrics over fewer domains; neither judged nor used as a rival).
     """
-    usable = lambda r: r.get("complete", True) is not False and _finite(r.get(x), r.get(y))  # noqa: E731
+    usable = lambda r: r.get("complete", True) is not False and _finite(r.get(x), r.get(y))
     base = [(r[x], r[y]) for r in records if r.get("strategy") == baseline and usable(r)]
     for r in records:
         if r.get("strategy") == baseline or not usable(r):
@@ -116,7 +117,7 @@ def frontier_records(run_dirs) -> list[dict]:
 def _markdown(records: list[dict]) -> str:
     lines = ["| strategy | lr | in-domain loss | forgetting (nats) | BWT | general-text loss increase | vs ncl frontier |",
              "|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):
         pos = r.get("frontier_position")
         mark = "frontier run" if r["strategy"] == BASELINE else ("**beyond**" if pos == "beyond" else (pos or "–"))

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..bitpack import pack_bits, unpack_bits
 from ..fisher import fisher_diagonal
 from ..optim import install_update_masks
-from ..bitpack import pack_bits, unpack_bits
 from ..task_vectors import SparseTaskVector
 from .base import ContinualStrategy
 from .units import build_config, config_signature, unit_model
