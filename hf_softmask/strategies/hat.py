@@ -2,14 +2,17 @@
 
 Each task ``t`` owns one embedding per unit (``e_heads[L, H]``, ``e_ffn[L, I]``). During training
 the units are gated by ``a = sigmoid(s * e)`` (installed with :class:`~hf_softmask.gates.UnitGates`),
-with ``s`` annealed over each epoch's batches from ``1/s_max`` to ``s_max``. After the task the
+with ``s`` annealed over each epoch's batches from ``1/s_max`` to ``s_max``; the embedding gradient's
+compensation for the sharp sigmoid is applied inside each forward's graph with that forward's ``s`` (so gradient
+accumulation sums compensated micro-batch gradients). After the task the
 binary mask ``1[e > 0]`` is stored; the cumulative mask (elementwise max over finished tasks)
 protects the parameter slices owned by used units from later tasks. At inference, task ``t`` runs
 with its own binary mask (:meth:`HATStrategy.set_task`).
 
 AdaHAT replaces the hard protection ``1 - a_prev`` by a soft rate ``r / (I + r)``,
 ``r = alpha / (eps + R_l)``, with ``I`` the number of earlier tasks that used the unit and ``R_l``
-the current task's mask sparsity in layer ``l``; units no earlier task used train freely.
+the current task's mask sparsity in layer ``l``; units no earlier task used train freely. The rate is refreshed
+whenever a forward sets the gates, before its backward (grad mode masks during backward).
 
 Parameters that no unit owns (embeddings, norms, LM head, output biases) follow
 ``unowned_policy`` from the second task on (default ``"freeze"``, which is what makes a task's
@@ -116,7 +119,6 @@ class HATStrategy(ContinualStrategy):
         self.eval_task: int | None = None
         self._batch_in_epoch = 0
         self._num_batches: int | None = None
-        self._s = 1.0
         self._training_gates = False
         self._masker: SoftMasker | None = None
         self._embedding_task = -1  # task whose embeddings e_heads/e_ffn hold
@@ -201,7 +203,7 @@ class HATStrategy(ContinualStrategy):
                 raise ValueError("HAT anneals s over each epoch's batches and needs their number: pass the train dataloader to "
                                  "before_task(model, task_id, dataloader) or set batches_per_epoch")
             self._batch_in_epoch = self._batch_in_epoch % self._num_batches + 1
-            self._s = s = hat_scale(self._batch_in_epoch, self._num_batches, self.cfg.s_max)
+            s = hat_scale(self._batch_in_epoch, self._num_batches, self.cfg.s_max)
             self.gates.head_gate = torch.sigmoid(s * _compensated(self.e_heads, s, self.cfg))
             self.gates.ffn_gate = torch.sigmoid(s * _compensated(self.e_ffn, s, self.cfg))
             self._training_gates = True
