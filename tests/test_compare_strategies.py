@@ -20,6 +20,7 @@ def test_frontier_position_rule():
     assert frontier_position((3.1, float("nan")), plain, 0.01) == "undecided"
 
 
+@pytest.mark.slow
 def test_quick_comparison_writes_records(tmp_path):
     args = CompareArguments(output_dir=str(tmp_path), quick=True, strategies="ncl,hat,tss", settings="pretrain,finetune",
                             frontier_lr_factors="1,2", num_threads=1)
