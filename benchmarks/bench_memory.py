@@ -60,8 +60,9 @@ def _subnetwork(shape, selection: str):
 
     torch.manual_seed(0)
     lin = nn.Linear(shape[1], shape[0], bias=False)
-    cfg = SubnetworkConfig(target_modules=["proj"], score_init="magnitude", init_score=0.02 if selection == "threshold" else 1.0,
-                           selection=selection, keep_ratio=0.9, train_base_weights=selection == "topk")
+    cfg = SubnetworkConfig(target_modules=["proj"], score_init="magnitude",
+                           init_score=0.02 if selection == "threshold" else 1.0, selection=selection, keep_ratio=0.9,
+                           train_base_weights=selection == "topk")
     tuner = get_subnetwork_model(nn.Sequential(OrderedDict(proj=lin)), cfg)
     return tuner, tuner.subnetwork_layers()["proj"]
 
@@ -105,7 +106,8 @@ def talos_bytes(shape) -> dict:
     tv.add("w", mask, w[mask])
     kept = int(mask.sum())
     return {"per_task": _nbytes(tv.masks["w"]), "changed_values": _nbytes(tv.values["w"]), "float_mask_copies": 0,
-            "live": _nbytes(mask) + _nbytes(w[mask]),  # bool trainable mask (= the optimizer's update mask) + base values
+            # bool trainable mask (= the optimizer's update mask) + the trainable entries' starting values
+            "live": _nbytes(mask) + _nbytes(w[mask]),
             # before: int64 indices per kept entry, and the update mask in the parameter's dtype (fp32 here)
             "removed": (8 * kept - _nbytes(tv.masks["w"])) + 3 * mask.numel()}
 
@@ -135,8 +137,9 @@ def markdown(rows: list[dict], stamp: str) -> str:
              "float mask copies held MB | live training state MB | the old code also kept MB (by formula) |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['scored_weights']:,} | {_mb(r['per_task'])} ({r['mask_bits_per_weight']:.3f}) | "
-                     f"{_mb(r['changed_values'])} | {_mb(r['float_mask_copies'])} | {_mb(r['live'])} | {_mb(r['removed'])} |")
+        lines.append(f"| {r['model']} | {r['strategy']} | {r['scored_weights']:,} | "
+                     f"{_mb(r['per_task'])} ({r['mask_bits_per_weight']:.3f}) | {_mb(r['changed_values'])} | "
+                     f"{_mb(r['float_mask_copies'])} | {_mb(r['live'])} | {_mb(r['removed'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +152,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows.extend(measure(name))
-    stamp = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d', time.gmtime())}"
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    stamp = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {day}"
     print(markdown(rows, stamp))
     if args.json:
         with open(args.json, "w") as f:

@@ -27,8 +27,8 @@ import torch
 from .continual.frontier import frontier_position
 from .io import atomic_write_json, atomic_write_text
 
-__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "in_task_error", "STRATEGY_DEFAULTS",
-           "DEFAULT_STRATEGIES", "FRONTIER"]
+__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "in_task_error",
+           "STRATEGY_DEFAULTS", "DEFAULT_STRATEGIES", "FRONTIER"]
 
 DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
 
@@ -57,7 +57,8 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
 FINETUNE_LR = {"tss": 1e-3, "wsn": 5e-5}
 FINETUNE_WEIGHT_LR = 1e-4
 
-#: Per setting: the plain-training baseline of the frontier and the (x, y) axes a run is placed by (both lower-is-better).
+#: Per setting: the plain-training baseline of the frontier and the (x, y) axes a run is placed by
+#: (both lower-is-better).
 FRONTIER = {"pretrain": ("ncl", "in_domain_loss", "forgetting"), "finetune": ("ft", "in_task_error", "forgetting")}
 
 
@@ -74,9 +75,12 @@ class CompareArguments:
     pretrain_overrides: str | None = field(default=None, metadata={"help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."})
     finetune_overrides: str | None = field(default=None, metadata={"help": "JSON object of finetuning arguments applied on top."})
     strategy_kwargs: str | None = field(default=None, metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."})
-    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={"help": "Plain training (ncl / ft) is run at its learning rate times each factor, in every setting: the frontier."})
-    frontier_tolerance: float = field(default=0.005, metadata={"help": "Pre-training: difference (nats, either axis) within which a run counts as ON the frontier."})
-    finetune_frontier_tolerance: float = field(default=0.01, metadata={"help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."})
+    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={
+        "help": "Plain training (ncl / ft) runs at its learning rate times each factor, in every setting: the frontier."})
+    frontier_tolerance: float = field(default=0.005, metadata={
+        "help": "Pre-training: difference (nats, either axis) within which a run counts as ON the frontier."})
+    finetune_frontier_tolerance: float = field(default=0.01, metadata={
+        "help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."})
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
 
 
@@ -229,7 +233,8 @@ def _record(setting: str, name: str, lr, result: dict | None, mem: peak_memory, 
                         "general_loss_increase": result.get("general_loss_increase"), "complete": result.get("complete")})
         else:
             rec.update({"acc": result.get("acc"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"), "fwt": result.get("fwt"),
-                        "in_task_error": in_task_error(result.get("accuracy_matrix")), "accuracy_matrix": result.get("accuracy_matrix")})
+                        "in_task_error": in_task_error(result.get("accuracy_matrix")),
+                        "accuracy_matrix": result.get("accuracy_matrix")})
     return rec
 
 
@@ -311,10 +316,12 @@ def run_comparison(args: CompareArguments) -> dict:
     return _write(out, records, args, started)
 
 
-def _frontier_runs(args: CompareArguments, setting: str, base_args: dict, out: Path, records: list[dict]) -> list[dict]:
+def _frontier_runs(args: CompareArguments, setting: str, base_args: dict, out: Path,
+                   records: list[dict]) -> list[dict]:
     """The plain runs of ``setting`` over ``lr0 * factor``; the plain run already made (at ``lr0``) joins them."""
     plain = FRONTIER[setting][0]
-    base = next((r for r in records if r["setting"] == setting and r["strategy"] == plain and not r.get("frontier")), None)
+    base = next((r for r in records if r["setting"] == setting and r["strategy"] == plain and not r.get("frontier")),
+                None)
     if base and base["learning_rate"]:
         lr0 = base["learning_rate"]
     elif setting == "pretrain":
@@ -372,8 +379,10 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
     fin = [r for r in records if r["setting"] == "finetune"]
     if fin:
         lines += ["### Continual finetuning (task-incremental accuracy, higher is better)", "",
-                  "In-task error: 1 − accuracy on each task right after training it (the frontier's x axis; forgetting is its y axis).", "",
-                  "| strategy | lr | ACC | BWT | forgetting | in-task error | FWT | vs ft frontier | wall s | peak RSS MB |",
+                  "In-task error: 1 − accuracy on each task right after training it (the frontier's x axis; "
+                  "forgetting is its y axis).", "",
+                  "| strategy | lr | ACC | BWT | forgetting | in-task error | FWT | vs ft frontier | wall s | "
+                  "peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in fin:
             pos = "frontier run" if r.get("frontier") else r.get("frontier_position", "–")
@@ -381,7 +390,8 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
                 pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
             lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
-                         f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | {_fmt(r['wall_seconds'], '.0f')} | "
+                         f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | "
+                         f"{_fmt(r['wall_seconds'], '.0f')} | "
                          f"{_fmt(r['peak_rss_mb'], '.0f')} |")
         lines.append("")
     errors = [r for r in records if r["error"]]

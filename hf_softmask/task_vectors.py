@@ -29,7 +29,7 @@ TASK_VECTOR_FILE = "task_vector.safetensors"
 
 @dataclass
 class SparseTaskVector:
-    """Per-parameter sparse differences: ``masks[name]`` (bit-packed), ``values[name]`` (in mask order), ``shapes[name]``."""
+    """Per-parameter sparse differences: ``masks[name]`` (bit-packed), ``values[name]``, ``shapes[name]``."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -65,7 +65,8 @@ class SparseTaskVector:
 
     def nbytes(self) -> int:
         """Bytes held: the packed masks plus the values."""
-        return sum(m.numel() * m.element_size() + self.values[n].numel() * self.values[n].element_size() for n, m in self.masks.items())
+        return sum(m.numel() * m.element_size() + self.values[n].numel() * self.values[n].element_size()
+                   for n, m in self.masks.items())
 
     def dense(self, name: str) -> torch.Tensor:
         out = torch.zeros(self.shapes[name], dtype=self.values[name].dtype)

@@ -16,7 +16,7 @@ def test_frontier_position_rule():
     assert frontier_position((3.3, 0.20), plain, 0.01) == "behind"  # (3.2, 0.10) is better on both axes
     assert frontier_position((2.9, 0.25), plain, 0.01) == "beyond"  # at forgetting 0.25 the frontier's loss is 3.05
     assert frontier_position((2.9, 0.40), plain, 0.01) == "undecided"  # needs a plain run at a higher learning rate
-    assert frontier_position((3.6, 0.01), plain, 0.01) == "undecided"  # past the lowest-lr end: needs a lower-lr plain run
+    assert frontier_position((3.6, 0.01), plain, 0.01) == "undecided"  # past the lowest-lr end
     assert frontier_position((3.1, float("nan")), plain, 0.01) == "undecided"
 
 
@@ -31,7 +31,8 @@ def test_quick_comparison_writes_records(tmp_path):
     assert all(r["error"] is None for r in saved["records"]), [r["error"] for r in saved["records"]]
     # tss declares only "finetune"; ncl runs as "ft" there; ncl and ft also run at 2x lr for the frontiers
     assert sorted(k[:2] for k in recs) == sorted([("pretrain", "ncl"), ("pretrain", "ncl"), ("pretrain", "hat"),
-                                                 ("finetune", "ft"), ("finetune", "ft"), ("finetune", "hat"), ("finetune", "tss")])
+                                                 ("finetune", "ft"), ("finetune", "ft"), ("finetune", "hat"),
+                                                 ("finetune", "tss")])
     ft_lrs = sorted(r["learning_rate"] for r in saved["records"] if r["strategy"] == "ft")
     assert ft_lrs[1] == pytest.approx(2 * ft_lrs[0])
     for r in saved["records"]:

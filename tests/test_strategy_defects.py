@@ -79,7 +79,8 @@ def test_adahat_grad_mode_uses_this_steps_rate_on_the_first_step():
     model.zero_grad(set_to_none=True)
     ada.gates.head_gate, ada.gates.ffn_gate = gates
     _lm_loss(model, batch).backward()
-    # by hand: R_l = sum a (1 - cum) / sum (1 - cum) over the layer's units; r = alpha / (eps + R_l); rate = r / (I + r)
+    # by hand: R_l = sum a (1 - cum) / sum (1 - cum) over the layer's units; r = alpha / (eps + R_l);
+    # rate = r / (I + r)
     a = torch.cat(gates, dim=1)
     free = 1 - torch.cat([ada.cum_heads, ada.cum_ffn], dim=1)
     R = (a * free).sum(1) / free.sum(1)
@@ -128,7 +129,8 @@ def _bert_with_pooler_classifier():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64,
                      max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return MultiTaskClassifier(BertModel(cfg), [2, 3])  # mean pooling: the BERT pooler never touches the loss
 
@@ -192,7 +194,8 @@ def test_talos_update_masks_and_task_vectors_are_bits(tmp_path):
     from strategy_utils import run_task
 
     model = tiny_gpt2()
-    talos = get_strategy("talos", keep_fraction=0.2, rounds=1, examples_per_round=4, task_vector_dir=str(tmp_path / "tv"))
+    talos = get_strategy("talos", keep_fraction=0.2, rounds=1, examples_per_round=4,
+                         task_vector_dir=str(tmp_path / "tv"))
     run_task(model, talos, lm_dataset(n_batches=2), tmp_path / "run", 0, learning_rate=1e-3)
     per_entry = [m for m in talos.update_masks(model).values() if m.dim() > 0]
     assert per_entry and all(m.dtype == torch.bool for m in per_entry)
@@ -213,7 +216,8 @@ def test_score_importance_leaves_no_grad_on_the_task_head():
     model.set_task(0)
     strategy.before_task(model, 0)
     strategy.after_task(model, 0, DataLoader(task_dataset(0, n=8), batch_size=8))
-    assert all(p.grad is None for p in model.parameters()), [n for n, p in model.named_parameters() if p.grad is not None]
+    left = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert not left, left
 
 
 def test_tss_weights_pruned_by_the_task_get_importance_zero():

@@ -91,7 +91,8 @@ def test_wsn_topk_keeps_the_highest_scores_of_each_layer():
 def test_tss_importance_is_row_normalized_alpha_gradient(kind):
     base = _bert().bert if kind == "bert" else tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).transformer
     target = ["intermediate.dense"] if kind == "bert" else ["c_fc"]
-    tuner = get_subnetwork_model(base, SubnetworkConfig(target_modules=target, score_init="magnitude", init_score=0.02))
+    cfg = SubnetworkConfig(target_modules=target, score_init="magnitude", init_score=0.02)
+    tuner = get_subnetwork_model(base, cfg)
     layers = tuner.subnetwork_layers()
     with torch.no_grad():  # prune a random third of each layer: those weights are outside the subnetwork
         g = torch.Generator().manual_seed(1)
@@ -194,7 +195,8 @@ def test_ewc_penalty_accumulates_every_earlier_task():
     model = _bert()
     ewc = EWCStrategy(ewc_lambda=2.0, fisher_examples=4, gamma=0.5, normalize=True)
     loaders = [DataLoader(list(random_lm_batches(1, seed=s)[0]["input_ids"]), batch_size=4) for s in (0, 1)]
-    loaders = [[{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ld] for ld in loaders]
+    loaders = [[{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ld]
+               for ld in loaders]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def fisher(t):  # what after_task estimates, computed independently: mean over examples, divided by its mean entry

@@ -64,9 +64,10 @@ def test_mark_records_and_write_frontier(tmp_path):
     for i, r in enumerate(recs[:5]):
         d = tmp_path / f"run{i}"
         d.mkdir()
-        (d / "results.json").write_text(json.dumps({"run_name": r["strategy"], "learning_rate": r["lr"], "complete": True,
-                                                    "in_domain_loss": r["in_domain_loss"], "forgetting": r["forgetting"],
-                                                    "bwt": 0.0, "general_loss_increase": 0.0, "final_mean_loss": 2.0}))
+        res = {"run_name": r["strategy"], "learning_rate": r["lr"], "complete": True, "bwt": 0.0,
+               "in_domain_loss": r["in_domain_loss"], "forgetting": r["forgetting"], "general_loss_increase": 0.0,
+               "final_mean_loss": 2.0}
+        (d / "results.json").write_text(json.dumps(res))
         dirs.append(d)
     payload = write_frontier(tmp_path / "out", dirs)  # the call continual/pretrain.py makes
     assert [r["frontier_position"] for r in payload["runs"]] == [None, None, "beyond", "behind", "undecided"]

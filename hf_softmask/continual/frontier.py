@@ -1,10 +1,10 @@
 """The learning-rate frontier of plain training, and where another run stands against it.
 
 One definition, used by the pre-training sweep (``write_frontier``) and by ``compare_strategies``
-(:mod:`hf_softmask.comparison`, pre-training and finetuning). A run is a point ``(x, y)`` with both axes lower-is-better:
-pre-training uses (in-domain loss, forgetting), finetuning (in-task error = 1 - accuracy on each task right after
-training it, forgetting). The frontier is the piecewise-linear curve through the non-dominated plain runs (sorted by
-``x``; ``y`` then decreases). A point is
+(:mod:`hf_softmask.comparison`, pre-training and finetuning). A run is a point ``(x, y)`` with both axes
+lower-is-better: pre-training uses (in-domain loss, forgetting), finetuning (in-task error = 1 - accuracy on each
+task right after training it, forgetting). The frontier is the piecewise-linear curve through the non-dominated plain runs
+(sorted by ``x``; ``y`` then decreases). A point is
 
 - **behind** when some plain run is at least as good on both axes and better by more than ``tolerance`` on one
   (wherever the point lies), or when it lies above the frontier by more than ``tolerance`` within its range;
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..io import atomic_write_json, atomic_write_text
 
-__all__ = ["POSITIONS", "pareto_front", "frontier_position", "frontier_records", "mark_beyond_frontier", "write_frontier"]
+__all__ = ["POSITIONS", "pareto_front", "frontier_position", "frontier_records", "mark_beyond_frontier",
+           "write_frontier"]
 
 BASELINE = "ncl"
 POSITIONS = ("beyond", "on", "behind", "undecided")
@@ -38,7 +39,7 @@ def _finite(*values) -> bool:
 
 
 def pareto_front(points) -> list[tuple[float, float]]:
-    """Non-dominated ``(x, y)`` points (lower is better on both), by increasing ``x`` (so strictly decreasing ``y``)."""
+    """Non-dominated ``(x, y)`` points (lower is better on both), by increasing ``x`` (so decreasing ``y``)."""
     front: list[tuple[float, float]] = []
     for x, y in sorted((float(x), float(y)) for x, y in points if _finite(x, y)):
         if not front or y < front[-1][1]:
@@ -55,7 +56,7 @@ def _interpolate(front: list[tuple[float, float]], x: float) -> float:
 
 
 def frontier_position(point: tuple[float, float], baseline, tolerance: float = 0.0) -> str:
-    """``"beyond" | "on" | "behind" | "undecided"`` of ``point`` against the frontier of ``baseline`` points (module docstring)."""
+    """``"beyond" | "on" | "behind" | "undecided"``: ``point`` against the ``baseline`` frontier (module docstring)."""
     x, y = point
     pts = [(float(bx), float(by)) for bx, by in baseline if _finite(bx, by)]
     if not pts or not _finite(x, y):
@@ -75,8 +76,8 @@ def frontier_position(point: tuple[float, float], baseline, tolerance: float = 0
     return "behind" if gap > tol else "on"
 
 
-def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE, tolerance: float = 0.0, x: str = "in_domain_loss",
-                         y: str = "forgetting") -> list[dict]:
+def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE, tolerance: float = 0.0,
+                         x: str = "in_domain_loss", y: str = "forgetting") -> list[dict]:
     """Set ``frontier_position`` and ``beyond_frontier`` on every record that is not a ``baseline`` run.
 
     ``beyond_frontier``: True for "beyond", False for "on"/"behind", None for "undecided", for baseline runs and for
@@ -115,7 +116,8 @@ def frontier_records(run_dirs) -> list[dict]:
 
 
 def _markdown(records: list[dict]) -> str:
-    lines = ["| strategy | lr | in-domain loss | forgetting (nats) | BWT | general-text loss increase | vs ncl frontier |",
+    lines = ["| strategy | lr | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
+             "vs ncl frontier |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
     for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):

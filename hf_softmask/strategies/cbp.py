@@ -334,8 +334,9 @@ def _check_optimizer(optimizer) -> None:
                              "use plain Adam/AdamW or SGD")
         return
     if "betas" in opt.defaults:
-        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a bias-corrected "
-                         "moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW or SGD")
+        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a "
+                         "bias-corrected moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW "
+                         "or SGD")
 
 
 class CBPCallback(StrategyCallback):

@@ -81,7 +81,8 @@ def _compensated(e: torch.Tensor, s: float, cfg: HATConfig) -> torch.Tensor:
     gradient is compensated with its own ``s`` before the gradients are summed.
     """
     with torch.no_grad():
-        factor = cfg.s_max / s * (torch.cosh(torch.clamp(s * e, -cfg.cosh_clamp, cfg.cosh_clamp)) + 1) / (torch.cosh(e) + 1)
+        sharp = torch.cosh(torch.clamp(s * e, -cfg.cosh_clamp, cfg.cosh_clamp)) + 1
+        factor = cfg.s_max / s * sharp / (torch.cosh(e) + 1)
     return e.detach() + (e - e.detach()) * factor
 
 

@@ -1,16 +1,16 @@
 """TaLoS: task-localized sparse fine-tuning, and the sparse task vector it produces.
 
-Before each task the per-entry sensitivity ``sum_x (d log p(y_hat|x) / d theta)^2`` (``y_hat`` sampled
-from the model's own prediction, one backward per example) is estimated, and only the LEAST
-sensitive fraction ``keep_fraction`` of the scoped entries stays trainable. The fraction is reached
-over ``rounds`` rounds (``k**(r/R)`` after round ``r``), each re-scoring with fresh examples and a
-global threshold over all scoped entries (``kthvalue``, exact at any size; ``torch.quantile`` stops at
-2**24 elements). A scoped parameter the loss has no gradient path to (e.g. BERT's pooler under a classifier
-that pools the hidden states itself) scores Fisher 0 without being insensitive: it is excluded from the
-candidates (frozen, listed in ``excluded``), and the fraction ``k`` is taken of the reachable entries. Training then runs with update masks fused into the optimizer, so frozen entries
+Before each task the per-entry sensitivity ``sum_x (d log p(y_hat|x) / d theta)^2`` (``y_hat`` sampled from the
+model's own prediction, one backward per example) is estimated, and only the LEAST sensitive fraction
+``keep_fraction`` of the scoped entries stays trainable. The fraction is reached over ``rounds`` rounds
+(``k**(r/R)`` after round ``r``), each re-scoring with fresh examples and a global threshold over all scoped entries
+(``kthvalue``, exact at any size; ``torch.quantile`` stops at 2**24 elements). A scoped parameter the loss has no
+gradient path to (e.g. BERT's pooler under a classifier that pools the hidden states itself) scores Fisher 0 without
+being insensitive: it is excluded from the candidates (frozen, listed in ``excluded``), and the fraction ``k`` is
+taken of the reachable entries. Training then runs with update masks fused into the optimizer, so frozen entries
 neither move nor decay (AdamW) and carry no momentum (SGD). After the task the sparse task vector
-``tau = theta_after - theta_before`` on the trainable entries is kept (and optionally written): a bit mask
-(1 bit per scoped weight) plus the changed values. Update masks are bool tensors, never copies in the
+``tau = theta_after - theta_before`` on the trainable entries is kept (and optionally written): a bit
+mask (1 bit per scoped weight) plus the changed values. Update masks are bool tensors, never copies in the
 parameter's dtype.
 """
 
@@ -139,15 +139,16 @@ class TaLoSStrategy(ContinualStrategy):
             target = self.cfg.keep_fraction ** (r / self.cfg.rounds)
             reached: set[str] = set()
             scores, seen = fisher_diagonal(model, batches, params, max_examples=self.cfg.examples_per_round,
-                                           seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r, desc=f"TaLoS round {r}/{self.cfg.rounds}",
-                                           reached=reached)
+                                           seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r,
+                                           desc=f"TaLoS round {r}/{self.cfg.rounds}", reached=reached)
             if r == 1:
                 self.excluded = sorted(set(params) - reached)
                 if len(self.excluded) == len(params):
                     raise ValueError("no TaLoS-scoped parameter has a gradient path to the model's log-likelihood")
                 if self.excluded:
-                    warnings.warn(f"TaLoS: {len(self.excluded)} scoped parameter(s) never affect the loss and stay frozen "
-                                  f"(not ranked as least sensitive): {self.excluded[:4]}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"TaLoS: {len(self.excluded)} scoped parameter(s) never affect the loss and stay "
+                                  f"frozen (not ranked as least sensitive): {self.excluded[:4]}", RuntimeWarning,
+                                  stacklevel=2)
                 params = {n: p for n, p in params.items() if n in reached}
                 scores = {n: s for n, s in scores.items() if n in reached}
                 trainable = {n: trainable[n] for n in params}

@@ -2,9 +2,10 @@
 
 Per task ``t`` (ALGORITHMS.md §5): the scored layers use ``W ⊙ 1[s ≥ τ]``; only the scores (and task ``t``'s head)
 train. After the task, the importance of each score is ``|tanh(z)|`` of ``|d loss / d alpha|`` (virtual alpha on
-``W ⊙ mask``; weights outside the task's mask get 0, see ``zero_unused_importance``), accumulated by elementwise max; the mask is stored bit-packed; the next task continues from the
-same scores with their updates (``mode="update"``, default) or gradients (``mode="grad"``) scaled by ``1 - I_acc``.
-Earlier tasks keep their stored masks and heads, so their outputs are exactly unchanged.
+``W ⊙ mask``; weights outside the task's mask get 0, see ``zero_unused_importance``), accumulated by elementwise max;
+the mask is stored bit-packed; the next task continues from the same scores with their updates (``mode="update"``,
+default) or gradients (``mode="grad"``) scaled by ``1 - I_acc``. Earlier tasks keep their stored masks and heads, so
+their outputs are exactly unchanged.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class TSSStrategy(SubnetworkStrategy):
     changes_effective_lr = True
 
     def __init__(self, mode: str = "update", threshold: float = 0.0, init_score: float = 0.02, score_init: str = "magnitude",
-                 target_modules=None, importance_batches: int | None = None, adapter_config: SubnetworkConfig | dict | None = None,
-                 zero_unused_importance: bool = True):
+                 target_modules=None, importance_batches: int | None = None,
+                 adapter_config: SubnetworkConfig | dict | None = None, zero_unused_importance: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if adapter_config is None:

@@ -42,7 +42,8 @@ class WSNStrategy(SubnetworkStrategy):
         tuner = subnetwork_backbone(model)
         if not tuner.finished_tasks():
             return {}
-        return {layer.get_base_layer().weight: ~layer.used_mask(tuner.adapter_name) for layer in tuner.subnetwork_layers().values()}
+        a = tuner.adapter_name
+        return {layer.get_base_layer().weight: ~layer.used_mask(a) for layer in tuner.subnetwork_layers().values()}
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         masks = self.update_masks(model)

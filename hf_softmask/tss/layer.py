@@ -146,7 +146,7 @@ class SubnetworkLayer(BaseTunerLayer):
         return self._alpha
 
     def accumulate_importance(self, grad: torch.Tensor | None) -> None:
-        """Add ``|d loss / d alpha|`` of one batch (``grad``: alpha's gradient, None when the batch did not reach it)."""
+        """Add ``|d loss / d alpha|`` of one batch (``grad``: alpha's gradient, None if the batch did not reach it)."""
         if self._alpha_sum is None:
             raise RuntimeError("start_importance() was not called")
         if grad is not None:

@@ -136,7 +136,8 @@ class SubnetworkModel(BaseTuner):
     def importance(self) -> dict[str, torch.Tensor]:
         """Accumulated (EMax) importance of the scores per layer, in [0, 1] (empty before the first accumulation)."""
         a = self.adapter_name
-        return {name: layer.subnet_importance[a] for name, layer in self.subnetwork_layers().items() if a in layer.subnet_importance}
+        return {name: layer.subnet_importance[a] for name, layer in self.subnetwork_layers().items()
+                if a in layer.subnet_importance}
 
     @torch.enable_grad()
     def compute_score_importance(self, loss_fn: Callable[[dict], torch.Tensor], batches: Iterable[dict], max_batches: int | None = None,
@@ -247,7 +248,8 @@ class SubnetworkModel(BaseTuner):
             imp_key = f"{name}.subnet_importance"
             if imp_key in state and a not in layer.subnet_importance:
                 layer.subnet_importance[a] = torch.zeros_like(weight, dtype=torch.float32)
-            for key, target in ((f"{name}.subnet_scores", layer.subnet_scores[a]), (f"{name}.base_layer.weight", weight),
+            for key, target in ((f"{name}.subnet_scores", layer.subnet_scores[a]),
+                                (f"{name}.base_layer.weight", weight),
                                 (imp_key, layer.subnet_importance[a] if a in layer.subnet_importance else None)):
                 if key in state:
                     if state[key].shape != target.shape:
