@@ -3,9 +3,11 @@
 For each strategy and each setting it declares (``settings``), the setting's runner is called with the same
 data, model and budget (:mod:`hf_softmask.continual.pretrain`, :mod:`hf_softmask.continual.finetune`); the
 record keeps the final score (mean held-out loss / perplexity, or accuracy), BWT, forgetting, wall time and
-peak memory. Plain sequential training (``ncl``) is also run at several learning rates in pre-training: the
-strategies that lower the effective learning rate of protected units (``changes_effective_lr``) are placed
-against that frontier (beyond / on / behind), not against one plain run.
+peak memory. Plain sequential training is also run over a learning-rate grid in both settings (``ncl`` in
+pre-training, ``ft`` in finetuning): every other run is placed against that frontier (beyond / on / behind /
+undecided, :mod:`hf_softmask.continual.frontier`), not against one plain run, because strategies that lower
+the effective learning rate of protected units (``changes_effective_lr``) buy less forgetting the way a lower
+learning rate does.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 
 import torch
 
+from .continual.frontier import frontier_position
 from .io import atomic_write_json, atomic_write_text
 
-__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "STRATEGY_DEFAULTS", "DEFAULT_STRATEGIES"]
+__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "in_task_error",
+           "STRATEGY_DEFAULTS", "DEFAULT_STRATEGIES", "FRONTIER"]
 
 DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
 
@@ -53,6 +57,10 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
 FINETUNE_LR = {"tss": 1e-3, "wsn": 5e-5}
 FINETUNE_WEIGHT_LR = 1e-4
 
+#: Per setting: the plain-training baseline of the frontier and the (x, y) axes a run is placed by
+#: (both lower-is-better).
+FRONTIER = {"pretrain": ("ncl", "in_domain_loss", "forgetting"), "finetune": ("ft", "in_task_error", "forgetting")}
+
 
 @dataclass
 class CompareArguments:
@@ -67,8 +75,12 @@ class CompareArguments:
     pretrain_overrides: str | None = field(default=None, metadata={"help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."})
     finetune_overrides: str | None = field(default=None, metadata={"help": "JSON object of finetuning arguments applied on top."})
     strategy_kwargs: str | None = field(default=None, metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."})
-    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={"help": "ncl is run at the pre-training learning rate times each factor: the plain-training frontier."})
-    frontier_tolerance: float = field(default=0.005, metadata={"help": "Forgetting difference (nats) within which a run counts as ON the frontier."})
+    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={
+        "help": "Plain training (ncl / ft) runs at its learning rate times each factor, in every setting: the frontier."})
+    frontier_tolerance: float = field(default=0.005, metadata={
+        "help": "Pre-training: difference (nats, either axis) within which a run counts as ON the frontier."})
+    finetune_frontier_tolerance: float = field(default=0.01, metadata={
+        "help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."})
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
 
 
@@ -111,46 +123,6 @@ class peak_memory:
         self.peak_rss_mb = _peak_rss_mb()
         self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         return False
-
-
-# -- frontier ------------------------------------------------------------------------------------------------
-def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated (in-domain loss, forgetting) points, by increasing loss (so decreasing forgetting)."""
-    front = []
-    for x, y in sorted(points):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
-def frontier_position(point: tuple[float, float], baseline: list[tuple[float, float]], tolerance: float) -> str:
-    """Where (in-domain loss, forgetting) stands against the plain-training frontier: beyond | on | behind | undecided.
-
-    The frontier is the piecewise-linear curve through the non-dominated plain runs. Beyond: less forgetting
-    than the frontier at the same in-domain loss (by more than ``tolerance``) or dominating its best run;
-    behind: more; undecided: outside the frontier's range without dominating it (a plain run at a further
-    learning rate would be needed).
-    """
-    pts = [(x, y) for x, y in baseline if math.isfinite(x) and math.isfinite(y)]
-    x, y = point
-    if not pts or not (math.isfinite(x) and math.isfinite(y)):
-        return "undecided"
-    front = _pareto(pts)
-    if any(bx <= x and by <= y - tolerance for bx, by in pts):
-        return "behind"
-    if x < front[0][0]:
-        return "beyond" if y < front[0][1] - tolerance else "undecided"
-    if x > front[-1][0]:
-        return "beyond" if y < front[-1][1] - tolerance else ("on" if y <= front[-1][1] + tolerance else "behind")
-    for (x0, y0), (x1, y1) in zip(front, front[1:] + [front[-1]]):
-        if x0 <= x <= x1:
-            f = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-            break
-    if y < f - tolerance:
-        return "beyond"
-    if y > f + tolerance:
-        return "behind"
-    return "on"
 
 
 # -- runs ----------------------------------------------------------------------------------------------------
@@ -226,7 +198,7 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
     return ContinualPretrainer(args).run(), args.learning_rate
 
 
-def _run_finetune(name: str, base: dict, kwargs: dict, out: Path):
+def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments, run_continual_finetune
 
     a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
@@ -238,6 +210,8 @@ def _run_finetune(name: str, base: dict, kwargs: dict, out: Path):
     t = {k: v for k, v in base.items() if k in t_fields and k not in a_fields}
     a.update(strategy=name, strategy_kwargs=json.dumps(kwargs) if kwargs else None)
     t.setdefault("learning_rate", FINETUNE_LR.get(name, FINETUNE_WEIGHT_LR))
+    if lr is not None:
+        t["learning_rate"] = lr
     t.update(output_dir=str(out), report_to="none")
     targs = ContinualFinetuneTrainingArguments(**t)
     return run_continual_finetune(ContinualFinetuneArguments(**a), targs), targs.learning_rate
@@ -259,8 +233,16 @@ def _record(setting: str, name: str, lr, result: dict | None, mem: peak_memory, 
                         "general_loss_increase": result.get("general_loss_increase"), "complete": result.get("complete")})
         else:
             rec.update({"acc": result.get("acc"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"), "fwt": result.get("fwt"),
+                        "in_task_error": in_task_error(result.get("accuracy_matrix")),
                         "accuracy_matrix": result.get("accuracy_matrix")})
     return rec
+
+
+def in_task_error(accuracy_matrix) -> float | None:
+    """``1 - mean_j A[j][j]``: the error on each task right after training on it (the finetuning frontier's x axis)."""
+    if not accuracy_matrix:
+        return None
+    return 1.0 - sum(accuracy_matrix[j][j] for j in range(len(accuracy_matrix))) / len(accuracy_matrix)
 
 
 def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> dict:
@@ -271,7 +253,7 @@ def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> di
             if setting == "pretrain":
                 result, used_lr = _run_pretrain(name, lr, base, kwargs, out)
             else:
-                result, used_lr = _run_finetune(name, base, kwargs, out)
+                result, used_lr = _run_finetune(name, lr, base, kwargs, out)
         except Exception as e:  # one failing strategy must not stop the comparison; the record says why
             error = f"{type(e).__name__}: {e}"
             atomic_write_text(out.parent / f"{out.name}.error.txt", traceback.format_exc())
@@ -325,36 +307,49 @@ def run_comparison(args: CompareArguments) -> dict:
             print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)
             records.append(_one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name))
             _write(out, records, args, started)
-        if setting == "pretrain" and "pretrain" in settings:
-            records.extend(_frontier_runs(args, pre, out, records))
-            _place_on_frontier(records, args.frontier_tolerance)
-            _write(out, records, args, started)
+        if not any(r["setting"] == setting for r in records):
+            continue  # no strategy of this setting ran: nothing to place
+        records.extend(_frontier_runs(args, setting, pre if setting == "pretrain" else fine, out, records))
+        tol = args.frontier_tolerance if setting == "pretrain" else args.finetune_frontier_tolerance
+        _place_on_frontier(records, setting, tol)
+        _write(out, records, args, started)
     return _write(out, records, args, started)
 
 
-def _frontier_runs(args: CompareArguments, pre: dict, out: Path, records: list[dict]) -> list[dict]:
-    base = next((r for r in records if r["setting"] == "pretrain" and r["strategy"] == "ncl"), None)
-    lr0 = base["learning_rate"] if base and base["learning_rate"] else pre.get("learning_rate", 5e-5)
+def _frontier_runs(args: CompareArguments, setting: str, base_args: dict, out: Path,
+                   records: list[dict]) -> list[dict]:
+    """The plain runs of ``setting`` over ``lr0 * factor``; the plain run already made (at ``lr0``) joins them."""
+    plain = FRONTIER[setting][0]
+    base = next((r for r in records if r["setting"] == setting and r["strategy"] == plain and not r.get("frontier")),
+                None)
+    if base and base["learning_rate"]:
+        lr0 = base["learning_rate"]
+    elif setting == "pretrain":
+        lr0 = base_args.get("learning_rate", 5e-5)
+    else:
+        lr0 = base_args.get("learning_rate", FINETUNE_WEIGHT_LR)
     extra = []
     for f in [float(x) for x in args.frontier_lr_factors.split(",") if x.strip()]:
         lr = lr0 * f
         if base and math.isclose(lr, lr0):
             base["frontier"] = True
             continue
-        print(f"[compare] pretrain frontier: ncl lr={lr:g}", flush=True)
-        rec = _one("pretrain", "ncl", lr, pre, {}, out / "pretrain" / f"ncl_lr{lr:g}")
+        print(f"[compare] {setting} frontier: {plain} lr={lr:g}", flush=True)
+        rec = _one(setting, plain, lr, base_args, {}, out / setting / f"{plain}_lr{lr:g}")
         rec["frontier"] = True
         extra.append(rec)
     return extra
 
 
-def _place_on_frontier(records: list[dict], tolerance: float) -> None:
-    base = [(r["in_domain_loss"], r["forgetting"]) for r in records
-            if r["setting"] == "pretrain" and r.get("frontier") and r.get("in_domain_loss") is not None and r.get("forgetting") is not None]
-    for r in records:
-        if r["setting"] != "pretrain" or r.get("frontier") or r.get("in_domain_loss") is None or r.get("forgetting") is None:
+def _place_on_frontier(records: list[dict], setting: str, tolerance: float) -> None:
+    """``frontier_position`` of every non-frontier run of ``setting`` (one definition: continual.frontier)."""
+    _, x, y = FRONTIER[setting]
+    mine = [r for r in records if r["setting"] == setting]
+    base = [(r[x], r[y]) for r in mine if r.get("frontier") and r.get(x) is not None and r.get(y) is not None]
+    for r in mine:
+        if r.get("frontier"):
             continue
-        r["frontier_position"] = frontier_position((r["in_domain_loss"], r["forgetting"]), base, tolerance)
+        r["frontier_position"] = frontier_position((r.get(x), r.get(y)), base, tolerance) if base else "undecided"
 
 
 def _fmt(v, spec=".4f") -> str:
@@ -384,11 +379,20 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
     fin = [r for r in records if r["setting"] == "finetune"]
     if fin:
         lines += ["### Continual finetuning (task-incremental accuracy, higher is better)", "",
-                  "| strategy | lr | ACC | BWT | forgetting | FWT | wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+                  "In-task error: 1 − accuracy on each task right after training it (the frontier's x axis; "
+                  "forgetting is its y axis).", "",
+                  "| strategy | lr | ACC | BWT | forgetting | in-task error | FWT | vs ft frontier | wall s | "
+                  "peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in fin:
+            pos = "frontier run" if r.get("frontier") else r.get("frontier_position", "–")
+            if r.get("changes_effective_lr") and not r.get("frontier"):
+                pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
             lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
-                         f"{_fmt(r.get('fwt'))} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+                         f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | "
+                         f"{_fmt(r['wall_seconds'], '.0f')} | "
+                         f"{_fmt(r['peak_rss_mb'], '.0f')} |")
         lines.append("")
     errors = [r for r in records if r["error"]]
     if errors:
@@ -404,6 +408,7 @@ def _device() -> str:
 
 def _write(out: Path, records: list[dict], args: CompareArguments, started: str) -> dict:
     payload = {"started": started, "device": _device(), "quick": args.quick, "frontier_tolerance": args.frontier_tolerance,
+               "finetune_frontier_tolerance": args.finetune_frontier_tolerance,
                "arguments": {f.name: getattr(args, f.name) for f in fields(args)}, "records": records}
     atomic_write_json(out / "comparison.json", payload)
     atomic_write_text(out / "comparison.md", _markdown(records, args, started))

@@ -61,8 +61,12 @@ def fisher_diagonal(
     per_example: bool = True,
     seed: int = 0,
     desc: str = "Fisher",
+    reached: set[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Sum over examples of ``(d log p(y_hat|x) / d theta)^2`` for each parameter in ``params``.
+
+    ``reached``, if given, receives the names of the parameters the log-likelihood has a gradient path to (a
+    parameter outside every path, e.g. an unused pooler, scores 0 without being insensitive).
 
     ``per_example=True`` runs one backward per example (the exact diagonal); ``False`` one per batch
     (the gradient of the batch's summed log-likelihood, squared: cheaper, biased upwards by
@@ -89,6 +93,8 @@ def fisher_diagonal(
                 for name, p in params.items():
                     if p.grad is not None:
                         scores[name].add_(p.grad.detach().float().pow(2))
+                        if reached is not None:
+                            reached.add(name)
                 k = len(group["input_ids"])
                 seen += k
                 bar.update(k)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import random_lm_batches, tiny_bert, tiny_gpt2
+from strategy_utils import lm_dataset, logits_of, run_task, train_args
 from transformers import Trainer
 
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.cbp import CBPCallback, CBPStrategy
-from strategy_utils import lm_dataset, logits_of, run_task, train_args
 
 UNIT = 3
 
@@ -76,3 +77,27 @@ def test_cbp_callback_with_plain_trainer(tmp_path):
     Trainer(model=model, args=train_args(tmp_path), train_dataset=lm_dataset(n_batches=4), callbacks=[cb]).train()
     assert cb.strategy.num_replaced.sum() > 0
     assert cb.strategy._handles == []  # hooks removed after training
+
+
+def test_cbp_refuses_adaptive_optimizers_it_cannot_restart():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="Adamax"):
+        CBPStrategy().on_train_begin(model, torch.optim.Adamax(model.parameters()))
+    with pytest.raises(ValueError, match="amsgrad"):
+        CBPStrategy().on_train_begin(model, torch.optim.AdamW(model.parameters(), amsgrad=True))
+    CBPStrategy().on_train_begin(model, torch.optim.SGD(model.parameters(), lr=0.1))  # no bias correction to restart
+
+
+def test_fresh_correction_skips_a_step_that_did_not_happen():
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    cbp = CBPStrategy(replacement_rate=0.0)
+    cbp.on_train_begin(model, opt)
+    b = random_lm_batches(1)[0]
+    model(**b).loss.backward()
+    opt.step()
+    cbp.after_optimizer_step(model, opt)
+    cbp.replace_units(0, torch.tensor([1, 2]), opt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cbp.after_optimizer_step(model, opt)  # e.g. a GradScaler skipped the step on inf: Adam's step count did not move
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2
+from strategy_utils import lm_dataset, logits_of, run_task
+
 from hf_softmask.optim import MaskedSGD
 from hf_softmask.strategies import get_strategy
-from hf_softmask.strategies.talos import TaLoSStrategy, lowest_fraction_masks, scoped_parameters
+from hf_softmask.strategies.talos import (
+    TaLoSStrategy,
+    lowest_fraction_masks,
+    scoped_parameters,
+)
 from hf_softmask.task_vectors import SparseTaskVector, apply_task_vectors
-from strategy_utils import lm_dataset, logits_of, run_task
 
 
 def _snapshot(model):
@@ -98,3 +102,13 @@ def test_task_vector_arithmetic_and_save_load(tmp_path):
     assert all(torch.equal(restored.trainable[n], talos.trainable[n]) for n in talos.trainable)
     assert torch.equal(restored.task_vectors[0].values["transformer.h.0.mlp.c_fc.weight"], tau.values["transformer.h.0.mlp.c_fc.weight"])
     assert set(theta_ft) == set(theta0)
+
+
+def test_task_vector_loads_the_earlier_int64_index_format(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w.indices": torch.tensor([1, 4], dtype=torch.int64), "w.values": torch.tensor([0.5, -1.0])},
+              str(tmp_path / "old.safetensors"), metadata={"shapes": '{"w": [2, 3]}'})
+    tv = SparseTaskVector.from_pretrained(tmp_path / "old.safetensors")
+    assert tv.masks["w"].dtype == torch.uint8
+    assert tv.dense("w").tolist() == [[0.0, 0.5, 0.0], [0.0, -1.0, 0.0]]

@@ -14,6 +14,13 @@ absorbs the neuron's mean contribution ``W_out[:, j] * mean(h_j)``, so at the mo
 the network's function changes only by the neuron's deviation from its mean; the optimizer state
 (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) of its rows/columns is reset.
 
+Adam keeps one ``step`` count per tensor, so zeroed moments alone would be bias-corrected as if they were
+mature (a replaced neuron's first steps would move ~1/sqrt(1 - beta2) * (1 - beta1) ~ 3x the learning rate).
+After every optimizer step, the entries reset at Adam step ``t0`` are moved to where Adam with their own
+count ``n = t - t0`` would have put them: ``p += lr * (u(t) - u(n))``, ``u(k) = (m / (1 - b1^k)) /
+(sqrt(v / (1 - b2^k)) + eps)`` (exact for torch's Adam/AdamW and ``MaskedAdamW``, weight decay untouched;
+a step skipped by a GradScaler does not count). Other adaptive optimizers are refused at train begin.
+
 Activations are read by a forward pre-hook on the FFN down projection (``layout.ffn_out_modules``),
 over every position of the batch. Models whose down projection has no bias (Llama family) cannot
 absorb the mean contribution: there the replacement removes it (a warning says so once).
@@ -28,7 +35,7 @@ import torch
 from torch import nn
 
 from ..layout import UnitLayout
-from ..optim import _unwrap
+from ..optim import MaskedAdamW, _unwrap
 from .base import ContinualStrategy, StrategyCallback
 from .units import build_config, config_signature, unit_model
 
@@ -75,6 +82,8 @@ class CBPStrategy(ContinualStrategy):
         self._generator: torch.Generator | None = None
         self._warned_no_bias = False
         self.steps = 0
+        # id(param) -> (param, axis, reset step per index along axis (NaN: not fresh), last corrected step)
+        self._fresh: dict[int, list] = {}
 
     # -- setup ------------------------------------------------------------------------------------
     def _ensure(self, model: nn.Module) -> None:
@@ -126,6 +135,9 @@ class CBPStrategy(ContinualStrategy):
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         self._ensure(model)
+        if optimizer is not None:
+            _check_optimizer(optimizer)
+        self._fresh = {}
         self._install_hooks()
 
     def on_train_end(self, model: nn.Module, optimizer) -> None:
@@ -138,6 +150,8 @@ class CBPStrategy(ContinualStrategy):
             return
         eta = self.cfg.decay_rate
         self.steps += 1
+        if optimizer is not None:
+            self._fresh_bias_correction(optimizer)
         for l in range(self.layout.num_layers):
             got = self._sums[l]
             self._sums[l] = None
@@ -227,8 +241,7 @@ class CBPStrategy(ContinualStrategy):
         self.num_replaced[layer] += units.numel()
         self.last_replaced[layer] = units.tolist()
 
-    @staticmethod
-    def _reset_optimizer_state(optimizer, params_axes, units: torch.Tensor) -> None:
+    def _reset_optimizer_state(self, optimizer, params_axes, units: torch.Tensor) -> None:
         opt = _unwrap(optimizer)
         for p, axis in params_axes:
             state = opt.state.get(p)
@@ -237,6 +250,51 @@ class CBPStrategy(ContinualStrategy):
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == p.shape:
                     value.index_fill_(axis, units.to(value.device), 0.0)
+            if "exp_avg_sq" in state:  # Adam: these entries restart their own bias correction
+                t0 = float(state["step"])
+                entry = self._fresh.get(id(p))
+                if entry is None:
+                    entry = self._fresh[id(p)] = [p, axis, torch.full((p.shape[axis],), float("nan")), t0]
+                entry[2][units.cpu()] = t0
+
+    @torch.no_grad()
+    def _fresh_bias_correction(self, optimizer) -> None:
+        """Move Adam-reset entries to the step Adam with their own step count would have taken (module docstring)."""
+        if not self._fresh:
+            return
+        opt = _unwrap(optimizer)
+        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+        for key, entry in list(self._fresh.items()):
+            p, axis, reset_at, last = entry
+            state, group = opt.state.get(p), groups.get(key)
+            if not state or group is None or "exp_avg_sq" not in state:
+                continue
+            t = float(state["step"])
+            if t == last:  # no step happened (e.g. skipped by a GradScaler on inf)
+                continue
+            entry[3] = t
+            idx = (~torch.isnan(reset_at)).nonzero().flatten()
+            b1, b2 = group["betas"]
+            n = (t - reset_at[idx]).double()
+            # entries whose own correction has converged to the shared one need no more work
+            done = (b2 ** n) < 1e-9
+            reset_at[idx[done]] = float("nan")
+            keep = ~done & (n >= 1)  # n = 0: reset after this step's update, nothing to correct yet
+            idx, n = idx[keep], n[keep]
+            if idx.numel() == 0:
+                continue
+            shape = [1] * p.dim()
+            shape[axis] = -1
+            dev = p.device
+            bc1_n = (1 - b1 ** n).float().to(dev).view(shape)
+            bc2_n = (1 - b2 ** n).float().to(dev).view(shape)
+            i = idx.to(dev)
+            m = state["exp_avg"].index_select(axis, i).float()
+            v = state["exp_avg_sq"].index_select(axis, i).float()
+            eps, lr = group["eps"], float(group["lr"])
+            shared = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            own = (m / bc1_n) / ((v / bc2_n).sqrt() + eps)
+            p.index_add_(axis, i, (lr * (shared - own)).to(p.dtype))
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -261,6 +319,24 @@ class CBPStrategy(ContinualStrategy):
 
     def summary(self) -> dict:
         return {"replaced_per_layer": [] if self.num_replaced is None else self.num_replaced.int().tolist(), "steps": self.steps}
+
+
+_ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
+
+
+def _check_optimizer(optimizer) -> None:
+    """Refuse optimizers whose reset entries CBP cannot give a fresh bias correction."""
+    opt = _unwrap(optimizer)
+    if isinstance(opt, _ADAM):
+        bad = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in opt.param_groups)]
+        if bad:
+            raise ValueError(f"CBP cannot bias-correct replaced units under {type(opt).__name__} with {bad}=True; "
+                             "use plain Adam/AdamW or SGD")
+        return
+    if "betas" in opt.defaults:
+        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a "
+                         "bias-corrected moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW "
+                         "or SGD")
 
 
 class CBPCallback(StrategyCallback):

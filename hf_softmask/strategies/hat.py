@@ -2,14 +2,17 @@
 
 Each task ``t`` owns one embedding per unit (``e_heads[L, H]``, ``e_ffn[L, I]``). During training
 the units are gated by ``a = sigmoid(s * e)`` (installed with :class:`~hf_softmask.gates.UnitGates`),
-with ``s`` annealed over each epoch's batches from ``1/s_max`` to ``s_max``. After the task the
+with ``s`` annealed over each epoch's batches from ``1/s_max`` to ``s_max``; the embedding gradient's
+compensation for the sharp sigmoid is applied inside each forward's graph with that forward's ``s`` (so gradient
+accumulation sums compensated micro-batch gradients). After the task the
 binary mask ``1[e > 0]`` is stored; the cumulative mask (elementwise max over finished tasks)
 protects the parameter slices owned by used units from later tasks. At inference, task ``t`` runs
 with its own binary mask (:meth:`HATStrategy.set_task`).
 
 AdaHAT replaces the hard protection ``1 - a_prev`` by a soft rate ``r / (I + r)``,
 ``r = alpha / (eps + R_l)``, with ``I`` the number of earlier tasks that used the unit and ``R_l``
-the current task's mask sparsity in layer ``l``; units no earlier task used train freely.
+the current task's mask sparsity in layer ``l``; units no earlier task used train freely. The rate is refreshed
+whenever a forward sets the gates, before its backward (grad mode masks during backward).
 
 Parameters that no unit owns (embeddings, norms, LM head, output biases) follow
 ``unowned_policy`` from the second task on (default ``"freeze"``, which is what makes a task's
@@ -70,6 +73,19 @@ class AdaHATConfig(HATConfig):
     eps: float = field(default=0.1, metadata={"help": "Keeps r finite when the layer's mask sparsity R_l is 0."})
 
 
+def _compensated(e: torch.Tensor, s: float, cfg: HATConfig) -> torch.Tensor:
+    """``e`` in value; in backward its gradient is multiplied by HAT's compensation for this forward's ``s``.
+
+    ``(s_max / s) (cosh(clamp(s e)) + 1) / (cosh(e) + 1)`` (HAT eq. 6): without it the embeddings of a sharp
+    sigmoid get vanishing gradients. Applied per forward, so with gradient accumulation every micro-batch's
+    gradient is compensated with its own ``s`` before the gradients are summed.
+    """
+    with torch.no_grad():
+        sharp = torch.cosh(torch.clamp(s * e, -cfg.cosh_clamp, cfg.cosh_clamp)) + 1
+        factor = cfg.s_max / s * sharp / (torch.cosh(e) + 1)
+    return e.detach() + (e - e.detach()) * factor
+
+
 def hat_scale(b: int, num_batches: int, s_max: float) -> float:
     """Gate sharpness for batch ``b`` (counted from 1) of ``num_batches``: 1/s_max ... s_max, linearly.
 
@@ -104,7 +120,6 @@ class HATStrategy(ContinualStrategy):
         self.eval_task: int | None = None
         self._batch_in_epoch = 0
         self._num_batches: int | None = None
-        self._s = 1.0
         self._training_gates = False
         self._masker: SoftMasker | None = None
         self._embedding_task = -1  # task whose embeddings e_heads/e_ffn hold
@@ -189,10 +204,11 @@ class HATStrategy(ContinualStrategy):
                 raise ValueError("HAT anneals s over each epoch's batches and needs their number: pass the train dataloader to "
                                  "before_task(model, task_id, dataloader) or set batches_per_epoch")
             self._batch_in_epoch = self._batch_in_epoch % self._num_batches + 1
-            self._s = hat_scale(self._batch_in_epoch, self._num_batches, self.cfg.s_max)
-            self.gates.head_gate = torch.sigmoid(self._s * self.e_heads)
-            self.gates.ffn_gate = torch.sigmoid(self._s * self.e_ffn)
+            s = hat_scale(self._batch_in_epoch, self._num_batches, self.cfg.s_max)
+            self.gates.head_gate = torch.sigmoid(s * _compensated(self.e_heads, s, self.cfg))
+            self.gates.ffn_gate = torch.sigmoid(s * _compensated(self.e_ffn, s, self.cfg))
             self._training_gates = True
+            self._gates_changed()
         elif self._training_gates:
             self._show_task_mask(self.eval_task if self.eval_task is not None else self.task_id)
         return {}
@@ -228,16 +244,8 @@ class HATStrategy(ContinualStrategy):
         if self.masks:  # from the second task on
             self._masker = SoftMasker(self.layout._model_ref, self._protection(), self._mask_config(), layout=self.layout).attach(optimizer)
 
-    def after_backward(self, model: nn.Module) -> None:
-        # Without compensation the embeddings of a sharp sigmoid get vanishing gradients (HAT eq. 6).
-        s, thr = self._s, self.cfg.cosh_clamp
-        with torch.no_grad():
-            for e in (self.e_heads, self.e_ffn):
-                if e is None or e.grad is None:
-                    continue
-                num = torch.cosh(torch.clamp(s * e, -thr, thr)) + 1
-                den = torch.cosh(e) + 1
-                e.grad.mul_(self.cfg.s_max / s * num / den)
+    def _gates_changed(self) -> None:
+        """Called after the training gates of a forward are set (before its backward)."""
 
     def after_optimizer_step(self, model: nn.Module, optimizer) -> None:
         with torch.no_grad():
@@ -349,9 +357,9 @@ class AdaHATStrategy(HATStrategy):
         rate_f = r / (self.sum_ffn + r)
         return UnitImportance(1 - rate_h, 1 - rate_f, {"layout": self.layout.signature()})
 
-    def after_backward(self, model: nn.Module) -> None:
-        super().after_backward(model)
-        # The rate depends on this step's gates; refresh the masks before the optimizer uses them.
+    def _gates_changed(self) -> None:
+        # The rate depends on this forward's gates (R_l). Grad mode masks during backward, so the masks must be
+        # refreshed now, before backward, not after it (update mode would also do with a refresh before the step).
         if self._masker is not None:
             self._masker.update(self._protection())
 

@@ -2,7 +2,7 @@
 
 from .base import ContinualStrategy
 
-__all__ = ["NaiveStrategy"]
+__all__ = ["NaiveStrategy", "FineTuneStrategy"]
 
 
 class NaiveStrategy(ContinualStrategy):
@@ -13,3 +13,9 @@ class NaiveStrategy(ContinualStrategy):
 
     def __init__(self, **_):
         pass
+
+
+class FineTuneStrategy(NaiveStrategy):
+    """The same plain sequential training under its finetuning name, so that its runs report ``name: "ft"``."""
+
+    name = "ft"

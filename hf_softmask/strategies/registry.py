@@ -9,7 +9,7 @@ __all__ = ["STRATEGIES", "get_strategy", "strategy_class", "available_strategies
 #: name -> "module:Class" (relative to hf_softmask.strategies)
 STRATEGIES: dict[str, str] = {
     "ncl": "naive:NaiveStrategy",
-    "ft": "naive:NaiveStrategy",
+    "ft": "naive:FineTuneStrategy",
     "das": "das:DASStrategy",
     "tss": "tss:TSSStrategy",
     "wsn": "wsn:WSNStrategy",

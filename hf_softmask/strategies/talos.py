@@ -1,27 +1,32 @@
 """TaLoS: task-localized sparse fine-tuning, and the sparse task vector it produces.
 
-Before each task the per-entry sensitivity ``sum_x (d log p(y_hat|x) / d theta)^2`` (``y_hat`` sampled
-from the model's own prediction, one backward per example) is estimated, and only the LEAST
-sensitive fraction ``keep_fraction`` of the scoped entries stays trainable. The fraction is reached
-over ``rounds`` rounds (``k**(r/R)`` after round ``r``), each re-scoring with fresh examples and a
-global threshold over all scoped entries (``kthvalue``, exact at any size; ``torch.quantile`` stops at
-2**24 elements). Training then runs with update masks fused into the optimizer, so frozen entries
+Before each task the per-entry sensitivity ``sum_x (d log p(y_hat|x) / d theta)^2`` (``y_hat`` sampled from the
+model's own prediction, one backward per example) is estimated, and only the LEAST sensitive fraction
+``keep_fraction`` of the scoped entries stays trainable. The fraction is reached over ``rounds`` rounds
+(``k**(r/R)`` after round ``r``), each re-scoring with fresh examples and a global threshold over all scoped entries
+(``kthvalue``, exact at any size; ``torch.quantile`` stops at 2**24 elements). A scoped parameter the loss has no
+gradient path to (e.g. BERT's pooler under a classifier that pools the hidden states itself) scores Fisher 0 without
+being insensitive: it is excluded from the candidates (frozen, listed in ``excluded``), and the fraction ``k`` is
+taken of the reachable entries. Training then runs with update masks fused into the optimizer, so frozen entries
 neither move nor decay (AdamW) and carry no momentum (SGD). After the task the sparse task vector
-``tau = theta_after - theta_before`` on the trainable entries is kept (and optionally written).
+``tau = theta_after - theta_before`` on the trainable entries is kept (and optionally written): a bit
+mask (1 bit per scoped weight) plus the changed values. Update masks are bool tensors, never copies in the
+parameter's dtype.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..bitpack import pack_bits, unpack_bits
 from ..fisher import fisher_diagonal
 from ..optim import install_update_masks
-from ..bitpack import pack_bits, unpack_bits
 from ..task_vectors import SparseTaskVector
 from .base import ContinualStrategy
 from .units import build_config, config_signature, unit_model
@@ -114,6 +119,7 @@ class TaLoSStrategy(ContinualStrategy):
         self.base_values: dict[str, torch.Tensor] = {}  # name -> values of the trainable entries before the task
         self.task_vectors: dict[int, SparseTaskVector] = {}
         self.round_log: list[dict] = []
+        self.excluded: list[str] = []  # scoped parameters with no gradient path to the loss (frozen)
         self._handle = None
         self._model: nn.Module | None = None
 
@@ -125,14 +131,28 @@ class TaLoSStrategy(ContinualStrategy):
         params = scoped_parameters(model, self.cfg.scope)
         if not params:
             raise ValueError(f"no parameter of {type(model).__name__} is in TaLoS scope {self.cfg.scope!r}")
-        total = sum(p.numel() for p in params.values())
         trainable = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
         batches = itertools.cycle(dataloader) if hasattr(dataloader, "__len__") and len(dataloader) > 0 else iter(dataloader)
         self.round_log = []
+        self.excluded = []
         for r in range(1, self.cfg.rounds + 1):
             target = self.cfg.keep_fraction ** (r / self.cfg.rounds)
+            reached: set[str] = set()
             scores, seen = fisher_diagonal(model, batches, params, max_examples=self.cfg.examples_per_round,
-                                           seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r, desc=f"TaLoS round {r}/{self.cfg.rounds}")
+                                           seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r,
+                                           desc=f"TaLoS round {r}/{self.cfg.rounds}", reached=reached)
+            if r == 1:
+                self.excluded = sorted(set(params) - reached)
+                if len(self.excluded) == len(params):
+                    raise ValueError("no TaLoS-scoped parameter has a gradient path to the model's log-likelihood")
+                if self.excluded:
+                    warnings.warn(f"TaLoS: {len(self.excluded)} scoped parameter(s) never affect the loss and stay "
+                                  f"frozen (not ranked as least sensitive): {self.excluded[:4]}", RuntimeWarning,
+                                  stacklevel=2)
+                params = {n: p for n, p in params.items() if n in reached}
+                scores = {n: s for n, s in scores.items() if n in reached}
+                trainable = {n: trainable[n] for n in params}
+                total = sum(p.numel() for p in params.values())
             # entries frozen in an earlier round stay frozen
             scores = {n: s.cpu().masked_fill(~trainable[n], float("inf")) for n, s in scores.items()}
             n_keep = int(round(target * total))
@@ -145,8 +165,7 @@ class TaLoSStrategy(ContinualStrategy):
         self._model = model
         self.trainable = self.select(model, dataloader)
         params = dict(model.named_parameters())
-        self.base_values = {n: params[n].detach().flatten()[m.flatten().nonzero().flatten().to(params[n].device)].clone().cpu()
-                            for n, m in self.trainable.items()}
+        self.base_values = {n: params[n].detach()[m.to(params[n].device)].cpu() for n, m in self.trainable.items()}
 
     def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
         """Update masks for the optimizer: trainable entries 1, frozen 0; out-of-scope base parameters frozen."""
@@ -157,7 +176,7 @@ class TaLoSStrategy(ContinualStrategy):
         masks = {}
         for name, p in model.named_parameters():
             if name in self.trainable:
-                masks[p] = self.trainable[name].to(device=p.device, dtype=p.dtype)
+                masks[p] = self.trainable[name].to(device=p.device)  # bool: 1 byte per entry, no dtype-sized copy
             elif id(p) in base_ids or not self.cfg.train_task_head:
                 masks[p] = torch.zeros((), device=p.device, dtype=p.dtype)
         return masks
@@ -177,11 +196,8 @@ class TaLoSStrategy(ContinualStrategy):
         params = dict(model.named_parameters())
         tv = SparseTaskVector()
         for name, m in self.trainable.items():
-            idx = m.flatten().nonzero().flatten()
-            now = params[name].detach().flatten()[idx.to(params[name].device)].float().cpu()
-            tv.indices[name] = idx
-            tv.values[name] = now - self.base_values[name].float()
-            tv.shapes[name] = tuple(params[name].shape)
+            now = params[name].detach()[m.to(params[name].device)].float().cpu()
+            tv.add(name, m, now - self.base_values[name].float())
         return tv
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
@@ -201,8 +217,8 @@ class TaLoSStrategy(ContinualStrategy):
             state[f"trainable.{name}"] = pack_bits(m)
             state[f"base.{name}"] = self.base_values[name]
         for t, tv in self.task_vectors.items():
-            for name in tv.indices:
-                state[f"tv.{t}.{name}.indices"] = tv.indices[name]
+            for name in tv.masks:
+                state[f"tv.{t}.{name}.mask"] = tv.masks[name]
                 state[f"tv.{t}.{name}.values"] = tv.values[name]
         return state
 
@@ -210,7 +226,7 @@ class TaLoSStrategy(ContinualStrategy):
         shapes = {n: list(m.shape) for n, m in self.trainable.items()}
         tv_shapes = {str(t): {n: list(s) for n, s in tv.shapes.items()} for t, tv in self.task_vectors.items()}
         return {"name": self.name, **asdict(self.cfg), "task_id": self.task_id, "shapes": shapes, "task_vector_shapes": tv_shapes,
-                "rounds_log": self.round_log}
+                "rounds_log": self.round_log, "excluded": self.excluded}
 
     def load_pretrained(self, directory) -> None:
         from safetensors.torch import load_file
@@ -220,6 +236,7 @@ class TaLoSStrategy(ContinualStrategy):
         saved = self.saved_config(directory) or {}
         self.task_id = int(saved.get("task_id", self.task_id))
         self.round_log = saved.get("rounds_log", [])
+        self.excluded = saved.get("excluded", [])
         path = Path(directory) / STRATEGY_STATE_WEIGHTS
         state = load_file(str(path)) if path.is_file() else {}
         self.trainable = {n: unpack_bits(state[f"trainable.{n}"], shape) for n, shape in saved.get("shapes", {}).items()}
@@ -228,7 +245,7 @@ class TaLoSStrategy(ContinualStrategy):
         for t, shapes in saved.get("task_vector_shapes", {}).items():
             tv = SparseTaskVector(shapes={n: tuple(s) for n, s in shapes.items()})
             for n in shapes:
-                tv.indices[n] = state[f"tv.{t}.{n}.indices"]
+                tv.masks[n] = state[f"tv.{t}.{n}.mask"]
                 tv.values[n] = state[f"tv.{t}.{n}.values"]
             self.task_vectors[int(t)] = tv
 

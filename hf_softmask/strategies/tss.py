@@ -2,9 +2,10 @@
 
 Per task ``t`` (ALGORITHMS.md §5): the scored layers use ``W ⊙ 1[s ≥ τ]``; only the scores (and task ``t``'s head)
 train. After the task, the importance of each score is ``|tanh(z)|`` of ``|d loss / d alpha|`` (virtual alpha on
-``W ⊙ mask``), accumulated by elementwise max; the mask is stored bit-packed; the next task continues from the
-same scores with their updates (``mode="update"``, default) or gradients (``mode="grad"``) scaled by ``1 - I_acc``.
-Earlier tasks keep their stored masks and heads, so their outputs are exactly unchanged.
+``W ⊙ mask``; weights outside the task's mask get 0, see ``zero_unused_importance``), accumulated by elementwise max;
+the mask is stored bit-packed; the next task continues from the same scores with their updates (``mode="update"``,
+default) or gradients (``mode="grad"``) scaled by ``1 - I_acc``. Earlier tasks keep their stored masks and heads, so
+their outputs are exactly unchanged.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class TSSStrategy(SubnetworkStrategy):
     changes_effective_lr = True
 
     def __init__(self, mode: str = "update", threshold: float = 0.0, init_score: float = 0.02, score_init: str = "magnitude",
-                 target_modules=None, importance_batches: int | None = None, adapter_config: SubnetworkConfig | dict | None = None):
+                 target_modules=None, importance_batches: int | None = None,
+                 adapter_config: SubnetworkConfig | dict | None = None, zero_unused_importance: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if adapter_config is None:
@@ -96,6 +98,8 @@ class TSSStrategy(SubnetworkStrategy):
         super().__init__(adapter_config)
         self.mode = mode
         self.importance_batches = importance_batches
+        #: weights outside a task's subnetwork get importance 0 (docs/strategies.md has the measurement)
+        self.zero_unused_importance = zero_unused_importance
         self._handle = None
         self._hooks = None
 
@@ -138,11 +142,13 @@ class TSSStrategy(SubnetworkStrategy):
                 return model(**move_batch(batch, device)).loss
 
             importance = tuner.compute_score_importance(loss_fn, dataloader, max_batches=self.importance_batches,
-                                                        desc=f"TSS importance (task {task_id})")
+                                                        desc=f"TSS importance (task {task_id})",
+                                                        zero_unused=self.zero_unused_importance)
         finally:
             model.train(was_training)
         tuner.accumulate_importance(importance)
         self.finish(model, task_id)
 
     def config(self) -> dict:
-        return {**super().config(), "mode": self.mode, "importance_batches": self.importance_batches}
+        return {**super().config(), "mode": self.mode, "importance_batches": self.importance_batches,
+                "zero_unused_importance": self.zero_unused_importance}

@@ -3,7 +3,8 @@
 Reuses the TSS scored layers (:mod:`hf_softmask.tss`) with ``selection="topk"`` and trainable base weights
 (ALGORITHMS.md §6). The update of each scored weight is multiplied by ``1 - used``, ``used`` = union of the
 finished tasks' masks, so a weight some earlier task relies on neither moves nor decays; each finished task's
-mask is stored bit-packed. Biases, norms and embeddings of the backbone stay frozen.
+mask is stored bit-packed. Biases, norms and embeddings of the backbone stay frozen. WSN keeps no importance
+tensor (the scored layers allocate one only for TSS).
 """
 
 from __future__ import annotations
@@ -36,15 +37,13 @@ class WSNStrategy(SubnetworkStrategy):
         self._handle = None
 
     def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
-        """``1 - used`` per scored weight (empty before any task finished)."""
+        """Bool ``not used`` per scored weight (empty before any task finished): 1 byte per weight while a task
+        trains, never a copy in the weight's dtype."""
         tuner = subnetwork_backbone(model)
         if not tuner.finished_tasks():
             return {}
-        out = {}
-        for layer in tuner.subnetwork_layers().values():
-            w = layer.get_base_layer().weight
-            out[w] = (~layer.used_mask(tuner.adapter_name)).to(w.dtype)
-        return out
+        a = tuner.adapter_name
+        return {layer.get_base_layer().weight: ~layer.used_mask(a) for layer in tuner.subnetwork_layers().values()}
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         masks = self.update_masks(model)

@@ -4,7 +4,11 @@ State per adapter (PEFT convention: dicts keyed by adapter name):
 
 - ``subnet_scores[adapter]``: the live real-valued scores, weight-shaped, trained with a straight-through mask.
 - ``subnet_masks[adapter][str(t)]``: finished task ``t``'s binary mask, bit-packed (uint8, 1 bit per weight).
-- ``subnet_importance[adapter]``: the accumulated (EMax) importance of the scores, in [0, 1].
+- ``subnet_importance[adapter]``: the accumulated (EMax) importance of the scores, in [0, 1]; allocated by the
+  first accumulation (TSS), never for strategies that do not use it (WSN).
+
+Nothing float and weight-sized is kept per finished task: a finished task's mask is unpacked (as bool) only
+while that task is selected, and dropped when another task is selected.
 
 ``task`` selects the subnetwork: a finished task uses its stored mask (no gradient reaches the scores), any other
 task uses the live scores (the task being trained, or a task not trained yet).
@@ -47,11 +51,12 @@ class SubnetworkLayer(BaseTunerLayer):
         self.subnet_masks = nn.ModuleDict()
         self.subnet_importance = BufferDict(persistent=True)
         self.subnet_selection: dict[str, tuple[str, float]] = {}
-        self.task: int | None = None
         self.is_conv1d = isinstance(base_layer, Conv1D)
-        self._mask_cache: tuple | None = None  # (adapter, task) -> float mask; one entry, masks can be large
+        self._mask_cache: tuple | None = None  # (adapter, task, device) -> bool mask of the selected finished task
+        self._task: int | None = None
         self._alpha: torch.Tensor | None = None
         self._alpha_sum: torch.Tensor | None = None
+        self._alpha_used: torch.Tensor | None = None
         self.kwargs = kwargs
 
     # -- construction ------------------------------------------------------------------------------
@@ -64,10 +69,20 @@ class SubnetworkLayer(BaseTunerLayer):
             scores = mag * (config.init_score / mag.mean().clamp_min(torch.finfo(torch.float32).tiny))
         self.subnet_scores[adapter_name] = nn.Parameter(scores)
         self.subnet_masks[adapter_name] = BufferDict(persistent=True)
-        self.subnet_importance[adapter_name] = torch.zeros_like(weight, dtype=torch.float32)
         self.subnet_selection[adapter_name] = (config.selection, config.keep_ratio if config.selection == "topk" else config.threshold)
         self._mask_cache = None
         self.set_adapter(self.active_adapters)
+
+    @property
+    def task(self) -> int | None:
+        """The selected task; selecting another one drops the unpacked mask of the previous one."""
+        return self._task
+
+    @task.setter
+    def task(self, value: int | None) -> None:
+        if value != self._task:
+            self._mask_cache = None
+        self._task = value
 
     @property
     def out_dim(self) -> int:
@@ -113,36 +128,48 @@ class SubnetworkLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         t = self.task
         if t is not None and str(t) in self.subnet_masks[adapter_name]:
-            key = (adapter_name, t, weight.device, weight.dtype)
+            key = (adapter_name, t, weight.device)
             if self._mask_cache is None or self._mask_cache[0] != key:
-                self._mask_cache = (key, self.task_mask(adapter_name, t).to(weight.dtype))
+                self._mask_cache = (key, self.task_mask(adapter_name, t).to(weight.device))  # bool: 1 byte per weight
             return self._mask_cache[1]
         selection, value = self.subnet_selection[adapter_name]
         return straight_through_mask(self.subnet_scores[adapter_name], selection, value).to(weight.dtype)
 
     # -- importance of the scores (virtual alpha) --------------------------------------------------
-    def start_importance(self) -> None:
+    def start_importance(self) -> torch.Tensor:
+        """Install the virtual ``alpha`` (ones, weight-shaped) and return it; remembers which weights are in use."""
         weight = self.get_base_layer().weight
+        adapter = self._active_adapter_with_scores()
+        self._alpha_used = self._forward_mask(adapter).detach().bool() if adapter is not None else None
         self._alpha = torch.ones_like(weight, requires_grad=True)
         self._alpha_sum = torch.zeros_like(weight, dtype=torch.float32)
+        return self._alpha
 
-    def accumulate_importance(self) -> None:
-        """Add |d loss / d alpha| of the last backward, then zero alpha's gradient (one count per batch)."""
-        if self._alpha is None or self._alpha.grad is None:
-            return
-        self._alpha_sum += self._alpha.grad.detach().abs().float()
-        self._alpha.grad = None
+    def accumulate_importance(self, grad: torch.Tensor | None) -> None:
+        """Add ``|d loss / d alpha|`` of one batch (``grad``: alpha's gradient, None if the batch did not reach it)."""
+        if self._alpha_sum is None:
+            raise RuntimeError("start_importance() was not called")
+        if grad is not None:
+            self._alpha_sum += grad.detach().abs().float()
 
-    def finish_importance(self, name: str = "scores") -> torch.Tensor:
-        """Per-output-row ``|tanh(z)|`` of the accumulated |grad alpha|; removes alpha."""
-        total = self._alpha_sum
-        self._alpha, self._alpha_sum = None, None
+    def finish_importance(self, name: str = "scores", zero_unused: bool = True) -> torch.Tensor:
+        """Per-output-row ``|tanh(z)|`` of the accumulated |grad alpha|; removes alpha.
+
+        ``zero_unused`` (default): weights outside the subnetwork (mask 0, so their alpha-gradient is exactly 0)
+        get importance 0 and the z-score is taken over the used weights of each row only. Otherwise every weight
+        of the row enters the z-score, and the unused ones, far below the row's mean, get a high ``|tanh z|``.
+        """
+        total, used = self._alpha_sum, self._alpha_used
+        self._alpha, self._alpha_sum, self._alpha_used = None, None, None
         if total is None:
             raise RuntimeError("start_importance() was not called")
+        dim = 1 - self.out_dim
+        if zero_unused and used is not None:
+            return _masked_row_tanh_zscore(total, used, dim)
         with warnings.catch_warnings():
             # Output rows whose mask is empty get no gradient at all; importance 0 is the right answer for them.
             warnings.simplefilter("ignore", RuntimeWarning)
-            return tanh_zscore(total, dim=1 - self.out_dim, name=f"{name} importance")
+            return tanh_zscore(total, dim=dim, name=f"{name} importance")
 
     # -- forward -----------------------------------------------------------------------------------
     def _active_adapter_with_scores(self) -> str | None:
@@ -170,6 +197,18 @@ class SubnetworkLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         raise NotImplementedError("subnetworks are never merged")
+
+
+def _masked_row_tanh_zscore(x: torch.Tensor, used: torch.Tensor, dim: int) -> torch.Tensor:
+    """``|tanh((x - mean) / std)|`` along ``dim`` over the entries where ``used``; 0 elsewhere and in rows whose
+    used entries are fewer than two or all equal."""
+    u = used.to(x.dtype)
+    n = u.sum(dim, keepdim=True)
+    mean = (x * u).sum(dim, keepdim=True) / n.clamp_min(1)
+    std = (((x - mean) ** 2) * u).sum(dim, keepdim=True).div(n.clamp_min(1)).sqrt()
+    ok = (n > 1) & (std > 0)
+    z = (x - mean) / torch.where(ok, std, torch.ones_like(std))
+    return torch.tanh(z).abs() * u * ok.to(x.dtype)
 
 
 class SubnetworkLinear(nn.Module, SubnetworkLayer):

@@ -134,31 +134,34 @@ class SubnetworkModel(BaseTuner):
 
     # -- importance of the scores --------------------------------------------------------------------
     def importance(self) -> dict[str, torch.Tensor]:
-        """Accumulated (EMax) importance of the scores per layer, in [0, 1]."""
-        return {name: layer.subnet_importance[self.adapter_name] for name, layer in self.subnetwork_layers().items()}
+        """Accumulated (EMax) importance of the scores per layer, in [0, 1] (empty before the first accumulation)."""
+        a = self.adapter_name
+        return {name: layer.subnet_importance[a] for name, layer in self.subnetwork_layers().items()
+                if a in layer.subnet_importance}
 
     @torch.enable_grad()
     def compute_score_importance(self, loss_fn: Callable[[dict], torch.Tensor], batches: Iterable[dict], max_batches: int | None = None,
-                                 desc: str = "score importance") -> dict[str, torch.Tensor]:
+                                 desc: str = "score importance", zero_unused: bool = True) -> dict[str, torch.Tensor]:
         """Importance of each weight of the current subnetwork: virtual ``alpha`` (ones) multiplies ``W ⊙ mask``;
-        ``|d loss / d alpha|`` is summed over batches (zeroed between them) and normalized per output row
-        (``|tanh(z)|``). ``loss_fn(batch)`` returns the task loss. Leaves no ``.grad`` on the model.
+        ``|d loss / d alpha|`` is summed over batches and normalized per output row (``|tanh(z)|``; with
+        ``zero_unused`` over the subnetwork's weights only, the others get 0, see
+        :meth:`SubnetworkLayer.finish_importance`). ``loss_fn(batch)`` returns the task loss. The gradient is taken
+        with respect to alpha alone (``torch.autograd.grad``): no ``.grad`` is left on any parameter, task heads
+        outside this model included.
         """
         layers = self.subnetwork_layers()
         grad_state = {p: p.requires_grad for p in self.model.parameters()}
         for p in grad_state:
-            p.requires_grad_(False)
-        for layer in layers.values():
-            layer.start_importance()
+            p.requires_grad_(False)  # no weight gradients are needed: a cheaper backward
+        alphas = [layer.start_importance() for layer in layers.values()]
         n = 0
         try:
             for batch in tqdm(batches, desc=desc, leave=False, total=max_batches):
                 if max_batches is not None and n >= max_batches:
                     break
-                loss = loss_fn(batch)
-                loss.backward()
-                for layer in layers.values():
-                    layer.accumulate_importance()
+                grads = torch.autograd.grad(loss_fn(batch), alphas, allow_unused=True)
+                for layer, g in zip(layers.values(), grads):
+                    layer.accumulate_importance(g)
                 n += 1
         finally:
             for p, req in grad_state.items():
@@ -167,14 +170,19 @@ class SubnetworkModel(BaseTuner):
             for layer in layers.values():
                 layer.finish_importance()
             raise ValueError("compute_score_importance got no batches; pass the task's training data")
-        return {name: layer.finish_importance(name) for name, layer in layers.items()}
+        return {name: layer.finish_importance(name, zero_unused=zero_unused) for name, layer in layers.items()}
 
     @torch.no_grad()
     def accumulate_importance(self, importance: dict[str, torch.Tensor]) -> None:
-        """EMax: accumulated importance <- max(accumulated, ``importance``)."""
+        """EMax: accumulated importance <- max(accumulated, ``importance``) (allocated by the first call)."""
+        a = self.adapter_name
         for name, layer in self.subnetwork_layers().items():
-            acc = layer.subnet_importance[self.adapter_name]
-            acc.copy_(torch.maximum(acc, importance[name].to(acc.device, acc.dtype)))
+            new = importance[name].to(layer.get_base_layer().weight.device, torch.float32)
+            if a not in layer.subnet_importance:
+                layer.subnet_importance[a] = new.clone()
+            else:
+                acc = layer.subnet_importance[a]
+                acc.copy_(torch.maximum(acc, new))
 
     # -- persistence ---------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -188,7 +196,8 @@ class SubnetworkModel(BaseTuner):
                 state[f"{name}.subnet_masks.{t}"] = layer.subnet_masks[a][str(t)]
             if cfg.save_training_state:
                 state[f"{name}.subnet_scores"] = layer.subnet_scores[a]
-                state[f"{name}.subnet_importance"] = layer.subnet_importance[a]
+                if a in layer.subnet_importance:
+                    state[f"{name}.subnet_importance"] = layer.subnet_importance[a]
             if cfg.train_base_weights:
                 state[f"{name}.base_layer.weight"] = layer.get_base_layer().weight
         return state
@@ -236,8 +245,12 @@ class SubnetworkModel(BaseTuner):
             for key in [k for k in state if k.startswith(prefix)]:
                 layer.subnet_masks[a][key[len(prefix):]] = state[key].to(weight.device)
                 unused.discard(key)
-            for key, target in ((f"{name}.subnet_scores", layer.subnet_scores[a]), (f"{name}.subnet_importance", layer.subnet_importance[a]),
-                                (f"{name}.base_layer.weight", weight)):
+            imp_key = f"{name}.subnet_importance"
+            if imp_key in state and a not in layer.subnet_importance:
+                layer.subnet_importance[a] = torch.zeros_like(weight, dtype=torch.float32)
+            for key, target in ((f"{name}.subnet_scores", layer.subnet_scores[a]),
+                                (f"{name}.base_layer.weight", weight),
+                                (imp_key, layer.subnet_importance[a] if a in layer.subnet_importance else None)):
                 if key in state:
                     if state[key].shape != target.shape:
                         raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model's {tuple(target.shape)}; "
