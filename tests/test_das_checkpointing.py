@@ -1,0 +1,74 @@
+"""Gradient checkpointing under DAS: the gates and view dropout shape the recomputed forward exactly as the first one.
+
+ALGORITHMS.md §8: backward re-runs checkpointed layers; a hook removed before backward makes the recomputation differ
+(non-reentrant: ``CheckpointError``; reentrant: silently wrong gradients).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_lm_batches, tiny_bert, tiny_llama
+
+from hf_softmask.estimators import compute_importance
+from hf_softmask.importance import UnitImportance
+from hf_softmask.layout import UnitLayout
+from hf_softmask.strategies.das import DASStrategy
+
+MODELS = {"bert": tiny_bert, "llama": tiny_llama}
+
+
+def _random_importance(layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
+                          torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+
+
+def _das_grads(model_fn, checkpointing, view_gradients=True, seed=0):
+    """Gradients of one DAS loss (LM + contrastive), as StrategyTrainer computes it, on a fresh model."""
+    model = model_fn(seed=1).train()
+    model.config.use_cache = False
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    strategy = DASStrategy(show_progress=False, view_gradients=view_gradients)
+    strategy.importance = _random_importance(UnitLayout.from_model(model))
+    batch = random_lm_batches(1, batch_size=3, seq_len=10, seed=2)[0]
+    batch["attention_mask"][0, 7:] = 0  # padding: pooling must use the mask in every view
+    torch.manual_seed(seed)
+    out = model(**batch, **strategy.forward_kwargs(model, batch))
+    loss = out.loss + strategy.extra_loss(model, batch, out)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("view_gradients", [True, False], ids=["view-grads", "stop-grad-views"])
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_das_loss_gradients_equal_with_and_without_checkpointing(arch, checkpointing, view_gradients):
+    loss_ref, ref = _das_grads(MODELS[arch], None, view_gradients)
+    loss_ckpt, got = _das_grads(MODELS[arch], checkpointing, view_gradients)
+    assert torch.allclose(loss_ref, loss_ckpt, rtol=1e-5, atol=1e-6)
+    assert ref.keys() == got.keys() and len(ref) > 10
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize(("arch", "objective"), [("bert", "lm_loss"), ("bert", "kl_dropout"), ("llama", "kl_dropout"),
+                                                 ("llama", "lm_loss")])
+def test_importance_equal_with_and_without_checkpointing(arch, objective, checkpointing):
+    """compute_importance's trainable gates (and Llama's perturbation dropout) sit inside checkpointed layers."""
+    batches = random_lm_batches(2, batch_size=2, seq_len=8, seed=4)
+
+    def importance(ckpt):
+        model = MODELS[arch](seed=1)
+        model.config.use_cache = False
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        torch.manual_seed(0)
+        return compute_importance(model, batches, objective, normalize=False, show_progress=False)
+
+    ref, got = importance(False), importance(True)
+    assert ref.heads.abs().sum() > 0
+    torch.testing.assert_close(got.heads, ref.heads, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got.ffn, ref.ffn, rtol=1e-4, atol=1e-8)
