@@ -6,6 +6,7 @@ accelerate puts autocast on the model's top-level ``forward``; the views call th
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import random_lm_batches, tiny_llama
 from datasets import Dataset
@@ -75,3 +76,41 @@ def test_views_follow_an_enclosing_autocast():
         h.remove()
     assert seen and set(seen) == {torch.bfloat16}
     assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices(tmp_path):
+    """The shipped SmolLM2-135M, StrategyTrainer, bf16 autocast, gradient checkpointing: 2 DAS steps, update mode."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_softmask.continual.pretrain import smollm2_checkpoint
+    from hf_softmask.masking import SoftMaskConfig
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint())
+    layout = UnitLayout.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    heads = torch.rand(layout.num_layers, layout.num_heads, generator=g) * 0.9
+    ffn = torch.rand(layout.num_layers, layout.ffn_size, generator=g) * 0.9
+    heads[0], ffn[0] = 1.0, 1.0  # layer 0 fully protected: every slice it owns must stay bit-identical
+    strategy = DASStrategy(softmask=SoftMaskConfig(mode="update"), show_progress=False)
+    strategy.importance = UnitImportance(heads, ffn)
+    protected = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n and "layernorm" not in n}
+    free = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.5.mlp" in n}
+    assert len(protected) == 7 and free
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.config.vocab_size, (4, 16), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                             bf16=True, use_cpu=True, gradient_checkpointing=True, report_to="none", save_strategy="no",
+                             disable_tqdm=True, optim="adamw_torch")
+    trainer = StrategyTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                              strategy=strategy)
+    result = trainer.train()
+    assert model.model.layers[0].gradient_checkpointing  # the Trainer did checkpoint the layers
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert len(strategy.contrastive_losses) == 2 and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))
+    params = dict(model.named_parameters())
+    for n, before in protected.items():
+        assert torch.equal(params[n].detach(), before), f"{n} moved although its units have importance 1"
+    assert any(not torch.equal(params[n].detach(), before) for n, before in free.items())

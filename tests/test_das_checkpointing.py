@@ -72,3 +72,47 @@ def test_importance_equal_with_and_without_checkpointing(arch, objective, checkp
     assert ref.heads.abs().sum() > 0
     torch.testing.assert_close(got.heads, ref.heads, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(got.ffn, ref.ffn, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointing):
+    """Gates changed, disabled or removed between forward and backward (HAT resets them every step)."""
+    from hf_softmask.gates import UnitGates
+
+    def grads(ckpt, change):
+        model = tiny_llama(seed=1).train()
+        model.config.use_cache = False
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        layout = UnitLayout.from_model(model)
+        imp = _random_importance(layout)
+        batch = random_lm_batches(1, batch_size=2, seq_len=8, seed=2)[0]
+        torch.manual_seed(0)
+        gates = UnitGates(layout, imp.heads, imp.ffn, dropout=0.2)
+        loss = model(**batch).loss
+        later = UnitGates(layout, imp.heads.flip(0), None)  # installed after the forward: must not act on the replay
+        change(gates)
+        loss.backward()
+        gates.remove()
+        later.remove()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    changes = {"reassigned": lambda g: setattr(g, "head_gate", torch.zeros_like(g.head_gate)),
+               "disabled": lambda g: setattr(g, "enabled", False), "removed": lambda g: g.remove()}
+    ref = grads(False, lambda g: None)
+    for name, change in changes.items():
+        got = grads(True, change)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}, {n}: {m}")
+
+
+def test_gates_leave_no_hook_or_wrapper_behind():
+    from hf_softmask.gates import UnitGates
+
+    model = tiny_bert()
+    model.gradient_checkpointing_enable()
+    before = {n: m.__dict__.get("_gradient_checkpointing_func") for n, m in model.named_modules()}
+    with UnitGates(UnitLayout.from_model(model), dropout=0.1):
+        assert any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "_ReplayGates" for m in model.modules())
+    assert {n: m.__dict__.get("_gradient_checkpointing_func") for n, m in model.named_modules()} == before
+    assert not any(m._forward_pre_hooks for m in model.modules())
