@@ -23,8 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_softmask_step import blocks  # noqa: E402
-from common import Env, Row, free, lm_batch, llama_model, make_env, random_importance, ratio_of_peaks, smollm2_model  # noqa: E402
+from bench_softmask_step import blocks
+from common import (
+    Env,
+    Row,
+    free,
+    llama_model,
+    lm_batch,
+    make_env,
+    random_importance,
+    ratio_of_peaks,
+    smollm2_model,
+)
 
 
 def cpu_step_peak_bytes(step, tensors_held) -> int:
@@ -45,7 +55,7 @@ def cpu_step_peak_bytes(step, tensors_held) -> int:
 
 
 def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool = False) -> list[Row]:
-    from hf_softmask.contrastive import info_nce, _pooled_views
+    from hf_softmask.contrastive import _pooled_views, info_nce
     from hf_softmask.strategies.das import DASStrategy
 
     model = smollm2_model(env) if shape == "smollm2-135m" else llama_model(shape, env)
@@ -56,9 +66,10 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     batch = lm_batch(model.config.vocab_size, batch_size, seq_len, env.device)
     importance = random_importance(model)
     strategies = {g: DASStrategy(show_progress=False, view_gradients=g) for g in (True, False)}
+    strategies["mask"] = DASStrategy(show_progress=False, contrastive_weight=0.0)  # soft-masking alone
     for s in strategies.values():
         s.importance = importance
-    opts = {k: torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) for k in ("plain", True, False, "v1")}
+    opts = {k: torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) for k in ("plain", True, False, "v1", "mask")}
 
     def finish(loss, opt):
         loss.backward()
@@ -69,10 +80,11 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     def plain_step():
         finish(model(**batch).loss, opts["plain"])
 
-    def das_step(view_gradients):
-        strategy = strategies[view_gradients]
+    def das_step(key):
+        strategy = strategies[key]
         out = model(**batch, **strategy.forward_kwargs(model, batch))
-        finish(out.loss + strategy.extra_loss(model, batch, out), opts[view_gradients])
+        extra = strategy.extra_loss(model, batch, out)
+        finish(out.loss if extra is None else out.loss + extra, opts[key])
 
     das = strategies[True]
     layout = das.layout(model)
@@ -94,9 +106,10 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
         return (lambda: strategies[key].on_train_end(model, opts[key])) if key in strategies else (
             lambda: das.on_train_end(model, opts[key]))
 
-    nothing = lambda: None  # noqa: E731
+    nothing = lambda: None
     variants = {
         "plain": (nothing, plain_step, nothing),
+        "LM + soft-mask (update), no contrast": (attach("mask"), lambda: das_step("mask"), detach("mask")),
         "DAS, views with grad": (attach(True), lambda: das_step(True), detach(True)),
         "DAS, stop-grad views": (attach(False), lambda: das_step(False), detach(False)),
         "DAS v1 (unbatched views with grad)": (attach("v1"), v1_step, detach("v1")),
@@ -105,7 +118,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     t = blocks(variants, env, warmup, rounds, iters)
     peaks = {name: t[name][2] for name in variants}
     if not env.cuda:
-        opt_of = dict(zip(variants, ("plain", True, False, "v1")))
+        opt_of = dict(zip(variants, ("plain", "mask", True, False, "v1")))
         for name, (att, step, det) in variants.items():
             att()
             held = list(model.parameters()) + [v for st in opts[opt_of[name]].state.values() for v in st.values()
@@ -115,13 +128,14 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     base_ms = t["plain"][0]
     tag = f"batch {batch_size}x{seq_len}" + (", grad ckpt" if checkpointing else "")
     notes = {
+        "LM + soft-mask (update), no contrast": "attribution: the masked optimizer step's own share",
         "DAS, views with grad": "LM fwd (z1) + 1 batched views fwd (z2,z3) + backward through both",
         "DAS, stop-grad views": "LM fwd (z1) + 1 batched no-grad views fwd",
         "DAS v1 (unbatched views with grad)": "before batching: 3 forwards + backward",
     }
     rows = []
     for name, note in notes.items():
-        default = das.view_gradients == (name == "DAS, views with grad") and name != "DAS v1 (unbatched views with grad)"
+        default = name == ("DAS, views with grad" if DASStrategy().view_gradients else "DAS, stop-grad views")
         rows.append(Row("DAS step", shape, name + (" [default]" if default else ""), "plain", t[name][0], base_ms,
                         target="<=2.0x,mem<=1.3x" if default else "", mem_ratio=ratio_of_peaks(peaks[name], peaks["plain"]),
                         note=f"{tag}; {note}"))

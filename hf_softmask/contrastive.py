@@ -23,7 +23,7 @@ from .gates import UnitGates
 from .importance import UnitImportance
 from .layout import UnitLayout
 
-__all__ = ["masked_mean_pool", "info_nce", "unmasked_input_ids", "sentence_views", "das_contrastive_loss", "ForwardAutocast"]
+__all__ = ["ForwardAutocast", "das_contrastive_loss", "info_nce", "masked_mean_pool", "sentence_views", "unmasked_input_ids"]
 
 
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -109,7 +109,7 @@ def sentence_views(
     layout = layout or UnitLayout.from_model(model)
     ids = unmasked_input_ids(inputs)
     mask = inputs.get("attention_mask")
-    run = lambda plain, imp: _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)  # noqa: E731
+    run = lambda plain, imp: _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)
     if view_gradients:
         if z1 is None:
             z1, z2, z3 = run(2, importance)

@@ -27,11 +27,11 @@ from .layout import UnitLayout
 __all__ = ["UnitGates", "gated"]
 
 # Installed gates, in hook-registration order (the order their hooks run on a shared module).
-_INSTALLED: list["UnitGates"] = []
+_INSTALLED: list[UnitGates] = []
 # Gate records being replayed, innermost last: while a checkpointed layer is recomputed, live hooks step aside.
 _REPLAYING: list[list] = []
 # Checkpointable module -> [number of installed gates inside it, its pre-hook handle, the gated modules inside it].
-_CKPT_USERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_CKPT_USERS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class UnitGates:
         _INSTALLED.append(self)
 
     @classmethod
-    def trainable(cls, layout: UnitLayout, device=None, heads: bool = True, ffn: bool = True, dropout: float = 0.0) -> "UnitGates":
+    def trainable(cls, layout: UnitLayout, device=None, heads: bool = True, ffn: bool = True, dropout: float = 0.0) -> UnitGates:
         """Gates initialised at 1 with ``requires_grad`` (for importance by gradient)."""
         h = torch.ones(layout.num_layers, layout.num_heads, device=device, requires_grad=True) if heads else None
         f = torch.ones(layout.num_layers, layout.ffn_size, device=device, requires_grad=True) if ffn else None
@@ -146,7 +146,7 @@ class UnitGates:
         if self in _INSTALLED:
             _INSTALLED.remove(self)
 
-    def __enter__(self) -> "UnitGates":
+    def __enter__(self) -> UnitGates:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,13 @@ from conftest import random_lm_batches, tiny_bert, tiny_llama
 from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
-from hf_softmask.contrastive import das_contrastive_loss, info_nce, masked_mean_pool, sentence_views, unmasked_input_ids
+from hf_softmask.contrastive import (
+    das_contrastive_loss,
+    info_nce,
+    masked_mean_pool,
+    sentence_views,
+    unmasked_input_ids,
+)
 from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.masking import SoftMaskConfig
@@ -90,8 +96,8 @@ def test_das_contrastive_loss_matches_hand_computation(view_gradients):
     with torch.no_grad():
         z = pooled(model.bert(input_ids=original, attention_mask=mask).last_hidden_state)
         handles = []
+        H = layout.num_heads
         for l, layer in enumerate(model.bert.encoder.layer):
-            H = layout.num_heads
             handles.append(layer.attention.output.dense.register_forward_pre_hook(
                 lambda m, a, l=l: ((a[0].view(*a[0].shape[:-1], H, -1) * imp.heads[l].view(H, 1)).flatten(-2),)))
             handles.append(layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: (a[0] * imp.ffn[l],)))
@@ -203,3 +209,15 @@ def test_das_rejects_bad_settings():
         DASStrategy(softmask={"mode": "both"})
     with pytest.raises(RuntimeError, match="before_task"):
         DASStrategy().on_train_begin(tiny_bert(), None)
+
+
+@pytest.mark.parametrize("view_gradients", [True, False])
+def test_views_carry_gradients_only_when_asked(view_gradients):
+    model = tiny_bert().train()
+    layout = UnitLayout.from_model(model)
+    batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
+    z1, z2, z3 = sentence_views(model, batch, _importance(layout), layout, view_gradients=view_gradients)
+    assert z1.requires_grad
+    assert z2.requires_grad == z3.requires_grad == view_gradients
+    assert not torch.allclose(z1, z2)  # independent dropout draws, batched or not
+    assert DASStrategy(view_gradients=view_gradients).config()["view_gradients"] == view_gradients

@@ -50,7 +50,7 @@ def test_das_loss_gradients_equal_with_and_without_checkpointing(arch, checkpoin
     assert torch.allclose(loss_ref, loss_ckpt, rtol=1e-5, atol=1e-6)
     assert ref.keys() == got.keys() and len(ref) > 10
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
@@ -103,7 +103,7 @@ def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointin
     for name, change in changes.items():
         got = grads(True, change)
         for n in ref:
-            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}, {n}: {m}")
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m, name=name, n=n: f"{name}, {n}: {m}")
 
 
 def test_gates_leave_no_hook_or_wrapper_behind():

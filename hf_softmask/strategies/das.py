@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..contrastive import ForwardAutocast, das_contrastive_loss, masked_mean_pool, unmasked_input_ids
+from ..contrastive import (
+    ForwardAutocast,
+    das_contrastive_loss,
+    masked_mean_pool,
+    unmasked_input_ids,
+)
 from ..estimators import compute_importance, has_dropout
 from ..importance import UnitImportance
 from ..layout import UnitLayout
@@ -27,7 +32,7 @@ VIEW_GRADIENTS_DEFAULT = True
 def _unwrap(model: nn.Module) -> nn.Module:
     # DDP / accelerate wrappers: the extra forwards run on the inner module so DDP's reducer sees one forward
     # per backward (the gradients still reach the same parameters and are all-reduced with the LM loss's).
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
 
