@@ -65,8 +65,10 @@ def unmasked_input_ids(inputs: dict) -> torch.Tensor:
 
 def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     # The base model alone: its last hidden state is the LM's hidden_states[-1], without paying for the
-    # vocabulary-sized LM head that the views do not need.
-    base = getattr(model, "base_model", model)
+    # vocabulary-sized LM head that the views do not need. A PEFT wrapper's base_model is its tuner (which runs
+    # the whole LM), so go through get_base_model() first.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(inner, "base_model", inner)
     out = base(input_ids=input_ids, attention_mask=attention_mask)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

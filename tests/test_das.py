@@ -221,3 +221,13 @@ def test_views_carry_gradients_only_when_asked(view_gradients):
     assert z2.requires_grad == z3.requires_grad == view_gradients
     assert not torch.allclose(z1, z2)  # independent dropout draws, batched or not
     assert DASStrategy(view_gradients=view_gradients).config()["view_gradients"] == view_gradients
+
+
+def test_views_of_a_peft_wrapped_model_pool_hidden_states_not_logits():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    layout = UnitLayout.from_model(model.get_base_model())
+    batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
+    z1, z2, z3 = sentence_views(model, batch, _importance(layout), layout, perturbation_dropout=0.1)
+    assert z1.shape == z2.shape == z3.shape == (2, model.config.hidden_size)
