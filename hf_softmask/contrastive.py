@@ -164,7 +164,8 @@ class ForwardAutocast:
         self._handle = emb.register_forward_pre_hook(self._record)
 
     def _record(self, module, args) -> None:
-        device_type = module.weight.device.type
+        x = args[0] if args and torch.is_tensor(args[0]) else next(module.parameters())
+        device_type = x.device.type
         on = torch.is_autocast_enabled(device_type)
         self.state = (device_type, torch.get_autocast_dtype(device_type)) if on else None
 

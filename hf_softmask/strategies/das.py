@@ -26,7 +26,7 @@ from .base import ContinualStrategy
 __all__ = ["DASStrategy"]
 
 # Measured choice, see docs/das.md ("Do z2 and z3 need gradients?").
-VIEW_GRADIENTS_DEFAULT = True
+VIEW_GRADIENTS_DEFAULT = False
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
