@@ -14,9 +14,9 @@ the model does not go through ``_gradient_checkpointing_func``.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ _REPLAYING: list[list] = []
 _CKPT_USERS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _GateState:
     """What one :class:`UnitGates` does to a unit output, frozen at the time of a forward."""
 
@@ -66,6 +66,11 @@ class _GateState:
                 g = g.view(g.shape[0], *([1] * (x.dim() - 2)), -1)
             x = x * g
         return self._perturb(x)
+
+    def with_tensors(self, replace: dict[int, torch.Tensor]) -> "_GateState":
+        """This state with its gate tensors swapped for ``replace[id(tensor)]`` where given."""
+        pick = lambda t: replace.get(id(t), t) if t is not None else None  # noqa: E731
+        return dataclasses.replace(self, head_gate=pick(self.head_gate), ffn_gate=pick(self.ffn_gate))
 
     def acts(self, kind: str) -> bool:
         return self.dropout > 0 or (self.head_gate if kind == "head" else self.ffn_gate) is not None
@@ -231,17 +236,25 @@ class _ReplayGates:
     def __call__(self, function, *args, **kwargs):
         module = self.module_ref()
         records = _gates_in_force(module) if module is not None else []
+        # Gates with autograd history enter the checkpoint as inputs: a reentrant checkpoint runs one backward of
+        # its own per layer and would otherwise traverse the gates' shared graph (HAT's sigmoid(s*e)) once per
+        # layer, which fails the second time; as inputs, their gradients flow back through the outer backward.
+        tensors = list({id(t): t for r in records for t in (r[3].head_gate, r[3].ffn_gate)
+                        if t is not None and t.requires_grad}.values())
+        n = len(args)
         calls = 0
 
         def run(*a, **k):
             nonlocal calls
             calls += 1
             if calls == 1:  # the forward itself: the live hooks act
-                return function(*a, **k)
-            with _replaying(records, module):
-                return function(*a, **k)
+                return function(*a[:n], **k)
+            inside = {id(t): t_in for t, t_in in zip(tensors, a[n:])}
+            replayed = [(site, kind, l, state.with_tensors(inside)) for site, kind, l, state in records]
+            with _replaying(replayed, module):
+                return function(*a[:n], **k)
 
-        return self.inner(run, *args, **kwargs)
+        return self.inner(run, *args, *tensors, **kwargs)
 
 
 @contextmanager

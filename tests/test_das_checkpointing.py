@@ -116,3 +116,27 @@ def test_gates_leave_no_hook_or_wrapper_behind():
         assert any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "_ReplayGates" for m in model.modules())
     assert {n: m.__dict__.get("_gradient_checkpointing_func") for n, m in model.named_modules()} == before
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_gates_computed_from_trainable_embeddings_backpropagate_under_checkpointing(checkpointing):
+    """HAT's gates are sigmoid(s*e), one non-leaf tensor shared by every layer: reentrant checkpointing runs one
+    backward per layer and used to traverse that graph twice ("Trying to backward through the graph a second time")."""
+    from hf_softmask.gates import UnitGates
+
+    def grads(ckpt):
+        model = tiny_llama(seed=1).train()
+        model.config.use_cache = False
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        layout = UnitLayout.from_model(model)
+        g = torch.Generator().manual_seed(0)
+        e_heads = torch.randn(layout.num_layers, layout.num_heads, generator=g).requires_grad_()
+        e_ffn = torch.randn(layout.num_layers, layout.ffn_size, generator=g).requires_grad_()
+        batch = random_lm_batches(1, batch_size=2, seq_len=8, seed=2)[0]
+        with UnitGates(layout, torch.sigmoid(4 * e_heads), torch.sigmoid(4 * e_ffn)):
+            model(**batch).loss.backward()
+        return e_heads.grad, e_ffn.grad, model.model.layers[0].self_attn.q_proj.weight.grad
+
+    for ref, got in zip(grads(False), grads(True)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)
