@@ -111,7 +111,10 @@ def sentence_views(
     layout = layout or UnitLayout.from_model(model)
     ids = unmasked_input_ids(inputs)
     mask = inputs.get("attention_mask")
-    run = lambda plain, imp: _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)
+
+    def run(plain, imp):
+        return _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)
+
     if view_gradients:
         if z1 is None:
             z1, z2, z3 = run(2, importance)

@@ -67,9 +67,11 @@ class _GateState:
             x = x * g
         return self._perturb(x)
 
-    def with_tensors(self, replace: dict[int, torch.Tensor]) -> "_GateState":
+    def with_tensors(self, replace: dict[int, torch.Tensor]) -> _GateState:
         """This state with its gate tensors swapped for ``replace[id(tensor)]`` where given."""
-        pick = lambda t: replace.get(id(t), t) if t is not None else None  # noqa: E731
+        def pick(t):
+            return replace.get(id(t), t) if t is not None else None
+
         return dataclasses.replace(self, head_gate=pick(self.head_gate), ffn_gate=pick(self.ffn_gate))
 
     def acts(self, kind: str) -> bool:
