@@ -3,10 +3,17 @@
 Per training step (ALGORITHMS.md §4): ``z1``, ``z2`` are two dropout views of the unmasked input through the
 full model; ``z3`` is the same input through the same weights with the accumulated importance applied as
 forward gates (no frozen teacher copy). Anchor ``z1``, positive ``z2``, negatives the other samples' ``z2``
-plus every ``z3``.
+plus every ``z3`` (its own included).
+
+The views run batched: the rows of every view go through ONE forward, the importance gates acting on the ``z3``
+rows only (per-example gates) and dropout drawn independently for every row, so ``z1`` and ``z2`` stay
+independent dropout draws. With ``view_gradients=False`` the ``z2``/``z3`` forward runs without autograd (stop-
+gradient targets; the contrastive gradient reaches the weights through ``z1`` alone), see docs/das.md.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +24,7 @@ from .importance import UnitImportance
 from .layout import UnitLayout
 from .peft_support import unwrap_peft
 
-__all__ = ["masked_mean_pool", "info_nce", "unmasked_input_ids", "sentence_views", "das_contrastive_loss"]
+__all__ = ["ForwardAutocast", "das_contrastive_loss", "info_nce", "masked_mean_pool", "sentence_views", "unmasked_input_ids"]
 
 
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -66,6 +73,25 @@ def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def _pooled_views(model, ids, mask, layout, dropout, plain: int, importance: UnitImportance | None) -> list[torch.Tensor]:
+    """One forward of ``plain`` ungated copies of the batch, then (if ``importance``) one importance-gated copy.
+
+    Returns the pooled ``[B, D]`` of each copy. Every row draws its own dropout.
+    """
+    B = ids.shape[0]
+    copies = plain + (importance is not None)
+    rows_ids = ids.repeat(copies, 1)
+    rows_mask = None if mask is None else mask.repeat(copies, 1)
+    heads = ffn = None
+    if importance is not None:
+        h, f = importance.heads.to(ids.device), importance.ffn.to(ids.device)
+        heads = torch.cat([h.new_ones(plain * B, *h.shape), h.expand(B, *h.shape)])
+        ffn = torch.cat([f.new_ones(plain * B, *f.shape), f.expand(B, *f.shape)])
+    with UnitGates(layout, heads, ffn, dropout=dropout, per_example=importance is not None):
+        pooled = masked_mean_pool(_last_hidden(model, rows_ids, rows_mask), rows_mask)
+    return list(pooled.split(B))
+
+
 def sentence_views(
     model: nn.Module,
     inputs: dict,
@@ -73,24 +99,32 @@ def sentence_views(
     layout: UnitLayout | None = None,
     perturbation_dropout: float = 0.0,
     z1: torch.Tensor | None = None,
+    view_gradients: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled ``(z1, z2, z3)`` for one batch; ``model`` must be in train mode so its dropout is on.
 
     ``perturbation_dropout`` > 0 puts dropout on every gated unit output for the views (for models without
     dropout of their own, e.g. Llama). ``z1`` may be given (already pooled) to reuse the LM forward pass.
+    ``view_gradients``: whether ``z2`` and ``z3`` carry gradients (False: computed under ``torch.no_grad``).
+    The views run under the autocast in force where this is called.
     """
     layout = layout or UnitLayout.from_model(model)
     ids = unmasked_input_ids(inputs)
     mask = inputs.get("attention_mask")
-    device = ids.device
+
+    def run(plain, imp):
+        return _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)
+
+    if view_gradients:
+        if z1 is None:
+            z1, z2, z3 = run(2, importance)
+        else:
+            z2, z3 = run(1, importance)
+        return z1, z2, z3
     if z1 is None:
-        with UnitGates(layout, dropout=perturbation_dropout):
-            z1 = masked_mean_pool(_last_hidden(model, ids, mask), mask)
-    with UnitGates(layout, dropout=perturbation_dropout):
-        z2 = masked_mean_pool(_last_hidden(model, ids, mask), mask)
-    # The prior-knowledge view: the same weights, each unit scaled by its accumulated importance.
-    with UnitGates(layout, importance.heads.to(device), importance.ffn.to(device), dropout=perturbation_dropout):
-        z3 = masked_mean_pool(_last_hidden(model, ids, mask), mask)
+        (z1,) = run(1, None)
+    with torch.no_grad():
+        z2, z3 = run(1, importance)
     return z1, z2, z3
 
 
@@ -102,7 +136,50 @@ def das_contrastive_loss(
     temperature: float = 0.05,
     perturbation_dropout: float = 0.0,
     z1: torch.Tensor | None = None,
+    view_gradients: bool = True,
 ) -> torch.Tensor:
     """InfoNCE(anchor z1, positive z2, negatives = other samples' z2 + every z3) for one batch."""
-    z1, z2, z3 = sentence_views(model, inputs, importance, layout, perturbation_dropout, z1=z1)
+    z1, z2, z3 = sentence_views(model, inputs, importance, layout, perturbation_dropout, z1=z1, view_gradients=view_gradients)
     return info_nce(z1, z2, z3, temperature)
+
+
+class ForwardAutocast:
+    """The autocast state of a model's own forward, to run extra forwards (views) under the same one.
+
+    accelerate (Trainer ``bf16``/``fp16``) puts autocast on the model's top-level ``forward``; a submodule
+    called from outside, as the views call the base model, would run in full precision. A pre-hook on the
+    input embeddings (always called inside the top-level forward) records the state of each forward;
+    :meth:`context` re-enters it.
+    """
+
+    def __init__(self):
+        self._handle = None
+        self._module = None
+        self.state: tuple[str, torch.dtype] | None = None  # (device type, dtype) when autocast was on
+
+    def watch(self, model: nn.Module) -> None:
+        """Record the autocast state of every forward of ``model`` from now on (idempotent)."""
+        emb = model.get_input_embeddings()
+        if self._module is emb:
+            return
+        self.close()
+        self._module = emb
+        self._handle = emb.register_forward_pre_hook(self._record)
+
+    def _record(self, module, args) -> None:
+        x = args[0] if args and torch.is_tensor(args[0]) else next(module.parameters())
+        device_type = x.device.type
+        on = torch.is_autocast_enabled(device_type)
+        self.state = (device_type, torch.get_autocast_dtype(device_type)) if on else None
+
+    def context(self):
+        """``torch.autocast`` as the last recorded forward had it (nothing if it had none)."""
+        if self.state is None:
+            return nullcontext()
+        return torch.autocast(self.state[0], dtype=self.state[1])
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self._module = None
+        self.state = None

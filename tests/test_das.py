@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ from conftest import random_lm_batches, tiny_bert, tiny_llama
 from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
-from hf_softmask.contrastive import das_contrastive_loss, info_nce, masked_mean_pool, sentence_views, unmasked_input_ids
+from hf_softmask.contrastive import (
+    das_contrastive_loss,
+    info_nce,
+    masked_mean_pool,
+    sentence_views,
+    unmasked_input_ids,
+)
 from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.masking import SoftMaskConfig
@@ -38,6 +45,68 @@ def test_info_nce_identical_views_score_lower_than_random():
     assert flat.item() == pytest.approx(torch.log(torch.tensor(6.0)).item(), rel=1e-5)
     with pytest.raises(ValueError, match="temperature"):
         info_nce(z1, z1, temperature=0)
+
+
+def _hand_info_nce(z1, z2, z3, tau):
+    """ALGORITHMS.md §4 written out: anchor z1[i], positive z2[i], negatives the other z2 and every z3 (own included)."""
+    candidates = list(z2) + list(z3)
+    total = 0.0
+    for i in range(len(z1)):
+        logits = [torch.nn.functional.cosine_similarity(z1[i], c, dim=0).item() / tau for c in candidates]
+        total += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    return total / len(z1)
+
+
+def test_info_nce_matches_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    z1, z2, z3 = (torch.randn(3, 5, generator=g) for _ in range(3))
+    # z3[0] close to z1[0]: dropping a sample's own z3 from its negatives changes the value a lot
+    z3[0] = z1[0] + 0.1 * z3[0]
+    expected = _hand_info_nce(z1, z2, z3, 0.05)
+    assert info_nce(z1, z2, z3, temperature=0.05).item() == pytest.approx(expected, rel=1e-5)
+    # the planted bugs this comparison must catch
+    own_z3_excluded = sum(
+        torch.nn.functional.cross_entropy(
+            (torch.nn.functional.normalize(z1[i:i + 1], dim=-1)
+             @ torch.nn.functional.normalize(torch.cat([z2, z3[torch.arange(3) != i]]), dim=-1).T) / 0.05,
+            torch.tensor([i])).item() for i in range(3)) / 3
+    assert own_z3_excluded != pytest.approx(expected, rel=1e-3)
+    wrong_label = info_nce(z1, z3, z2, temperature=0.05).item()  # positive taken from the gated view
+    assert wrong_label != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("view_gradients", [True, False])
+def test_das_contrastive_loss_matches_hand_computation(view_gradients):
+    """The whole term on a real BERT: unmasked input, mask-aware pooling, z3 gated by importance, hand InfoNCE."""
+    model = tiny_bert(seed=2).eval()  # no dropout: z1 = z2, both computable by hand
+    layout = UnitLayout.from_model(model)
+    imp = _importance(layout, seed=3)
+    original = random_lm_batches(1, batch_size=3, seq_len=9, seed=6)[0]["input_ids"]
+    mask = torch.ones_like(original)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    masked = original.clone()
+    masked[:, 1] = 3  # an MLM collator's [MASK]; labels keep the originals
+    labels = torch.where(masked != original, original, torch.full_like(original, -100))
+    batch = {"input_ids": masked, "attention_mask": mask, "labels": labels}
+
+    def pooled(hidden):
+        return torch.stack([hidden[b, mask[b].bool()].mean(0) for b in range(hidden.shape[0])])
+
+    with torch.no_grad():
+        z = pooled(model.bert(input_ids=original, attention_mask=mask).last_hidden_state)
+        handles = []
+        H = layout.num_heads
+        for l, layer in enumerate(model.bert.encoder.layer):
+            handles.append(layer.attention.output.dense.register_forward_pre_hook(
+                lambda m, a, l=l: ((a[0].view(*a[0].shape[:-1], H, -1) * imp.heads[l].view(H, 1)).flatten(-2),)))
+            handles.append(layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: (a[0] * imp.ffn[l],)))
+        z3 = pooled(model.bert(input_ids=original, attention_mask=mask).last_hidden_state)
+        for h in handles:
+            h.remove()
+    expected = _hand_info_nce(z, z, z3, 0.05)
+    got = das_contrastive_loss(model, batch, imp, layout, temperature=0.05, view_gradients=view_gradients)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_mean_pool_ignores_padding_and_mlm_labels_restore_input():
@@ -140,3 +209,25 @@ def test_das_rejects_bad_settings():
         DASStrategy(softmask={"mode": "both"})
     with pytest.raises(RuntimeError, match="before_task"):
         DASStrategy().on_train_begin(tiny_bert(), None)
+
+
+@pytest.mark.parametrize("view_gradients", [True, False])
+def test_views_carry_gradients_only_when_asked(view_gradients):
+    model = tiny_bert().train()
+    layout = UnitLayout.from_model(model)
+    batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
+    z1, z2, z3 = sentence_views(model, batch, _importance(layout), layout, view_gradients=view_gradients)
+    assert z1.requires_grad
+    assert z2.requires_grad == z3.requires_grad == view_gradients
+    assert not torch.allclose(z1, z2)  # independent dropout draws, batched or not
+    assert DASStrategy(view_gradients=view_gradients).config()["view_gradients"] == view_gradients
+
+
+def test_views_of_a_peft_wrapped_model_pool_hidden_states_not_logits():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+    layout = UnitLayout.from_model(model.get_base_model())
+    batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
+    z1, z2, z3 = sentence_views(model, batch, _importance(layout), layout, perturbation_dropout=0.1)
+    assert z1.shape == z2.shape == z3.shape == (2, model.config.hidden_size)

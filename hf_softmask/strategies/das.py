@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..contrastive import das_contrastive_loss, masked_mean_pool, unmasked_input_ids
+from ..contrastive import (
+    ForwardAutocast,
+    das_contrastive_loss,
+    masked_mean_pool,
+    unmasked_input_ids,
+)
 from ..estimators import compute_importance, has_dropout
 from ..importance import UnitImportance
 from ..layout import UnitLayout
@@ -20,11 +25,14 @@ from .base import ContinualStrategy
 
 __all__ = ["DASStrategy"]
 
+# Measured choice, see docs/das.md ("Do z2 and z3 need gradients?").
+VIEW_GRADIENTS_DEFAULT = False
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # DDP / accelerate wrappers: the extra forwards run on the inner module so DDP's reducer sees one forward
     # per backward (the gradients still reach the same parameters and are all-reduced with the LM loss's).
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
 
@@ -42,6 +50,11 @@ class DASStrategy(ContinualStrategy):
         general_objective: importance objective before the first domain (``kl_dropout``).
         domain_objective: importance objective after each domain (``lm_loss``).
         importance_batches: cap on the batches used for each importance estimate (None: the whole loader).
+        view_gradients: whether the views z2 and z3 carry gradients (True, the paper's SimCSE-style loss) or are
+            stop-gradient targets (False: one forward without autograd; see docs/das.md for the measurement).
+
+    The views run in one batched forward, under the autocast of the LM forward (accelerate's bf16/fp16) and,
+    with gradient checkpointing, with their gates and dropout replayed in the recomputation.
     """
 
     name = "das"
@@ -58,6 +71,7 @@ class DASStrategy(ContinualStrategy):
         domain_objective: str = "lm_loss",
         importance_batches: int | None = None,
         show_progress: bool = True,
+        view_gradients: bool = VIEW_GRADIENTS_DEFAULT,
         **_,
     ):
         self.softmask = softmask if isinstance(softmask, SoftMaskConfig) else SoftMaskConfig(**(softmask or {}))
@@ -72,6 +86,8 @@ class DASStrategy(ContinualStrategy):
         self.domain_objective = domain_objective
         self.importance_batches = importance_batches
         self.show_progress = show_progress
+        self.view_gradients = bool(view_gradients)
+        self._autocast = ForwardAutocast()
         self.general_importance: UnitImportance | None = None
         self.domain_importances: list[UnitImportance] = []
         self.importance: UnitImportance | None = None  # accumulated (EMax), what the next domain is protected by
@@ -126,10 +142,14 @@ class DASStrategy(ContinualStrategy):
         if self._masker is not None:
             self._masker.detach()
             self._masker = None
+        self._autocast.close()
 
     def forward_kwargs(self, model: nn.Module, inputs: dict) -> dict:
         # The LM forward's last hidden states serve as z1 when its input is unmasked (causal LM).
-        return {"output_hidden_states": True} if self.contrastive_weight > 0 and model.training else {}
+        if self.contrastive_weight == 0 or not model.training:
+            return {}
+        self._autocast.watch(_unwrap(model))  # the views re-enter the autocast this forward runs under
+        return {"output_hidden_states": True}
 
     def extra_loss(self, model: nn.Module, inputs: dict, outputs) -> torch.Tensor | None:
         if self.contrastive_weight == 0:
@@ -139,7 +159,9 @@ class DASStrategy(ContinualStrategy):
         hidden = getattr(outputs, "hidden_states", None)
         if hidden is not None and torch.equal(unmasked_input_ids(inputs), inputs["input_ids"]):
             z1 = masked_mean_pool(hidden[-1], inputs.get("attention_mask"))
-        loss = das_contrastive_loss(inner, inputs, self.importance, self.layout(inner), self.temperature, self._view_dropout, z1=z1)
+        with self._autocast.context():
+            loss = das_contrastive_loss(inner, inputs, self.importance, self.layout(inner), self.temperature,
+                                        self._view_dropout, z1=z1, view_gradients=self.view_gradients)
         self.contrastive_losses.append(float(loss.detach()))
         return self.contrastive_weight * loss
 
@@ -174,5 +196,6 @@ class DASStrategy(ContinualStrategy):
             "general_objective": self.general_objective,
             "domain_objective": self.domain_objective,
             "importance_batches": self.importance_batches,
+            "view_gradients": self.view_gradients,
             "domains_done": len(self.domain_importances),
         }
