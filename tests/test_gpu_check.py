@@ -38,10 +38,8 @@ def test_cpu_needs_the_dry_run_flag():
 @pytest.mark.parametrize("cell, expected", [
     ("fused_adamw_bf16", "PASS"),
     ("fsdp2", "SKIP"),  # accelerate does not shard on a CPU: the Trainer runs, the cell says so
-    pytest.param("fp16_gradscaler", "PASS", marks=pytest.mark.xfail(
-        reason="issue 9 item 2: accelerate's AcceleratedOptimizer re-patches step under a GradScaler (fix on h/optim)")),
-    pytest.param("das_smollm2", "PASS", marks=pytest.mark.xfail(
-        reason="issue 9 item 1: DAS gates under gradient checkpointing (fix on h/das)")),
+    ("fp16_gradscaler", "PASS"),
+    ("das_smollm2", "PASS"),
 ])
 def test_cpu_dry_run_of_each_cell(cell, expected):
     proc = _run("--device", "cpu", "--dry-run", "--cells", cell)
