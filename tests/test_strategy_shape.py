@@ -166,3 +166,60 @@ def test_a_strategy_without_config_class_keeps_its_own_init():
     assert Plain(alpha=2.0).alpha == 2.0
     with pytest.raises(TypeError):
         ContinualStrategy(alpha=1.0)
+
+
+def test_a_config_class_needs_the_config_and_settings_init():
+    from hf_softmask.strategies.naive import NaiveConfig
+
+    with pytest.raises(TypeError, match=r"\(self, config=None, \*\*settings\)"):
+        class Wrong(ContinualStrategy):
+            config_class = NaiveConfig
+
+            def __init__(self, alpha=1.0):
+                pass
+
+
+def test_a_nested_config_field_as_das_will_have_it(tmp_path):
+    """The shape DAS adopts: a nested SoftMaskConfig field (default_factory), given as an object or a dict."""
+    from hf_softmask.masking import SoftMaskConfig
+    from hf_softmask.strategies.units import StrategyConfig
+
+    @dataclasses.dataclass
+    class NestedConfig(StrategyConfig):
+        softmask: SoftMaskConfig = dataclasses.field(default_factory=SoftMaskConfig, metadata={"help": "Masking."})
+        temperature: float = dataclasses.field(default=0.05, metadata={"help": "InfoNCE temperature."})
+
+        def __post_init__(self):
+            super().__post_init__()
+            if isinstance(self.softmask, dict):
+                self.softmask = SoftMaskConfig(**self.softmask)
+
+    class Nested(ContinualStrategy):
+        name = "nested"
+        config_class = NestedConfig
+
+    params = inspect.signature(Nested.__init__).parameters
+    assert params["softmask"].default == SoftMaskConfig() and params["temperature"].default == 0.05
+    strategy = Nested(softmask=SoftMaskConfig(mode="grad"), temperature=0.1)
+    strategy.save_pretrained(tmp_path)
+    saved = ContinualStrategy.saved_config(tmp_path)
+    assert saved["softmask"]["mode"] == "grad"
+    assert Nested(softmask=saved["softmask"], temperature=saved["temperature"]).cfg == strategy.cfg
+
+
+def test_get_strategy_takes_a_config():
+    from hf_softmask.strategies.hat import HATConfig
+
+    config = HATConfig(c=0.5)
+    assert get_strategy("hat", config).cfg is config
+    assert get_strategy("hat", config=config).cfg is config
+    with pytest.raises(TypeError, match="either config= or keyword"):
+        get_strategy("hat", config, c=0.1)
+
+
+def test_cbp_callback_refuses_settings_beside_a_strategy():
+    from hf_softmask.strategies.cbp import CBPCallback, CBPStrategy
+
+    with pytest.raises(TypeError, match="replacement_rate"):
+        CBPCallback(CBPStrategy(), replacement_rate=0.5)  # was silently ignored
+    assert CBPCallback(replacement_rate=0.5).strategy.cfg.replacement_rate == 0.5

@@ -344,6 +344,8 @@ def _check_optimizer(optimizer) -> None:
 class CBPCallback(StrategyCallback):
     """CBP for a plain ``transformers.Trainer``: ``Trainer(..., callbacks=[CBPCallback(replacement_rate=1e-4)])``."""
 
-    def __init__(self, strategy: CBPStrategy | None = None, **kwargs):
-        super().__init__(strategy or CBPStrategy(**kwargs))
+    def __init__(self, strategy: CBPStrategy | None = None, **settings):
+        if strategy is not None and settings:
+            raise TypeError(f"pass either strategy= or CBP settings, not both (got {sorted(settings)})")
+        super().__init__(strategy or CBPStrategy(**settings))
 

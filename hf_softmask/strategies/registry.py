@@ -33,9 +33,10 @@ def strategy_class(name: str):
     return getattr(importlib.import_module(f"hf_softmask.strategies.{module}"), cls)
 
 
-def get_strategy(name: str, **kwargs):
-    """Instantiate the strategy registered as ``name`` with keyword settings."""
-    return strategy_class(name)(**kwargs)
+def get_strategy(name: str, config=None, **settings):
+    """Instantiate the strategy registered as ``name`` from its ``config`` or keyword settings (not both)."""
+    cls = strategy_class(name)
+    return cls(**settings) if config is None else cls(config, **settings)
 
 
 def available_strategies() -> list[str]:

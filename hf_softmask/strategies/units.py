@@ -30,12 +30,20 @@ def unit_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_float(annotation) -> bool:
+    if isinstance(annotation, str):  # unresolved (a class defined in a function): read the text
+        return "float" in {part.strip() for part in annotation.split("|")}
+    return annotation is float or float in typing.get_args(annotation)
+
+
 @functools.cache
 def _float_fields(config_cls) -> tuple[str, ...]:
     """Fields annotated ``float`` (or ``float | None``): they must hold finite numbers."""
-    hints = typing.get_type_hints(config_cls)
-    return tuple(f.name for f in dataclasses.fields(config_cls)
-                 if hints.get(f.name) is float or float in typing.get_args(hints.get(f.name)))
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except NameError:
+        hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    return tuple(f.name for f in dataclasses.fields(config_cls) if _is_float(hints.get(f.name)))
 
 
 def check_fields(config) -> None:
@@ -75,7 +83,12 @@ def config_signature(config_cls) -> inspect.Signature:
     for f in dataclasses.fields(config_cls):
         if not f.init:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()  # e.g. a nested config: shown as the value it starts from
+        else:
+            default = inspect.Parameter.empty
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
     return inspect.Signature(params)
 
