@@ -27,8 +27,8 @@ from ..tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
 from .base import STRATEGY_STATE_CONFIG, ContinualStrategy
 from .units import StrategyConfig
 
-__all__ = ["SubnetworkSettings", "SubnetworkStrategy", "TSSConfig", "TSSStrategy", "adapter_config_field", "adapter_field",
-           "subnetwork_backbone"]
+__all__ = ["SubnetworkSettings", "SubnetworkStrategy", "TSSConfig", "TSSStrategy", "adapter_config_field",
+           "adapter_field", "subnetwork_backbone"]
 
 
 def subnetwork_backbone(model: nn.Module) -> SubnetworkModel:
