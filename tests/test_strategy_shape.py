@@ -38,12 +38,14 @@ def _fields(config_cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_cls) if f.init]
 
 
-def _float_fields(config_cls) -> list[str]:
+def _numeric_fields(config_cls) -> list[str]:
+    """Fields annotated int or float (possibly ``| None``), bool excluded."""
     hints = typing.get_type_hints(config_cls)
     out = []
     for f in _fields(config_cls):
         hint = hints[f.name]
-        if hint is float or float in typing.get_args(hint):
+        types = {hint, *typing.get_args(hint)}
+        if types & {int, float}:
             out.append(f.name)
     return out
 
@@ -111,9 +113,9 @@ def test_choice_fields_declare_and_enforce_their_choices(name):
 
 
 @pytest.mark.parametrize("name", SHAPED)
-def test_non_finite_floats_are_refused_naming_the_field(name):
+def test_non_finite_numbers_are_refused_naming_the_field(name):
     _, config_cls = _config_class(name)
-    for field_name in _float_fields(config_cls):
+    for field_name in _numeric_fields(config_cls):
         for bad in (math.nan, math.inf):
             with pytest.raises(ValueError, match=field_name):
                 config_cls(**{field_name: bad})
@@ -215,6 +217,8 @@ def test_get_strategy_takes_a_config():
     assert get_strategy("hat", config=config).cfg is config
     with pytest.raises(TypeError, match="either config= or keyword"):
         get_strategy("hat", config, c=0.1)
+    with pytest.raises(TypeError, match="no config class"):
+        get_strategy("das", config)  # das keeps its keyword __init__ until it has a DASConfig
 
 
 def test_cbp_callback_refuses_settings_beside_a_strategy():
@@ -223,3 +227,22 @@ def test_cbp_callback_refuses_settings_beside_a_strategy():
     with pytest.raises(TypeError, match="replacement_rate"):
         CBPCallback(CBPStrategy(), replacement_rate=0.5)  # was silently ignored
     assert CBPCallback(replacement_rate=0.5).strategy.cfg.replacement_rate == 0.5
+
+
+def test_the_writing_a_strategy_guide_snippet_runs(monkeypatch):
+    """docs/strategies_guide.md's example strategy has the shape this file checks."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "strategies_guide.md").read_text()
+    code = re.search(r"## Writing a strategy.*?```python\n(.*?)```", page, re.S).group(1)
+    module = types.ModuleType("guide_snippet")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    exec(compile(code, "strategies_guide.md", "exec"), module.__dict__)
+    strategy_cls, config_cls = module.MyStrategy, module.MyConfig
+    assert list(inspect.signature(strategy_cls.__init__).parameters) == ["self", "config", "strength", "mode"]
+    assert strategy_cls(strength=2.0).cfg == config_cls(strength=2.0)
+    with pytest.raises(TypeError, match=r"valid: \['strength', 'mode'\]"):
+        strategy_cls(strenght=2.0)

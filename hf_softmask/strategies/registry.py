@@ -36,7 +36,11 @@ def strategy_class(name: str):
 def get_strategy(name: str, config=None, **settings):
     """Instantiate the strategy registered as ``name`` from its ``config`` or keyword settings (not both)."""
     cls = strategy_class(name)
-    return cls(**settings) if config is None else cls(config, **settings)
+    if config is None:
+        return cls(**settings)
+    if getattr(cls, "config_class", None) is None:
+        raise TypeError(f"strategy {name!r} has no config class; pass its settings as keywords")
+    return cls(config, **settings)
 
 
 def available_strategies() -> list[str]:

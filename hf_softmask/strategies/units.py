@@ -8,10 +8,8 @@ its ``config_class`` to build the ``__init__`` signature and the config (:func:`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
-import typing
 
 from torch import nn
 
@@ -30,33 +28,18 @@ def unit_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_float(annotation) -> bool:
-    if isinstance(annotation, str):  # unresolved (a class defined in a function): read the text
-        return "float" in {part.strip() for part in annotation.split("|")}
-    return annotation is float or float in typing.get_args(annotation)
-
-
-@functools.cache
-def _float_fields(config_cls) -> tuple[str, ...]:
-    """Fields annotated ``float`` (or ``float | None``): they must hold finite numbers."""
-    try:
-        hints = typing.get_type_hints(config_cls)
-    except NameError:
-        hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
-    return tuple(f.name for f in dataclasses.fields(config_cls) if _is_float(hints.get(f.name)))
-
-
 def check_fields(config) -> None:
-    """Refuse a value outside a field's ``"choices"`` metadata, and NaN/inf in a float field, naming the field."""
+    """Refuse a value outside a field's ``"choices"`` metadata, and NaN/inf in any field, naming the field.
+
+    No setting means anything at NaN or infinity, and a range check such as ``x < 0`` lets NaN through.
+    """
     for f in dataclasses.fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
         if choices is not None and value not in choices:
             raise ValueError(f"{type(config).__name__}.{f.name} must be one of {list(choices)}, got {value!r}")
-    for name in _float_fields(type(config)):
-        value = getattr(config, name)
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise ValueError(f"{type(config).__name__}.{name} must be a finite number, got {value}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number, got {value}")
 
 
 @dataclasses.dataclass
