@@ -246,3 +246,13 @@ def test_the_writing_a_strategy_guide_snippet_runs(monkeypatch):
     assert strategy_cls(strength=2.0).cfg == config_cls(strength=2.0)
     with pytest.raises(TypeError, match=r"valid: \['strength', 'mode'\]"):
         strategy_cls(strenght=2.0)
+
+
+def test_the_comparison_defaults_are_valid_settings():
+    """STRATEGY_DEFAULTS feeds keywords to every strategy: a misspelled one would now stop the sweep at start."""
+    from hf_softmask.comparison import STRATEGY_DEFAULTS
+
+    for defaults in STRATEGY_DEFAULTS.values():
+        for name, settings in defaults.items():
+            strategy = get_strategy(name, **settings)
+            assert all(getattr(strategy.cfg, k) == v for k, v in settings.items()), name
