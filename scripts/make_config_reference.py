@@ -27,13 +27,23 @@ CONFIGS: list[tuple[str, str]] = [
      "hf_softmask.continual.finetune:ContinualFinetuneTrainingArguments"),
     ("`compare_strategies.py` (`CompareArguments`)", "hf_softmask.comparison:CompareArguments"),
     ("TSS / WSN adapter (`SubnetworkConfig`)", "hf_softmask.tss.config:SubnetworkConfig"),
-    ("Strategy `hat` (`HATConfig`)", "hf_softmask.strategies.hat:HATConfig"),
-    ("Strategy `adahat` (`AdaHATConfig`)", "hf_softmask.strategies.hat:AdaHATConfig"),
-    ("Strategy `cbp` (`CBPConfig`)", "hf_softmask.strategies.cbp:CBPConfig"),
-    ("Strategy `talos` (`TaLoSConfig`)", "hf_softmask.strategies.talos:TaLoSConfig"),
-    ("Strategy `ewc` (`EWCConfig`)", "hf_softmask.strategies.ewc:EWCConfig"),
-    ("Strategy `kd` (`KDConfig`)", "hf_softmask.strategies.kd:KDConfig"),
 ]
+
+
+def _strategy_configs() -> list[tuple[str, str]]:
+    """One section per strategy ``config_class``, in registry order (strategies that share one, e.g. ncl/ft, once)."""
+    from hf_softmask.strategies.registry import STRATEGIES, strategy_class
+
+    names: dict[type, list[str]] = {}
+    for name in STRATEGIES:
+        config_cls = getattr(strategy_class(name), "config_class", None)
+        if config_cls is not None:
+            names.setdefault(config_cls, []).append(name)
+    return [(f"Strategy {', '.join(f'`{n}`' for n in ns)} (`{c.__name__}`)", f"{c.__module__}:{c.__qualname__}")
+            for c, ns in names.items()]
+
+
+CONFIGS += _strategy_configs()
 
 #: Fields of these bases are documented upstream and left out of the subclasses' tables.
 UPSTREAM_BASES = ("transformers.training_args:TrainingArguments", "peft.config:PeftConfig")
@@ -83,6 +93,9 @@ def render() -> str:
     for title, target in CONFIGS:
         cls = _load(target)
         lines += [f"## {title}", "", f"`{target.replace(':', '.')}`", ""]
+        if not _own_fields(cls):
+            lines += ["No settings of its own.", ""]
+            continue
         lines += ["| field | default | choices | meaning |", "|---|---|---|---|"]
         for f in _own_fields(cls):
             choices = f.metadata.get("choices")

@@ -7,6 +7,7 @@ trainer: :class:`StrategyTrainer` calls the hooks, whatever the strategy.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..callback import merge_log_metrics
 from ..io import atomic_save_safetensors, atomic_write_json
+from .units import build_config, config_dict, config_signature
 
 __all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer", "STRATEGY_STATE_WEIGHTS", "STRATEGY_STATE_CONFIG"]
 
@@ -41,6 +43,12 @@ class ContinualStrategy:
 
     ``state_dict()`` returns tensors (saved as safetensors) and ``config()`` JSON-able settings;
     ``save_pretrained``/``load_pretrained`` write/read both beside a model checkpoint.
+
+    Settings: a subclass names its ``<Name>Config`` dataclass in ``config_class``; the base class then builds
+    ``self.cfg`` from ``config=`` or the fields as keywords (never both; an unknown keyword is refused with the
+    valid ones) and gives ``__init__`` the signature ``(self, config=None, *, <field>=<default>, ...)``. A subclass
+    that needs runtime state writes ``def __init__(self, config=None, **settings)`` and calls
+    ``super().__init__(config, **settings)`` first. A subclass without ``config_class`` keeps its own ``__init__``.
     """
 
     name: str = "base"
@@ -49,6 +57,34 @@ class ContinualStrategy:
     #: True when the strategy lowers the effective learning rate of protected units, so it must be
     #: compared against the plain-training learning-rate frontier, not one plain run.
     changes_effective_lr: bool = False
+    #: the ``<Name>Config`` dataclass of the strategy's settings (None: the subclass's own ``__init__`` decides)
+    config_class: type | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.config_class is None:
+            return
+        if "__init__" not in cls.__dict__:
+            # An inherited __init__ may be shared with another config_class: give this class its own to sign.
+            def __init__(self, config=None, **settings):
+                super(cls, self).__init__(config, **settings)
+
+            __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+            cls.__init__ = __init__
+        params = inspect.signature(cls.__init__).parameters
+        if "config" not in params or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            raise TypeError(f"{cls.__name__} has config_class {cls.config_class.__name__}: its __init__ must be "
+                            "(self, config=None, **settings) and call super().__init__(config, **settings)")
+        cls.__init__.__signature__ = config_signature(cls.config_class)
+
+    def __init__(self, config=None, **settings):
+        if self.config_class is None:
+            if config is not None or settings:
+                raise TypeError(f"{type(self).__name__} takes no settings (it has no config_class), got "
+                                f"{['config'] if config is not None else sorted(settings)}")
+            self.cfg = None
+            return
+        self.cfg = build_config(self.config_class, config, settings)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -99,7 +135,8 @@ class ContinualStrategy:
         pass
 
     def config(self) -> dict:
-        return {"name": self.name}
+        """``name`` and the settings (``self.cfg``'s fields); a subclass adds the scalars of its progress."""
+        return {"name": self.name, **(config_dict(self.cfg) if getattr(self, "cfg", None) is not None else {})}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

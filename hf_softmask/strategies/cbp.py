@@ -29,7 +29,7 @@ absorb the mean contribution: there the replacement removes it (a warning says s
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,13 +37,13 @@ from torch import nn
 from ..layout import UnitLayout
 from ..optim import MaskedAdamW, _unwrap
 from .base import ContinualStrategy, StrategyCallback
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["CBPConfig", "CBPStrategy", "CBPCallback"]
 
 
 @dataclass
-class CBPConfig:
+class CBPConfig(StrategyConfig):
     """Settings of :class:`CBPStrategy` (each may be passed as a keyword)."""
 
     replacement_rate: float = field(default=1e-4, metadata={"help": "Fraction of eligible FFN neurons per layer replaced per optimizer step (rho)."})
@@ -53,6 +53,7 @@ class CBPConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the re-initialisation draws."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.replacement_rate <= 1:
             raise ValueError(f"replacement_rate must lie in [0, 1], got {self.replacement_rate}")
         if not 0 <= self.decay_rate < 1:
@@ -67,9 +68,10 @@ class CBPStrategy(ContinualStrategy):
     name = "cbp"
     settings = ("pretrain", "finetune")
     changes_effective_lr = False
+    config_class = CBPConfig
 
-    def __init__(self, config: CBPConfig | None = None, **kwargs):
-        self.cfg = build_config(CBPConfig, config, kwargs)
+    def __init__(self, config: CBPConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.layout: UnitLayout | None = None
         self.utility: torch.Tensor | None = None  # [L, I]
         self.mean_act: torch.Tensor | None = None  # [L, I], running mean of the signed activation
@@ -310,7 +312,7 @@ class CBPStrategy(ContinualStrategy):
         self.pending, self.num_replaced = state["pending"].clone(), state["num_replaced"].clone()
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "steps": self.steps}
+        return {**super().config(), "steps": self.steps}
 
     def load_pretrained(self, directory) -> None:
         super().load_pretrained(directory)
@@ -342,8 +344,8 @@ def _check_optimizer(optimizer) -> None:
 class CBPCallback(StrategyCallback):
     """CBP for a plain ``transformers.Trainer``: ``Trainer(..., callbacks=[CBPCallback(replacement_rate=1e-4)])``."""
 
-    def __init__(self, strategy: CBPStrategy | None = None, **kwargs):
-        super().__init__(strategy or CBPStrategy(**kwargs))
+    def __init__(self, strategy: CBPStrategy | None = None, **settings):
+        if strategy is not None and settings:
+            raise TypeError(f"pass either strategy= or CBP settings, not both (got {sorted(settings)})")
+        super().__init__(strategy or CBPStrategy(**settings))
 
-
-CBPStrategy.__init__.__signature__ = config_signature(CBPConfig)

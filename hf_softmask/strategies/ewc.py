@@ -10,20 +10,20 @@ per-task heads).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..fisher import fisher_diagonal
 from .base import ContinualStrategy
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["EWCConfig", "EWCStrategy"]
 
 
 @dataclass
-class EWCConfig:
+class EWCConfig(StrategyConfig):
     """Settings of :class:`EWCStrategy` (each may be passed as a keyword)."""
 
     ewc_lambda: float = field(default=1.0, metadata={"help": "lambda of the penalty lambda/2 * sum F (theta - theta*)^2."})
@@ -35,6 +35,7 @@ class EWCConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the label sampling."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.ewc_lambda < 0:
             raise ValueError(f"ewc_lambda must be >= 0, got {self.ewc_lambda}")
         if self.fisher_examples < 1:
@@ -49,9 +50,10 @@ class EWCStrategy(ContinualStrategy):
     name = "ewc"
     settings = ("pretrain", "finetune")
     changes_effective_lr = False
+    config_class = EWCConfig
 
-    def __init__(self, config: EWCConfig | None = None, **kwargs):
-        self.cfg = build_config(EWCConfig, config, kwargs)
+    def __init__(self, config: EWCConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
@@ -111,11 +113,9 @@ class EWCStrategy(ContinualStrategy):
         self.anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "tasks_consolidated": self.tasks_consolidated}
+        return {**super().config(), "tasks_consolidated": self.tasks_consolidated}
 
     def load_pretrained(self, directory) -> None:
         super().load_pretrained(directory)
         self.tasks_consolidated = int((self.saved_config(directory) or {}).get("tasks_consolidated", 0))
 
-
-EWCStrategy.__init__.__signature__ = config_signature(EWCConfig)

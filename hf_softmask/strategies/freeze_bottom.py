@@ -10,19 +10,19 @@ frozen with them. ``after_task`` restores every flag, so the model leaves the st
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..registry import get_architecture
 from .base import ContinualStrategy
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["FreezeBottomConfig", "FreezeBottomStrategy", "bottom_parameters"]
 
 
 @dataclass
-class FreezeBottomConfig:
+class FreezeBottomConfig(StrategyConfig):
     """Settings of :class:`FreezeBottomStrategy` (each may be passed as a keyword)."""
 
     num_frozen_layers: int = field(default=1, metadata={
@@ -31,6 +31,7 @@ class FreezeBottomConfig:
         "help": "Also freeze the embeddings (token, position, token-type; a tied LM head with them)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_frozen_layers < 0:
             raise ValueError(f"num_frozen_layers must be >= 0, got {self.num_frozen_layers}")
         if self.num_frozen_layers == 0 and not self.freeze_embeddings:
@@ -61,9 +62,10 @@ class FreezeBottomStrategy(ContinualStrategy):
     settings = ("pretrain",)
     #: frozen units have an effective learning rate of 0: compare it against the ncl learning-rate frontier
     changes_effective_lr = True
+    config_class = FreezeBottomConfig
 
-    def __init__(self, config: FreezeBottomConfig | None = None, **kwargs):
-        self.cfg = build_config(FreezeBottomConfig, config, kwargs)
+    def __init__(self, config: FreezeBottomConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
@@ -87,7 +89,5 @@ class FreezeBottomStrategy(ContinualStrategy):
         self._flags = []
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg)}
+        return super().config()
 
-
-FreezeBottomStrategy.__init__.__signature__ = config_signature(FreezeBottomConfig)

@@ -21,7 +21,7 @@ outputs under its own mask exactly reproducible later).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,13 +31,13 @@ from ..importance import UnitImportance
 from ..layout import UNOWNED_CATEGORIES, UnitLayout
 from ..masking import MODES, POLICIES, SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["HATConfig", "AdaHATConfig", "HATStrategy", "AdaHATStrategy", "hat_scale"]
 
 
 @dataclass
-class HATConfig:
+class HATConfig(StrategyConfig):
     """Settings of :class:`HATStrategy` (each may be passed as a keyword to the strategy)."""
 
     s_max: float = field(default=400.0, metadata={"help": "Final gate sharpness: a = sigmoid(s*e), s annealed from 1/s_max to s_max over each epoch."})
@@ -46,21 +46,23 @@ class HATConfig:
     cosh_clamp: float = field(default=50.0, metadata={"help": "Clamp of s*e inside cosh() in the embedding-gradient compensation (overflow guard)."})
     embedding_lr: float = field(default=0.05, metadata={"help": "SGD learning rate of the task embeddings (they are not in the Trainer's optimizer)."})
     embedding_init_std: float = field(default=1.0, metadata={"help": "New task embeddings are drawn from N(0, std^2) (the HAT paper's init)."})
-    mode: str = field(default="update", metadata={"help": "'update': scale the optimizer's whole change of owned slices (exact freeze under AdamW with "
-                                                          "weight decay). 'grad': scale gradients, as in the paper (only exact under SGD)."})
-    unowned_policy: str = field(default="freeze", metadata={"help": "Policy for parameters no unit owns, from the second task on: freeze | train | mean."})
+    mode: str = field(default="update", metadata={
+        "help": "'update': scale the optimizer's whole change of owned slices (exact freeze under AdamW with weight "
+                "decay). 'grad': scale gradients, as in the paper (only exact under SGD).",
+        "choices": list(MODES)})
+    unowned_policy: str = field(default="freeze", metadata={
+        "help": "Policy for parameters no unit owns (embeddings, norms, LM head, output biases), from the second "
+                "task on.",
+        "choices": list(POLICIES)})
     batches_per_epoch: int | None = field(default=None, metadata={"help": "Batches per epoch for the annealing of s; by default the Trainer's "
                                                                          "micro-batches per epoch (capped by max_steps), else the length of the "
                                                                          "dataloader passed to before_task."})
     seed: int = field(default=0, metadata={"help": "Seed of the task-embedding initialisation."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.s_max < 1:
             raise ValueError(f"s_max must be >= 1, got {self.s_max}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.unowned_policy not in POLICIES:
-            raise ValueError(f"unowned_policy must be one of {POLICIES}, got {self.unowned_policy!r}")
         if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {self.batches_per_epoch}")
 
@@ -107,8 +109,8 @@ class HATStrategy(ContinualStrategy):
     changes_effective_lr = False
     config_class = HATConfig
 
-    def __init__(self, config: HATConfig | None = None, **kwargs):
-        self.cfg = build_config(self.config_class, config, kwargs)
+    def __init__(self, config: HATConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self.layout: UnitLayout | None = None
         self.gates: UnitGates | None = None
@@ -305,7 +307,7 @@ class HATStrategy(ContinualStrategy):
             self.e_ffn = state["embedding.ffn"].float().to(dev).requires_grad_(True)
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "task_id": self.task_id, "embedding_task": self._embedding_task,
+        return {**super().config(), "task_id": self.task_id, "embedding_task": self._embedding_task,
                 "batch_in_epoch": self._batch_in_epoch, "num_batches": self._num_batches}
 
     def load_pretrained(self, directory) -> None:
@@ -330,8 +332,8 @@ class AdaHATStrategy(HATStrategy):
     changes_effective_lr = True
     config_class = AdaHATConfig
 
-    def __init__(self, config: AdaHATConfig | None = None, **kwargs):
-        super().__init__(config=config, **kwargs)
+    def __init__(self, config: AdaHATConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.sum_heads: torch.Tensor | None = None
         self.sum_ffn: torch.Tensor | None = None
 
@@ -375,6 +377,3 @@ class AdaHATStrategy(HATStrategy):
             self.sum_heads = torch.stack([m[0] for m in self.masks.values()]).sum(0)
             self.sum_ffn = torch.stack([m[1] for m in self.masks.values()]).sum(0)
 
-
-HATStrategy.__init__.__signature__ = config_signature(HATConfig)
-AdaHATStrategy.__init__.__signature__ = config_signature(AdaHATConfig)

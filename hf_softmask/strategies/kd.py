@@ -10,26 +10,27 @@ runner's multi-head classifier, over the logits of every earlier task's head on 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import ContinualStrategy
-from .units import build_config, config_signature
+from .units import StrategyConfig
 
 __all__ = ["KDConfig", "KDStrategy", "distillation_kl"]
 
 
 @dataclass
-class KDConfig:
+class KDConfig(StrategyConfig):
     """Settings of :class:`KDStrategy` (each may be passed as a keyword)."""
 
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
     kd_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of teacher and student (the term is scaled by T^2)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {self.kd_weight}")
         if self.kd_temperature <= 0:
@@ -54,9 +55,10 @@ class KDStrategy(ContinualStrategy):
     name = "kd"
     settings = ("pretrain", "finetune")
     changes_effective_lr = False
+    config_class = KDConfig
 
-    def __init__(self, config: KDConfig | None = None, **kwargs):
-        self.cfg = build_config(KDConfig, config, kwargs)
+    def __init__(self, config: KDConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self.teacher: nn.Module | None = None
         self._pending_teacher_state: dict[str, torch.Tensor] | None = None
@@ -121,7 +123,5 @@ class KDStrategy(ContinualStrategy):
         self._pending_teacher_state = teacher or None
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "task_id": self.task_id, "has_teacher": self.teacher is not None}
+        return {**super().config(), "task_id": self.task_id, "has_teacher": self.teacher is not None}
 
-
-KDStrategy.__init__.__signature__ = config_signature(KDConfig)

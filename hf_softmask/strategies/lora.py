@@ -16,13 +16,13 @@ adapter weights load into the same structure.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..registry import get_architecture
 from .base import ContinualStrategy
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["LoRAConfig", "LoRAStrategy", "lora_target_modules", "merge_and_unload_"]
 
@@ -30,7 +30,7 @@ TARGETS = ("all", "attention", "ffn")
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(StrategyConfig):
     """Settings of :class:`LoRAStrategy` (each may be passed as a keyword)."""
 
     lora_rank: int = field(default=8, metadata={"help": "Rank r of each adapter."})
@@ -42,14 +42,13 @@ class LoRAConfig:
         "choices": list(TARGETS)})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        if self.lora_targets not in TARGETS:
-            raise ValueError(f"lora_targets must be one of {list(TARGETS)}, got {self.lora_targets!r}")
 
 
 def lora_target_modules(model: nn.Module, targets: str = "all") -> list[str]:
@@ -76,9 +75,10 @@ class LoRAStrategy(ContinualStrategy):
     settings = ("pretrain",)
     #: only a low-rank update reaches the weights: compare it on its own learning-rate grid against the ncl frontier
     changes_effective_lr = True
+    config_class = LoRAConfig
 
-    def __init__(self, config: LoRAConfig | None = None, **kwargs):
-        self.cfg = build_config(LoRAConfig, config, kwargs)
+    def __init__(self, config: LoRAConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self.adapter: str | None = None
         self.domains_merged = 0
@@ -116,7 +116,7 @@ class LoRAStrategy(ContinualStrategy):
         self.domains_merged += 1
 
     def config(self) -> dict:
-        return {"name": self.name, **asdict(self.cfg), "domains_merged": self.domains_merged}
+        return {**super().config(), "domains_merged": self.domains_merged}
 
     def load_pretrained(self, directory) -> None:
         super().load_pretrained(directory)
@@ -136,5 +136,3 @@ def merge_and_unload_(model: nn.Module, adapter: str | None) -> int:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     return len(wrapped)
 
-
-LoRAStrategy.__init__.__signature__ = config_signature(LoRAConfig)

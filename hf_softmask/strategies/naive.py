@@ -1,8 +1,16 @@
 """Plain sequential training (``ncl`` for pre-training, ``ft`` for finetuning): the baseline."""
 
-from .base import ContinualStrategy
+from dataclasses import dataclass
 
-__all__ = ["NaiveStrategy", "FineTuneStrategy"]
+from .base import ContinualStrategy
+from .units import StrategyConfig
+
+__all__ = ["NaiveConfig", "NaiveStrategy", "FineTuneStrategy"]
+
+
+@dataclass
+class NaiveConfig(StrategyConfig):
+    """Settings of :class:`NaiveStrategy` and :class:`FineTuneStrategy`: none (every setting is the Trainer's)."""
 
 
 class NaiveStrategy(ContinualStrategy):
@@ -10,9 +18,7 @@ class NaiveStrategy(ContinualStrategy):
 
     name = "ncl"
     settings = ("pretrain", "finetune")
-
-    def __init__(self, **_):
-        pass
+    config_class = NaiveConfig
 
 
 class FineTuneStrategy(NaiveStrategy):

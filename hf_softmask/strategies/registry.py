@@ -33,9 +33,14 @@ def strategy_class(name: str):
     return getattr(importlib.import_module(f"hf_softmask.strategies.{module}"), cls)
 
 
-def get_strategy(name: str, **kwargs):
-    """Instantiate the strategy registered as ``name`` with keyword settings."""
-    return strategy_class(name)(**kwargs)
+def get_strategy(name: str, config=None, **settings):
+    """Instantiate the strategy registered as ``name`` from its ``config`` or keyword settings (not both)."""
+    cls = strategy_class(name)
+    if config is None:
+        return cls(**settings)
+    if getattr(cls, "config_class", None) is None:
+        raise TypeError(f"strategy {name!r} has no config class; pass its settings as keywords")
+    return cls(config, **settings)
 
 
 def available_strategies() -> list[str]:

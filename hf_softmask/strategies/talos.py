@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from ..fisher import fisher_diagonal
 from ..optim import install_update_masks
 from ..task_vectors import SparseTaskVector
 from .base import ContinualStrategy
-from .units import build_config, config_signature, unit_model
+from .units import StrategyConfig, unit_model
 
 __all__ = ["TaLoSConfig", "TaLoSStrategy", "lowest_fraction_masks", "scoped_parameters"]
 
@@ -37,27 +37,28 @@ SCOPES = ("linear", "all")
 
 
 @dataclass
-class TaLoSConfig:
+class TaLoSConfig(StrategyConfig):
     """Settings of :class:`TaLoSStrategy` (each may be passed as a keyword)."""
 
     keep_fraction: float = field(default=0.1, metadata={"help": "Fraction k of the scoped entries that stays trainable (the least sensitive)."})
     rounds: int = field(default=4, metadata={"help": "Rounds R of re-scoring; after round r, k**(r/R) of the entries stay trainable."})
     examples_per_round: int = field(default=32, metadata={"help": "Examples scored per round (one backward each)."})
-    scope: str = field(default="linear", metadata={"help": "'linear': weight matrices of the base model (not embeddings); 'all': every "
-                                                           "parameter of the base model. Out-of-scope base parameters are frozen."})
+    scope: str = field(default="linear", metadata={
+        "help": "'linear': weight matrices of the base model (not embeddings); 'all': every parameter of the base "
+                "model. Out-of-scope base parameters are frozen.",
+        "choices": list(SCOPES)})
     train_task_head: bool = field(default=True, metadata={"help": "Train parameters outside the base model (a classifier head) fully."})
     task_vector_dir: str | None = field(default=None, metadata={"help": "If set, write task_<t>.safetensors (the sparse task vector) there after each task."})
     seed: int = field(default=0, metadata={"help": "Seed of the label sampling."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.keep_fraction <= 1:
             raise ValueError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.examples_per_round < 1:
             raise ValueError(f"examples_per_round must be >= 1, got {self.examples_per_round}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
 
 
 def scoped_parameters(model: nn.Module, scope: str = "linear") -> dict[str, nn.Parameter]:
@@ -111,9 +112,10 @@ class TaLoSStrategy(ContinualStrategy):
     name = "talos"
     settings = ("pretrain", "finetune")
     changes_effective_lr = False
+    config_class = TaLoSConfig
 
-    def __init__(self, config: TaLoSConfig | None = None, **kwargs):
-        self.cfg = build_config(TaLoSConfig, config, kwargs)
+    def __init__(self, config: TaLoSConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self.task_id = -1
         self.trainable: dict[str, torch.Tensor] = {}  # name -> bool mask (CPU) of the current task
         self.base_values: dict[str, torch.Tensor] = {}  # name -> values of the trainable entries before the task
@@ -225,7 +227,7 @@ class TaLoSStrategy(ContinualStrategy):
     def config(self) -> dict:
         shapes = {n: list(m.shape) for n, m in self.trainable.items()}
         tv_shapes = {str(t): {n: list(s) for n, s in tv.shapes.items()} for t, tv in self.task_vectors.items()}
-        return {"name": self.name, **asdict(self.cfg), "task_id": self.task_id, "shapes": shapes, "task_vector_shapes": tv_shapes,
+        return {**super().config(), "task_id": self.task_id, "shapes": shapes, "task_vector_shapes": tv_shapes,
                 "rounds_log": self.round_log, "excluded": self.excluded}
 
     def load_pretrained(self, directory) -> None:
@@ -249,5 +251,3 @@ class TaLoSStrategy(ContinualStrategy):
                 tv.values[n] = state[f"tv.{t}.{n}.values"]
             self.task_vectors[int(t)] = tv
 
-
-TaLoSStrategy.__init__.__signature__ = config_signature(TaLoSConfig)

@@ -9,31 +9,46 @@ tensor (the scored layers allocate one only for TSS).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..optim import install_update_masks
 from ..tss import SubnetworkConfig
-from .tss import SubnetworkStrategy, subnetwork_backbone
+from .tss import SubnetworkSettings, SubnetworkStrategy, adapter_config_field, adapter_field, subnetwork_backbone
+from .units import StrategyConfig
 
-__all__ = ["WSNStrategy"]
+__all__ = ["WSNConfig", "WSNStrategy"]
+
+
+@dataclass
+class WSNConfig(SubnetworkSettings, StrategyConfig):
+    """Settings of :class:`WSNStrategy` (each may be passed as a keyword)."""
+
+    ADAPTER_FIELDS: ClassVar[tuple[str, ...]] = ("keep_ratio", "init_score", "score_init", "target_modules")
+    ADAPTER_FIXED: ClassVar[dict[str, object]] = {"selection": "topk", "train_base_weights": True}
+
+    keep_ratio: float = adapter_field("keep_ratio", 0.5)
+    init_score: float = adapter_field("init_score", 1.0)
+    score_init: str = adapter_field("score_init", "magnitude")
+    target_modules: list[str] | str | None = adapter_field("target_modules", None)
+    adapter_config: SubnetworkConfig | dict | None = adapter_config_field()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.resolve_adapter()
 
 
 class WSNStrategy(SubnetworkStrategy):
     """Winning SubNetworks: top-``keep_ratio`` weights per layer per task, earlier tasks' weights frozen."""
 
     name = "wsn"
+    config_class = WSNConfig
 
-    def __init__(self, keep_ratio: float = 0.5, init_score: float = 1.0, score_init: str = "magnitude", target_modules=None,
-                 adapter_config: SubnetworkConfig | dict | None = None):
-        if adapter_config is None:
-            adapter_config = SubnetworkConfig(target_modules=target_modules, selection="topk", keep_ratio=keep_ratio,
-                                              score_init=score_init, init_score=init_score, train_base_weights=True)
-        elif isinstance(adapter_config, dict):
-            adapter_config = SubnetworkConfig(**adapter_config)
-        if adapter_config.selection != "topk" or not adapter_config.train_base_weights:
-            raise ValueError("WSN needs SubnetworkConfig(selection='topk', train_base_weights=True)")
-        super().__init__(adapter_config)
+    def __init__(self, config: WSNConfig | None = None, **settings):
+        super().__init__(config, **settings)
         self._handle = None
 
     def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:

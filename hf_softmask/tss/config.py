@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -32,7 +33,7 @@ class SubnetworkConfig(PeftConfig):
     selection: str = field(
         default="threshold",
         metadata={"help": "'threshold': keep weight w_ij where s_ij >= threshold (TSS). 'topk': keep the keep_ratio "
-                          "highest scores of each layer (WSN)."},
+                          "highest scores of each layer (WSN).", "choices": list(SELECTIONS)},
     )
     threshold: float = field(default=0.0, metadata={"help": "Score threshold tau for selection='threshold'."})
     keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of each layer's weights kept for selection='topk' (WSN's c)."})
@@ -40,7 +41,7 @@ class SubnetworkConfig(PeftConfig):
         default="constant",
         metadata={"help": "'constant': every score = init_score (with threshold selection and init_score >= threshold the "
                           "first mask keeps the whole pretrained layer). 'magnitude': score = |w| * init_score / mean|w| "
-                          "(top-k then starts from magnitude pruning)."},
+                          "(top-k then starts from magnitude pruning).", "choices": list(SCORE_INITS)},
     )
     init_score: float = field(default=0.01, metadata={"help": "Initial score value (constant) or mean score (magnitude)."})
     train_base_weights: bool = field(
@@ -64,6 +65,9 @@ class SubnetworkConfig(PeftConfig):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.score_init not in SCORE_INITS:
             raise ValueError(f"score_init must be one of {SCORE_INITS}, got {self.score_init!r}")
+        for name in ("threshold", "init_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.selection == "threshold" and self.score_init == "constant" and self.init_score < self.threshold:
