@@ -12,14 +12,25 @@ A cell is one of:
   tests of the same code path, if any);
 - ``refused``: unsupported; training is refused at start with ``message`` (``evidence``: the test that sees it);
 - ``todo-runner``: a runner cell whose test is named at merge (``evidence``: the file that will hold it).
+
+``note``: a condition the evidence relies on (shown on the page).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["ROWS", "COLUMNS", "MATRIX", "Cell", "UnsupportedSettingError", "detect_features", "check_supported",
-           "check_strategy_supported", "STRATEGY_ROWS"]
+__all__ = [
+    "COLUMNS",
+    "MATRIX",
+    "ROWS",
+    "STRATEGY_ROWS",
+    "Cell",
+    "UnsupportedSettingError",
+    "check_strategy_supported",
+    "check_supported",
+    "detect_features",
+]
 
 ROWS = ("SoftMaskCallback", "SoftMaskTrainer", "DAS runner", "TSS/WSN runner", "HAT", "CBP", "TaLoS", "EWC/KD")
 
@@ -53,14 +64,15 @@ class Cell:
     evidence: tuple[str, ...] = ()
     gpu: str | None = None
     message: str = ""
+    note: str = ""  # a condition the evidence relies on, shown on the page
 
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"unknown cell status {self.status!r}; one of {STATUSES}")
 
 
-def _tested(*evidence: str, gpu: str | None = None) -> Cell:
-    return Cell("tested", evidence, gpu)
+def _tested(*evidence: str, gpu: str | None = None, note: str = "") -> Cell:
+    return Cell("tested", evidence, gpu, note=note)
 
 
 def _gpu(cell: str, *cpu_evidence: str) -> Cell:
@@ -85,6 +97,11 @@ _DDP_LOCAL = ("updates {what} from this rank's batches only (nothing is all-redu
               "diverge; train it in one process")
 
 
+_COMPILE_NOTE = ("a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
+                 "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
+                 "that Trainer compiles it again (accelerate 1.15)")
+
+
 def _runner(files: dict[str, str]) -> dict[str, Cell]:
     return {col: _todo(files.get(col, files["default"])) for col in COLUMNS}
 
@@ -104,7 +121,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
                       "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process"),
         "peft": _tested("tests/test_peft.py::test_trainer_with_softmask_callback_keeps_protected_lora_slices",
                         f"{_M}[SoftMaskCallback-peft]"),
-        "compile": _tested(f"{_M}[SoftMaskCallback-compile]"),
+        "compile": _tested(f"{_M}[SoftMaskCallback-compile]", note=_COMPILE_NOTE),
     },
     "SoftMaskTrainer": {
         "fp32": _tested("tests/test_core_masking.py::"
@@ -118,7 +135,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
         "peft": _tested("tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
                         f"{_M}[SoftMaskTrainer-peft]"),
-        "compile": _tested(f"{_M}[SoftMaskTrainer-compile]"),
+        "compile": _tested(f"{_M}[SoftMaskTrainer-compile]", note=_COMPILE_NOTE),
     },
     "DAS runner": _runner({"default": "tests/test_runner_args.py", "ddp": "tests/test_runner_ddp.py",
                            "fsdp2": "tests/test_runner_fsdp.py"}),
@@ -134,7 +151,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
         "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
         "peft": _tested(f"{_M}[HAT-peft]"),
-        "compile": _tested(f"{_M}[HAT-compile]"),
+        "compile": _tested(f"{_M}[HAT-compile]", note=_COMPILE_NOTE),
     },
     "CBP": {
         "fp32": _tested("tests/test_cbp.py::test_replacement_preserves_output_inside_trainer_run"),
@@ -145,7 +162,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units"), _DDP),
         "fsdp2": _refused("CBP " + _FSDP2_STATE.format(what="per-unit utilities, ages, row-wise weight resets")),
         "peft": _tested(f"{_M}[CBP-peft]"),
-        "compile": _tested(f"{_M}[CBP-compile]"),
+        "compile": _tested(f"{_M}[CBP-compile]", note=_COMPILE_NOTE),
     },
     "TaLoS": {
         "fp32": _tested("tests/test_talos.py::test_frozen_entries_bit_identical_with_weight_decay"),
@@ -153,10 +170,11 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "fp16": _tested(f"{_M}[TaLoS-fp16]"),
         "checkpointing": _tested(f"{_M}[TaLoS-checkpointing]"),
         "accumulation": _tested(f"{_M}[TaLoS-accumulation]"),
-        "ddp": _tested(_DDP),
+        "ddp": _tested(_DDP, note="every rank must pass before_task the same selection data (the Fisher "
+                   "scores are not all-reduced); the test does"),
         "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
         "peft": _tested(f"{_M}[TaLoS-peft]"),
-        "compile": _tested(f"{_M}[TaLoS-compile]"),
+        "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
     },
     "EWC/KD": {
         "fp32": _tested("tests/test_baselines.py::test_ewc_penalty_matches_formula_and_holds_weights",
@@ -168,7 +186,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "ddp": _tested(_DDP),
         "fsdp2": _refused("EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")),
         "peft": _tested(f"{_M}[EWC/KD-peft]"),
-        "compile": _tested(f"{_M}[EWC/KD-compile]"),
+        "compile": _tested(f"{_M}[EWC/KD-compile]", note=_COMPILE_NOTE),
     },
 }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS, TODO_RUNNER  # noqa: E402
+from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS, TODO_RUNNER
 
 PAGE = ROOT / "docs" / "compatibility.md"
 
@@ -33,6 +33,10 @@ def _code(items) -> str:
 
 
 def _detail(cell) -> str:
+    return _status_detail(cell) + (f" — note: {cell.note}" if cell.note else "")
+
+
+def _status_detail(cell) -> str:
     if cell.status == "tested":
         text = f"✓ {_code(cell.evidence)}"
         return text + (f"; also on a GPU: `benchmarks/gpu_check.py` cell `{cell.gpu}`" if cell.gpu else "")

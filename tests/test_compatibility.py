@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from hf_softmask.compatibility import (  # noqa: E402
+from hf_softmask.compatibility import (
     COLUMNS,
     MATRIX,
     REFUSAL_TEST,
@@ -131,7 +131,13 @@ def _trainers(row: str, args):
     from torch.utils.data import DataLoader
     from transformers import Trainer
 
-    from hf_softmask import SoftMaskCallback, SoftMaskTrainer, SoftMaskTrainingArguments, UnitImportance, UnitLayout
+    from hf_softmask import (
+        SoftMaskCallback,
+        SoftMaskTrainer,
+        SoftMaskTrainingArguments,
+        UnitImportance,
+        UnitLayout,
+    )
     from hf_softmask.strategies import StrategyTrainer
     from hf_softmask.strategies.cbp import CBPStrategy
     from hf_softmask.strategies.ewc import EWCStrategy
