@@ -95,8 +95,6 @@ _FSDP2_STATE = ("keeps full-shape per-parameter state outside the model ({what})
                 "sharded DTensor parameters; train it without --fsdp")
 _DDP_LOCAL = ("updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
               "diverge; train it in one process")
-
-
 _COMPILE_NOTE = ("a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
                  "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
                  "that Trainer compiles it again (accelerate 1.15)")
@@ -239,9 +237,9 @@ def detect_features(args=None, model=None) -> set[str]:
 
 def check_supported(row: str, args=None, model=None) -> None:
     """Raise :class:`UnsupportedSettingError` naming every refused cell of ``row`` this run would use."""
-    cells = MATRIX[row]
+    cells, used = MATRIX[row], detect_features(args, model)
     refused = [f"{COLUMNS[col]}: {cells[col].message}" for col in COLUMNS
-               if col in detect_features(args, model) and cells[col].status == "refused"]
+               if col in used and cells[col].status == "refused"]
     if refused:
         raise UnsupportedSettingError(f"{row} does not support this run (see docs/compatibility.md):\n- "
                                       + "\n- ".join(refused))
