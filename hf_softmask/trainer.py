@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from .callback import SoftMaskCallback
+from .compatibility import check_supported
 from .importance import UnitImportance
 from .masking import SoftMaskConfig
 
@@ -47,6 +48,7 @@ class SoftMaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SoftMaskTrainingArguments):
             raise TypeError("SoftMaskTrainer needs SoftMaskTrainingArguments (a TrainingArguments subclass)")
+        check_supported("SoftMaskTrainer", self.args, self.model)  # refused cells of docs/compatibility.md
         if importance is None and self.args.importance_path:
             importance = UnitImportance.from_pretrained(self.args.importance_path)
         self.importance = importance

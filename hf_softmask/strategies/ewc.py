@@ -63,6 +63,8 @@ class EWCStrategy(ContinualStrategy):
     @staticmethod
     def _params(model: nn.Module) -> dict[str, nn.Parameter]:
         """Parameters covered, named as in ``model.named_parameters()``."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # the Trainer's loss sees the DDP wrapper
+            model = model.module
         inner = {id(p) for p in unit_model(model).parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in inner}
 

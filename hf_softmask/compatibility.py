@@ -1,0 +1,252 @@
+"""The compatibility matrix: which training setting works with which component, and the evidence for each cell.
+
+One table, :data:`MATRIX`, is the single place of every fact: ``docs/compatibility.md`` is generated from it
+(``python scripts/make_compatibility_page.py``), ``tests/test_compatibility.py`` checks that every cited test
+exists and that every refused cell refuses, and :func:`check_supported` enforces the refusals at train begin.
+
+A cell is one of:
+
+- ``tested``: works; ``evidence`` names the pytest node ids that show it (and ``gpu`` a ``benchmarks/gpu_check.py``
+  cell that also checks it on a GPU);
+- ``gpu``: works on a GPU only, checked by the ``benchmarks/gpu_check.py`` cell in ``gpu`` (``evidence``: the CPU
+  tests of the same code path, if any);
+- ``refused``: unsupported; training is refused at start with ``message`` (``evidence``: the test that sees it);
+- ``todo-runner``: a runner cell whose test is named at merge (``evidence``: the file that will hold it).
+
+``note``: a condition the evidence relies on (shown on the page).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = [
+    "COLUMNS",
+    "MATRIX",
+    "ROWS",
+    "STRATEGY_ROWS",
+    "Cell",
+    "UnsupportedSettingError",
+    "check_strategy_supported",
+    "check_supported",
+    "detect_features",
+]
+
+ROWS = ("SoftMaskCallback", "SoftMaskTrainer", "DAS runner", "TSS/WSN runner", "HAT", "CBP", "TaLoS", "EWC/KD")
+
+#: column key -> title on the page (and in refusal messages)
+COLUMNS = {
+    "fp32": "fp32",
+    "bf16": "bf16 autocast",
+    "fp16": "fp16 + GradScaler",
+    "checkpointing": "gradient checkpointing",
+    "accumulation": "gradient accumulation",
+    "ddp": "DDP",
+    "fsdp2": "FSDP2",
+    "peft": "PEFT-wrapped model",
+    "compile": "torch.compile",
+}
+
+#: strategy name (``ContinualStrategy.name``) -> its row; strategies without a row are checked by their runner
+STRATEGY_ROWS = {"hat": "HAT", "adahat": "HAT", "cbp": "CBP", "talos": "TaLoS", "ewc": "EWC/KD", "kd": "EWC/KD"}
+
+TODO_RUNNER = "TODO-runner"
+STATUSES = ("tested", "gpu", "refused", "todo-runner")
+
+
+class UnsupportedSettingError(ValueError):
+    """A training setting this component does not support (a refused cell of the compatibility matrix)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str
+    evidence: tuple[str, ...] = ()
+    gpu: str | None = None
+    message: str = ""
+    note: str = ""  # a condition the evidence relies on, shown on the page
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown cell status {self.status!r}; one of {STATUSES}")
+
+
+def _tested(*evidence: str, gpu: str | None = None, note: str = "") -> Cell:
+    return Cell("tested", evidence, gpu, note=note)
+
+
+def _gpu(cell: str, *cpu_evidence: str) -> Cell:
+    return Cell("gpu", cpu_evidence, cell)
+
+
+def _refused(message: str, *evidence: str) -> Cell:
+    """Without ``evidence``: shown by ``tests/test_compatibility.py::test_refused_cell_refuses_at_train_begin``."""
+    return Cell("refused", evidence, message=message)
+
+
+def _todo(path: str) -> Cell:
+    return Cell("todo-runner", (f"{path}::{TODO_RUNNER}",))
+
+
+_M = "tests/test_compat_matrix.py::test_cell"
+_DDP = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
+
+_FSDP2_STATE = ("keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
+                "sharded DTensor parameters; train it without --fsdp")
+_DDP_LOCAL = ("updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
+              "diverge; train it in one process")
+_COMPILE_NOTE = ("a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
+                 "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
+                 "that Trainer compiles it again (accelerate 1.15)")
+
+
+def _runner(files: dict[str, str]) -> dict[str, Cell]:
+    return {col: _todo(files.get(col, files["default"])) for col in COLUMNS}
+
+
+MATRIX: dict[str, dict[str, Cell]] = {
+    "SoftMaskCallback": {
+        "fp32": _tested("tests/test_core_masking.py::test_importance_one_freezes_exactly_the_owned_slices_under_adamw"),
+        "bf16": _tested(f"{_M}[SoftMaskCallback-bf16]", gpu="fused_adamw_bf16"),
+        "fp16": _tested("tests/test_amp_masking.py::test_trainer_with_grad_scaler_keeps_protected_units",
+                        f"{_M}[SoftMaskCallback-fp16]", gpu="fp16_gradscaler"),
+        "checkpointing": _tested(f"{_M}[SoftMaskCallback-checkpointing]"),
+        "accumulation": _tested("tests/test_core_masking.py::test_grad_mode_is_applied_once_per_step_under_accumulation",
+                                f"{_M}[SoftMaskCallback-accumulation]"),
+        "ddp": _tested("tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
+                       "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp"),
+        "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
+                      "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process"),
+        "peft": _tested("tests/test_peft.py::test_trainer_with_softmask_callback_keeps_protected_lora_slices",
+                        f"{_M}[SoftMaskCallback-peft]"),
+        "compile": _tested(f"{_M}[SoftMaskCallback-compile]", note=_COMPILE_NOTE),
+    },
+    "SoftMaskTrainer": {
+        "fp32": _tested("tests/test_core_masking.py::"
+                        "test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoints"),
+        "bf16": _tested(f"{_M}[SoftMaskTrainer-bf16]"),
+        "fp16": _tested(f"{_M}[SoftMaskTrainer-fp16]"),
+        "checkpointing": _tested(f"{_M}[SoftMaskTrainer-checkpointing]"),
+        "accumulation": _tested(f"{_M}[SoftMaskTrainer-accumulation]"),
+        "ddp": _tested(_DDP),
+        # SoftMaskTrainer masks through the SoftMaskCallback the fsdp2 GPU cell runs.
+        "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
+        "peft": _tested("tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
+                        f"{_M}[SoftMaskTrainer-peft]"),
+        "compile": _tested(f"{_M}[SoftMaskTrainer-compile]", note=_COMPILE_NOTE),
+    },
+    "DAS runner": _runner({"default": "tests/test_runner_args.py", "ddp": "tests/test_runner_ddp.py",
+                           "fsdp2": "tests/test_runner_fsdp.py"}),
+    "TSS/WSN runner": _runner({"default": "tests/test_continual_finetune.py"}),
+    "HAT": {
+        "fp32": _tested("tests/test_hat.py::test_earlier_task_units_and_outputs_unchanged"),
+        "bf16": _tested(f"{_M}[HAT-bf16]"),
+        "fp16": _refused("HAT steps its task embeddings outside the optimizer, with gradients a GradScaler has "
+                         "scaled and without skipping overflow steps; train HAT in bf16 or fp32, not --fp16"),
+        "checkpointing": _tested(f"{_M}[HAT-checkpointing]"),
+        "accumulation": _tested(f"{_M}[HAT-accumulation]",
+                                "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"),
+        "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
+        "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
+        "peft": _tested(f"{_M}[HAT-peft]"),
+        "compile": _tested(f"{_M}[HAT-compile]", note=_COMPILE_NOTE),
+    },
+    "CBP": {
+        "fp32": _tested("tests/test_cbp.py::test_replacement_preserves_output_inside_trainer_run"),
+        "bf16": _tested(f"{_M}[CBP-bf16]"),
+        "fp16": _tested(f"{_M}[CBP-fp16]"),
+        "checkpointing": _tested(f"{_M}[CBP-checkpointing]"),
+        "accumulation": _tested(f"{_M}[CBP-accumulation]"),
+        "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units"), _DDP),
+        "fsdp2": _refused("CBP " + _FSDP2_STATE.format(what="per-unit utilities, ages, row-wise weight resets")),
+        "peft": _tested(f"{_M}[CBP-peft]"),
+        "compile": _tested(f"{_M}[CBP-compile]", note=_COMPILE_NOTE),
+    },
+    "TaLoS": {
+        "fp32": _tested("tests/test_talos.py::test_frozen_entries_bit_identical_with_weight_decay"),
+        "bf16": _tested(f"{_M}[TaLoS-bf16]"),
+        "fp16": _tested(f"{_M}[TaLoS-fp16]"),
+        "checkpointing": _tested(f"{_M}[TaLoS-checkpointing]"),
+        "accumulation": _tested(f"{_M}[TaLoS-accumulation]"),
+        "ddp": _tested(_DDP, note="every rank must pass before_task the same selection data (the Fisher "
+                   "scores are not all-reduced); the test does"),
+        "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
+        "peft": _tested(f"{_M}[TaLoS-peft]"),
+        "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
+    },
+    "EWC/KD": {
+        "fp32": _tested("tests/test_baselines.py::test_ewc_penalty_matches_formula_and_holds_weights",
+                        "tests/test_baselines.py::test_kd_keeps_previous_outputs_closer_and_resumes"),
+        "bf16": _tested(f"{_M}[EWC/KD-bf16]"),
+        "fp16": _tested(f"{_M}[EWC/KD-fp16]"),
+        "checkpointing": _tested(f"{_M}[EWC/KD-checkpointing]"),
+        "accumulation": _tested(f"{_M}[EWC/KD-accumulation]"),
+        "ddp": _tested(_DDP),
+        "fsdp2": _refused("EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")),
+        "peft": _tested(f"{_M}[EWC/KD-peft]"),
+        "compile": _tested(f"{_M}[EWC/KD-compile]", note=_COMPILE_NOTE),
+    },
+}
+
+
+REFUSAL_TEST = "tests/test_compatibility.py::test_refused_cell_refuses_at_train_begin"
+for _row, _cells in MATRIX.items():
+    for _col, _cell in _cells.items():
+        if _cell.status == "refused" and not _cell.evidence:
+            _cells[_col] = replace(_cell, evidence=(f"{REFUSAL_TEST}[{_row}-{_col}]",))
+
+
+# -- detection and enforcement ---------------------------------------------------------------------------------------
+def _is_peft(model) -> bool:
+    from .peft_support import _peft
+
+    peft = _peft()
+    return peft is not None and isinstance(model, peft["models"])
+
+
+def _has_dtensor(model) -> bool:
+    from .optim import _is_dtensor
+
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def detect_features(args=None, model=None) -> set[str]:
+    """The matrix columns a run uses, read from its ``TrainingArguments`` and its model (fp32 is implied)."""
+    found = {"fp32"}
+    if args is not None:
+        flags = {"bf16": args.bf16, "fp16": args.fp16, "compile": args.torch_compile,
+                 "checkpointing": getattr(args, "activation_checkpointing", False)
+                 or getattr(args, "gradient_checkpointing", False),
+                 "accumulation": args.gradient_accumulation_steps > 1, "fsdp2": bool(args.fsdp)}
+        found |= {col for col, on in flags.items() if on}
+    if model is not None:
+        if _has_dtensor(model):
+            found.add("fsdp2")
+        if _is_peft(model):
+            found.add("peft")
+    if _world_size() > 1 and "fsdp2" not in found:
+        found.add("ddp")
+    return found
+
+
+def check_supported(row: str, args=None, model=None) -> None:
+    """Raise :class:`UnsupportedSettingError` naming every refused cell of ``row`` this run would use."""
+    cells, used = MATRIX[row], detect_features(args, model)
+    refused = [f"{COLUMNS[col]}: {cells[col].message}" for col in COLUMNS
+               if col in used and cells[col].status == "refused"]
+    if refused:
+        raise UnsupportedSettingError(f"{row} does not support this run (see docs/compatibility.md):\n- "
+                                      + "\n- ".join(refused))
+
+
+def check_strategy_supported(strategy, args=None, model=None) -> None:
+    """:func:`check_supported` for a strategy's row; strategies without a row (DAS, TSS, WSN, …) are their runner's."""
+    row = STRATEGY_ROWS.get(getattr(strategy, "name", None))
+    if row is not None:
+        check_supported(row, args, model)

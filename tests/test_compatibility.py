@@ -1,0 +1,230 @@
+"""The compatibility matrix (hf_softmask/compatibility.py): the generated page is current, every cell is filled and
+cites evidence that exists, and every refused cell refuses at train begin with its message.
+
+This file is also the worker of the refusal test (``python tests/test_compatibility.py OUT``): it runs in its own
+process because a Trainer with ``--fsdp`` sets up torch.distributed (world size 1), which must not leak into the
+other tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from hf_softmask.compatibility import (
+    COLUMNS,
+    MATRIX,
+    REFUSAL_TEST,
+    ROWS,
+    TODO_RUNNER,
+    UnsupportedSettingError,
+    check_supported,
+    detect_features,
+)
+
+PAGE_SCRIPT = ROOT / "scripts" / "make_compatibility_page.py"
+DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
+#: refused cells checked here (one process); DDP cells are checked by DDP_TEST inside its 2-process launch
+REFUSED = [(row, col) for row in ROWS for col in COLUMNS if MATRIX[row][col].status == "refused" and col != "ddp"]
+#: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied)
+COLUMN_ARGS = {"bf16": {"bf16": True}, "fp16": {"fp16": True}, "accumulation": {"gradient_accumulation_steps": 2},
+               "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
+               "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}}}
+
+
+def _module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_page_is_current():
+    assert _module(PAGE_SCRIPT, "make_compatibility_page").main(["--check"]) == 0, \
+        "run: python scripts/make_compatibility_page.py"
+
+
+# -- evidence ----------------------------------------------------------------------------------------------------
+def _param_ids(func) -> set[str] | None:
+    """The ids pytest gives the cases of a parametrized test (plain values, ``pytest.param(id=...)``, ``ids=[...]``)."""
+    marks = [m for m in getattr(func, "pytestmark", []) if m.name == "parametrize"]
+    if not marks:
+        return None
+    per_mark = []
+    for m in marks:  # innermost decorator first, as pytest joins them
+        names, values, ids = m.args[0], m.args[1], m.kwargs.get("ids")
+        many = len(names.split(",") if isinstance(names, str) else names) > 1
+        out = []
+        for i, v in enumerate(values):
+            if getattr(v, "id", None) is not None:
+                out.append(v.id)
+            elif ids is not None and not callable(ids):
+                out.append(str(ids[i]))
+            else:
+                v = getattr(v, "values", v if many else (v,))
+                out.append("-".join(str(x) for x in v))
+        per_mark.append(out)
+    return {"-".join(combo) for combo in itertools.product(*per_mark)}
+
+
+def _check_node(node: str) -> None:
+    path, _, test = node.partition("::")
+    name, _, case = test.partition("[")
+    file = ROOT / path
+    assert file.is_file(), f"{node}: no file {path}"
+    functions = {n.name for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef)}
+    assert name in functions and name.startswith("test_"), f"{node}: no test function {name} in {path}"
+    if case:
+        func = getattr(importlib.import_module(file.stem), name)
+        ids = _param_ids(func)
+        assert ids is not None and case[:-1] in ids, f"{node}: no case [{case[:-1]} in {sorted(ids or ())}"
+
+
+def test_every_cell_is_filled_with_evidence_that_exists():
+    gpu_cells = set(_module(ROOT / "benchmarks" / "gpu_check.py", "gpu_check").CELLS)
+    assert list(MATRIX) == list(ROWS)
+    for row in ROWS:
+        assert list(MATRIX[row]) == list(COLUMNS), row
+        for col, cell in MATRIX[row].items():
+            where = f"{row} / {COLUMNS[col]}"
+            if cell.status == "todo-runner":  # filled at merge, when the runner tests land
+                assert cell.evidence and all(e.endswith(f"::{TODO_RUNNER}") for e in cell.evidence), where
+                continue
+            if cell.status in ("gpu",) or cell.gpu:
+                assert cell.gpu in gpu_cells, f"{where}: no gpu_check cell {cell.gpu!r}"
+            if cell.status == "tested":
+                assert cell.evidence, f"{where}: ✓ without a test"
+            if cell.status == "refused":
+                assert cell.message and len(cell.evidence) == 1, where
+                want = DDP_TEST if col == "ddp" else f"{REFUSAL_TEST}[{row}-{col}]"
+                assert cell.evidence[0] == want, f"{where}: its refusal is checked by {want}"
+            for node in cell.evidence:
+                _check_node(node)
+
+
+def test_a_missing_test_or_case_is_caught():
+    with pytest.raises(AssertionError, match="no test function"):
+        _check_node("tests/test_compat_matrix.py::test_nothing_of_the_kind")
+    with pytest.raises(AssertionError, match="no case"):
+        _check_node("tests/test_compat_matrix.py::test_cell[HAT-fp16]")  # refused: not trained there
+    _check_node("tests/test_compat_matrix.py::test_cell[HAT-bf16]")
+
+
+# -- refusals ----------------------------------------------------------------------------------------------------
+def _trainers(row: str, args):
+    """The row's real Trainer(s) on a tiny Llama, ready to train()."""
+    from conftest import tiny_llama
+    from strategy_utils import lm_dataset
+    from torch.utils.data import DataLoader
+    from transformers import Trainer
+
+    from hf_softmask import (
+        SoftMaskCallback,
+        SoftMaskTrainer,
+        SoftMaskTrainingArguments,
+        UnitImportance,
+        UnitLayout,
+    )
+    from hf_softmask.strategies import StrategyTrainer
+    from hf_softmask.strategies.cbp import CBPStrategy
+    from hf_softmask.strategies.ewc import EWCStrategy
+    from hf_softmask.strategies.hat import HATStrategy
+    from hf_softmask.strategies.kd import KDStrategy
+    from hf_softmask.strategies.talos import TaLoSStrategy
+
+    model, data = tiny_llama(), lm_dataset(n_batches=2, seq_len=12)
+    importance = UnitImportance.zeros_like_layout(UnitLayout.from_model(model))
+    if row == "SoftMaskCallback":
+        yield lambda: Trainer(model=model, args=args, train_dataset=data, callbacks=[SoftMaskCallback(importance)])
+        return
+    if row == "SoftMaskTrainer":
+        cls_args = SoftMaskTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in args.__dict__})
+        yield lambda: SoftMaskTrainer(model=model, args=cls_args, train_dataset=data, importance=importance)
+        return
+    strategies = {"HAT": [HATStrategy], "CBP": [CBPStrategy], "TaLoS": [TaLoSStrategy],
+                  "EWC/KD": [EWCStrategy, KDStrategy]}[row]
+    def build(cls):
+        strategy = cls()
+        prepared = strategy.prepare_model(tiny_llama())
+        strategy.before_task(prepared, 0, DataLoader(data, batch_size=4))  # ready to train, as the runners do
+        return StrategyTrainer(model=prepared, args=args, train_dataset=data, strategy=strategy)
+
+    for cls in strategies:
+        yield lambda cls=cls: build(cls)
+
+
+def _refusal_worker(out: Path) -> None:
+    """For each refused cell: build the row's Trainer with the column's flags and train; record what happened."""
+    from strategy_utils import train_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # --fsdp needs torch.distributed: one process, world size 1 (as benchmarks/gpu_check.py's fsdp2 cell)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+    results = {}
+    for row, col in REFUSED:
+        args = train_args(out / "trainer", max_steps=1, **COLUMN_ARGS[col])
+        got = []
+        for make in _trainers(row, args):
+            try:
+                make().train()
+                got.append("trained without refusing")
+            except UnsupportedSettingError as e:
+                got.append(str(e))
+            except Exception as e:  # noqa: BLE001 - reported per cell, not as a crash of the worker
+                got.append(f"failed otherwise: {type(e).__name__}: {e}")
+        results[f"{row}-{col}"] = got
+    (out / "refusals.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    out = tmp_path_factory.mktemp("refusals")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "refusals.json").read_text())
+
+
+@pytest.mark.parametrize(("row", "col"), [pytest.param(r, c, id=f"{r}-{c}") for r, c in REFUSED])
+def test_refused_cell_refuses_at_train_begin(refusals, row, col):
+    got = refusals[f"{row}-{col}"]
+    assert got, f"{row}: no trainer was built"
+    for message in got:
+        assert MATRIX[row][col].message in message and COLUMNS[col] in message, message
+
+
+def test_features_are_read_from_the_trainer_flags_and_the_model():
+    from conftest import tiny_llama
+    from peft import LoraConfig, get_peft_model
+    from strategy_utils import train_args
+
+    assert detect_features(train_args("unused")) == {"fp32"}
+    for col, flags in COLUMN_ARGS.items():
+        assert col in detect_features(train_args("unused", **flags)), col
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert detect_features(model=lora) == {"fp32", "peft"}
+    check_supported("HAT", train_args("unused", bf16=True), lora)  # supported: no error
+    with pytest.raises(UnsupportedSettingError, match="HAT does not support"):
+        check_supported("HAT", train_args("unused", fp16=True))
+
+
+if __name__ == "__main__":
+    _refusal_worker(Path(sys.argv[1]))
