@@ -18,7 +18,23 @@ from hf_softmask.continual import ContinualPretrainingArguments, mark_beyond_fro
 from hf_softmask.importance import UnitImportance
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "continual_pretrain.py"
+
+# The runner's own entry point, with a test callback that kills the process (os._exit) once the Trainer
+# checkpoint of a given step of a given domain is on disk.
+WORKER = """
+import os, sys
+from transformers import TrainerCallback
+from hf_softmask.continual import ContinualPretrainer, parse_config
+
+domain, step = sys.argv[1].split(":") if sys.argv[1] != "none" else ("", "0")
+
+class DieAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if domain and args.output_dir.endswith(domain) and state.global_step >= int(step):
+            os._exit(17)
+
+ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +47,7 @@ def tiny_args(model_dir, out, **kw) -> list[str]:
     """Command-line flags of a seconds-long run: 2 BBC domains, 4 steps each, tiny blocks."""
     flags = {
         "model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
-        "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps_per_domain": 4,
+        "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps": 4,
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
         "logging_steps": 2, "lm_head_warmup_steps": 2, "num_threads": 1, "output_dir": str(out),
     }
@@ -109,9 +125,12 @@ def _digest(directory: Path) -> dict[str, tuple[str, int]]:
 @pytest.mark.slow
 def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT), *tiny_args(tiny_mlm_dir, out, strategy="das")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_SOFTMASK_FAIL_AFTER_SAVE": "2:2"}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    flags = tiny_args(tiny_mlm_dir, out, strategy="das")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(worker), "2_sports:2", *flags], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert killed.returncode == 17, killed.stderr[-3000:]
     assert (out / "1_business").is_dir() and not (out / "2_sports").exists()
     assert (out / ".trainer" / "2_sports" / "checkpoint-2").is_dir()
@@ -120,8 +139,7 @@ def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_pa
     first = _digest(out / "1_business")
     importance_before = UnitImportance.from_pretrained(out / "1_business")
 
-    env.pop("HF_SOFTMASK_FAIL_AFTER_SAVE")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(worker), "none", *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _digest(out / "1_business") == first  # neither retrained nor rewritten
     state = json.loads((out / "state.json").read_text())

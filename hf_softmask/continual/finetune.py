@@ -51,6 +51,8 @@ from ..metrics import load_metric
 from ..plotting import plot_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
+from .cli import (check_process_group, parse_with_yaml, refuse_unsupported_trainer_flags, register_architectures,
+                  require_choice, require_positive, use_cpu_without_cuda)
 
 __all__ = ["ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments", "run_continual_finetune", "evaluate_task",
            "build_optimizer", "load_backbone", "parse_finetune_config", "DEFAULT_TASKS"]
@@ -58,6 +60,7 @@ __all__ = ["ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments", "
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ["business,entertainment", "politics,sports", "tech,entertainment"]
+PROG = "continual_finetune.py"
 
 
 @dataclass
@@ -80,7 +83,20 @@ class ContinualFinetuneArguments:
     pooling: str = field(default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."})
     head_learning_rate: Optional[float] = field(default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."})
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of evaluation and of after_task passes."})
-    num_threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads (None: leave torch's default)."})
+    num_threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."})
+    register_architecture: Optional[str] = field(default=None, metadata={"help": "module:function[,module:function] called before the "
+                                                                              "model is loaded, to register a model type hf_softmask does not know."})
+
+    def __post_init__(self):
+        require_choice("pooling", self.pooling, POOLINGS)
+        for name in ("max_length", "eval_batch_size"):
+            require_positive(name, getattr(self, name))
+        for name in ("max_train_per_class", "max_test_per_class", "head_learning_rate", "num_threads"):
+            require_positive(name, getattr(self, name), allow_none=True)
+        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
+            raise ValueError(f"--test_fraction must lie strictly between 0 and 1, got {self.test_fraction!r}")
+        self.task_topics()
+        self.strategy_settings()
 
     def strategy_settings(self) -> dict:
         if not self.strategy_kwargs:
@@ -90,60 +106,63 @@ class ContinualFinetuneArguments:
         try:
             value = json.loads(self.strategy_kwargs)
         except json.JSONDecodeError as e:
-            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
         return value
 
     def task_topics(self) -> list[list[str]]:
         tasks = [self.tasks] if isinstance(self.tasks, str) else self.tasks
         out = [[p.strip() for p in (t.split(",") if isinstance(t, str) else t) if p.strip()] for t in tasks]
         if not out:
-            raise ValueError("tasks is empty; give at least one task such as business,entertainment")
+            raise ValueError("--tasks is empty; give at least one task such as business,entertainment")
         return out
 
 
 @dataclass
 class ContinualFinetuneTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with CPU-sized defaults for one task of the sequence."""
+    """``TrainingArguments`` of every task of the sequence, with CPU-sized defaults.
 
-    output_dir: str = field(default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."})
+    Every Trainer flag keeps its meaning per task: ``max_steps`` / ``num_train_epochs`` count per task, the
+    schedule (warm-up included) restarts at every task, ``--optim`` builds each task's optimizer (heads at
+    ``head_learning_rate``). Flags the runner cannot honour are refused (:mod:`.cli`).
+    """
+
+    output_dir: str | None = field(default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per task."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, "
                                                                    "or all weights for ft)."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup fraction of each task's steps."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "The runner saves the final model itself."})
-    report_to: Optional[str] = field(default="none", metadata={"help": "Trackers (none by default)."})
-    disable_tqdm: bool = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task (restarts at every task)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps of a task."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer of every task (any Trainer --optim; adamw_torch_fused "
+                                                                 "is the Trainer's own default)."})
+    disable_tqdm: bool | None = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar (default: True)."})
+
+    def __post_init__(self):
+        if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
+            raise ValueError(f"--max_steps (per task) must be > 0, or -1 to train --num_train_epochs per task; got {self.max_steps}")
+        if self.max_steps == -1:
+            require_positive("num_train_epochs", self.num_train_epochs)
+        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            require_positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+            require_positive(name, getattr(self, name), allow_zero=True)
+        refuse_unsupported_trainer_flags(self, "finetuning")
+        use_cpu_without_cuda(self)
+        super().__post_init__()
 
 
 def parse_finetune_config(argv: list[str] | None = None) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
     """``--config file.yaml`` gives the defaults (fields of both dataclasses); every other flag overrides its YAML value."""
-    import sys
 
-    import yaml
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments))
-    parser.add_argument("--config", default=None, help="YAML file of ContinualFinetuneArguments / TrainingArguments fields.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        data = yaml.safe_load(Path(known.config).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{known.config}: expected a mapping of field: value at the top level")
-        names = {f.name for cls in (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments) for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown field(s) {unknown}; run with --help for the list of fields")
+    def encode(data: dict) -> dict:
         if isinstance(data.get("strategy_kwargs"), dict):
             data["strategy_kwargs"] = json.dumps(data["strategy_kwargs"])
-        # argparse converts only string defaults; YAML values arrive already typed.
-        parser.set_defaults(**data)
-    args, training_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        return data
+
+    args, training_args = parse_with_yaml((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), argv, PROG,
+                                          yaml_hook=encode)
     return args, training_args
 
 
@@ -164,10 +183,13 @@ def load_backbone(name_or_path: str):
 
 
 # -- pieces --------------------------------------------------------------------------------------------
-def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learning_rate: float | None, weight_decay: float):
-    """AdamW over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
+def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learning_rate: float | None, weight_decay: float,
+                    training_args: TrainingArguments | None = None):
+    """The optimizer over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
 
-    Weight decay applies to matrices only, and never to subnetwork scores (it would pull every score to 0).
+    Its class and settings come from ``training_args.optim`` (the Trainer's own mapping, so ``--optim`` means what
+    it means for the Trainer); without ``training_args``, torch's AdamW. Weight decay applies to matrices only,
+    and never to subnetwork scores (it would pull every score to 0).
     """
     head_ids = {id(p) for p in model.heads.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
@@ -181,7 +203,12 @@ def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learn
         raise ValueError("no trainable parameters: the strategy froze everything, including the task head")
     param_groups = [{"params": ps, "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
                      "weight_decay": weight_decay if decay else 0.0} for (is_head, decay), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=learning_rate)
+    if training_args is None:
+        return torch.optim.AdamW(param_groups, lr=learning_rate)
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    return cls(param_groups, **{**kwargs, "lr": learning_rate})
 
 
 @torch.no_grad()
@@ -220,17 +247,23 @@ def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
 
 
 # -- the runner ----------------------------------------------------------------------------------------
-def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
-    """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring)."""
+def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None) -> dict:
+    """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring).
+
+    ``callbacks``: extra ``TrainerCallback`` objects given to every task's Trainer.
+    """
     start = time.time()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    _ = training_args.world_size  # sets up the device and, under a launcher, the process group
+    check_process_group("finetuning")
+    is_main = training_args.process_index == 0
+    register_architectures(args.register_architecture)
     cls = strategy_class(args.strategy)
     if "finetune" not in getattr(cls, "settings", ()):
-        raise ValueError(f"strategy {args.strategy!r} does not support continual finetuning (its settings: {cls.settings})")
+        raise ValueError(f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})")
     set_seed(training_args.seed)
     out_dir = Path(training_args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
                               max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction, seed=args.split_seed)
@@ -257,9 +290,10 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         model.train_only_head(t)
         train_loader = DataLoader(train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator)
         strategy.before_task(model, t, train_loader)
-        optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay)
+        optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay,
+                                    training_args)
         trainer = StrategyTrainer(model=model, args=training_args, train_dataset=train_sets[t], data_collator=collator,
-                                  strategy=strategy, optimizers=(optimizer, None))
+                                  strategy=strategy, optimizers=(optimizer, None), callbacks=list(callbacks or []))
         t0 = time.time()
         trainer.train()
         train_seconds.append(time.time() - t0)
@@ -287,8 +321,11 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         "training": {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
                      "per_device_train_batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
         "device": f"{training_args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        "world_size": training_args.world_size,
     }
 
+    if not is_main:  # evaluation ran on every process; the main one writes
+        return results
     final = out_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
     model.save_heads(final)

@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -36,23 +36,16 @@ from ..io import atomic_write_json, atomic_write_text
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
 from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, publish_dir, stage_dir
+from .cli import check_process_group, register_architectures
+from .distributed import ProcessInfo, full_state_dict
 from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
 from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
 from .frontier import write_frontier
 from .model_card import model_card
 
-__all__ = ["ContinualPretrainer", "run_continual_pretraining", "run_sweep", "load_model_and_tokenizer", "FAIL_ENV"]
+__all__ = ["ContinualPretrainer", "run_continual_pretraining", "run_sweep", "load_model_and_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-#: Testing only: "<domain index from 1>:<step>" makes the process die (os._exit) right after the Trainer
-#: checkpoint of that step in that domain is written, like a kill.
-FAIL_ENV = "HF_SOFTMASK_FAIL_AFTER_SAVE"
-
-_NOT_IN_FINGERPRINT = {
-    "output_dir", "run_name", "save_steps", "logging_steps", "keep_domain_weights", "push_to_hub", "hub_model_id",
-    "hub_private", "hub_token", "plots", "learning_rates", "strategies", "frontier_runs", "num_threads", "per_device_eval_batch_size",
-}
 
 
 # -- model ------------------------------------------------------------------------------------------------------
@@ -233,42 +226,48 @@ def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int
 
 
 # -- the runner -------------------------------------------------------------------------------------------------
-def _die_after_save(step: int):
-    """Testing only (FAIL_ENV): a callback that kills the process once the checkpoint of ``step`` is on disk."""
-    from transformers import TrainerCallback
-
-    class _DieAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                os._exit(17)
-
-    return _DieAfterSave()
-
-
 class ContinualPretrainer:
-    """Runs one strategy over the domain sequence of ``args`` into ``args.output_dir`` (see module docstring)."""
+    """Runs one strategy over the domain sequence of ``args`` into ``args.output_dir`` (see module docstring).
 
-    def __init__(self, args: ContinualPretrainingArguments):
-        from accelerate import Accelerator
+    Args:
+        args: the run's settings.
+        callbacks: extra ``TrainerCallback`` objects given to every domain's Trainer.
+        model_hook: ``model -> model`` applied after the strategy prepared the model (and after every reload on
+            resume), e.g. torch's ``fully_shard`` for FSDP2 without accelerate's plugin. Evaluation and the
+            gathering of weights for saving run on every process; only the main process writes files.
+        events: ``name -> None`` called at each stage boundary ("importance", "evaluated", "staged", "published",
+            "state_saved"); the fault-injection tests install one that stops the process there.
+    """
 
+    def __init__(self, args: ContinualPretrainingArguments, callbacks=None, model_hook=None, events=None):
         self.args = args
-        # cpu=True on a machine without CUDA: under torchrun, accelerate then sets up gloo (MULTI_CPU) instead of
-        # treating every process as a lone one; the Trainer (use_cpu) shares this same state.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.callbacks = list(callbacks or [])
+        self.model_hook = model_hook
+        self.events = events
+        self.proc = ProcessInfo.current(cpu=bool(args.use_cpu) or not torch.cuda.is_available())
         self.out = Path(args.output_dir)
-        self.is_main = self.accelerator.is_main_process
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
+        self.is_main = self.proc.is_main
+        self.rank = self.proc.rank
+        self.world = self.proc.world
 
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        return {k: v for k, v in self.args.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        return {"runner": "continual_pretrain", **self.args.fingerprint()}
+
+    def say(self, message: str) -> None:
+        """A console line, from the main process only."""
+        if self.is_main:
+            print(f"[continual_pretrain] {message}", flush=True)
+
+    def _event(self, event: str, **info) -> None:
+        if self.events is not None:
+            self.events(event, **info)
 
     def make_strategy(self):
         a = self.args
         cls = strategy_class(a.strategy)
         if "pretrain" not in getattr(cls, "settings", ()):
-            raise ValueError(f"strategy {a.strategy!r} does not declare 'pretrain' in its settings {cls.settings}; "
+            raise ValueError(f"--strategy {a.strategy}: it does not declare 'pretrain' in its settings {cls.settings}; "
                              "pick one made for continual pre-training (e.g. das, ncl)")
         offered = dict(softmask=a.softmask_config(), contrastive_weight=a.contrastive_weight,
                        temperature=a.contrastive_temperature, perturbation_dropout=a.perturbation_dropout,
@@ -278,12 +277,25 @@ class ContinualPretrainer:
         offered = {k: v for k, v in offered.items() if k in params}
         extra = a.strategy_kwargs
         if isinstance(extra, str):
-            extra = json.loads(extra) if extra.strip() else {}
-        return cls(**{**offered, **(extra or {})})
+            try:
+                extra = json.loads(extra) if extra.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--strategy_kwargs must be a JSON object, got {extra!r}: {e}") from None
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {extra!r}")
+        try:
+            return cls(**{**offered, **(extra or {})})
+        except TypeError as e:
+            raise ValueError(f"--strategy_kwargs {extra}: not accepted by strategy {a.strategy!r} ({e})") from None
+
+    def _prepare(self, model, strategy):
+        model = strategy.prepare_model(model).to(self.proc.device)
+        return self.model_hook(model) if self.model_hook is not None else model
 
     def _eval_row(self, model) -> tuple[list[float], float]:
-        """Held-out loss on every domain and on general text; a strategy with ``set_task`` (HAT) evaluates
-        domain j under its own task mask, and general text with its task selection cleared."""
+        """Held-out loss on every domain and on general text, computed on EVERY process (a sharded model's
+        forward needs all of them). A strategy with ``set_task`` (HAT) evaluates domain j under its own task
+        mask, and general text with its task selection cleared."""
         causal = not self.data.mlm
         strategy = getattr(self, "strategy", None)
         select = getattr(strategy, "set_task", None)
@@ -297,22 +309,27 @@ class ContinualPretrainer:
         return losses, lm_eval_loss(model, self.data.general_eval, causal)
 
     def _load_stage_model(self, directory: Path):
-        model, _, _ = load_model_and_tokenizer(str(directory), "mlm" if self.data.mlm else "clm", tokenizer_path=self.model_path)
-        return model.to(self.accelerator.device)
+        model, _, _ = load_model_and_tokenizer(str(directory), "mlm" if self.data.mlm else "clm",
+                                               tokenizer_path=self.model_path)
+        return model
 
-    def _training_args(self, name: str):
+    def _training_args(self, name: str, index: int):
+        """The Trainer settings of one domain: every Trainer field of ``args`` as given, except where the runner
+        owns the meaning (its checkpoint directory, per-domain run name, Hub pushes, resume)."""
         from transformers import TrainingArguments
 
         a = self.args
-        steps = a.max_steps_per_domain if a.max_steps_per_domain > 0 else -1
-        return TrainingArguments(
-            output_dir=str(self.out / ".trainer" / name), max_steps=steps, num_train_epochs=a.num_train_epochs,
-            per_device_train_batch_size=a.per_device_train_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-            learning_rate=a.learning_rate, weight_decay=a.weight_decay, lr_scheduler_type=a.lr_scheduler_type,
-            warmup_steps=a.warmup_ratio, optim="adamw_torch", max_grad_norm=a.max_grad_norm, seed=a.seed, save_strategy="steps",
-            save_steps=a.save_steps, save_total_limit=1, logging_steps=a.logging_steps, report_to="none",
-            disable_tqdm=not self.is_main, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-        )
+        kw = {f.name: getattr(a, f.name) for f in fields(TrainingArguments) if f.init}
+        kw = {k: getattr(v, "value", v) for k, v in kw.items()}  # enums back to the strings they were given as
+        kw.update(output_dir=str(self.out / ".trainer" / name), push_to_hub=False, hub_model_id=None,
+                  resume_from_checkpoint=None, run_name=f"{a.run_name or a.strategy}/{name}",
+                  disable_tqdm=a.disable_tqdm if a.disable_tqdm is not None else not self.is_main,
+                  )
+        if self.proc.torch_only:
+            # Processes joined by torch alone (fully_shard without accelerate): every Trainer thinks it is the
+            # main process, so Trainer checkpoints would be written by all of them; refused in run().
+            kw.update(save_strategy="no")
+        return TrainingArguments(**kw)
 
     def _importance_of(self, strategy) -> UnitImportance | None:
         imp = getattr(strategy, "importance", None)
@@ -367,9 +384,15 @@ class ContinualPretrainer:
         return res
 
     # stages ------------------------------------------------------------------------------------------------
-    def _save_stage(self, staging: Path, model, tokenizer, strategy, state: RunState, done_names: list[str], with_weights: bool) -> None:
+    def _save_stage(self, name: str, model, tokenizer, strategy, state: RunState, with_weights: bool, title: str) -> None:
+        """Write stage ``name`` into a staging directory, then rename it into place (main process writes; every
+        process takes part in gathering sharded weights)."""
+        weights = full_state_dict(model) if with_weights else None
+        if not self.is_main:
+            return
+        staging = stage_dir(self.out, name)
         if with_weights:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
         strategy.save_pretrained(staging)
         imp = self._importance_of(strategy)
@@ -378,10 +401,15 @@ class ContinualPretrainer:
         rows = [("before", state.base["eval_loss"] if state.base else [])] + [(d["dir"], d["eval_loss"]) for d in state.done]
         general = ([state.base["general_loss"]] if state.base else []) + [d["general_loss"] for d in state.done]
         rows = [(label, [perplexity(v) for v in losses]) for label, losses in rows if losses]
-        card = model_card(base_model=self.args.model_name_or_path, strategy=strategy.config(), domains_done=done_names,
-                          all_domains=self.data.names, objective="mlm" if self.data.mlm else "clm", perplexity_rows=rows,
+        card = model_card(base_model=self.args.model_name_or_path, strategy=strategy.config(),
+                          domains_done=[d["domain"] for d in state.done], all_domains=self.data.names,
+                          objective="mlm" if self.data.mlm else "clm", perplexity_rows=rows,
                           general_perplexity=[perplexity(g) for g in general], settings=self.fingerprint())
         atomic_write_text(staging / "README.md", card)
+        self._plot_importance(strategy, staging, title, name)
+        self._event("staged", name=name, directory=staging)
+        publish_dir(staging, self.out / name)
+        self._event("published", name=name, directory=self.out / name)
 
     def _push(self, directory: Path, model, tokenizer, strategy, name: str) -> None:
         from huggingface_hub import HfApi
@@ -389,12 +417,12 @@ class ContinualPretrainer:
         a = self.args
         repo = f"{a.hub_model_id}-{name}".replace("_", "-")
         api = HfApi(token=a.hub_token)
-        api.create_repo(repo, private=a.hub_private, exist_ok=True)
-        model.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
-        tokenizer.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
+        api.create_repo(repo, private=a.hub_private_repo, exist_ok=True)
+        model.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
+        tokenizer.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
         imp = self._importance_of(strategy)
         if imp is not None:
-            imp.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
+            imp.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
         for extra in ("README.md", "strategy_config.json", "strategy_state.safetensors"):
             if (directory / extra).is_file():
                 api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
@@ -412,99 +440,116 @@ class ContinualPretrainer:
         path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
         shutil.copyfile(path, directory / "importance.png")
 
-    def run(self) -> dict:
+    def _start(self):
+        """Everything that can fail before a file is written: settings, architecture, model, data, strategy."""
         a = self.args
+        check_process_group("pre-training")
         if a.num_threads:
             torch.set_num_threads(a.num_threads)
+        register_architectures(a.register_architecture)
         from transformers import set_seed
 
         set_seed(a.seed)
-        with self.accelerator.main_process_first():
+        if self.is_main:  # the GGUF conversion of 'smollm2' is cached once, by the main process
             self.model_path = resolve_model(a.model_name_or_path)
+        self.proc.barrier()
+        self.model_path = resolve_model(a.model_name_or_path)
         model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective)
         self.tokenizer = tokenizer
         self.data = _Data(a, tokenizer, mlm)
         strategy = self.make_strategy()
-        model = strategy.prepare_model(model).to(self.accelerator.device)
+        model = self._prepare(model, strategy)
+        if self.proc.torch_only and str(getattr(a.save_strategy, "value", a.save_strategy)) != "no":
+            raise ValueError("processes joined by torch.distributed without accelerate (a model_hook sharding the "
+                             "model): every process's Trainer would write the same mid-domain checkpoints; pass "
+                             "--save_strategy no (stages are still saved and resumed) or launch with accelerate")
         self.strategy = strategy
+        return model, tokenizer, strategy
+
+    def _stage0(self, model, tokenizer, strategy, state: RunState) -> None:
+        a = self.args
+        warm = []
+        if a.lm_head_warmup_steps > 0:
+            self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
+            warm = fit_lm_head(model, self.data.general_train, self.data.collator, a.lm_head_warmup_steps,
+                               a.lm_head_warmup_lr, a.per_device_train_batch_size, a.seed)
+        if hasattr(strategy, "compute_general_importance"):
+            self.say("general-knowledge importance")
+            source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
+            strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
+            self._event("importance", name="0_base")
+        losses, general = self._eval_row(model)
+        self._event("evaluated", name="0_base")
+        state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
+                        "lm_head_warmup_loss": warm[-1] if warm else None})
+        self._save_stage("0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)")
+        if self.is_main:
+            state.save()
+            self._event("state_saved", name="0_base")
+
+    def _domain(self, k: int, model, tokenizer, strategy, state: RunState) -> None:
+        a = self.args
+        dom = self.data.domains[k]
+        name = domain_dir_name(k + 1, dom.name)
+        self.say(f"domain {k + 1}/{len(self.data.domains)}: {dom.name}")
+        loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
+        strategy.before_task(model, k, loader)
+        targs = self._training_args(name, k)
+        trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
+                                  strategy=strategy, callbacks=list(self.callbacks))
+        resume = last_trainer_checkpoint(targs.output_dir)
+        if resume:
+            self.say(f"resuming from {resume}")
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.time() - t0
+        strategy.after_task(model, k, loader)
+        self._event("importance", name=name)
+        contrast = getattr(strategy, "contrastive_losses", None)
+        losses, general = self._eval_row(model)
+        self._event("evaluated", name=name)
+        state.add_domain({"dir": name, "domain": dom.name, "eval_loss": losses, "general_loss": general,
+                          "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
+                          "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
+                          "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
+        self._save_stage(name, model, tokenizer, strategy, state, True, name)
+        if self.is_main:
+            state.save()
+            self._event("state_saved", name=name)
+            self._write_results(state)
+            shutil.rmtree(targs.output_dir, ignore_errors=True)
+            if a.keep_domain_weights == "last" and len(state.done) > 1:
+                _drop_weights(self.out / state.done[-2]["dir"])
+            if a.push_to_hub:
+                self._push(self.out / name, model, tokenizer, strategy, name)
+
+    def run(self) -> dict:
+        model, tokenizer, strategy = self._start()
         state = RunState(self.out, self.fingerprint())
-        self.accelerator.wait_for_everyone()
+        self.proc.barrier()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "run_config.json", a.to_dict())
+            atomic_write_json(self.out / "run_config.json", self.args.to_dict())
 
-        # -- stage 0: starting point -------------------------------------------------------------------------
         if state.base is None:
-            warm = []
-            if a.lm_head_warmup_steps > 0:
-                warm = fit_lm_head(model, self.data.general_train, self.data.collator, a.lm_head_warmup_steps,
-                                   a.lm_head_warmup_lr, a.per_device_train_batch_size, a.seed)
-            if hasattr(strategy, "compute_general_importance"):
-                source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
-                strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
-            if self.is_main:
-                losses, general = self._eval_row(model)
-                state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
-                                "lm_head_warmup_loss": warm[-1] if warm else None})
-                staging = stage_dir(self.out, "0_base")
-                self._save_stage(staging, model, tokenizer, strategy, state, [], with_weights=bool(warm))
-                self._plot_importance(strategy, staging, "0_base (general-knowledge proxy)", "0_base")
-                publish_dir(staging, self.out / "0_base")
-                state.save()
-            self.accelerator.wait_for_everyone()
-            state = RunState(self.out, self.fingerprint())
+            self._stage0(model, tokenizer, strategy, state)
         else:
             last = state.last_dir()
-            has_weights = bool(state.done) or state.base.get("has_weights")
-            if has_weights:
-                model = strategy.prepare_model(self._load_stage_model(last))
+            for d in [state.base] + state.done:
+                self.say(f"skipping finished: {d.get('domain', d['dir'])}")
+            if state.done or state.base.get("has_weights"):
+                model = self._prepare(self._load_stage_model(last), strategy)
             strategy.load_pretrained(last)
-            logger.info("resuming %s after %s", self.out, last.name)
+            self.say(f"resuming after {last.name}")
+        self.proc.barrier()
 
-        # -- the domains ---------------------------------------------------------------------------------------
-        fail = os.environ.get(FAIL_ENV)
-        for k, dom in enumerate(self.data.domains):
-            if k < len(state.done):
-                continue
-            name = domain_dir_name(k + 1, dom.name)
-            loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
-            strategy.before_task(model, k, loader)
-            targs = self._training_args(name)
-            callbacks = []
-            if fail and int(fail.split(":")[0]) == k + 1:
-                callbacks.append(_die_after_save(int(fail.split(":")[1])))
-            trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
-                                      strategy=strategy, callbacks=callbacks)
-            resume = last_trainer_checkpoint(targs.output_dir)
-            t0 = time.time()
-            trainer.train(resume_from_checkpoint=resume)
-            seconds = time.time() - t0
-            strategy.after_task(model, k, loader)
-            contrast = getattr(strategy, "contrastive_losses", None)
-            if self.is_main:
-                losses, general = self._eval_row(model)
-                state.add_domain({"dir": name, "domain": dom.name, "eval_loss": losses, "general_loss": general,
-                                  "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
-                                  "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
-                                  "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
-                staging = stage_dir(self.out, name)
-                self._save_stage(staging, model, tokenizer, strategy, state, [d["domain"] for d in state.done], with_weights=True)
-                self._plot_importance(strategy, staging, name, name)
-                publish_dir(staging, self.out / name)
-                state.save()
-                self._write_results(state)
-                shutil.rmtree(targs.output_dir, ignore_errors=True)
-                if a.keep_domain_weights == "last" and len(state.done) > 1:
-                    _drop_weights(self.out / state.done[-2]["dir"])
-                if a.push_to_hub:
-                    self._push(self.out / name, model, tokenizer, strategy, name)
-            self.accelerator.wait_for_everyone()
-            state = RunState(self.out, self.fingerprint())
-            del trainer
+        for k in range(len(state.done), len(self.data.domains)):
+            self._domain(k, model, tokenizer, strategy, state)
+            self.proc.barrier()
 
         self.model = model
         res = self._write_results(state) if self.is_main else self.results(state)
-        self.accelerator.wait_for_everyone()
+        self.proc.barrier()
         return res
 
 
