@@ -48,7 +48,8 @@ class MultiTaskClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_labels: Sequence[int], task_names: Sequence[str] | None = None,
-                 pooling: str = "mean", dropout: float = 0.1, hidden_size: int | None = None, seed: int | None = 0):
+                 pooling: str = "mean", dropout: float = 0.1, hidden_size: int | None = None, seed: int | None = 0,
+                 label_names: Sequence[Sequence[str]] | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -59,6 +60,11 @@ class MultiTaskClassifier(nn.Module):
         self.task_names = list(task_names) if task_names is not None else [f"task{t}" for t in range(len(num_labels))]
         if len(self.task_names) != len(self.num_labels):
             raise ValueError(f"{len(self.task_names)} task names for {len(self.num_labels)} tasks")
+        # Class names per task (saved with the heads, so predictions can be read without the training data).
+        self.label_names = ([list(map(str, n)) for n in label_names] if label_names is not None
+                            else [[str(c) for c in range(n)] for n in self.num_labels])
+        if [len(n) for n in self.label_names] != self.num_labels:
+            raise ValueError(f"label_names {self.label_names} do not match num_labels {self.num_labels}")
         self.pooling = pooling
         self.hidden_size = hidden_size or _hidden_size(backbone)
         self.dropout = nn.Dropout(dropout)
@@ -158,7 +164,8 @@ class MultiTaskClassifier(nn.Module):
         directory = Path(directory)
         atomic_save_safetensors({k: v for k, v in self.heads.state_dict().items()}, directory / TASK_HEADS_WEIGHTS)
         atomic_write_json(directory / TASK_HEADS_CONFIG, {"num_labels": self.num_labels, "task_names": self.task_names,
-                                                          "pooling": self.pooling, "hidden_size": self.hidden_size})
+                                                          "label_names": self.label_names, "pooling": self.pooling,
+                                                          "hidden_size": self.hidden_size})
 
     @staticmethod
     def saved_heads_config(directory: str | os.PathLike) -> dict:
@@ -173,6 +180,7 @@ class MultiTaskClassifier(nn.Module):
         from safetensors.torch import load_file
 
         cfg = cls.saved_heads_config(directory)
-        model = cls(backbone, cfg["num_labels"], cfg["task_names"], pooling=cfg["pooling"], hidden_size=cfg["hidden_size"], **kwargs)
+        model = cls(backbone, cfg["num_labels"], cfg["task_names"], pooling=cfg["pooling"], hidden_size=cfg["hidden_size"],
+                    label_names=cfg.get("label_names"), **kwargs)
         model.heads.load_state_dict(load_file(str(Path(directory) / TASK_HEADS_WEIGHTS)))
         return model

@@ -55,3 +55,32 @@ def test_plot_frontier(tmp_path):
     _check_png(P.plot_frontier(records, out), out)
     with pytest.raises(ValueError, match="no record has finite"):
         P.plot_frontier([{"strategy": "x"}], tmp_path / "bad.png")
+
+
+def test_importance_plot_is_readable_and_says_which_importance(tmp_path):
+    """FFN importance as one sorted curve per layer (not a 1,536-column strip); panel titles say own vs accumulated."""
+    g = torch.Generator().manual_seed(0)
+    own = (torch.rand(6, 12, generator=g), torch.rand(6, 1536, generator=g))
+    acc = (torch.maximum(own[0], torch.rand(6, 12, generator=g)), torch.maximum(own[1], torch.rand(6, 1536, generator=g)))
+    fig = P.importance_figure({"own": own, "accumulated (= importance.safetensors)": acc}, "after 2_sports")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(t.startswith("own: FFN") for t in titles) and any(t.startswith("accumulated") for t in titles)
+    ffn_axes = [ax for ax in fig.axes if "FFN" in ax.get_title()]
+    assert len(ffn_axes) == 2
+    for ax, (_, ffn) in zip(ffn_axes, (own, acc)):
+        lines = ax.get_lines()
+        assert len(lines) == 6  # one curve per layer
+        for layer, line in enumerate(lines):
+            y = line.get_ydata()
+            assert (y[:-1] >= y[1:]).all()  # sorted, most important first
+            assert sorted(y.tolist()) == sorted(ffn[layer].tolist())  # exactly that layer's values
+    out = tmp_path / "imp.png"
+    _check_png(P.plot_importance(*own, out, "x", label="own", extra={"accumulated": acc}), out)
+
+
+def test_accuracy_matrix_names_tasks_and_classes(tmp_path):
+    out = tmp_path / "acc.png"
+    _check_png(P.plot_accuracy_matrix([[0.9, 0.5], [0.8, 0.95]], ["business_vs_sport", "tech_vs_politics"],
+                                      [["business", "sport"], ["tech", "politics"]], out, "ft"), out)
+    with Image.open(out) as im:
+        assert im.size[0] > 300  # wide enough for the names

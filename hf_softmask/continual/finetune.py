@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,9 +47,9 @@ from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, Trai
 from ..assets import load_smollm2, resolve_model_path
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
-from ..io import atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_json
 from ..metrics import load_metric
-from ..plotting import plot_matrix
+from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
 from .cli import (check_process_group, parse_with_yaml, refuse_unsupported_trainer_flags, register_architectures,
@@ -135,6 +136,11 @@ class ContinualFinetuneTrainingArguments(TrainingArguments):
                                                                    "or all weights for ft)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task (restarts at every task)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps of a task."})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints INSIDE a task (into output_dir/.trainer/<task>/, "
+                                                                "the resume point of an unfinished task); the runner itself saves "
+                                                                "after every task."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run "
+                                                                         "(its files are deleted)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer of every task (any Trainer --optim; adamw_torch_fused "
                                                                  "is the Trainer's own default)."})
     disable_tqdm: bool | None = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar (default: True)."})
@@ -247,30 +253,102 @@ def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
 
 
 # -- the runner ----------------------------------------------------------------------------------------
-def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None) -> dict:
+_FT_NOT_IN_FINGERPRINT = {"num_threads", "eval_batch_size", "register_architecture"}
+
+
+def _fingerprint(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
+    from .config import NOT_IN_FINGERPRINT
+
+    t = training_args.to_dict()
+    trainer = {f.name: t[f.name] for f in fields(training_args) if f.init and f.name in t and f.name not in NOT_IN_FINGERPRINT}
+    mine = {k: v for k, v in asdict(args).items() if k not in _FT_NOT_IN_FINGERPRINT}
+    return {"runner": "continual_finetune", **mine, **trainer}
+
+
+class _Say:
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+
+    def __call__(self, message: str) -> None:
+        if self.is_main:
+            print(f"[continual_finetune] {message}", flush=True)
+
+
+def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> TrainingArguments:
+    """The Trainer settings of one task: as given, with its own checkpoint directory and run name."""
+    from dataclasses import replace
+
+    return replace(training_args, output_dir=str(out_dir / ".trainer" / name),
+                   run_name=f"{training_args.run_name or 'continual_finetune'}/{name}")
+
+
+def _save_task(out_dir: Path, name: str, model, strategy, is_main: bool):
+    """The resume point after a task: the whole classifier's weights and the strategy's state, published atomically."""
+    from .checkpointing import file_digests, publish_dir, stage_dir
+
+    if not is_main:
+        return None
+    staging = stage_dir(out_dir, name)
+    atomic_save_safetensors(dict(model.state_dict()), staging / "model_state.safetensors")
+    strategy.save_pretrained(staging)
+    publish_dir(staging, out_dir / name)
+    return file_digests(out_dir / name)
+
+
+def _load_task(directory: Path, model, strategy) -> None:
+    from safetensors.torch import load_file
+
+    from .checkpointing import DamagedRunError
+
+    try:
+        state = load_file(str(directory / "model_state.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        strategy.load_pretrained(directory)
+    except Exception as e:
+        raise DamagedRunError(f"{directory}: cannot load the finished task ({type(e).__name__}: {e}); restore it, or "
+                              "use a new --output_dir") from e
+
+
+def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None,
+                           events=None) -> dict:
     """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring).
 
-    ``callbacks``: extra ``TrainerCallback`` objects given to every task's Trainer.
+    After every task the classifier and the strategy's state are saved (``output_dir/<k>_<task>/``, listed in
+    ``state.json``); rerunning the same command skips finished tasks. ``callbacks``: extra ``TrainerCallback``
+    objects for every task's Trainer. ``events(name, **info)``: called at task boundaries ("evaluated",
+    "published", "state_saved"); the fault-injection tests install one.
     """
+    from accelerate import PartialState
+
+    from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, verify_readable, verify_stage
+
     start = time.time()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     _ = training_args.world_size  # sets up the device and, under a launcher, the process group
     check_process_group("finetuning")
     is_main = training_args.process_index == 0
+    say = _Say(is_main)
+    event = events or (lambda *a, **k: None)
     register_architectures(args.register_architecture)
     cls = strategy_class(args.strategy)
     if "finetune" not in getattr(cls, "settings", ()):
         raise ValueError(f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})")
-    set_seed(training_args.seed)
     out_dir = Path(training_args.output_dir)
+    state = RunState(out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
+    set_seed(training_args.seed)
 
     tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
                               max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction, seed=args.split_seed)
     backbone, tokenizer = load_backbone(args.model_name_or_path)
     model = MultiTaskClassifier(backbone, [len(t.label_names) for t in tasks], [t.name for t in tasks], pooling=args.pooling,
-                                seed=training_args.seed)
-    strategy = get_strategy(args.strategy, **args.strategy_settings())
+                                seed=training_args.seed, label_names=[t.label_names for t in tasks])
+    try:
+        strategy = get_strategy(args.strategy, **args.strategy_settings())
+    except TypeError as e:
+        raise ValueError(f"--strategy_kwargs {args.strategy_settings()}: not accepted by strategy {args.strategy!r} ({e})") from None
     model = strategy.prepare_model(model)
     model.to(training_args.device)
 
@@ -279,32 +357,69 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     test_loaders = [DataLoader(_with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
                                batch_size=args.eval_batch_size, collate_fn=collator) for k, t in enumerate(tasks)]
     metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
+    if is_main:
+        state.start()  # every setting checked, the model and data loaded: now the directory is this run's
+    PartialState().wait_for_everyone()
 
     T = len(tasks)
-    initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
-    rows: list[list[dict]] = []
-    train_seconds = []
-    for t, task in enumerate(tasks):
-        logger.info("task %d/%d: %s (%d training examples)", t + 1, T, task.name, len(train_sets[t]))
+    if state.base is None:
+        initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
+        state.set_base({"dir": None, "initial": initial})
+        if is_main:
+            state.save()
+    else:
+        initial = state.base["initial"]
+        for d in state.done:
+            say(f"skipping finished: {d['task']}")
+        if state.done:
+            last = state.last_dir()
+            verify_stage(last, state.done[-1].get("files"))
+            _load_task(last, model, strategy)
+            say(f"resuming after {last.name}")
+    for t in range(len(state.done), T):
+        task = tasks[t]
+        name = domain_dir_name(t + 1, task.name)
+        say(f"task {t + 1}/{T}: {task.name} ({len(train_sets[t])} training examples)")
         model.set_task(t)
         model.train_only_head(t)
         train_loader = DataLoader(train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator)
         strategy.before_task(model, t, train_loader)
         optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay,
                                     training_args)
-        trainer = StrategyTrainer(model=model, args=training_args, train_dataset=train_sets[t], data_collator=collator,
+        targs = _task_args(training_args, out_dir, name)
+        trainer = StrategyTrainer(model=model, args=targs, train_dataset=train_sets[t], data_collator=collator,
                                   strategy=strategy, optimizers=(optimizer, None), callbacks=list(callbacks or []))
+        resume = last_trainer_checkpoint(targs.output_dir)
+        if resume:
+            verify_readable(Path(resume), f"delete {resume} and rerun: {task.name} then restarts from its beginning")
+            say(f"resuming from {resume}")
         t0 = time.time()
-        trainer.train()
-        train_seconds.append(time.time() - t0)
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.time() - t0
         strategy.after_task(model, t, DataLoader(train_sets[t], batch_size=args.eval_batch_size, collate_fn=collator))
-        rows.append(_evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}"))
-        logger.info("after %s: accuracy %s", task.name, [round(r["accuracy"], 4) for r in rows[-1]])
+        row = _evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}")
+        event("evaluated", name=name)
+        say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
+        state.add_domain({"dir": name, "task": task.name, "row": row, "train_seconds": seconds,
+                          "steps": trainer.state.global_step, "resumed_from": Path(resume).name if resume else None})
+        digests = _save_task(out_dir, name, model, strategy, is_main)
+        event("published", name=name)
+        if is_main:
+            state.done[-1]["files"] = digests
+            state.save()
+            event("state_saved", name=name)
+            # Only the newest task checkpoint is a resume point; older ones and the task's Trainer checkpoints go.
+            if len(state.done) > 1:
+                shutil.rmtree(out_dir / state.done[-2]["dir"], ignore_errors=True)
+            shutil.rmtree(targs.output_dir, ignore_errors=True)
+        del trainer
 
+    rows = [d["row"] for d in state.done]
     acc_matrix = [[r["accuracy"] for r in row] for row in rows]
     f1_matrix = [[r["f1"] for r in row] for row in rows]
     results = {
         "tasks": [t.name for t in tasks],
+        "label_names": [t.label_names for t in tasks],
         "strategy": args.strategy,
         "accuracy_matrix": acc_matrix,
         "f1_matrix": f1_matrix,
@@ -315,7 +430,8 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         "strategy_config": strategy.config(),
         "storage_bytes_per_task": [getattr(strategy, "storage_bytes", {}).get(t) for t in range(T)]
         if getattr(strategy, "storage_bytes", None) else None,
-        "train_seconds_per_task": train_seconds,
+        "train_seconds_per_task": [d["train_seconds"] for d in state.done],
+        "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
         "total_seconds": None,
         "arguments": asdict(args),
         "training": {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
@@ -335,10 +451,9 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     else:
         model.backbone.save_pretrained(final)
         strategy.save_pretrained(final)
-    # Short labels keep the cells readable; results.json maps T1, T2, ... to the task names.
-    short = [f"T{k + 1}" for k in range(T)]
-    plot_matrix(acc_matrix, [f"after {s}" for s in short], short, out_dir / "accuracy_matrix.png",
-                title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})", fmt=".2f")
+    plot_accuracy_matrix(acc_matrix, [t.name for t in tasks], [t.label_names for t in tasks], out_dir / "accuracy_matrix.png",
+                         title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})")
     results["total_seconds"] = time.time() - start
     atomic_write_json(out_dir / "results.json", results)
+    say(f"done: ACC {results['acc']:.4f}, BWT {results['bwt']:+.4f}, results in {out_dir / 'results.json'}")
     return results

@@ -35,7 +35,8 @@ from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
-from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, publish_dir, stage_dir
+from .checkpointing import (DamagedRunError, RunState, domain_dir_name, file_digests, last_trainer_checkpoint, publish_dir,
+                            stage_dir, verify_readable, verify_stage)
 from .cli import check_process_group, register_architectures
 from .distributed import ProcessInfo, full_state_dict
 from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
@@ -384,12 +385,12 @@ class ContinualPretrainer:
         return res
 
     # stages ------------------------------------------------------------------------------------------------
-    def _save_stage(self, name: str, model, tokenizer, strategy, state: RunState, with_weights: bool, title: str) -> None:
+    def _save_stage(self, name: str, model, tokenizer, strategy, state: RunState, with_weights: bool, title: str):
         """Write stage ``name`` into a staging directory, then rename it into place (main process writes; every
         process takes part in gathering sharded weights)."""
         weights = full_state_dict(model) if with_weights else None
         if not self.is_main:
-            return
+            return None
         staging = stage_dir(self.out, name)
         if with_weights:
             model.save_pretrained(staging, state_dict=weights)
@@ -410,6 +411,7 @@ class ContinualPretrainer:
         self._event("staged", name=name, directory=staging)
         publish_dir(staging, self.out / name)
         self._event("published", name=name, directory=self.out / name)
+        return file_digests(self.out / name)
 
     def _push(self, directory: Path, model, tokenizer, strategy, name: str) -> None:
         from huggingface_hub import HfApi
@@ -428,7 +430,8 @@ class ContinualPretrainer:
                 api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
 
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
-        """Heatmap of the stage's own importance (0_base: the general proxy) into plots/ and the stage directory."""
+        """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
+        ``importance.safetensors`` beside the plot holds; into plots/ and the stage directory."""
         from ..plotting import plot_importance
 
         imp = self._importance_of(strategy)
@@ -436,8 +439,14 @@ class ContinualPretrainer:
             return
         own = imp if name == "0_base" else (getattr(strategy, "domain_importances", None) or [None])[-1]
         if own is None:
-            return
-        path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
+            own_label, extra = "accumulated (= importance.safetensors)", None
+            own = imp
+        else:
+            own_label = "own importance of this stage" if name != "0_base" else "general-knowledge proxy (own)"
+            extra = None if name == "0_base" else {"accumulated, max over all stages (= importance.safetensors)":
+                                                   (imp.heads, imp.ffn)}
+        path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png",
+                               title=f"importance after {title}", label=own_label, extra=extra)
         shutil.copyfile(path, directory / "importance.png")
 
     def _start(self):
@@ -482,8 +491,9 @@ class ContinualPretrainer:
         self._event("evaluated", name="0_base")
         state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
                         "lm_head_warmup_loss": warm[-1] if warm else None})
-        self._save_stage("0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)")
+        digests = self._save_stage("0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)")
         if self.is_main:
+            state.base["files"] = digests
             state.save()
             self._event("state_saved", name="0_base")
 
@@ -499,6 +509,8 @@ class ContinualPretrainer:
                                   strategy=strategy, callbacks=list(self.callbacks))
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
+            verify_readable(Path(resume), f"delete {resume} and rerun: {dom.name} then restarts from its previous "
+                                          "checkpoint or its beginning")
             self.say(f"resuming from {resume}")
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume)
@@ -512,8 +524,9 @@ class ContinualPretrainer:
                           "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
                           "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
                           "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
-        self._save_stage(name, model, tokenizer, strategy, state, True, name)
+        digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
         if self.is_main:
+            state.done[-1]["files"] = digests
             state.save()
             self._event("state_saved", name=name)
             self._write_results(state)
@@ -524,22 +537,28 @@ class ContinualPretrainer:
                 self._push(self.out / name, model, tokenizer, strategy, name)
 
     def run(self) -> dict:
+        state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
         model, tokenizer, strategy = self._start()
-        state = RunState(self.out, self.fingerprint())
         self.proc.barrier()
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            state.start()
             atomic_write_json(self.out / "run_config.json", self.args.to_dict())
 
         if state.base is None:
             self._stage0(model, tokenizer, strategy, state)
         else:
             last = state.last_dir()
+            record = state.done[-1] if state.done else state.base
+            verify_stage(last, record.get("files"))
             for d in [state.base] + state.done:
                 self.say(f"skipping finished: {d.get('domain', d['dir'])}")
-            if state.done or state.base.get("has_weights"):
-                model = self._prepare(self._load_stage_model(last), strategy)
-            strategy.load_pretrained(last)
+            try:
+                if state.done or state.base.get("has_weights"):
+                    model = self._prepare(self._load_stage_model(last), strategy)
+                strategy.load_pretrained(last)
+            except Exception as e:  # the checksums matched: a file written wrongly, or by another version
+                raise DamagedRunError(f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
+                                      "restore it, or use a new --output_dir") from e
             self.say(f"resuming after {last.name}")
         self.proc.barrier()
 
