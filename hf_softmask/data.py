@@ -290,10 +290,13 @@ def build_lm_dataset(texts: Sequence[str], tokenizer, block_size: int = 128, max
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]})
 
 
-def lm_data_collator(tokenizer, mlm: bool, mlm_probability: float = 0.15, seed: int | None = None):
+def lm_data_collator(tokenizer, mlm: bool, mlm_probability: float = 0.15, seed: int | None = None,
+                     per_block: bool = False):
     """``DataCollatorForLanguageModeling`` for masked (``mlm=True``) or causal (``mlm=False``) LM.
 
-    A tokenizer without a pad token gets its eos token as pad token (modified in place).
+    ``per_block=True`` (MLM): each block's mask is drawn from a generator seeded by ``seed`` and the block's tokens
+    (:func:`block_seeded_mlm_collator`), so a block is masked the same way whenever it is collated and collation
+    never draws from torch's global RNG. A tokenizer without a pad token gets its eos token (modified in place).
     """
     from transformers import DataCollatorForLanguageModeling
 
@@ -301,9 +304,40 @@ def lm_data_collator(tokenizer, mlm: bool, mlm_probability: float = 0.15, seed: 
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer has neither a pad token nor an eos token to use as one; set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
+    if mlm and per_block:
+        return block_seeded_mlm_collator(tokenizer, mlm_probability, seed or 0)
     return DataCollatorForLanguageModeling(
         tokenizer=tokenizer, mlm=mlm, mlm_probability=mlm_probability if mlm else None, seed=seed
     )
+
+
+def block_seeded_mlm_collator(tokenizer, mlm_probability: float, seed: int):
+    """An MLM collator whose masks depend only on (``seed``, the block's tokens).
+
+    Why: the Trainer restores torch's RNG when it resumes, but its dataloader has already collated the next batch
+    (accelerate looks one batch ahead), so masks drawn from the global RNG — and the dropout after them — differ
+    between a resumed run and the same run uninterrupted. With per-block masks both see identical batches. A block
+    seen twice (several epochs) gets the same mask both times.
+    """
+    import zlib
+
+    import numpy as np
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    class BlockSeededMLMCollator(DataCollatorForLanguageModeling):
+        def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+            rows, labels = [], []
+            for r in range(inputs.shape[0]):
+                key = zlib.crc32(np.asarray(inputs[r].tolist(), dtype=np.int64).tobytes(), seed & 0xFFFFFFFF)
+                self.generator = torch.Generator().manual_seed(key)
+                mask = None if special_tokens_mask is None else special_tokens_mask[r : r + 1]
+                row, label = super().torch_mask_tokens(inputs[r : r + 1].clone(), mask)
+                rows.append(row)
+                labels.append(label)
+            return torch.cat(rows), torch.cat(labels)
+
+    return BlockSeededMLMCollator(tokenizer=tokenizer, mlm=True, mlm_probability=mlm_probability)
 
 
 def is_masked_lm(model) -> bool:

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
 
-from ..assets import load_smollm2, resolve_model_path
+from ..assets import check_model_source, load_smollm2, resolve_model_path
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
 from ..io import atomic_save_safetensors, atomic_write_json
@@ -333,6 +333,7 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     say = _Say(is_main)
     event = events or (lambda *a, **k: None)
     register_architectures(args.register_architecture)
+    check_model_source(args.model_name_or_path)
     cls = strategy_class(args.strategy)
     if "finetune" not in getattr(cls, "settings", ()):
         raise ValueError(f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})")

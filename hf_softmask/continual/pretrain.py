@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..assets import load_smollm2, minilm_path
+from ..assets import check_model_source, load_smollm2, minilm_path
 from ..continual_metrics import summarize
 from ..data import build_lm_dataset, general_text_documents, is_masked_lm, lm_data_collator, load_domains, split_documents
 from ..importance import UnitImportance
@@ -119,23 +119,49 @@ def _domain_spec(entry):
     return entry
 
 
+def _describe(entry) -> str:
+    """Where a domain's text comes from, for error messages."""
+    spec = _domain_spec(entry)
+    if isinstance(spec, dict):
+        for key in ("train_files", "path", "hf_dataset"):
+            if spec.get(key) is not None:
+                return f"{key}={spec[key]}"
+    return "BBC topic"
+
+
+def _blocks(texts, tokenizer, block_size: int, max_blocks, what: str):
+    try:
+        return build_lm_dataset(texts, tokenizer, block_size, max_blocks)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e} (from {len(texts)} document(s))") from None
+
+
 class _Data:
     """Token blocks, collators and fixed evaluation sets of one run."""
 
     def __init__(self, args: ContinualPretrainingArguments, tokenizer, mlm: bool):
         self.args = args
         self.mlm = mlm
-        self.domains = load_domains([_domain_spec(d) for d in args.domains], max_train_docs=args.max_train_docs,
-                                    max_eval_docs=args.max_eval_docs, eval_fraction=args.eval_fraction, seed=args.seed)
+        try:
+            self.domains = load_domains([_domain_spec(d) for d in args.domains], max_train_docs=args.max_train_docs,
+                                        max_eval_docs=args.max_eval_docs, eval_fraction=args.eval_fraction, seed=args.seed)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--domains: {e}") from None
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"domain names must be unique, got {names}")
         self.names = names
-        self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability)
+        # Per-block MLM masks: a resumed domain sees exactly the batches of the uninterrupted run (see data.py).
+        self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability, seed=args.seed,
+                                         per_block=True)
         bs = args.block_size
-        self.train = [build_lm_dataset(d.train_texts, tokenizer, bs, args.max_train_blocks) for d in self.domains]
-        self.eval = [FixedEvalSet(d.name, build_lm_dataset(d.eval_texts, tokenizer, bs, args.max_eval_blocks), self.collator,
-                                  args.per_device_eval_batch_size, seed=args.seed + 1) for d in self.domains]
+        sources = [_describe(d) for d in args.domains]
+        self.train = [_blocks(d.train_texts, tokenizer, bs, args.max_train_blocks, f"domain {d.name!r} ({src}), training text")
+                      for d, src in zip(self.domains, sources)]
+        self.eval = [FixedEvalSet(d.name, _blocks(d.eval_texts, tokenizer, bs, args.max_eval_blocks,
+                                                  f"domain {d.name!r} ({src}), held-out text"),
+                                  self.collator, args.per_device_eval_batch_size, seed=args.seed + 1)
+                     for d, src in zip(self.domains, sources)]
         general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
         # Only the LM-head warm-up and a 'general' importance source read it: tokenize no more than they use.
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
@@ -413,21 +439,35 @@ class ContinualPretrainer:
         self._event("published", name=name, directory=self.out / name)
         return file_digests(self.out / name)
 
-    def _push(self, directory: Path, model, tokenizer, strategy, name: str) -> None:
+    def _push(self, directory: Path, name: str) -> None:
+        """Upload a finished stage directory to ``<hub_model_id>-<k>-<domain>``."""
         from huggingface_hub import HfApi
 
         a = self.args
+        if not list(directory.glob("model*.safetensors")):
+            raise FileNotFoundError(f"{directory} has no weights any more (keep_domain_weights=last deleted them)")
         repo = f"{a.hub_model_id}-{name}".replace("_", "-")
         api = HfApi(token=a.hub_token)
         api.create_repo(repo, private=a.hub_private_repo, exist_ok=True)
-        model.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
-        tokenizer.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
-        imp = self._importance_of(strategy)
-        if imp is not None:
-            imp.push_to_hub(repo, token=a.hub_token, private=a.hub_private_repo)
-        for extra in ("README.md", "strategy_config.json", "strategy_state.safetensors"):
-            if (directory / extra).is_file():
-                api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
+        api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message=f"hf_softmask: {name}")
+
+    def _push_pending(self, state: RunState) -> list[str]:
+        """Push every finished domain not pushed yet; record the outcome in state.json; return what is missing."""
+        missing = []
+        for record in state.done:
+            if record.get("pushed"):
+                continue
+            try:
+                self._push(self.out / record["dir"], record["dir"])
+                record["pushed"], record["push_error"] = True, None
+                self.say(f"pushed {record['dir']}")
+            except Exception as e:  # offline, no token, no space: recorded and retried by the next run
+                record["pushed"], record["push_error"] = False, f"{type(e).__name__}: {e}"
+                missing.append(record["dir"])
+                self.say(f"push of {record['dir']} failed ({record['push_error']}); it stays saved and the next run "
+                         "of the same command retries it")
+            state.save()
+        return missing
 
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
         """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
@@ -456,6 +496,7 @@ class ContinualPretrainer:
         if a.num_threads:
             torch.set_num_threads(a.num_threads)
         register_architectures(a.register_architecture)
+        check_model_source(a.model_name_or_path)
         from transformers import set_seed
 
         set_seed(a.seed)
@@ -534,7 +575,7 @@ class ContinualPretrainer:
             if a.keep_domain_weights == "last" and len(state.done) > 1:
                 _drop_weights(self.out / state.done[-2]["dir"])
             if a.push_to_hub:
-                self._push(self.out / name, model, tokenizer, strategy, name)
+                self._push_pending(state)
 
     def run(self) -> dict:
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
@@ -568,8 +609,20 @@ class ContinualPretrainer:
 
         self.model = model
         res = self._write_results(state) if self.is_main else self.results(state)
+        unpushed = self._check_pushes(state) if self.is_main else []
         self.proc.barrier()
+        if unpushed:
+            raise RuntimeError(f"not pushed to the Hub: {', '.join(unpushed)}. Everything is saved in {self.out}; "
+                               "see push_error in state.json and rerun the same command to retry")
         return res
+
+    def _check_pushes(self, state: RunState) -> list[str]:
+        if self.args.push_to_hub:
+            return self._push_pending(state)
+        failed = [d["dir"] for d in state.done if d.get("pushed") is False]
+        if failed:
+            self.say(f"never pushed: {', '.join(failed)} (an earlier push failed); rerun with --push_to_hub to push them")
+        return []
 
 
 def _last_train_loss(trainer) -> float | None:
