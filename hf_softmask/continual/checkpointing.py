@@ -100,6 +100,20 @@ class RunState:
             return f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: not a run of this runner"
         return None
 
+    def check_writable(self) -> None:
+        """Refuse an output_dir the run cannot write (read-only, no permission), before any work is done."""
+        import tempfile
+
+        target = self.output_dir if self.output_dir.is_dir() else next(
+            (p for p in self.output_dir.parents if p.is_dir()), Path("."))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=target)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise PermissionError(e.errno, f"cannot write to --output_dir {self.output_dir} ({e.strerror}); give a "
+                                  "writable directory") from None
+
     def start(self) -> None:
         """Empty a directory of another run (``overwrite``), create it and write state.json before any other file
         (main process, once every setting has been checked)."""

@@ -135,9 +135,9 @@ class ContinualPretrainingArguments(TrainingArguments):
     def __post_init__(self):
         if isinstance(self.domains, str):
             self.domains = [self.domains]
-        # "--domains business,sports" and "--domains business sports" mean the same; "name=source" stays whole.
-        self.domains = [part for d in self.domains
-                        for part in (parse_str_list(d) if isinstance(d, str) and "=" not in d else [d])]
+        # "--domains business,sports" and "--domains business sports" mean the same, "name=source" entries included
+        # (a source with a comma in it needs the YAML form {name: ..., path: ...}).
+        self.domains = [part for d in self.domains for part in (parse_str_list(d) if isinstance(d, str) else [d])]
         if self.max_steps_per_domain is not None:
             self.max_steps = self.max_steps_per_domain if self.max_steps_per_domain > 0 else -1
             self.max_steps_per_domain = None

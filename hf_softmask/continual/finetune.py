@@ -339,6 +339,8 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         raise ValueError(f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})")
     out_dir = Path(training_args.output_dir)
     state = RunState(out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
+    if is_main:
+        state.check_writable()
     set_seed(training_args.seed)
 
     tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import set_seed
 
 from ..assets import check_model_source, load_smollm2, minilm_path
 from ..continual_metrics import summarize
@@ -417,6 +418,13 @@ class ContinualPretrainer:
         weights = full_state_dict(model) if with_weights else None
         if not self.is_main:
             return None
+        try:
+            return self._write_stage(name, model, tokenizer, strategy, state, weights, with_weights, title)
+        except OSError as e:
+            raise OSError(e.errno, f"writing stage {name} into {self.out} failed ({e}); free space or fix permissions "
+                          "and rerun the same command: finished stages are kept and this one is redone") from e
+
+    def _write_stage(self, name, model, tokenizer, strategy, state, weights, with_weights: bool, title: str):
         staging = stage_dir(self.out, name)
         if with_weights:
             model.save_pretrained(staging, state_dict=weights)
@@ -497,8 +505,6 @@ class ContinualPretrainer:
             torch.set_num_threads(a.num_threads)
         register_architectures(a.register_architecture)
         check_model_source(a.model_name_or_path)
-        from transformers import set_seed
-
         set_seed(a.seed)
         if self.is_main:  # the GGUF conversion of 'smollm2' is cached once, by the main process
             self.model_path = resolve_model(a.model_name_or_path)
@@ -544,6 +550,9 @@ class ContinualPretrainer:
         name = domain_dir_name(k + 1, dom.name)
         self.say(f"domain {k + 1}/{len(self.data.domains)}: {dom.name}")
         loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
+        # The strategy's passes (importance with dropout views) draw from torch's RNG: seed them per stage so that
+        # a rerun reaching this point by another path (resumed, Trainer checkpoint at the last step) draws the same.
+        set_seed(self.args.seed + 7919 * (k + 1))
         strategy.before_task(model, k, loader)
         targs = self._training_args(name, k)
         trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
@@ -556,6 +565,7 @@ class ContinualPretrainer:
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.time() - t0
+        set_seed(self.args.seed + 7919 * (k + 1) + 1)
         strategy.after_task(model, k, loader)
         self._event("importance", name=name)
         contrast = getattr(strategy, "contrastive_losses", None)
@@ -579,6 +589,8 @@ class ContinualPretrainer:
 
     def run(self) -> dict:
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
+        if self.is_main:
+            state.check_writable()
         model, tokenizer, strategy = self._start()
         self.proc.barrier()
         if self.is_main:
