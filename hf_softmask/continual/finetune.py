@@ -302,6 +302,13 @@ def _load_task(directory: Path, model, strategy) -> None:
 
     try:
         state = load_file(str(directory / "model_state.safetensors"))
+        # Buffers a strategy adds as tasks finish (TSS/WSN: one bit-packed mask per finished task) do not exist in
+        # the freshly built model: create them, then load everything strictly.
+        have = set(model.state_dict())
+        for key in [k for k in state if k not in have]:
+            parent_name, _, leaf = key.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            parent.register_buffer(leaf, state[key].to(next(model.parameters()).device))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -343,8 +350,12 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         state.check_writable()
     set_seed(training_args.seed)
 
-    tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
-                              max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction, seed=args.split_seed)
+    try:
+        tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
+                                  max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction,
+                                  seed=args.split_seed)
+    except ValueError as e:
+        raise ValueError(f"--tasks: {e}") from None
     backbone, tokenizer = load_backbone(args.model_name_or_path)
     model = MultiTaskClassifier(backbone, [len(t.label_names) for t in tasks], [t.name for t in tasks], pooling=args.pooling,
                                 seed=training_args.seed, label_names=[t.label_names for t in tasks])
@@ -404,6 +415,7 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         event("evaluated", name=name)
         say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
         state.add_domain({"dir": name, "task": task.name, "row": row, "train_seconds": seconds,
+                          "storage_bytes": (getattr(strategy, "storage_bytes", None) or {}).get(t),
                           "steps": trainer.state.global_step, "resumed_from": Path(resume).name if resume else None})
         digests = _save_task(out_dir, name, model, strategy, is_main)
         event("published", name=name)
@@ -412,8 +424,8 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
             state.save()
             event("state_saved", name=name)
             # Only the newest task checkpoint is a resume point; older ones and the task's Trainer checkpoints go.
-            if len(state.done) > 1:
-                shutil.rmtree(out_dir / state.done[-2]["dir"], ignore_errors=True)
+            for older in state.done[:-1]:  # a kill right after the state update may have left one behind
+                shutil.rmtree(out_dir / older["dir"], ignore_errors=True)
             shutil.rmtree(targs.output_dir, ignore_errors=True)
         del trainer
 
@@ -431,8 +443,8 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         **summarize(acc_matrix, higher_is_better=True, random_init_scores=[r["accuracy"] for r in initial]),
         "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
         "strategy_config": strategy.config(),
-        "storage_bytes_per_task": [getattr(strategy, "storage_bytes", {}).get(t) for t in range(T)]
-        if getattr(strategy, "storage_bytes", None) else None,
+        "storage_bytes_per_task": [d.get("storage_bytes") for d in state.done]
+        if any(d.get("storage_bytes") is not None for d in state.done) else None,
         "train_seconds_per_task": [d["train_seconds"] for d in state.done],
         "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
         "total_seconds": None,
