@@ -72,6 +72,9 @@ class SoftMaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SoftMaskTrainingArguments):
             raise TypeError("SoftMaskTrainer needs SoftMaskTrainingArguments (a TrainingArguments subclass)")
+        from .continual.distributed import fix_loss_kwargs
+
+        fix_loss_kwargs(self)  # a model averaging its own loss must not be scaled by the number of processes
         if importance is None and self.args.importance_path:
             importance = load_importance(self.args.importance_path)
         self.importance = None

@@ -52,6 +52,7 @@ from ..metrics import load_metric
 from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
+from .distributed import fix_loss_kwargs
 from .cli import (check_process_group, parse_with_yaml, refuse_unsupported_trainer_flags, register_architectures,
                   require_choice, require_positive, use_cpu_without_cuda)
 
@@ -403,6 +404,7 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         targs = _task_args(training_args, out_dir, name)
         trainer = StrategyTrainer(model=model, args=targs, train_dataset=train_sets[t], data_collator=collator,
                                   strategy=strategy, optimizers=(optimizer, None), callbacks=list(callbacks or []))
+        fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
             verify_readable(Path(resume), f"delete {resume} and rerun: {task.name} then restarts from its beginning")

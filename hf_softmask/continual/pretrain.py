@@ -39,7 +39,7 @@ from ..strategies.registry import strategy_class
 from .checkpointing import (DamagedRunError, RunState, domain_dir_name, file_digests, last_trainer_checkpoint, publish_dir,
                             stage_dir, verify_readable, verify_stage)
 from .cli import check_process_group, register_architectures
-from .distributed import ProcessInfo, full_state_dict
+from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
 from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
 from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
 from .frontier import write_frontier
@@ -557,6 +557,7 @@ class ContinualPretrainer:
         targs = self._training_args(name, k)
         trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
                                   strategy=strategy, callbacks=list(self.callbacks))
+        fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
             verify_readable(Path(resume), f"delete {resume} and rerun: {dom.name} then restarts from its previous "
