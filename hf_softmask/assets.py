@@ -5,8 +5,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["package_dir", "minilm_path", "smollm2_gguf", "load_smollm2", "clear_quantization_state", "resolve_model_path",
-           "check_model_source"]
+__all__ = [
+    "package_dir",
+    "minilm_path",
+    "smollm2_gguf",
+    "load_smollm2",
+    "clear_quantization_state",
+    "resolve_model_path",
+    "check_model_source",
+]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -82,14 +89,20 @@ def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{flag} {name}: the directory has no config.json; give a checkpoint directory "
-                                    "(written by save_pretrained)")
+            raise FileNotFoundError(
+                f"{flag} {name}: the directory has no config.json; give a checkpoint directory "
+                "(written by save_pretrained)"
+            )
         return
     if path.exists():
         raise FileNotFoundError(f"{flag} {name}: a file, not a checkpoint directory")
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{flag} {name}: no such directory; give a checkpoint directory, a Hub id "
-                                "(owner/name), or the shipped 'minilm' / 'smollm2'")
+        raise FileNotFoundError(
+            f"{flag} {name}: no such directory; give a checkpoint directory, a Hub id "
+            "(owner/name), or the shipped 'minilm' / 'smollm2'"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise FileNotFoundError(f"{flag} {name}: not a local directory, and the Hub is offline (HF_HUB_OFFLINE=1); "
-                                "give a local checkpoint directory, or set HF_HUB_OFFLINE=0 to download it")
+        raise FileNotFoundError(
+            f"{flag} {name}: not a local directory, and the Hub is offline (HF_HUB_OFFLINE=1); "
+            "give a local checkpoint directory, or set HF_HUB_OFFLINE=0 to download it"
+        )

@@ -59,10 +59,12 @@ def plot_matrix(
     fmt: str = ".2f",
     cmap: str = "viridis",
 ) -> Path:
-    """Annotated heatmap of a score matrix (e.g. accuracy or perplexity per task after each stage); None/NaN cells blank."""
+    """Annotated heatmap of a score matrix (e.g. accuracy or perplexity per task after each stage); None/NaN blank."""
     M = _to_array(A)
     if M.ndim != 2 or M.shape != (len(row_labels), len(col_labels)):
-        raise ValueError(f"matrix shape {M.shape} does not match {len(row_labels)} row and {len(col_labels)} column labels")
+        raise ValueError(
+            f"matrix shape {M.shape} does not match {len(row_labels)} row and {len(col_labels)} column labels"
+        )
     masked = np.ma.masked_invalid(M)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="white")
 
@@ -88,8 +90,12 @@ def plot_matrix(
             color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
             ax.text(j, i, format(v, fmt), ha="center", va="center", color=color, fontsize=9)
     multiline = n_lines > 1
-    ax.set_xticks(range(M.shape[1]), [str(c) for c in col_labels], rotation=0 if multiline else 30,
-                  ha="center" if multiline else "right")
+    ax.set_xticks(
+        range(M.shape[1]),
+        [str(c) for c in col_labels],
+        rotation=0 if multiline else 30,
+        ha="center" if multiline else "right",
+    )
     ax.set_yticks(range(M.shape[0]), [str(r) for r in row_labels])
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
@@ -133,15 +139,22 @@ def importance_figure(panels: dict, title: str = "") -> Figure:
     return fig
 
 
-def plot_importance(heads, ffn, path: str | os.PathLike, title: str = "", label: str = "importance",
-                    extra: dict | None = None) -> Path:
+def plot_importance(
+    heads, ffn, path: str | os.PathLike, title: str = "", label: str = "importance", extra: dict | None = None
+) -> Path:
     """Importance of attention heads ``[L, H]`` (heatmap) and FFN neurons ``[L, I]`` (sorted curve per layer);
     ``extra`` adds rows ``{label: (heads, ffn)}`` below (e.g. the accumulated importance beside a domain's own)."""
     return _save(importance_figure({label: (heads, ffn), **(extra or {})}, title), path)
 
 
-def plot_accuracy_matrix(A, task_names: Sequence[str], label_names: Sequence[Sequence[str]], path: str | os.PathLike,
-                         title: str = "", fmt: str = ".2f") -> Path:
+def plot_accuracy_matrix(
+    A,
+    task_names: Sequence[str],
+    label_names: Sequence[Sequence[str]],
+    path: str | os.PathLike,
+    title: str = "",
+    fmt: str = ".2f",
+) -> Path:
     """Accuracy after each task (rows) on every task (columns), labelled with the task and its class names."""
     cols = [f"{name}\n({', '.join(map(str, classes))})" for name, classes in zip(task_names, label_names)]
     rows = [f"after {name}" for name in task_names[: len(A)]]

@@ -19,8 +19,12 @@ __all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance"]
 class SoftMaskTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the soft-masking settings (each also a command-line flag)."""
 
-    importance_path: str | None = field(default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."})
-    softmask_mode: str = field(default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]})
+    importance_path: str | None = field(
+        default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}
+    )
+    softmask_mode: str = field(
+        default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]}
+    )
     softmask_embeddings: str = field(default="train", metadata={"help": "train | freeze | mean"})
     softmask_norms: str = field(default="train", metadata={"help": "train | freeze | mean"})
     softmask_task_head: str = field(default="train", metadata={"help": "train | freeze | mean"})
@@ -48,16 +52,20 @@ def load_importance(path: str | os.PathLike, what: str = "--importance_path") ->
     local_looking = p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not p.is_dir() and (local_looking or offline):
-        raise FileNotFoundError(f"{what} {path}: no such directory (and not looked up on the Hub: "
-                                f"{'offline' if offline else 'not an owner/name repo id'}); give the directory holding "
-                                f"{IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or a Trainer checkpoint")
+        raise FileNotFoundError(
+            f"{what} {path}: no such directory (and not looked up on the Hub: "
+            f"{'offline' if offline else 'not an owner/name repo id'}); give the directory holding "
+            f"{IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or a Trainer checkpoint"
+        )
     try:
         return UnitImportance.from_pretrained(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{what} {path}: {e}") from None
     except Exception as e:  # truncated or corrupted files: name them
-        raise ValueError(f"{what} {path}: cannot read {p / IMPORTANCE_WEIGHTS if p.is_dir() else path} "
-                         f"({type(e).__name__}: {e}); the file is damaged: restore it or recompute the importance") from None
+        raise ValueError(
+            f"{what} {path}: cannot read {p / IMPORTANCE_WEIGHTS if p.is_dir() else path} "
+            f"({type(e).__name__}: {e}); the file is damaged: restore it or recompute the importance"
+        ) from None
 
 
 class SoftMaskTrainer(Trainer):

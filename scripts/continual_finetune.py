@@ -8,7 +8,6 @@ Flags after --config override the YAML. Without --config the embedded defaults r
 docs/runners.md says what the Trainer flags mean per task.
 """
 
-import os
 import sys
 from pathlib import Path
 

@@ -4,7 +4,8 @@
     python scripts/continual_pretrain.py --config configs/default.yaml
     python scripts/continual_pretrain.py --model_name_or_path smollm2 --bf16 --gradient_checkpointing --max_steps 4
     accelerate launch scripts/continual_pretrain.py --config configs/default.yaml --output_dir runs/x
-    python scripts/continual_pretrain.py --config configs/smollm2_bbc.yaml --strategies ncl,das --learning_rates 1e-4,5e-5
+    python scripts/continual_pretrain.py --config configs/smollm2_bbc.yaml --strategies ncl,das \
+        --learning_rates 1e-4,5e-5
 
 Every field of hf_softmask.continual.ContinualPretrainingArguments (TrainingArguments included) is a flag that
 overrides the YAML value; docs/runners.md says what the Trainer flags mean per domain.

@@ -24,11 +24,37 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
 
 
 def _parse(model_dir, out, strategy="ft", *extra):
-    return parse_finetune_config([
-        "--model_name_or_path", str(model_dir), "--strategy", strategy, "--tasks", "business,entertainment",
-        "politics,sports", "tech,entertainment", "--max_train_per_class", "4", "--max_test_per_class", "4", "--max_length", "32",
-        "--eval_batch_size", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-3", "--num_threads", "1", "--output_dir", str(out), *extra])
+    return parse_finetune_config(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--strategy",
+            strategy,
+            "--tasks",
+            "business,entertainment",
+            "politics,sports",
+            "tech,entertainment",
+            "--max_train_per_class",
+            "4",
+            "--max_test_per_class",
+            "4",
+            "--max_length",
+            "32",
+            "--eval_batch_size",
+            "8",
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--num_threads",
+            "1",
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _kill_at(event, task):
@@ -69,16 +95,21 @@ def test_finetuning_owns_its_directory(tiny_bert_dir, tmp_path):
     run_continual_finetune(args, targs)
     with pytest.raises(RunMismatchError, match="other settings.*learning_rate"):
         run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4"))
-    run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4",
-                                   "--overwrite_output_dir", "true"))
+    run_continual_finetune(
+        *_parse(
+            tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4", "--overwrite_output_dir", "true"
+        )
+    )
     assert json.loads((out / "results.json").read_text())["training"]["learning_rate"] == 5e-4
 
 
 def test_corrupted_task_checkpoint_names_the_file(tiny_bert_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"),
-                               events=_kill_at("state_saved", "1_business_vs_entertainment"))
+        run_continual_finetune(
+            *_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"),
+            events=_kill_at("state_saved", "1_business_vs_entertainment"),
+        )
     f = out / "1_business_vs_entertainment" / "model_state.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(DamagedRunError, match="model_state.safetensors is damaged.*--overwrite_output_dir"):
@@ -88,12 +119,15 @@ def test_corrupted_task_checkpoint_names_the_file(tiny_bert_dir, tmp_path):
         run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
-    (["--num_train_epochs", "-1"], "--num_train_epochs"),
-    (["--strategy_kwargs", "{bad"], "--strategy_kwargs must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+        (["--num_train_epochs", "-1"], "--num_train_epochs"),
+        (["--strategy_kwargs", "{bad"], "--strategy_kwargs must be a JSON object"),
+    ],
+)
 def test_bad_settings_refused_before_anything_is_written(tiny_bert_dir, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         run_continual_finetune(*_parse(tiny_bert_dir, tmp_path / "run", "ft", *extra))

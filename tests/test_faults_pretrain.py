@@ -31,11 +31,26 @@ def tiny_mlm_dir(tmp_path_factory, minilm_dir):
 
 
 def _args(model_dir, out, **kw):
-    flags = {"model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12,
-             "max_eval_docs": 4, "block_size": 32, "max_train_blocks": 12, "max_eval_blocks": 2, "importance_blocks": 4,
-             "max_steps": 4, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3,
-             "save_steps": 2, "logging_steps": 2, "num_threads": 1, "plots": "false", "strategy": "das",
-             "output_dir": str(out)}
+    flags = {
+        "model_name_or_path": str(model_dir),
+        "domains": "business,sports",
+        "max_train_docs": 12,
+        "max_eval_docs": 4,
+        "block_size": 32,
+        "max_train_blocks": 12,
+        "max_eval_blocks": 2,
+        "importance_blocks": 4,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 2,
+        "logging_steps": 2,
+        "num_threads": 1,
+        "plots": "false",
+        "strategy": "das",
+        "output_dir": str(out),
+    }
     flags.update(kw)
     return parse_config([x for k, v in flags.items() for x in (f"--{k}", str(v))])
 
@@ -89,8 +104,11 @@ def test_kill_at_each_stage_boundary_then_rerun_continues_exactly(tiny_mlm_dir, 
     out = tmp_path / "run"
     with pytest.raises(Killed):
         ContinualPretrainer(_args(tiny_mlm_dir, out), **hook).run()
-    finished = {d: _digest(out / d) for d in ("0_base", "1_business") if (out / d).is_dir()
-                and d in json.dumps(json.loads((out / "state.json").read_text()))}
+    finished = {
+        d: _digest(out / d)
+        for d in ("0_base", "1_business")
+        if (out / d).is_dir() and d in json.dumps(json.loads((out / "state.json").read_text()))
+    }
     ContinualPretrainer(_args(tiny_mlm_dir, out)).run()
     assert _rows(out) == reference, where  # bit-identical to the uninterrupted run
     for d, digest in finished.items():
@@ -199,20 +217,33 @@ def test_directory_of_another_run_is_refused_unless_overwrite(tiny_mlm_dir, tmp_
     # the finetuning runner refuses this pre-training directory
     from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
 
-    args, targs = parse_finetune_config(["--model_name_or_path", str(tiny_mlm_dir), "--output_dir", str(out),
-                                         "--tasks", "business,sport", "--strategy", "ft"])
+    args, targs = parse_finetune_config(
+        [
+            "--model_name_or_path",
+            str(tiny_mlm_dir),
+            "--output_dir",
+            str(out),
+            "--tasks",
+            "business,sport",
+            "--strategy",
+            "ft",
+        ]
+    )
     with pytest.raises(RunMismatchError, match="holds a continual_pretrain run"):
         run_continual_finetune(args, targs)
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"domains": "business,nowhere=/does/not/exist"}, "--domains.*no text files found at '/does/not/exist'"),
-    ({"model_name_or_path": "/no/such/model"}, "--model_name_or_path /no/such/model: no such directory"),
-    ({"model_name_or_path": "someone/model"}, "the Hub is offline"),
-    ({"strategy": "nope"}, "nope"),
-    ({"strategy_kwargs": "{not json"}, "--strategy_kwargs must be a JSON object"),
-    ({"register_architecture": "no_such_module:register"}, "--register_architecture"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"domains": "business,nowhere=/does/not/exist"}, "--domains.*no text files found at '/does/not/exist'"),
+        ({"model_name_or_path": "/no/such/model"}, "--model_name_or_path /no/such/model: no such directory"),
+        ({"model_name_or_path": "someone/model"}, "the Hub is offline"),
+        ({"strategy": "nope"}, "nope"),
+        ({"strategy_kwargs": "{not json"}, "--strategy_kwargs must be a JSON object"),
+        ({"register_architecture": "no_such_module:register"}, "--register_architecture"),
+    ],
+)
 def test_bad_settings_stop_before_anything_is_written(tiny_mlm_dir, tmp_path, flags, message):
     out = tmp_path / "run"
     with pytest.raises((ValueError, FileNotFoundError, KeyError), match=message):
@@ -224,7 +255,9 @@ def test_empty_domain_file_names_domain_and_path(tiny_mlm_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=f"domain 'mine' \\(path={tmp_path / 'empty'}\\), training text: got 0 tokens"):
+    with pytest.raises(
+        ValueError, match=f"domain 'mine' \\(path={tmp_path / 'empty'}\\), training text: got 0 tokens"
+    ):
         ContinualPretrainer(_args(tiny_mlm_dir, out, domains=f"business,mine={tmp_path / 'empty'}")).run()
     assert not out.exists()
 
@@ -232,8 +265,9 @@ def test_empty_domain_file_names_domain_and_path(tiny_mlm_dir, tmp_path):
 def test_register_architecture_flag_calls_the_function(tiny_mlm_dir, tmp_path, monkeypatch):
     (tmp_path / "my_arch.py").write_text("CALLED = []\ndef register():\n    CALLED.append(1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    ContinualPretrainer(_args(tiny_mlm_dir, tmp_path / "run", max_steps=1, strategy="ncl",
-                              register_architecture="my_arch:register")).run()
+    ContinualPretrainer(
+        _args(tiny_mlm_dir, tmp_path / "run", max_steps=1, strategy="ncl", register_architecture="my_arch:register")
+    ).run()
     import my_arch
 
     assert my_arch.CALLED == [1]

@@ -33,19 +33,45 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
 
 
 def pretrain_flags(model_dir, out, **kw) -> list[str]:
-    flags = {"model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
-             "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps": 4,
-             "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 100,
-             "logging_steps": 1, "num_threads": 1, "plots": "false", "strategy": "ncl", "output_dir": str(out)}
+    flags = {
+        "model_name_or_path": str(model_dir),
+        "domains": "business,sports",
+        "max_train_docs": 12,
+        "max_eval_docs": 4,
+        "block_size": 32,
+        "max_train_blocks": 16,
+        "max_eval_blocks": 2,
+        "importance_blocks": 4,
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 100,
+        "logging_steps": 1,
+        "num_threads": 1,
+        "plots": "false",
+        "strategy": "ncl",
+        "output_dir": str(out),
+    }
     flags.update(kw)
     return [x for k, v in flags.items() for x in ((f"--{k}",) if v is None else (f"--{k}", str(v)))]
 
 
 def finetune_flags(model_dir, out, **kw) -> list[str]:
-    flags = {"model_name_or_path": str(model_dir), "strategy": "ft", "tasks": "business,entertainment politics,sports",
-             "max_train_per_class": 4, "max_test_per_class": 4, "max_length": 32, "eval_batch_size": 8,
-             "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "num_threads": 1,
-             "output_dir": str(out)}
+    flags = {
+        "model_name_or_path": str(model_dir),
+        "strategy": "ft",
+        "tasks": "business,entertainment politics,sports",
+        "max_train_per_class": 4,
+        "max_test_per_class": 4,
+        "max_length": 32,
+        "eval_batch_size": 8,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "num_threads": 1,
+        "output_dir": str(out),
+    }
     flags.update(kw)
     out_flags = []
     for k, v in flags.items():
@@ -60,17 +86,34 @@ class Record(TrainerCallback):
         self.runs = []
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
-        self.runs.append({"args": args, "checkpointing": getattr(model, "is_gradient_checkpointing", None),
-                          "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__, "lrs": []})
+        self.runs.append(
+            {
+                "args": args,
+                "checkpointing": getattr(model, "is_gradient_checkpointing", None),
+                "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+                "lrs": [],
+            }
+        )
 
     def on_step_begin(self, args, state, control, lr_scheduler=None, **kw):
         self.runs[-1]["lrs"].append(lr_scheduler.get_last_lr()[0])
 
 
 def test_trainer_flags_reach_every_domain_trainer(tiny_mlm_dir, tmp_path):
-    args = parse_config(pretrain_flags(tiny_mlm_dir, tmp_path / "run", bf16=None, gradient_checkpointing=None,
-                                       optim="adafactor", gradient_accumulation_steps=2, lr_scheduler_type="cosine",
-                                       warmup_steps=0.5, max_grad_norm=0.5, report_to="none"))
+    args = parse_config(
+        pretrain_flags(
+            tiny_mlm_dir,
+            tmp_path / "run",
+            bf16=None,
+            gradient_checkpointing=None,
+            optim="adafactor",
+            gradient_accumulation_steps=2,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.5,
+            max_grad_norm=0.5,
+            report_to="none",
+        )
+    )
     rec = Record()
     res = ContinualPretrainer(args, callbacks=[rec]).run()
     assert res["complete"] and len(rec.runs) == 2
@@ -94,18 +137,21 @@ def test_report_to_reaches_the_trainer(tiny_mlm_dir, tmp_path):
             runner.run()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--deepspeed", "ds.json"], "FSDP2"),
-    (["--resume_from_checkpoint", "x/checkpoint-2"], "resumes by itself"),
-    (["--eval_strategy", "steps"], "evaluates every stage itself"),
-    (["--load_best_model_at_end", "true"], "evaluates every stage itself"),
-    (["--save_strategy", "best"], "save_strategy best"),
-    (["--hub_strategy", "checkpoint"], "pushes each finished stage"),
-    (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
-    (["--max_steps", "-5"], "--max_steps"),
-    (["--max_step", "3"], "max_step"),  # no abbreviation matching
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--deepspeed", "ds.json"], "FSDP2"),
+        (["--resume_from_checkpoint", "x/checkpoint-2"], "resumes by itself"),
+        (["--eval_strategy", "steps"], "evaluates every stage itself"),
+        (["--load_best_model_at_end", "true"], "evaluates every stage itself"),
+        (["--save_strategy", "best"], "save_strategy best"),
+        (["--hub_strategy", "checkpoint"], "pushes each finished stage"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+        (["--max_steps", "-5"], "--max_steps"),
+        (["--max_step", "3"], "max_step"),  # no abbreviation matching
+    ],
+)
 def test_flags_that_cannot_apply_are_refused_by_both_runners(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         parse_config(["--output_dir", str(tmp_path / "p"), *flags])
@@ -115,9 +161,12 @@ def test_flags_that_cannot_apply_are_refused_by_both_runners(flags, message, tmp
 
 
 def test_finetuning_refuses_nonsense_epochs_and_steps(tmp_path):
-    for flags, message in ((["--num_train_epochs", "-1"], "num_train_epochs"),
-                           (["--max_steps", "-5", "--num_train_epochs", "0"], "max_steps"),
-                           (["--pooling", "max"], "pooling"), (["--max_length", "0"], "max_length")):
+    for flags, message in (
+        (["--num_train_epochs", "-1"], "num_train_epochs"),
+        (["--max_steps", "-5", "--num_train_epochs", "0"], "max_steps"),
+        (["--pooling", "max"], "pooling"),
+        (["--max_length", "0"], "max_length"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_finetune_config(["--output_dir", str(tmp_path / "f"), *flags])
 
@@ -134,8 +183,13 @@ def test_yaml_old_names_still_read(tmp_path):
 def test_help_is_fast_current_and_honest(script):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0 and "--max_steps" in proc.stdout and "--bf16" in proc.stdout
     assert seconds < 3, f"--help took {seconds:.1f} s"
@@ -172,9 +226,22 @@ def test_finetune_under_accelerate_launch_on_cpu_trains_one_model(tiny_bert_dir,
     """Two processes without ACCELERATE_USE_CPU used to train two independent copies into one directory."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "continual_finetune.py"),
-           *finetune_flags(tiny_bert_dir, tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "scripts" / "continual_finetune.py"),
+        *finetune_flags(tiny_bert_dir, tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2

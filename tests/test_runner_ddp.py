@@ -25,20 +25,65 @@ def test_logged_loss_and_results_do_not_depend_on_world_size(tmp_path, minilm_di
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
     def flags(out, batch):
-        return ["--model_name_or_path", str(model), "--domains", "business", "--max_train_docs", "12",
-                "--max_eval_docs", "4", "--block_size", "32", "--max_train_blocks", "16", "--max_eval_blocks", "2",
-                "--importance_blocks", "4", "--max_steps", "1", "--per_device_train_batch_size", str(batch),
-                "--learning_rate", "1e-3", "--save_steps", "100", "--logging_steps", "1", "--num_threads", "1",
-                "--plots", "false", "--strategy", "ncl", "--output_dir", str(out)]
+        return [
+            "--model_name_or_path",
+            str(model),
+            "--domains",
+            "business",
+            "--max_train_docs",
+            "12",
+            "--max_eval_docs",
+            "4",
+            "--block_size",
+            "32",
+            "--max_train_blocks",
+            "16",
+            "--max_eval_blocks",
+            "2",
+            "--importance_blocks",
+            "4",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            str(batch),
+            "--learning_rate",
+            "1e-3",
+            "--save_steps",
+            "100",
+            "--logging_steps",
+            "1",
+            "--num_threads",
+            "1",
+            "--plots",
+            "false",
+            "--strategy",
+            "ncl",
+            "--output_dir",
+            str(out),
+        ]
 
     script = str(ROOT / "scripts" / "continual_pretrain.py")
-    one = subprocess.run([sys.executable, script, *flags(tmp_path / "one", 4)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    one = subprocess.run(
+        [sys.executable, script, *flags(tmp_path / "one", 4)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = subprocess.run([*launch, script, *flags(tmp_path / "two", 2)], env=env, capture_output=True, text=True,
-                         timeout=400)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    two = subprocess.run(
+        [*launch, script, *flags(tmp_path / "two", 2)], env=env, capture_output=True, text=True, timeout=400
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "state.json").read_text())["domains"][0]
     b = json.loads((tmp_path / "two" / "state.json").read_text())["domains"][0]

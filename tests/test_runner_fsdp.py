@@ -62,9 +62,16 @@ def _launch(tmp_path: Path, run: str, stop_after: str, flags: list[str]) -> list
     init = tmp_path / f"init_{run}"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", str(init), str(tmp_path / "res"), stop_after,
-                               *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), "2", str(init), str(tmp_path / "res"), stop_after, *flags],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     done = []
     for p in procs:
         try:
@@ -86,11 +93,44 @@ def _digest(directory: Path) -> dict:
 def test_fully_shard_das_domain_trains_evaluates_saves_and_resumes(tmp_path, minilm_dir):
     model_dir = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "model", minilm_dir)
     out = tmp_path / "run"
-    flags = ["--model_name_or_path", str(model_dir), "--domains", "business,sports", "--max_train_docs", "12",
-             "--max_eval_docs", "4", "--block_size", "32", "--max_train_blocks", "16", "--max_eval_blocks", "2",
-             "--importance_blocks", "4", "--max_steps", "3", "--per_device_train_batch_size", "4",
-             "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "no", "--logging_steps", "1",
-             "--num_threads", "1", "--plots", "false", "--strategy", "das", "--output_dir", str(out)]
+    flags = [
+        "--model_name_or_path",
+        str(model_dir),
+        "--domains",
+        "business,sports",
+        "--max_train_docs",
+        "12",
+        "--max_eval_docs",
+        "4",
+        "--block_size",
+        "32",
+        "--max_train_blocks",
+        "16",
+        "--max_eval_blocks",
+        "2",
+        "--importance_blocks",
+        "4",
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--num_threads",
+        "1",
+        "--plots",
+        "false",
+        "--strategy",
+        "das",
+        "--output_dir",
+        str(out),
+    ]
 
     killed = _launch(tmp_path, "a", "1_business", flags)
     assert killed[0].returncode == 17, killed[0].stderr[-3000:]

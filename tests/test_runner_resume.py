@@ -40,7 +40,9 @@ ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run(
 
 def test_mlm_masks_depend_only_on_the_block(minilm_dir):
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    ds = build_lm_dataset(["markets rose as banks and shares gained in a busy week of trading"] * 6, tok, block_size=16)
+    ds = build_lm_dataset(
+        ["markets rose as banks and shares gained in a busy week of trading"] * 6, tok, block_size=16
+    )
     rows = [ds[i] for i in range(len(ds))]
     collate = lm_data_collator(tok, mlm=True, mlm_probability=0.3, seed=7, per_block=True)
     torch.manual_seed(0)
@@ -64,13 +66,45 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, minilm_dir, strategy
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     def run(out, kill):
-        flags = ["--model_name_or_path", str(model), "--domains", "business,sports", "--max_train_docs", "12",
-                 "--max_eval_docs", "4", "--block_size", "32", "--max_train_blocks", "16", "--max_eval_blocks", "2",
-                 "--importance_blocks", "4", "--max_steps", "4", "--per_device_train_batch_size", "4",
-                 "--learning_rate", "1e-3", "--save_steps", "2", "--logging_steps", "2", "--num_threads", "1",
-                 "--plots", "false", "--strategy", strategy, "--output_dir", str(out)]
-        return subprocess.run([sys.executable, str(worker), kill, *flags], env=env, capture_output=True, text=True,
-                              timeout=300)
+        flags = [
+            "--model_name_or_path",
+            str(model),
+            "--domains",
+            "business,sports",
+            "--max_train_docs",
+            "12",
+            "--max_eval_docs",
+            "4",
+            "--block_size",
+            "32",
+            "--max_train_blocks",
+            "16",
+            "--max_eval_blocks",
+            "2",
+            "--importance_blocks",
+            "4",
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--save_steps",
+            "2",
+            "--logging_steps",
+            "2",
+            "--num_threads",
+            "1",
+            "--plots",
+            "false",
+            "--strategy",
+            strategy,
+            "--output_dir",
+            str(out),
+        ]
+        return subprocess.run(
+            [sys.executable, str(worker), kill, *flags], env=env, capture_output=True, text=True, timeout=300
+        )
 
     assert run(tmp_path / "straight", "none").returncode == 0
     assert run(tmp_path / "killed", "2_sports:2").returncode == 17

@@ -21,9 +21,19 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _args(out, **kw):
-    return SoftMaskTrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
-                                     use_cpu=True, save_strategy="steps", save_steps=2, max_steps=4, logging_steps=100,
-                                     disable_tqdm=True, **kw)
+    return SoftMaskTrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=2,
+        max_steps=4,
+        logging_steps=100,
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 def _protected_rows(model):
@@ -71,5 +81,8 @@ def test_truncated_importance_file_names_the_file(tmp_path):
     f = tmp_path / "imp" / "importance.safetensors"
     f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(ValueError, match="importance.safetensors.*damaged"):
-        SoftMaskTrainer(model=tiny_llama(), args=_args(tmp_path / "o", importance_path=str(tmp_path / "imp")),
-                        train_dataset=_Rows([]))
+        SoftMaskTrainer(
+            model=tiny_llama(),
+            args=_args(tmp_path / "o", importance_path=str(tmp_path / "imp")),
+            train_dataset=_Rows([]),
+        )

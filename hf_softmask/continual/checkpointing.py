@@ -9,7 +9,14 @@ from pathlib import Path
 
 from ..io import atomic_replace_dir, atomic_write_json
 
-__all__ = ["RunState", "stage_dir", "domain_dir_name", "last_trainer_checkpoint", "RunMismatchError", "DamagedRunError"]
+__all__ = [
+    "RunState",
+    "stage_dir",
+    "domain_dir_name",
+    "last_trainer_checkpoint",
+    "RunMismatchError",
+    "DamagedRunError",
+]
 
 STATE_FILE = "state.json"
 OVERWRITE_HINT = "use a new --output_dir, or pass --overwrite_output_dir to delete it and start over"
@@ -31,9 +38,15 @@ def _normalised(obj):
 def _clear(directory: Path) -> None:
     """Delete the entries of ``directory`` (--overwrite_output_dir); never a directory holding the working one."""
     resolved = directory.resolve()
-    if resolved == Path.home().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.cwd().resolve():
-        raise RunMismatchError(f"--overwrite_output_dir refuses to empty {directory}: it holds the working or home "
-                               "directory; give a dedicated --output_dir")
+    if (
+        resolved == Path.home().resolve()
+        or resolved in Path.cwd().resolve().parents
+        or resolved == Path.cwd().resolve()
+    ):
+        raise RunMismatchError(
+            f"--overwrite_output_dir refuses to empty {directory}: it holds the working or home "
+            "directory; give a dedicated --output_dir"
+        )
     for entry in directory.iterdir():
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -78,7 +91,9 @@ class RunState:
                 raise ValueError("not a run state (keys fingerprint, base, domains missing)")
             return saved
         except (ValueError, UnicodeDecodeError) as e:
-            raise DamagedRunError(f"{self.path} is damaged ({e}); restore it from a copy, or {OVERWRITE_HINT}") from None
+            raise DamagedRunError(
+                f"{self.path} is damaged ({e}); restore it from a copy, or {OVERWRITE_HINT}"
+            ) from None
 
     def _problem(self) -> str | None:
         """Why ``output_dir`` is not this run's (None when it is, or is empty/absent)."""
@@ -89,7 +104,9 @@ class RunState:
                 self._damage = e
                 return str(e)
             if saved.get("runner", self.fingerprint.get("runner")) != self.fingerprint.get("runner"):
-                return f"{self.output_dir} holds a {saved.get('runner')} run, not a {self.fingerprint.get('runner')} run"
+                return (
+                    f"{self.output_dir} holds a {saved.get('runner')} run, not a {self.fingerprint.get('runner')} run"
+                )
             if saved != self.fingerprint:
                 diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
                 diff.update({k: (v, None) for k, v in saved.items() if k not in self.fingerprint})
@@ -97,22 +114,27 @@ class RunState:
             return None
         if self.output_dir.is_dir() and any(self.output_dir.iterdir()):
             names = sorted(p.name for p in self.output_dir.iterdir())[:5]
-            return f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: not a run of this runner"
+            return (f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: "
+                    "not a run of this runner")
         return None
 
     def check_writable(self) -> None:
         """Refuse an output_dir the run cannot write (read-only, no permission), before any work is done."""
         import tempfile
 
-        target = self.output_dir if self.output_dir.is_dir() else next(
-            (p for p in self.output_dir.parents if p.is_dir()), Path("."))
+        target = (
+            self.output_dir
+            if self.output_dir.is_dir()
+            else next((p for p in self.output_dir.parents if p.is_dir()), Path("."))
+        )
         try:
             fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=target)
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
-            raise PermissionError(e.errno, f"cannot write to --output_dir {self.output_dir} ({e.strerror}); give a "
-                                  "writable directory") from None
+            raise PermissionError(
+                e.errno, f"cannot write to --output_dir {self.output_dir} ({e.strerror}); give a writable directory"
+            ) from None
 
     def start(self) -> None:
         """Empty a directory of another run (``overwrite``), create it and write state.json before any other file
@@ -196,19 +218,23 @@ def file_digests(directory: str | os.PathLike) -> dict[str, str]:
 def verify_stage(directory: Path, digests: dict | None) -> None:
     """Check a finished stage against the checksums recorded when it was saved; DamagedRunError names the file."""
     if not directory.is_dir():
-        raise DamagedRunError(f"{directory} is missing but {STATE_FILE} lists it as finished; restore it, or "
-                              f"{OVERWRITE_HINT}")
+        raise DamagedRunError(
+            f"{directory} is missing but {STATE_FILE} lists it as finished; restore it, or {OVERWRITE_HINT}"
+        )
     if not digests:
         verify_readable(directory, "restore it, or " + OVERWRITE_HINT)
         return
     now = file_digests(directory)
     for name, digest in digests.items():
         if name not in now:
-            raise DamagedRunError(f"{directory / name} is missing (it was saved with the stage); restore it, or "
-                                  f"{OVERWRITE_HINT}")
+            raise DamagedRunError(
+                f"{directory / name} is missing (it was saved with the stage); restore it, or {OVERWRITE_HINT}"
+            )
         if now[name] != digest:
-            raise DamagedRunError(f"{directory / name} is damaged (its checksum differs from the one recorded when "
-                                  f"it was saved); restore it, or {OVERWRITE_HINT}")
+            raise DamagedRunError(
+                f"{directory / name} is damaged (its checksum differs from the one recorded when "
+                f"it was saved); restore it, or {OVERWRITE_HINT}"
+            )
 
 
 def verify_readable(directory: Path, fix: str) -> None:

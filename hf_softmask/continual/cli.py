@@ -13,12 +13,25 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "build_parser", "parse_with_yaml", "refuse_unsupported_trainer_flags", "help_text",
-           "check_process_group", "use_cpu_without_cuda", "require_positive", "require_choice", "register_architectures", "RESUME_HINT"]
+__all__ = [
+    "HelpFormatter",
+    "build_parser",
+    "parse_with_yaml",
+    "refuse_unsupported_trainer_flags",
+    "help_text",
+    "check_process_group",
+    "use_cpu_without_cuda",
+    "require_positive",
+    "require_choice",
+    "register_architectures",
+    "RESUME_HINT",
+]
 
 #: What --resume_from_checkpoint would mean here, and why the runners do it by themselves.
-RESUME_HINT = ("the runner resumes by itself: rerun the same command with the same --output_dir; finished stages are "
-               "skipped and an unfinished one continues from its newest checkpoint")
+RESUME_HINT = (
+    "the runner resumes by itself: rerun the same command with the same --output_dir; finished stages are "
+    "skipped and an unfinished one continues from its newest checkpoint"
+)
 
 # Old field names still read from YAML files and flags (old name -> TrainingArguments name).
 RENAMED = {"hub_private": "hub_private_repo", "warmup_ratio": "warmup_steps"}
@@ -49,7 +62,9 @@ def build_parser(dataclass_types, prog: str):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags given after it override it.")
+    parser.add_argument(
+        "--config", default=None, help="YAML file of field: value pairs; flags given after it override it."
+    )
     for action in parser._actions:
         flag = next((s for s in action.option_strings if s.startswith("--no_")), None)
         if flag is not None:
@@ -127,23 +142,36 @@ def _is_set(value) -> bool:
 def refuse_unsupported_trainer_flags(args, runner: str) -> None:
     """Refuse Trainer flags the runner cannot honour; each message names the flag, the reason and the fix."""
     if _is_set(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ValueError(f"--deepspeed: the {runner} runner does not support DeepSpeed (its optimizer steps flat fp32 "
-                         "partitions the soft masks cannot follow); use FSDP2 for sharded training "
-                         "(accelerate launch --config_file configs/accelerate/fsdp.yaml, or --fsdp), or DDP")
+        raise ValueError(
+            f"--deepspeed: the {runner} runner does not support DeepSpeed (its optimizer steps flat fp32 "
+            "partitions the soft masks cannot follow); use FSDP2 for sharded training "
+            "(accelerate launch --config_file configs/accelerate/fsdp.yaml, or --fsdp), or DDP"
+        )
     if _is_set(args.resume_from_checkpoint):
         raise ValueError(f"--resume_from_checkpoint: {RESUME_HINT}")
-    evaluation = {"eval_strategy": args.eval_strategy, "load_best_model_at_end": args.load_best_model_at_end,
-                  "eval_on_start": args.eval_on_start, "do_eval": args.do_eval, "do_predict": args.do_predict,
-                  "metric_for_best_model": args.metric_for_best_model}
+    evaluation = {
+        "eval_strategy": args.eval_strategy,
+        "load_best_model_at_end": args.load_best_model_at_end,
+        "eval_on_start": args.eval_on_start,
+        "do_eval": args.do_eval,
+        "do_predict": args.do_predict,
+        "metric_for_best_model": args.metric_for_best_model,
+    }
     for name, value in evaluation.items():
         if _is_set(getattr(value, "value", value)):
-            raise ValueError(f"--{name}: the {runner} runner evaluates every stage itself after training it "
-                             "(results.json); the Trainer has no evaluation set here. Drop the flag")
+            raise ValueError(
+                f"--{name}: the {runner} runner evaluates every stage itself after training it "
+                "(results.json); the Trainer has no evaluation set here. Drop the flag"
+            )
     if getattr(args.save_strategy, "value", args.save_strategy) == "best":
-        raise ValueError("--save_strategy best needs Trainer evaluation, which the runner does not run; use steps or no")
+        raise ValueError(
+            "--save_strategy best needs Trainer evaluation, which the runner does not run; use steps or no"
+        )
     if str(getattr(args.hub_strategy, "value", args.hub_strategy)) not in ("every_save", "end"):
-        raise ValueError(f"--hub_strategy {args.hub_strategy}: the {runner} runner pushes each finished stage itself, "
-                         "not Trainer checkpoints; drop the flag")
+        raise ValueError(
+            f"--hub_strategy {args.hub_strategy}: the {runner} runner pushes each finished stage itself, "
+            "not Trainer checkpoints; drop the flag"
+        )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo id prefix, e.g. 'me/minilm-das')")
 
@@ -168,9 +196,11 @@ def check_process_group(runner: str) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     joined = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if launched > 1 and joined != launched:
-        raise RuntimeError(f"the {runner} runner was launched as {launched} processes (WORLD_SIZE={launched}) but they "
-                           f"did not join one process group (world size {joined}); each would train its own copy into "
-                           "the same directory. On a CPU set ACCELERATE_USE_CPU=true (or pass --use_cpu true)")
+        raise RuntimeError(
+            f"the {runner} runner was launched as {launched} processes (WORLD_SIZE={launched}) but they "
+            f"did not join one process group (world size {joined}); each would train its own copy into "
+            "the same directory. On a CPU set ACCELERATE_USE_CPU=true (or pass --use_cpu true)"
+        )
 
 
 def register_architectures(specs: str | None) -> None:
@@ -184,8 +214,10 @@ def register_architectures(specs: str | None) -> None:
         try:
             fn = getattr(importlib.import_module(module), func)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"--register_architecture {spec!r}: cannot load it ({e}); the module must be importable "
-                             "(on PYTHONPATH) and define the function") from None
+            raise ValueError(
+                f"--register_architecture {spec!r}: cannot load it ({e}); the module must be importable "
+                "(on PYTHONPATH) and define the function"
+            ) from None
         fn()
 
 
@@ -200,8 +232,10 @@ def runner_parsers() -> dict:
     from .finetune import PROG as FINETUNE_PROG
     from .finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
 
-    return {"continual_pretrain": ((ContinualPretrainingArguments,), PRETRAIN_PROG),
-            "continual_finetune": ((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), FINETUNE_PROG)}
+    return {
+        "continual_pretrain": ((ContinualPretrainingArguments,), PRETRAIN_PROG),
+        "continual_finetune": ((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), FINETUNE_PROG),
+    }
 
 
 def write_help_files() -> list[Path]:

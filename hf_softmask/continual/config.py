@@ -13,27 +13,85 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from ..masking import MODES, POLICIES, SoftMaskConfig
-from .cli import parse_with_yaml, refuse_unsupported_trainer_flags, require_choice, require_positive, use_cpu_without_cuda
+from .cli import (
+    parse_with_yaml,
+    refuse_unsupported_trainer_flags,
+    require_choice,
+    require_positive,
+    use_cpu_without_cuda,
+)
 
 __all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
 
 PROG = "continual_pretrain.py"
 
 #: Settings that do not change what a run computes: they may differ when a run is resumed.
-NOT_IN_FINGERPRINT = frozenset({
-    "output_dir", "overwrite_output_dir", "run_name", "report_to", "project", "logging_strategy", "logging_steps",
-    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
-    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node", "push_to_hub",
-    "hub_model_id", "hub_token", "hub_private_repo", "hub_strategy", "hub_always_push", "hub_revision", "plots",
-    "keep_domain_weights", "learning_rates", "strategies", "frontier_runs", "num_threads", "per_device_eval_batch_size",
-    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context", "ddp_timeout", "ddp_backend", "ddp_bucket_cap_mb", "local_rank", "debug",
-    "skip_memory_metrics", "resume_from_checkpoint", "register_architecture", "torch_compile_backend",
-    "torch_compile_mode", "max_steps_per_domain", "include_num_input_tokens_seen", "enable_jit_checkpoint",
-    "torch_empty_cache_steps", "accelerator_config", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
-    "use_cpu", "restore_callback_states_from_checkpoint", "activation_checkpointing", "activation_checkpointing_kwargs",
-    "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_compile",
-})
+NOT_IN_FINGERPRINT = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "run_name",
+        "report_to",
+        "project",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "disable_tqdm",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "save_on_each_node",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "hub_strategy",
+        "hub_always_push",
+        "hub_revision",
+        "plots",
+        "keep_domain_weights",
+        "learning_rates",
+        "strategies",
+        "frontier_runs",
+        "num_threads",
+        "per_device_eval_batch_size",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "ddp_timeout",
+        "ddp_backend",
+        "ddp_bucket_cap_mb",
+        "local_rank",
+        "debug",
+        "skip_memory_metrics",
+        "resume_from_checkpoint",
+        "register_architecture",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "max_steps_per_domain",
+        "include_num_input_tokens_seen",
+        "enable_jit_checkpoint",
+        "torch_empty_cache_steps",
+        "accelerator_config",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        "use_cpu",
+        "restore_callback_states_from_checkpoint",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "torch_compile",
+    }
+)
 
 
 def _help(text: str, choices=None) -> dict:
@@ -49,53 +107,109 @@ class ContinualPretrainingArguments(TrainingArguments):
     """
 
     # -- Trainer fields whose defaults differ from TrainingArguments (CPU-sized, per domain) ----------------------
-    output_dir: str | None = field(default="outputs/continual_pretrain", metadata=_help(
-        "Run directory: 0_base/, <k>_<domain>/ checkpoints, results.json, plots, state.json."))
-    max_steps: int = field(default=30, metadata=_help(
-        "Optimizer steps PER DOMAIN (the schedule restarts at each domain); -1 trains num_train_epochs per domain."))
+    output_dir: str | None = field(
+        default="outputs/continual_pretrain",
+        metadata=_help("Run directory: 0_base/, <k>_<domain>/ checkpoints, results.json, plots, state.json."),
+    )
+    max_steps: int = field(
+        default=30,
+        metadata=_help(
+            "Optimizer steps PER DOMAIN (the schedule restarts at each domain); -1 trains num_train_epochs per domain."
+        ),
+    )
     num_train_epochs: float = field(default=1.0, metadata=_help("Epochs per domain when max_steps is -1."))
     per_device_eval_batch_size: int = field(default=16, metadata=_help("Batch size of the runner's evaluation."))
-    save_steps: float = field(default=10, metadata=_help(
-        "Trainer checkpoint interval inside a domain (the resume point after a crash)."))
+    save_steps: float = field(
+        default=10, metadata=_help("Trainer checkpoint interval inside a domain (the resume point after a crash).")
+    )
     logging_steps: float = field(default=10, metadata=_help("Trainer logging interval, in steps of the domain."))
     save_total_limit: int | None = field(default=1, metadata=_help("Trainer checkpoints kept inside a domain."))
-    run_name: str | None = field(default=None, metadata=_help(
-        "Label of the run in frontier tables and trackers (default: the strategy name); each domain's Trainer "
-        "logs as <run_name>/<k>_<domain>."))
-    optim: str = field(default="adamw_torch", metadata=_help(
-        "Optimizer of every domain (any Trainer --optim; adamw_torch_fused is the Trainer's own default)."))
+    run_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "Label of the run in frontier tables and trackers (default: the strategy name); each domain's Trainer "
+            "logs as <run_name>/<k>_<domain>."
+        ),
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata=_help(
+            "Optimizer of every domain (any Trainer --optim; adamw_torch_fused is the Trainer's own default)."
+        ),
+    )
 
     # -- model and data ---------------------------------------------------------------------------------------
-    model_name_or_path: str = field(default="minilm", metadata=_help(
-        "Checkpoint directory, or the shipped shortcuts 'minilm' (MLM) / 'smollm2' (causal LM)."))
-    objective: str = field(default="auto", metadata=_help(
-        "'auto' (from the model: ForMaskedLM -> mlm, else clm), 'mlm' or 'clm'.", ("auto", "mlm", "clm")))
-    domains: list[str] = field(default_factory=lambda: ["business", "sports", "tech"], metadata=_help(
-        "Ordered domains: BBC topic names, 'name=/dir/or/glob*.txt', 'name=hf:<dataset or save_to_disk dir>'; "
-        "in YAML also dicts accepted by hf_softmask.data.load_domains."))
-    max_train_docs: int | None = field(default=None, metadata=_help("Cap on training documents per domain (default: all)."))
-    max_eval_docs: int | None = field(default=None, metadata=_help("Cap on held-out documents per domain (default: all)."))
-    eval_fraction: float = field(default=0.1, metadata=_help("Fraction of each domain's documents held out for evaluation."))
+    model_name_or_path: str = field(
+        default="minilm",
+        metadata=_help("Checkpoint directory, or the shipped shortcuts 'minilm' (MLM) / 'smollm2' (causal LM)."),
+    )
+    objective: str = field(
+        default="auto",
+        metadata=_help(
+            "'auto' (from the model: ForMaskedLM -> mlm, else clm), 'mlm' or 'clm'.", ("auto", "mlm", "clm")
+        ),
+    )
+    domains: list[str] = field(
+        default_factory=lambda: ["business", "sports", "tech"],
+        metadata=_help(
+            "Ordered domains: BBC topic names, 'name=/dir/or/glob*.txt', 'name=hf:<dataset or save_to_disk dir>'; "
+            "in YAML also dicts accepted by hf_softmask.data.load_domains."
+        ),
+    )
+    max_train_docs: int | None = field(
+        default=None, metadata=_help("Cap on training documents per domain (default: all).")
+    )
+    max_eval_docs: int | None = field(
+        default=None, metadata=_help("Cap on held-out documents per domain (default: all).")
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata=_help("Fraction of each domain's documents held out for evaluation.")
+    )
     block_size: int = field(default=128, metadata=_help("Tokens per training/evaluation block."))
-    max_train_blocks: int | None = field(default=None, metadata=_help("Cap on training blocks per domain (default: all)."))
+    max_train_blocks: int | None = field(
+        default=None, metadata=_help("Cap on training blocks per domain (default: all).")
+    )
     max_eval_blocks: int = field(default=16, metadata=_help("Evaluation blocks per domain (and for general text)."))
-    importance_blocks: int = field(default=64, metadata=_help(
-        "Importance sample size: blocks used for each importance estimate (split across processes)."))
-    general_importance_source: str = field(default="domain", metadata=_help(
-        "Data for the general-knowledge (kl_dropout) importance: 'domain' (the first domain's training text, as in "
-        "DAS) or 'general' (general text).", ("domain", "general")))
+    importance_blocks: int = field(
+        default=64,
+        metadata=_help("Importance sample size: blocks used for each importance estimate (split across processes)."),
+    )
+    general_importance_source: str = field(
+        default="domain",
+        metadata=_help(
+            "Data for the general-knowledge (kl_dropout) importance: 'domain' (the first domain's training text, "
+            "as in "
+            "DAS) or 'general' (general text).",
+            ("domain", "general"),
+        ),
+    )
     mlm_probability: float = field(default=0.15, metadata=_help("Masking probability for MLM models."))
-    register_architecture: str | None = field(default=None, metadata=_help(
-        "module:function[,module:function] called before the model is loaded, to register a model type that "
-        "hf_softmask does not know (the function calls hf_softmask.register_architecture)."))
+    register_architecture: str | None = field(
+        default=None,
+        metadata=_help(
+            "module:function[,module:function] called before the model is loaded, to register a model type that "
+            "hf_softmask does not know (the function calls hf_softmask.register_architecture)."
+        ),
+    )
 
     # -- strategy ---------------------------------------------------------------------------------------------
-    strategy: str = field(default="das", metadata=_help(
-        "Strategy declaring 'pretrain' in hf_softmask.strategies.registry ('das', 'ncl' = plain sequential training)."))
-    strategy_kwargs: str | None = field(default=None, metadata=_help(
-        "Extra keyword settings of the strategy, as a JSON object (in YAML also a mapping), e.g. '{\"ewc_lambda\": 100}'."))
-    softmask_mode: str = field(default="update", metadata=_help(
-        SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"], MODES))
+    strategy: str = field(
+        default="das",
+        metadata=_help(
+            "Strategy declaring 'pretrain' in hf_softmask.strategies.registry "
+            "('das', 'ncl' = plain sequential training)."
+        ),
+    )
+    strategy_kwargs: str | None = field(
+        default=None,
+        metadata=_help(
+            "Extra keyword settings of the strategy, as a JSON object (in YAML also a mapping), "
+            "e.g. '{\"ewc_lambda\": 100}'."
+        ),
+    )
+    softmask_mode: str = field(
+        default="update", metadata=_help(SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"], MODES)
+    )
     softmask_embeddings: str = field(default="train", metadata=_help("Embeddings policy.", POLICIES))
     softmask_norms: str = field(default="train", metadata=_help("LayerNorm/RMSNorm policy.", POLICIES))
     softmask_task_head: str = field(default="train", metadata=_help("LM-head policy.", POLICIES))
@@ -103,34 +217,59 @@ class ContinualPretrainingArguments(TrainingArguments):
     mask_power: float = field(default=1.0, metadata=_help("Soft mask = 1 - I**mask_power."))
     contrastive_weight: float = field(default=1.0, metadata=_help("λ of the DAS contrastive term (0 = off)."))
     contrastive_temperature: float = field(default=0.05, metadata=_help("InfoNCE temperature (cosine similarity)."))
-    perturbation_dropout: float = field(default=0.1, metadata=_help(
-        "Dropout on unit outputs for models without dropout (importance views and contrastive views)."))
+    perturbation_dropout: float = field(
+        default=0.1,
+        metadata=_help("Dropout on unit outputs for models without dropout (importance views and contrastive views)."),
+    )
 
     # -- runner -----------------------------------------------------------------------------------------------
-    max_steps_per_domain: int | None = field(default=None, metadata=_help(
-        "Old name of --max_steps (per domain); a value <= 0 means -1. Prefer --max_steps."))
-    lm_head_warmup_steps: int = field(default=0, metadata=_help(
-        "Before anything else, fit the LM head alone (base frozen) on general text for this many steps (for "
-        "checkpoints whose LM head is freshly initialised, e.g. the shipped MiniLM)."))
+    max_steps_per_domain: int | None = field(
+        default=None,
+        metadata=_help("Old name of --max_steps (per domain); a value <= 0 means -1. Prefer --max_steps."),
+    )
+    lm_head_warmup_steps: int = field(
+        default=0,
+        metadata=_help(
+            "Before anything else, fit the LM head alone (base frozen) on general text for this many steps (for "
+            "checkpoints whose LM head is freshly initialised, e.g. the shipped MiniLM)."
+        ),
+    )
     lm_head_warmup_lr: float = field(default=1e-3, metadata=_help("Learning rate of the LM-head warm-up."))
-    num_threads: int | None = field(default=None, metadata=_help(
-        "torch.set_num_threads for CPU runs (default: torch's own choice)."))
+    num_threads: int | None = field(
+        default=None, metadata=_help("torch.set_num_threads for CPU runs (default: torch's own choice).")
+    )
     plots: bool = field(default=True, metadata=_help("Write PNG plots (perplexity matrix, importance)."))
-    keep_domain_weights: str = field(default="all", metadata=_help(
-        "'all': every <k>_<domain>/ keeps its weights; 'last': weights of earlier domains are deleted once the next "
-        "one is saved (importance, card and config stay).", ("all", "last")))
-    overwrite_output_dir: bool = field(default=False, metadata=_help(
-        "Start over in an output_dir that holds another run (its files are deleted)."))
+    keep_domain_weights: str = field(
+        default="all",
+        metadata=_help(
+            "'all': every <k>_<domain>/ keeps its weights; 'last': weights of earlier domains are deleted once the "
+            "next "
+            "one is saved (importance, card and config stay).",
+            ("all", "last"),
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Start over in an output_dir that holds another run (its files are deleted).")
+    )
 
     # -- sweep ------------------------------------------------------------------------------------------------
-    learning_rates: str | None = field(default=None, metadata=_help(
-        "Comma-separated learning rates: run every (strategy, lr) into its own subdirectory and write "
-        "frontier.json/.md/.png."))
-    strategies: str | None = field(default=None, metadata=_help(
-        "Comma-separated strategies for the sweep (default: the single --strategy)."))
-    frontier_runs: str | None = field(default=None, metadata=_help(
-        "Comma-separated run directories or globs with results.json: only (re)write the frontier of these runs "
-        "into output_dir, train nothing."))
+    learning_rates: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated learning rates: run every (strategy, lr) into its own subdirectory and write "
+            "frontier.json/.md/.png."
+        ),
+    )
+    strategies: str | None = field(
+        default=None, metadata=_help("Comma-separated strategies for the sweep (default: the single --strategy).")
+    )
+    frontier_runs: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated run directories or globs with results.json: only (re)write the frontier of these runs "
+            "into output_dir, train nothing."
+        ),
+    )
 
     def __post_init__(self):
         if isinstance(self.domains, str):
@@ -158,13 +297,25 @@ class ContinualPretrainingArguments(TrainingArguments):
         if self.block_size is None or self.block_size < 2:
             raise ValueError(f"--block_size must be >= 2, got {self.block_size}")
         if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
-            raise ValueError(f"--max_steps (per domain) must be > 0, or -1 to train --num_train_epochs per domain; "
-                             f"got {self.max_steps}")
+            raise ValueError(
+                f"--max_steps (per domain) must be > 0, or -1 to train --num_train_epochs per domain; "
+                f"got {self.max_steps}"
+            )
         if self.max_steps == -1:
             require_positive("num_train_epochs", self.num_train_epochs)
-        for name in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "importance_blocks", "max_eval_blocks", "contrastive_temperature",
-                     "mask_power", "lm_head_warmup_lr", "save_steps", "logging_steps"):
+        for name in (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "importance_blocks",
+            "max_eval_blocks",
+            "contrastive_temperature",
+            "mask_power",
+            "lm_head_warmup_lr",
+            "save_steps",
+            "logging_steps",
+        ):
             require_positive(name, getattr(self, name))
         for name in ("weight_decay", "max_grad_norm", "warmup_steps", "contrastive_weight", "lm_head_warmup_steps"):
             require_positive(name, getattr(self, name), allow_zero=True)
@@ -181,8 +332,14 @@ class ContinualPretrainingArguments(TrainingArguments):
         self.softmask_config()  # modes and policies
 
     def softmask_config(self) -> SoftMaskConfig:
-        return SoftMaskConfig(mode=self.softmask_mode, embeddings=self.softmask_embeddings, norms=self.softmask_norms,
-                              task_head=self.softmask_task_head, other=self.softmask_other, mask_power=self.mask_power)
+        return SoftMaskConfig(
+            mode=self.softmask_mode,
+            embeddings=self.softmask_embeddings,
+            norms=self.softmask_norms,
+            task_head=self.softmask_task_head,
+            other=self.softmask_other,
+            mask_power=self.mask_power,
+        )
 
     def fingerprint(self) -> dict:
         """The settings that decide what the run computes (a resumed run must match them)."""

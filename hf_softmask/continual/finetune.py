@@ -52,12 +52,27 @@ from ..metrics import load_metric
 from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
+from .cli import (
+    check_process_group,
+    parse_with_yaml,
+    refuse_unsupported_trainer_flags,
+    register_architectures,
+    require_choice,
+    require_positive,
+    use_cpu_without_cuda,
+)
 from .distributed import fix_loss_kwargs
-from .cli import (check_process_group, parse_with_yaml, refuse_unsupported_trainer_flags, register_architectures,
-                  require_choice, require_positive, use_cpu_without_cuda)
 
-__all__ = ["ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments", "run_continual_finetune", "evaluate_task",
-           "build_optimizer", "load_backbone", "parse_finetune_config", "DEFAULT_TASKS"]
+__all__ = [
+    "ContinualFinetuneArguments",
+    "ContinualFinetuneTrainingArguments",
+    "run_continual_finetune",
+    "evaluate_task",
+    "build_optimizer",
+    "load_backbone",
+    "parse_finetune_config",
+    "DEFAULT_TASKS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +84,55 @@ PROG = "continual_finetune.py"
 class ContinualFinetuneArguments:
     """What to learn in sequence, with which model and strategy."""
 
-    model_name_or_path: str = field(default="minilm", metadata={"help": "Base model: a path, a Hub id, or the shipped 'minilm' / 'smollm2'."})
-    strategy: str = field(default="tss", metadata={"help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
-                                                            "(see hf_softmask.strategies.available_strategies())."})
-    strategy_kwargs: Optional[str] = field(default=None, metadata={"help": "JSON object of keyword settings for the strategy, "
-                                                                            "e.g. '{\"mode\": \"grad\"}' (a mapping in YAML)."})
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS),
-                             metadata={"help": "BBC News tasks in order, each a comma-separated list of topics (its classes), "
-                                               "e.g. business,entertainment politics,sports."})
-    max_train_per_class: Optional[int] = field(default=32, metadata={"help": "Training articles per class and task (None: all)."})
-    max_test_per_class: Optional[int] = field(default=20, metadata={"help": "Test articles per class and task (None: all)."})
+    model_name_or_path: str = field(
+        default="minilm", metadata={"help": "Base model: a path, a Hub id, or the shipped 'minilm' / 'smollm2'."}
+    )
+    strategy: str = field(
+        default="tss",
+        metadata={
+            "help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
+            "(see hf_softmask.strategies.available_strategies())."
+        },
+    )
+    strategy_kwargs: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of keyword settings for the strategy, e.g. \'{"mode": "grad"}\' (a mapping in YAML).'
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TASKS),
+        metadata={
+            "help": "BBC News tasks in order, each a comma-separated list of topics (its classes), "
+            "e.g. business,entertainment politics,sports."
+        },
+    )
+    max_train_per_class: Optional[int] = field(
+        default=32, metadata={"help": "Training articles per class and task (None: all)."}
+    )
+    max_test_per_class: Optional[int] = field(
+        default=20, metadata={"help": "Test articles per class and task (None: all)."}
+    )
     test_fraction: float = field(default=0.2, metadata={"help": "Fraction of each topic held out for testing."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and subsampling."})
     max_length: int = field(default=64, metadata={"help": "Tokens per article (truncation)."})
-    pooling: str = field(default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."})
-    head_learning_rate: Optional[float] = field(default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."})
+    pooling: str = field(
+        default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."}
+    )
+    head_learning_rate: Optional[float] = field(
+        default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."}
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of evaluation and of after_task passes."})
-    num_threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."})
-    register_architecture: Optional[str] = field(default=None, metadata={"help": "module:function[,module:function] called before the "
-                                                                              "model is loaded, to register a model type hf_softmask does not know."})
+    num_threads: Optional[int] = field(
+        default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."}
+    )
+    register_architecture: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "module:function[,module:function] called before the "
+            "model is loaded, to register a model type hf_softmask does not know."
+        },
+    )
 
     def __post_init__(self):
         require_choice("pooling", self.pooling, POOLINGS)
@@ -130,28 +175,54 @@ class ContinualFinetuneTrainingArguments(TrainingArguments):
     ``head_learning_rate``). Flags the runner cannot honour are refused (:mod:`.cli`).
     """
 
-    output_dir: str | None = field(default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."})
+    output_dir: str | None = field(
+        default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."}
+    )
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per task."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, "
-                                                                   "or all weights for ft)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task (restarts at every task)."})
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, or all weights for ft)."},
+    )
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Scheduler within each task (restarts at every task)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps of a task."})
-    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints INSIDE a task (into output_dir/.trainer/<task>/, "
-                                                                "the resume point of an unfinished task); the runner itself saves "
-                                                                "after every task."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run "
-                                                                         "(its files are deleted)."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer of every task (any Trainer --optim; adamw_torch_fused "
-                                                                 "is the Trainer's own default)."})
-    disable_tqdm: bool | None = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar (default: True)."})
+    save_strategy: str = field(
+        default="no",
+        metadata={
+            "help": "Trainer checkpoints INSIDE a task (into output_dir/.trainer/<task>/, "
+            "the resume point of an unfinished task); the runner itself saves "
+            "after every task."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir that holds another run (its files are deleted)."}
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={
+            "help": "Optimizer of every task (any Trainer --optim; adamw_torch_fused is the Trainer's own default)."
+        },
+    )
+    disable_tqdm: bool | None = field(
+        default=True, metadata={"help": "Hide the Trainer's per-step progress bar (default: True)."}
+    )
 
     def __post_init__(self):
         if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
-            raise ValueError(f"--max_steps (per task) must be > 0, or -1 to train --num_train_epochs per task; got {self.max_steps}")
+            raise ValueError(
+                f"--max_steps (per task) must be > 0, or -1 to train --num_train_epochs per task; got {self.max_steps}"
+            )
         if self.max_steps == -1:
             require_positive("num_train_epochs", self.num_train_epochs)
-        for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        for name in (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
             require_positive(name, getattr(self, name))
         for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
             require_positive(name, getattr(self, name), allow_zero=True)
@@ -160,16 +231,19 @@ class ContinualFinetuneTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def parse_finetune_config(argv: list[str] | None = None) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
-    """``--config file.yaml`` gives the defaults (fields of both dataclasses); every other flag overrides its YAML value."""
+def parse_finetune_config(
+    argv: list[str] | None = None,
+) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
+    """``--config file.yaml`` gives the defaults (fields of both dataclasses); other flags override the YAML."""
 
     def encode(data: dict) -> dict:
         if isinstance(data.get("strategy_kwargs"), dict):
             data["strategy_kwargs"] = json.dumps(data["strategy_kwargs"])
         return data
 
-    args, training_args = parse_with_yaml((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), argv, PROG,
-                                          yaml_hook=encode)
+    args, training_args = parse_with_yaml(
+        (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), argv, PROG, yaml_hook=encode
+    )
     return args, training_args
 
 
@@ -190,8 +264,13 @@ def load_backbone(name_or_path: str):
 
 
 # -- pieces --------------------------------------------------------------------------------------------
-def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learning_rate: float | None, weight_decay: float,
-                    training_args: TrainingArguments | None = None):
+def build_optimizer(
+    model: MultiTaskClassifier,
+    learning_rate: float,
+    head_learning_rate: float | None,
+    weight_decay: float,
+    training_args: TrainingArguments | None = None,
+):
     """The optimizer over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
 
     Its class and settings come from ``training_args.optim`` (the Trainer's own mapping, so ``--optim`` means what
@@ -208,8 +287,14 @@ def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learn
         groups.setdefault((is_head, decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: the strategy froze everything, including the task head")
-    param_groups = [{"params": ps, "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
-                     "weight_decay": weight_decay if decay else 0.0} for (is_head, decay), ps in groups.items()]
+    param_groups = [
+        {
+            "params": ps,
+            "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), ps in groups.items()
+    ]
     if training_args is None:
         return torch.optim.AdamW(param_groups, lr=learning_rate)
     from transformers import Trainer
@@ -261,7 +346,9 @@ def _fingerprint(args: ContinualFinetuneArguments, training_args: TrainingArgume
     from .config import NOT_IN_FINGERPRINT
 
     t = training_args.to_dict()
-    trainer = {f.name: t[f.name] for f in fields(training_args) if f.init and f.name in t and f.name not in NOT_IN_FINGERPRINT}
+    trainer = {
+        f.name: t[f.name] for f in fields(training_args) if f.init and f.name in t and f.name not in NOT_IN_FINGERPRINT
+    }
     mine = {k: v for k, v in asdict(args).items() if k not in _FT_NOT_IN_FINGERPRINT}
     return {"runner": "continual_finetune", **mine, **trainer}
 
@@ -279,8 +366,11 @@ def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> Tr
     """The Trainer settings of one task: as given, with its own checkpoint directory and run name."""
     from dataclasses import replace
 
-    return replace(training_args, output_dir=str(out_dir / ".trainer" / name),
-                   run_name=f"{training_args.run_name or 'continual_finetune'}/{name}")
+    return replace(
+        training_args,
+        output_dir=str(out_dir / ".trainer" / name),
+        run_name=f"{training_args.run_name or 'continual_finetune'}/{name}",
+    )
 
 
 def _save_task(out_dir: Path, name: str, model, strategy, is_main: bool):
@@ -315,12 +405,15 @@ def _load_task(directory: Path, model, strategy) -> None:
             raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         strategy.load_pretrained(directory)
     except Exception as e:
-        raise DamagedRunError(f"{directory}: cannot load the finished task ({type(e).__name__}: {e}); restore it, or "
-                              "use a new --output_dir") from e
+        raise DamagedRunError(
+            f"{directory}: cannot load the finished task ({type(e).__name__}: {e}); restore it, or "
+            "use a new --output_dir"
+        ) from e
 
 
-def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None,
-                           events=None) -> dict:
+def run_continual_finetune(
+    args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None, events=None
+) -> dict:
     """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring).
 
     After every task the classifier and the strategy's state are saved (``output_dir/<k>_<task>/``, listed in
@@ -344,7 +437,9 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     check_model_source(args.model_name_or_path)
     cls = strategy_class(args.strategy)
     if "finetune" not in getattr(cls, "settings", ()):
-        raise ValueError(f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})")
+        raise ValueError(
+            f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})"
+        )
     out_dir = Path(training_args.output_dir)
     state = RunState(out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
     if is_main:
@@ -352,25 +447,45 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     set_seed(training_args.seed)
 
     try:
-        tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
-                                  max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction,
-                                  seed=args.split_seed)
+        tasks = bbc_task_sequence(
+            args.task_topics(),
+            max_train_per_class=args.max_train_per_class,
+            max_test_per_class=args.max_test_per_class,
+            test_fraction=args.test_fraction,
+            seed=args.split_seed,
+        )
     except ValueError as e:
         raise ValueError(f"--tasks: {e}") from None
     backbone, tokenizer = load_backbone(args.model_name_or_path)
-    model = MultiTaskClassifier(backbone, [len(t.label_names) for t in tasks], [t.name for t in tasks], pooling=args.pooling,
-                                seed=training_args.seed, label_names=[t.label_names for t in tasks])
+    model = MultiTaskClassifier(
+        backbone,
+        [len(t.label_names) for t in tasks],
+        [t.name for t in tasks],
+        pooling=args.pooling,
+        seed=training_args.seed,
+        label_names=[t.label_names for t in tasks],
+    )
     try:
         strategy = get_strategy(args.strategy, **args.strategy_settings())
     except TypeError as e:
-        raise ValueError(f"--strategy_kwargs {args.strategy_settings()}: not accepted by strategy {args.strategy!r} ({e})") from None
+        raise ValueError(
+            f"--strategy_kwargs {args.strategy_settings()}: not accepted by strategy {args.strategy!r} ({e})"
+        ) from None
     model = strategy.prepare_model(model)
     model.to(training_args.device)
 
     collator = DataCollatorWithPadding(tokenizer)
-    train_sets = [_with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)]
-    test_loaders = [DataLoader(_with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
-                               batch_size=args.eval_batch_size, collate_fn=collator) for k, t in enumerate(tasks)]
+    train_sets = [
+        _with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)
+    ]
+    test_loaders = [
+        DataLoader(
+            _with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
+            batch_size=args.eval_batch_size,
+            collate_fn=collator,
+        )
+        for k, t in enumerate(tasks)
+    ]
     metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
     if is_main:
         state.start()  # every setting checked, the model and data loaded: now the directory is this run's
@@ -397,13 +512,23 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         say(f"task {t + 1}/{T}: {task.name} ({len(train_sets[t])} training examples)")
         model.set_task(t)
         model.train_only_head(t)
-        train_loader = DataLoader(train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator)
+        train_loader = DataLoader(
+            train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator
+        )
         strategy.before_task(model, t, train_loader)
-        optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay,
-                                    training_args)
+        optimizer = build_optimizer(
+            model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay, training_args
+        )
         targs = _task_args(training_args, out_dir, name)
-        trainer = StrategyTrainer(model=model, args=targs, train_dataset=train_sets[t], data_collator=collator,
-                                  strategy=strategy, optimizers=(optimizer, None), callbacks=list(callbacks or []))
+        trainer = StrategyTrainer(
+            model=model,
+            args=targs,
+            train_dataset=train_sets[t],
+            data_collator=collator,
+            strategy=strategy,
+            optimizers=(optimizer, None),
+            callbacks=list(callbacks or []),
+        )
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
@@ -416,9 +541,17 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         row = _evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}")
         event("evaluated", name=name)
         say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
-        state.add_domain({"dir": name, "task": task.name, "row": row, "train_seconds": seconds,
-                          "storage_bytes": (getattr(strategy, "storage_bytes", None) or {}).get(t),
-                          "steps": trainer.state.global_step, "resumed_from": Path(resume).name if resume else None})
+        state.add_domain(
+            {
+                "dir": name,
+                "task": task.name,
+                "row": row,
+                "train_seconds": seconds,
+                "storage_bytes": (getattr(strategy, "storage_bytes", None) or {}).get(t),
+                "steps": trainer.state.global_step,
+                "resumed_from": Path(resume).name if resume else None,
+            }
+        )
         digests = _save_task(out_dir, name, model, strategy, is_main)
         event("published", name=name)
         if is_main:
@@ -446,14 +579,20 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
         "strategy_config": strategy.config(),
         "storage_bytes_per_task": [d.get("storage_bytes") for d in state.done]
-        if any(d.get("storage_bytes") is not None for d in state.done) else None,
+        if any(d.get("storage_bytes") is not None for d in state.done)
+        else None,
         "train_seconds_per_task": [d["train_seconds"] for d in state.done],
         "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
         "total_seconds": None,
         "arguments": asdict(args),
-        "training": {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
-                     "per_device_train_batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
-        "device": f"{training_args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        "training": {
+            "learning_rate": training_args.learning_rate,
+            "num_train_epochs": training_args.num_train_epochs,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "seed": training_args.seed,
+        },
+        "device": f"{training_args.device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}",
         "world_size": training_args.world_size,
     }
 
@@ -468,8 +607,13 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     else:
         model.backbone.save_pretrained(final)
         strategy.save_pretrained(final)
-    plot_accuracy_matrix(acc_matrix, [t.name for t in tasks], [t.label_names for t in tasks], out_dir / "accuracy_matrix.png",
-                         title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})")
+    plot_accuracy_matrix(
+        acc_matrix,
+        [t.name for t in tasks],
+        [t.label_names for t in tasks],
+        out_dir / "accuracy_matrix.png",
+        title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})",
+    )
     results["total_seconds"] = time.time() - start
     atomic_write_json(out_dir / "results.json", results)
     say(f"done: ACC {results['acc']:.4f}, BWT {results['bwt']:+.4f}, results in {out_dir / 'results.json'}")

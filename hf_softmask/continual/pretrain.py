@@ -31,16 +31,32 @@ from transformers import set_seed
 
 from ..assets import check_model_source, load_smollm2, minilm_path
 from ..continual_metrics import summarize
-from ..data import build_lm_dataset, general_text_documents, is_masked_lm, lm_data_collator, load_domains, split_documents
+from ..data import (
+    build_lm_dataset,
+    general_text_documents,
+    is_masked_lm,
+    lm_data_collator,
+    load_domains,
+    split_documents,
+)
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
-from .checkpointing import (DamagedRunError, RunState, domain_dir_name, file_digests, last_trainer_checkpoint, publish_dir,
-                            stage_dir, verify_readable, verify_stage)
+from .checkpointing import (
+    DamagedRunError,
+    RunState,
+    domain_dir_name,
+    file_digests,
+    last_trainer_checkpoint,
+    publish_dir,
+    stage_dir,
+    verify_readable,
+    verify_stage,
+)
 from .cli import check_process_group, register_architectures
-from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
 from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
+from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
 from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
 from .frontier import write_frontier
 from .model_card import model_card
@@ -96,7 +112,7 @@ _ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
 
 
 def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None):
-    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else AutoModelForCausalLM."""
+    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     mlm = _wants_mlm(path, objective)
@@ -144,8 +160,13 @@ class _Data:
         self.args = args
         self.mlm = mlm
         try:
-            self.domains = load_domains([_domain_spec(d) for d in args.domains], max_train_docs=args.max_train_docs,
-                                        max_eval_docs=args.max_eval_docs, eval_fraction=args.eval_fraction, seed=args.seed)
+            self.domains = load_domains(
+                [_domain_spec(d) for d in args.domains],
+                max_train_docs=args.max_train_docs,
+                max_eval_docs=args.max_eval_docs,
+                eval_fraction=args.eval_fraction,
+                seed=args.seed,
+            )
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--domains: {e}") from None
         names = [d.name for d in self.domains]
@@ -153,22 +174,38 @@ class _Data:
             raise ValueError(f"domain names must be unique, got {names}")
         self.names = names
         # Per-block MLM masks: a resumed domain sees exactly the batches of the uninterrupted run (see data.py).
-        self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability, seed=args.seed,
-                                         per_block=True)
+        self.collator = lm_data_collator(
+            tokenizer, mlm=mlm, mlm_probability=args.mlm_probability, seed=args.seed, per_block=True
+        )
         bs = args.block_size
         sources = [_describe(d) for d in args.domains]
-        self.train = [_blocks(d.train_texts, tokenizer, bs, args.max_train_blocks, f"domain {d.name!r} ({src}), training text")
-                      for d, src in zip(self.domains, sources)]
-        self.eval = [FixedEvalSet(d.name, _blocks(d.eval_texts, tokenizer, bs, args.max_eval_blocks,
-                                                  f"domain {d.name!r} ({src}), held-out text"),
-                                  self.collator, args.per_device_eval_batch_size, seed=args.seed + 1)
-                     for d, src in zip(self.domains, sources)]
+        self.train = [
+            _blocks(d.train_texts, tokenizer, bs, args.max_train_blocks, f"domain {d.name!r} ({src}), training text")
+            for d, src in zip(self.domains, sources)
+        ]
+        self.eval = [
+            FixedEvalSet(
+                d.name,
+                _blocks(
+                    d.eval_texts, tokenizer, bs, args.max_eval_blocks, f"domain {d.name!r} ({src}), held-out text"
+                ),
+                self.collator,
+                args.per_device_eval_batch_size,
+                seed=args.seed + 1,
+            )
+            for d, src in zip(self.domains, sources)
+        ]
         general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
         # Only the LM-head warm-up and a 'general' importance source read it: tokenize no more than they use.
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
         self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
-        self.general_eval = FixedEvalSet("general", build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
-                                         self.collator, args.per_device_eval_batch_size, seed=args.seed + 2)
+        self.general_eval = FixedEvalSet(
+            "general",
+            build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
+            self.collator,
+            args.per_device_eval_batch_size,
+            seed=args.seed + 2,
+        )
 
     def importance_loader(self, dataset, salt: int, rank: int, world: int) -> DataLoader:
         """``importance_blocks`` blocks of ``dataset`` (a fixed random sample), this process's share of them."""
@@ -177,12 +214,18 @@ class _Data:
         random.Random(f"{self.args.seed}:{salt}").shuffle(order)
         mine = order[:n][rank::world]
         if not mine:
-            raise ValueError(f"importance_blocks={self.args.importance_blocks} gives process {rank} of {world} no block; raise it")
+            raise ValueError(
+                f"importance_blocks={self.args.importance_blocks} gives process {rank} of {world} no block; raise it"
+            )
         # The MLM mask of the importance batches is drawn from a generator seeded per process and stage.
         collate = self.collator
         if self.mlm:
-            collate = lm_data_collator(self.collator.tokenizer, mlm=True, mlm_probability=self.args.mlm_probability,
-                                       seed=self.args.seed * 1000 + salt * 10 + rank)
+            collate = lm_data_collator(
+                self.collator.tokenizer,
+                mlm=True,
+                mlm_probability=self.args.mlm_probability,
+                seed=self.args.seed * 1000 + salt * 10 + rank,
+            )
         return DataLoader(dataset.select(mine), batch_size=self.args.per_device_train_batch_size, collate_fn=collate)
 
 
@@ -202,7 +245,9 @@ def _warmup_loss(model, head, batch):
     if head is None:
         return model(**batch).loss
     with torch.no_grad():
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).last_hidden_state
     keep = labels != -100
     # The vocabulary-sized output is the cost; evaluating it at the ~15% labelled tokens only makes the warm-up cheap.
     logits = head(hidden[keep])
@@ -214,7 +259,9 @@ def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int
     base_ids = {id(p) for p in model.base_model.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in base_ids]
     if not head_params:
-        logger.warning("lm_head_warmup_steps > 0 but %s has no LM-head parameters outside its base model", type(model).__name__)
+        logger.warning(
+            "lm_head_warmup_steps > 0 but %s has no LM-head parameters outside its base model", type(model).__name__
+        )
         return []
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
@@ -295,11 +342,17 @@ class ContinualPretrainer:
         a = self.args
         cls = strategy_class(a.strategy)
         if "pretrain" not in getattr(cls, "settings", ()):
-            raise ValueError(f"--strategy {a.strategy}: it does not declare 'pretrain' in its settings {cls.settings}; "
-                             "pick one made for continual pre-training (e.g. das, ncl)")
-        offered = dict(softmask=a.softmask_config(), contrastive_weight=a.contrastive_weight,
-                       temperature=a.contrastive_temperature, perturbation_dropout=a.perturbation_dropout,
-                       show_progress=self.is_main)
+            raise ValueError(
+                f"--strategy {a.strategy}: it does not declare 'pretrain' in its settings {cls.settings}; "
+                "pick one made for continual pre-training (e.g. das, ncl)"
+            )
+        offered = dict(
+            softmask=a.softmask_config(),
+            contrastive_weight=a.contrastive_weight,
+            temperature=a.contrastive_temperature,
+            perturbation_dropout=a.perturbation_dropout,
+            show_progress=self.is_main,
+        )
         # Runner-level settings go to the strategies that name them; strategy_kwargs go through as given.
         params = inspect.signature(cls.__init__).parameters
         offered = {k: v for k, v in offered.items() if k in params}
@@ -337,8 +390,9 @@ class ContinualPretrainer:
         return losses, lm_eval_loss(model, self.data.general_eval, causal)
 
     def _load_stage_model(self, directory: Path):
-        model, _, _ = load_model_and_tokenizer(str(directory), "mlm" if self.data.mlm else "clm",
-                                               tokenizer_path=self.model_path)
+        model, _, _ = load_model_and_tokenizer(
+            str(directory), "mlm" if self.data.mlm else "clm", tokenizer_path=self.model_path
+        )
         return model
 
     def _training_args(self, name: str, index: int):
@@ -349,10 +403,14 @@ class ContinualPretrainer:
         a = self.args
         kw = {f.name: getattr(a, f.name) for f in fields(TrainingArguments) if f.init}
         kw = {k: getattr(v, "value", v) for k, v in kw.items()}  # enums back to the strings they were given as
-        kw.update(output_dir=str(self.out / ".trainer" / name), push_to_hub=False, hub_model_id=None,
-                  resume_from_checkpoint=None, run_name=f"{a.run_name or a.strategy}/{name}",
-                  disable_tqdm=a.disable_tqdm if a.disable_tqdm is not None else not self.is_main,
-                  )
+        kw.update(
+            output_dir=str(self.out / ".trainer" / name),
+            push_to_hub=False,
+            hub_model_id=None,
+            resume_from_checkpoint=None,
+            run_name=f"{a.run_name or a.strategy}/{name}",
+            disable_tqdm=a.disable_tqdm if a.disable_tqdm is not None else not self.is_main,
+        )
         if self.proc.torch_only:
             # Processes joined by torch alone (fully_shard without accelerate): every Trainer thinks it is the
             # main process, so Trainer checkpoints would be written by all of them; refused in run().
@@ -389,13 +447,15 @@ class ContinualPretrainer:
         if r:
             square = [row[:r] for row in rows]
             summary = summarize(square, higher_is_better=False, random_init_scores=base["eval_loss"][:r])
-            res.update({
-                "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
-                "final_mean_loss": sum(rows[-1][:r]) / r,
-                "forgetting": summary["forgetting"],
-                "bwt": summary["bwt"],
-                "fwt": summary["fwt"],
-            })
+            res.update(
+                {
+                    "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
+                    "final_mean_loss": sum(rows[-1][:r]) / r,
+                    "forgetting": summary["forgetting"],
+                    "bwt": summary["bwt"],
+                    "fwt": summary["fwt"],
+                }
+            )
         res["train_seconds"] = [d.get("train_seconds") for d in state.done]
         return res
 
@@ -407,8 +467,13 @@ class ContinualPretrainer:
         if state.done and self.args.plots:
             labels = ["before"] + [d["dir"] for d in state.done]
             ppl = [res["initial_perplexity"]] + res["perplexity_matrix"]
-            plot_matrix(ppl, labels, self.data.names, self.out / "perplexity_matrix.png",
-                        title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})")
+            plot_matrix(
+                ppl,
+                labels,
+                self.data.names,
+                self.out / "perplexity_matrix.png",
+                title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})",
+            )
         return res
 
     # stages ------------------------------------------------------------------------------------------------
@@ -421,8 +486,11 @@ class ContinualPretrainer:
         try:
             return self._write_stage(name, model, tokenizer, strategy, state, weights, with_weights, title)
         except OSError as e:
-            raise OSError(e.errno, f"writing stage {name} into {self.out} failed ({e}); free space or fix permissions "
-                          "and rerun the same command: finished stages are kept and this one is redone") from e
+            raise OSError(
+                e.errno,
+                f"writing stage {name} into {self.out} failed ({e}); free space or fix permissions "
+                "and rerun the same command: finished stages are kept and this one is redone",
+            ) from e
 
     def _write_stage(self, name, model, tokenizer, strategy, state, weights, with_weights: bool, title: str):
         staging = stage_dir(self.out, name)
@@ -433,13 +501,21 @@ class ContinualPretrainer:
         imp = self._importance_of(strategy)
         if imp is not None:
             imp.save_pretrained(staging)
-        rows = [("before", state.base["eval_loss"] if state.base else [])] + [(d["dir"], d["eval_loss"]) for d in state.done]
+        rows = [("before", state.base["eval_loss"] if state.base else [])] + [
+            (d["dir"], d["eval_loss"]) for d in state.done
+        ]
         general = ([state.base["general_loss"]] if state.base else []) + [d["general_loss"] for d in state.done]
         rows = [(label, [perplexity(v) for v in losses]) for label, losses in rows if losses]
-        card = model_card(base_model=self.args.model_name_or_path, strategy=strategy.config(),
-                          domains_done=[d["domain"] for d in state.done], all_domains=self.data.names,
-                          objective="mlm" if self.data.mlm else "clm", perplexity_rows=rows,
-                          general_perplexity=[perplexity(g) for g in general], settings=self.fingerprint())
+        card = model_card(
+            base_model=self.args.model_name_or_path,
+            strategy=strategy.config(),
+            domains_done=[d["domain"] for d in state.done],
+            all_domains=self.data.names,
+            objective="mlm" if self.data.mlm else "clm",
+            perplexity_rows=rows,
+            general_perplexity=[perplexity(g) for g in general],
+            settings=self.fingerprint(),
+        )
         atomic_write_text(staging / "README.md", card)
         self._plot_importance(strategy, staging, title, name)
         self._event("staged", name=name, directory=staging)
@@ -472,8 +548,10 @@ class ContinualPretrainer:
             except Exception as e:  # offline, no token, no space: recorded and retried by the next run
                 record["pushed"], record["push_error"] = False, f"{type(e).__name__}: {e}"
                 missing.append(record["dir"])
-                self.say(f"push of {record['dir']} failed ({record['push_error']}); it stays saved and the next run "
-                         "of the same command retries it")
+                self.say(
+                    f"push of {record['dir']} failed ({record['push_error']}); it stays saved and the next run "
+                    "of the same command retries it"
+                )
             state.save()
         return missing
 
@@ -491,10 +569,19 @@ class ContinualPretrainer:
             own = imp
         else:
             own_label = "own importance of this stage" if name != "0_base" else "general-knowledge proxy (own)"
-            extra = None if name == "0_base" else {"accumulated, max over all stages (= importance.safetensors)":
-                                                   (imp.heads, imp.ffn)}
-        path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png",
-                               title=f"importance after {title}", label=own_label, extra=extra)
+            extra = (
+                None
+                if name == "0_base"
+                else {"accumulated, max over all stages (= importance.safetensors)": (imp.heads, imp.ffn)}
+            )
+        path = plot_importance(
+            own.heads,
+            own.ffn,
+            self.out / "plots" / f"importance_{name}.png",
+            title=f"importance after {title}",
+            label=own_label,
+            extra=extra,
+        )
         shutil.copyfile(path, directory / "importance.png")
 
     def _start(self):
@@ -516,9 +603,11 @@ class ContinualPretrainer:
         strategy = self.make_strategy()
         model = self._prepare(model, strategy)
         if self.proc.torch_only and str(getattr(a.save_strategy, "value", a.save_strategy)) != "no":
-            raise ValueError("processes joined by torch.distributed without accelerate (a model_hook sharding the "
-                             "model): every process's Trainer would write the same mid-domain checkpoints; pass "
-                             "--save_strategy no (stages are still saved and resumed) or launch with accelerate")
+            raise ValueError(
+                "processes joined by torch.distributed without accelerate (a model_hook sharding the "
+                "model): every process's Trainer would write the same mid-domain checkpoints; pass "
+                "--save_strategy no (stages are still saved and resumed) or launch with accelerate"
+            )
         self.strategy = strategy
         return model, tokenizer, strategy
 
@@ -527,8 +616,15 @@ class ContinualPretrainer:
         warm = []
         if a.lm_head_warmup_steps > 0:
             self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
-            warm = fit_lm_head(model, self.data.general_train, self.data.collator, a.lm_head_warmup_steps,
-                               a.lm_head_warmup_lr, a.per_device_train_batch_size, a.seed)
+            warm = fit_lm_head(
+                model,
+                self.data.general_train,
+                self.data.collator,
+                a.lm_head_warmup_steps,
+                a.lm_head_warmup_lr,
+                a.per_device_train_batch_size,
+                a.seed,
+            )
         if hasattr(strategy, "compute_general_importance"):
             self.say("general-knowledge importance")
             source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
@@ -536,9 +632,18 @@ class ContinualPretrainer:
             self._event("importance", name="0_base")
         losses, general = self._eval_row(model)
         self._event("evaluated", name="0_base")
-        state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
-                        "lm_head_warmup_loss": warm[-1] if warm else None})
-        digests = self._save_stage("0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)")
+        state.set_base(
+            {
+                "dir": "0_base",
+                "eval_loss": losses,
+                "general_loss": general,
+                "has_weights": bool(warm),
+                "lm_head_warmup_loss": warm[-1] if warm else None,
+            }
+        )
+        digests = self._save_stage(
+            "0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)"
+        )
         if self.is_main:
             state.base["files"] = digests
             state.save()
@@ -555,13 +660,21 @@ class ContinualPretrainer:
         set_seed(self.args.seed + 7919 * (k + 1))
         strategy.before_task(model, k, loader)
         targs = self._training_args(name, k)
-        trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
-                                  strategy=strategy, callbacks=list(self.callbacks))
+        trainer = StrategyTrainer(
+            model=model,
+            args=targs,
+            train_dataset=self.data.train[k],
+            data_collator=self.data.collator,
+            strategy=strategy,
+            callbacks=list(self.callbacks),
+        )
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
-            verify_readable(Path(resume), f"delete {resume} and rerun: {dom.name} then restarts from its previous "
-                                          "checkpoint or its beginning")
+            verify_readable(
+                Path(resume),
+                f"delete {resume} and rerun: {dom.name} then restarts from its previous checkpoint or its beginning",
+            )
             self.say(f"resuming from {resume}")
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume)
@@ -572,10 +685,19 @@ class ContinualPretrainer:
         contrast = getattr(strategy, "contrastive_losses", None)
         losses, general = self._eval_row(model)
         self._event("evaluated", name=name)
-        state.add_domain({"dir": name, "domain": dom.name, "eval_loss": losses, "general_loss": general,
-                          "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
-                          "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
-                          "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
+        state.add_domain(
+            {
+                "dir": name,
+                "domain": dom.name,
+                "eval_loss": losses,
+                "general_loss": general,
+                "resumed_from": Path(resume).name if resume else None,
+                "steps": trainer.state.global_step,
+                "train_seconds": seconds,
+                "final_train_loss": _last_train_loss(trainer),
+                "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None,
+            }
+        )
         digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
         if self.is_main:
             state.done[-1]["files"] = digests
@@ -611,8 +733,10 @@ class ContinualPretrainer:
                     model = self._prepare(self._load_stage_model(last), strategy)
                 strategy.load_pretrained(last)
             except Exception as e:  # the checksums matched: a file written wrongly, or by another version
-                raise DamagedRunError(f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
-                                      "restore it, or use a new --output_dir") from e
+                raise DamagedRunError(
+                    f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
+                    "restore it, or use a new --output_dir"
+                ) from e
             self.say(f"resuming after {last.name}")
         self.proc.barrier()
 
@@ -625,8 +749,10 @@ class ContinualPretrainer:
         unpushed = self._check_pushes(state) if self.is_main else []
         self.proc.barrier()
         if unpushed:
-            raise RuntimeError(f"not pushed to the Hub: {', '.join(unpushed)}. Everything is saved in {self.out}; "
-                               "see push_error in state.json and rerun the same command to retry")
+            raise RuntimeError(
+                f"not pushed to the Hub: {', '.join(unpushed)}. Everything is saved in {self.out}; "
+                "see push_error in state.json and rerun the same command to retry"
+            )
         return res
 
     def _check_pushes(self, state: RunState) -> list[str]:
@@ -634,7 +760,9 @@ class ContinualPretrainer:
             return self._push_pending(state)
         failed = [d["dir"] for d in state.done if d.get("pushed") is False]
         if failed:
-            self.say(f"never pushed: {', '.join(failed)} (an earlier push failed); rerun with --push_to_hub to push them")
+            self.say(
+                f"never pushed: {', '.join(failed)} (an earlier push failed); rerun with --push_to_hub to push them"
+            )
         return []
 
 
@@ -651,7 +779,7 @@ def _drop_weights(directory: Path) -> None:
 
 
 def run_continual_pretraining(args: ContinualPretrainingArguments) -> dict:
-    """Run one strategy (or, with ``learning_rates``/``strategies``/``frontier_runs``, a sweep) and return its results."""
+    """Run one strategy (with ``learning_rates``/``strategies``/``frontier_runs``: a sweep); return its results."""
     if args.frontier_runs:
         dirs = []
         for pattern in parse_str_list(args.frontier_runs):
@@ -672,8 +800,15 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
     for lr in lrs:
         for s in strategies:
             sub = Path(args.output_dir) / f"{s}_lr{lr:g}"
-            run_args = replace(args, strategy=s, learning_rate=lr, output_dir=str(sub), learning_rates=None, strategies=None,
-                               run_name=args.run_name if len(strategies) == 1 and args.run_name else s)
+            run_args = replace(
+                args,
+                strategy=s,
+                learning_rate=lr,
+                output_dir=str(sub),
+                learning_rates=None,
+                strategies=None,
+                run_name=args.run_name if len(strategies) == 1 and args.run_name else s,
+            )
             ContinualPretrainer(run_args).run()
             dirs.append(sub)
     from accelerate import PartialState
