@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
 from hf_softmask.continual import (
@@ -24,23 +24,6 @@ from hf_softmask.importance import UnitImportance
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The runner's own entry point, with a test callback that kills the process (os._exit) once the Trainer
-# checkpoint of a given step of a given domain is on disk.
-WORKER = """
-import os, sys
-from transformers import TrainerCallback
-from hf_softmask.continual import ContinualPretrainer, parse_config
-
-domain, step = sys.argv[1].split(":") if sys.argv[1] != "none" else ("", "0")
-
-class DieAfterSave(TrainerCallback):
-    def on_save(self, args, state, control, **kw):
-        if domain and args.output_dir.endswith(domain) and state.global_step >= int(step):
-            os._exit(17)
-
-ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run()
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny_mlm_dir(tmp_path_factory, minilm_dir):
@@ -49,28 +32,8 @@ def tiny_mlm_dir(tmp_path_factory, minilm_dir):
 
 
 def tiny_args(model_dir, out, **kw) -> list[str]:
-    """Command-line flags of a seconds-long run: 2 BBC domains, 4 steps each, tiny blocks."""
-    flags = {
-        "model_name_or_path": str(model_dir),
-        "domains": "business,sports",
-        "max_train_docs": 12,
-        "max_eval_docs": 4,
-        "block_size": 32,
-        "max_train_blocks": 16,
-        "max_eval_blocks": 2,
-        "importance_blocks": 4,
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 1e-3,
-        "save_steps": 2,
-        "logging_steps": 2,
-        "lm_head_warmup_steps": 2,
-        "num_threads": 1,
-        "output_dir": str(out),
-    }
-    flags.update(kw)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    """Flags of a seconds-long run, with an LM-head warm-up and plots."""
+    return tiny_runner_flags(model_dir, out, **{"lm_head_warmup_steps": 2, "plots": "true", **kw})
 
 
 def test_yaml_config_and_flag_override(tmp_path):
@@ -151,7 +114,7 @@ def _digest(directory: Path) -> dict[str, tuple[str, int]]:
 def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_path):
     out = tmp_path / "run"
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(RUNNER_KILL_WORKER)
     flags = tiny_args(tiny_mlm_dir, out, strategy="das")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     killed = subprocess.run(

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import BertForMaskedLM, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
@@ -31,28 +31,7 @@ def tiny_mlm_dir(tmp_path_factory, minilm_dir):
 
 
 def _args(model_dir, out, **kw):
-    flags = {
-        "model_name_or_path": str(model_dir),
-        "domains": "business,sports",
-        "max_train_docs": 12,
-        "max_eval_docs": 4,
-        "block_size": 32,
-        "max_train_blocks": 12,
-        "max_eval_blocks": 2,
-        "importance_blocks": 4,
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 1e-3,
-        "save_steps": 2,
-        "logging_steps": 2,
-        "num_threads": 1,
-        "plots": "false",
-        "strategy": "das",
-        "output_dir": str(out),
-    }
-    flags.update(kw)
-    return parse_config([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    return parse_config(tiny_runner_flags(model_dir, out, **{"max_train_blocks": 12, "strategy": "das", **kw}))
 
 
 def _kill_at(event: str, stage: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import BertForMaskedLM, BertModel, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
@@ -33,28 +33,11 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
 
 
 def pretrain_flags(model_dir, out, **kw) -> list[str]:
-    flags = {
-        "model_name_or_path": str(model_dir),
-        "domains": "business,sports",
-        "max_train_docs": 12,
-        "max_eval_docs": 4,
-        "block_size": 32,
-        "max_train_blocks": 16,
-        "max_eval_blocks": 2,
-        "importance_blocks": 4,
-        "max_steps": 4,
-        "per_device_train_batch_size": 2,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 1e-3,
-        "save_steps": 100,
-        "logging_steps": 1,
-        "num_threads": 1,
-        "plots": "false",
-        "strategy": "ncl",
-        "output_dir": str(out),
-    }
-    flags.update(kw)
-    return [x for k, v in flags.items() for x in ((f"--{k}",) if v is None else (f"--{k}", str(v)))]
+    return tiny_runner_flags(
+        model_dir,
+        out,
+        **{"per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1, "strategy": "ncl", **kw},
+    )
 
 
 def finetune_flags(model_dir, out, **kw) -> list[str]:
@@ -227,18 +210,7 @@ def test_finetune_under_accelerate_launch_on_cpu_trains_one_model(tiny_bert_dir,
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch_cmd(2),
         str(ROOT / "scripts" / "continual_finetune.py"),
         *finetune_flags(tiny_bert_dir, tmp_path / "ddp"),
     ]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,62 +25,23 @@ def test_logged_loss_and_results_do_not_depend_on_world_size(tmp_path, minilm_di
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
     def flags(out, batch):
-        return [
-            "--model_name_or_path",
-            str(model),
-            "--domains",
-            "business",
-            "--max_train_docs",
-            "12",
-            "--max_eval_docs",
-            "4",
-            "--block_size",
-            "32",
-            "--max_train_blocks",
-            "16",
-            "--max_eval_blocks",
-            "2",
-            "--importance_blocks",
-            "4",
-            "--max_steps",
-            "1",
-            "--per_device_train_batch_size",
-            str(batch),
-            "--learning_rate",
-            "1e-3",
-            "--save_steps",
-            "100",
-            "--logging_steps",
-            "1",
-            "--num_threads",
-            "1",
-            "--plots",
-            "false",
-            "--strategy",
-            "ncl",
-            "--output_dir",
-            str(out),
-        ]
+        return tiny_runner_flags(
+            model,
+            out,
+            domains="business",
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            save_steps=100,
+            logging_steps=1,
+            strategy="ncl",
+        )
 
     script = str(ROOT / "scripts" / "continual_pretrain.py")
     one = subprocess.run(
         [sys.executable, script, *flags(tmp_path / "one", 4)], env=env, capture_output=True, text=True, timeout=300
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launch = accelerate_launch_cmd(2)
     two = subprocess.run(
         [*launch, script, *flags(tmp_path / "two", 2)], env=env, capture_output=True, text=True, timeout=400
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from hf_softmask.importance import UnitImportance
@@ -93,44 +93,7 @@ def _digest(directory: Path) -> dict:
 def test_fully_shard_das_domain_trains_evaluates_saves_and_resumes(tmp_path, minilm_dir):
     model_dir = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "model", minilm_dir)
     out = tmp_path / "run"
-    flags = [
-        "--model_name_or_path",
-        str(model_dir),
-        "--domains",
-        "business,sports",
-        "--max_train_docs",
-        "12",
-        "--max_eval_docs",
-        "4",
-        "--block_size",
-        "32",
-        "--max_train_blocks",
-        "16",
-        "--max_eval_blocks",
-        "2",
-        "--importance_blocks",
-        "4",
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "4",
-        "--per_device_eval_batch_size",
-        "4",
-        "--learning_rate",
-        "1e-3",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "1",
-        "--num_threads",
-        "1",
-        "--plots",
-        "false",
-        "--strategy",
-        "das",
-        "--output_dir",
-        str(out),
-    ]
+    flags = tiny_runner_flags(model_dir, out, max_steps=3, save_strategy="no", logging_steps=1, strategy="das")
 
     killed = _launch(tmp_path, "a", "1_business", flags)
     assert killed[0].returncode == 17, killed[0].stderr[-3000:]

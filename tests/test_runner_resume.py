@@ -16,26 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from hf_softmask.data import build_lm_dataset, lm_data_collator
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = """
-import os, sys
-from transformers import TrainerCallback
-from hf_softmask.continual import ContinualPretrainer, parse_config
-
-domain, step = sys.argv[1].split(":") if sys.argv[1] != "none" else ("", "0")
-
-class DieAfterSave(TrainerCallback):
-    def on_save(self, args, state, control, **kw):
-        if domain and args.output_dir.endswith(domain) and state.global_step >= int(step):
-            os._exit(17)
-
-ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run()
-"""
 
 
 def test_mlm_masks_depend_only_on_the_block(minilm_dir):
@@ -62,46 +48,11 @@ def test_mlm_masks_depend_only_on_the_block(minilm_dir):
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, minilm_dir, strategy):
     model = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "model", minilm_dir)
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(RUNNER_KILL_WORKER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     def run(out, kill):
-        flags = [
-            "--model_name_or_path",
-            str(model),
-            "--domains",
-            "business,sports",
-            "--max_train_docs",
-            "12",
-            "--max_eval_docs",
-            "4",
-            "--block_size",
-            "32",
-            "--max_train_blocks",
-            "16",
-            "--max_eval_blocks",
-            "2",
-            "--importance_blocks",
-            "4",
-            "--max_steps",
-            "4",
-            "--per_device_train_batch_size",
-            "4",
-            "--learning_rate",
-            "1e-3",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "2",
-            "--num_threads",
-            "1",
-            "--plots",
-            "false",
-            "--strategy",
-            strategy,
-            "--output_dir",
-            str(out),
-        ]
+        flags = tiny_runner_flags(model, out, strategy=strategy)
         return subprocess.run(
             [sys.executable, str(worker), kill, *flags], env=env, capture_output=True, text=True, timeout=300
         )

@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_lm_batches, tiny_llama
+from strategy_utils import ExampleDataset
 
 from hf_softmask import SoftMaskTrainer, SoftMaskTrainingArguments, UnitImportance, UnitLayout
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, batches):
-        self.rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def _args(out, **kw):
@@ -46,7 +36,7 @@ def test_resume_from_own_checkpoint_masks_with_saved_importance(tmp_path):
     layout = UnitLayout.from_model(model)
     imp = UnitImportance.zeros_like_layout(layout)
     imp.heads[1, 2] = 1.0
-    data = _Rows(random_lm_batches(4, seq_len=12))
+    data = ExampleDataset(random_lm_batches(4, seq_len=12))
     SoftMaskTrainer(model=model, args=_args(tmp_path / "out"), train_dataset=data, importance=imp).train()
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert UnitImportance.exists(ckpt)
@@ -72,7 +62,7 @@ def test_resume_from_own_checkpoint_masks_with_saved_importance(tmp_path):
 @pytest.mark.parametrize("path, message", [("importanc", "no such directory"), ("./nowhere/imp", "no such directory")])
 def test_bad_importance_path_names_the_flag(tmp_path, path, message):
     with pytest.raises(FileNotFoundError, match=f"--importance_path {path}: {message}"):
-        SoftMaskTrainer(model=tiny_llama(), args=_args(tmp_path / "o", importance_path=path), train_dataset=_Rows([]))
+        SoftMaskTrainer(model=tiny_llama(), args=_args(tmp_path / "o", importance_path=path), train_dataset=ExampleDataset([]))
 
 
 def test_truncated_importance_file_names_the_file(tmp_path):
@@ -84,5 +74,5 @@ def test_truncated_importance_file_names_the_file(tmp_path):
         SoftMaskTrainer(
             model=tiny_llama(),
             args=_args(tmp_path / "o", importance_path=str(tmp_path / "imp")),
-            train_dataset=_Rows([]),
+            train_dataset=ExampleDataset([]),
         )

@@ -18,6 +18,7 @@ from .cli import (
     refuse_unsupported_trainer_flags,
     require_choice,
     require_positive,
+    require_steps,
     use_cpu_without_cuda,
 )
 
@@ -296,13 +297,7 @@ class ContinualPretrainingArguments(TrainingArguments):
             raise ValueError("--output_dir is required")
         if self.block_size is None or self.block_size < 2:
             raise ValueError(f"--block_size must be >= 2, got {self.block_size}")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
-            raise ValueError(
-                f"--max_steps (per domain) must be > 0, or -1 to train --num_train_epochs per domain; "
-                f"got {self.max_steps}"
-            )
-        if self.max_steps == -1:
-            require_positive("num_train_epochs", self.num_train_epochs)
+        require_steps(self.max_steps, self.num_train_epochs, "domain")
         for name in (
             "learning_rate",
             "per_device_train_batch_size",

@@ -59,6 +59,7 @@ from .cli import (
     register_architectures,
     require_choice,
     require_positive,
+    require_steps,
     use_cpu_without_cuda,
 )
 from .distributed import fix_loss_kwargs
@@ -210,12 +211,7 @@ class ContinualFinetuneTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
-            raise ValueError(
-                f"--max_steps (per task) must be > 0, or -1 to train --num_train_epochs per task; got {self.max_steps}"
-            )
-        if self.max_steps == -1:
-            require_positive("num_train_epochs", self.num_train_epochs)
+        require_steps(self.max_steps, self.num_train_epochs, "task")
         for name in (
             "learning_rate",
             "per_device_train_batch_size",
