@@ -62,7 +62,9 @@ def test_resume_from_own_checkpoint_masks_with_saved_importance(tmp_path):
 @pytest.mark.parametrize("path, message", [("importanc", "no such directory"), ("./nowhere/imp", "no such directory")])
 def test_bad_importance_path_names_the_flag(tmp_path, path, message):
     with pytest.raises(FileNotFoundError, match=f"--importance_path {path}: {message}"):
-        SoftMaskTrainer(model=tiny_llama(), args=_args(tmp_path / "o", importance_path=path), train_dataset=ExampleDataset([]))
+        SoftMaskTrainer(
+            model=tiny_llama(), args=_args(tmp_path / "o", importance_path=path), train_dataset=ExampleDataset([])
+        )
 
 
 def test_truncated_importance_file_names_the_file(tmp_path):
