@@ -28,6 +28,10 @@ def _tmp_beside(path: Path) -> str:
 def _commit(tmp: str, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    # mkstemp creates 0600 files; give the result the permissions an ordinary write would (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

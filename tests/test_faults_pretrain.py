@@ -268,3 +268,15 @@ def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypa
     assert pushed == ["1_business", "2_sports"]
     ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()
     assert pushed == ["1_business", "2_sports"]  # nothing pushed twice
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """mkstemp made every atomically written file 0600 (unreadable to the rest of a team)."""
+    from hf_softmask.io import atomic_write_json
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
