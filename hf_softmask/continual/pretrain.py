@@ -173,8 +173,11 @@ class _Data:
         if len(set(names)) != len(names):
             raise ValueError(f"domain names must be unique, got {names}")
         self.names = names
-        # Per-block MLM masks: a resumed domain sees exactly the batches of the uninterrupted run (see data.py).
-        self.collator = lm_data_collator(
+        # Warm-up and evaluation collate as before (torch's RNG, seeded); the Trainer's batches get per-block MLM
+        # masks so that a resumed domain sees exactly the batches of the uninterrupted run (see data.py). Per-block
+        # masks repeat across epochs, which is why the many-epoch LM-head warm-up keeps drawing fresh ones.
+        self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability)
+        self.train_collator = lm_data_collator(
             tokenizer, mlm=mlm, mlm_probability=args.mlm_probability, seed=args.seed, per_block=True
         )
         bs = args.block_size
@@ -664,7 +667,7 @@ class ContinualPretrainer:
             model=model,
             args=targs,
             train_dataset=self.data.train[k],
-            data_collator=self.data.collator,
+            data_collator=self.data.train_collator,
             strategy=strategy,
             callbacks=list(self.callbacks),
         )
