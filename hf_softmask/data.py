@@ -138,8 +138,21 @@ class DomainCorpus:
 
 
 _DOMAIN_KEYS = {
-    "name", "train_files", "path", "eval_files", "eval_path", "pattern", "hf_dataset", "hf_config", "split",
-    "eval_split", "text_column", "max_train_docs", "max_eval_docs", "eval_fraction", "seed",
+    "name",
+    "train_files",
+    "path",
+    "eval_files",
+    "eval_path",
+    "pattern",
+    "hf_dataset",
+    "hf_config",
+    "split",
+    "eval_split",
+    "text_column",
+    "max_train_docs",
+    "max_eval_docs",
+    "eval_fraction",
+    "seed",
 }
 
 
@@ -200,7 +213,9 @@ def load_domains(
             raise ValueError(f"each domain must be a BBC topic name or a dict with a 'name', got {entry!r}")
         unknown = set(entry) - _DOMAIN_KEYS
         if unknown:
-            raise ValueError(f"domain {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: {sorted(_DOMAIN_KEYS)}")
+            raise ValueError(
+                f"domain {entry['name']!r}: unknown keys {sorted(unknown)}; allowed: {sorted(_DOMAIN_KEYS)}"
+            )
         name = entry["name"]
         pattern = entry.get("pattern", "*.txt")
         frac = entry.get("eval_fraction", eval_fraction)
@@ -248,7 +263,9 @@ def load_domains(
 # Language-modelling datasets
 
 
-def build_lm_dataset(texts: Sequence[str], tokenizer, block_size: int = 128, max_blocks: int | None = None) -> datasets.Dataset:
+def build_lm_dataset(
+    texts: Sequence[str], tokenizer, block_size: int = 128, max_blocks: int | None = None
+) -> datasets.Dataset:
     """Token blocks of exactly ``block_size`` for language modelling (columns ``input_ids``, ``attention_mask``).
 
     All texts are tokenized without special tokens and concatenated with the tokenizer's eos token (sep when
@@ -283,27 +300,62 @@ def build_lm_dataset(texts: Sequence[str], tokenizer, block_size: int = 128, max
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
-        raise ValueError(
-            f"got {len(ids)} tokens, fewer than block_size={block_size}; lower block_size or add text"
-        )
+        raise ValueError(f"got {len(ids)} tokens, fewer than block_size={block_size}; lower block_size or add text")
     blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]})
 
 
-def lm_data_collator(tokenizer, mlm: bool, mlm_probability: float = 0.15, seed: int | None = None):
+def lm_data_collator(
+    tokenizer, mlm: bool, mlm_probability: float = 0.15, seed: int | None = None, per_block: bool = False
+):
     """``DataCollatorForLanguageModeling`` for masked (``mlm=True``) or causal (``mlm=False``) LM.
 
-    A tokenizer without a pad token gets its eos token as pad token (modified in place).
+    ``per_block=True`` (MLM): each block's mask is drawn from a generator seeded by ``seed`` and the block's tokens
+    (:func:`block_seeded_mlm_collator`), so a block is masked the same way whenever it is collated and collation
+    never draws from torch's global RNG. A tokenizer without a pad token gets its eos token (modified in place).
     """
     from transformers import DataCollatorForLanguageModeling
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError("tokenizer has neither a pad token nor an eos token to use as one; set tokenizer.pad_token")
+            raise ValueError(
+                "tokenizer has neither a pad token nor an eos token to use as one; set tokenizer.pad_token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
+    if mlm and per_block:
+        return block_seeded_mlm_collator(tokenizer, mlm_probability, seed or 0)
     return DataCollatorForLanguageModeling(
         tokenizer=tokenizer, mlm=mlm, mlm_probability=mlm_probability if mlm else None, seed=seed
     )
+
+
+def block_seeded_mlm_collator(tokenizer, mlm_probability: float, seed: int):
+    """An MLM collator whose masks depend only on (``seed``, the block's tokens).
+
+    Why: the Trainer restores torch's RNG when it resumes, but its dataloader has already collated the next batch
+    (accelerate looks one batch ahead), so masks drawn from the global RNG — and the dropout after them — differ
+    between a resumed run and the same run uninterrupted. With per-block masks both see identical batches. A block
+    seen twice (several epochs) gets the same mask both times.
+    """
+    import zlib
+
+    import numpy as np
+    import torch
+    from transformers import DataCollatorForLanguageModeling
+
+    class BlockSeededMLMCollator(DataCollatorForLanguageModeling):
+        def torch_mask_tokens(self, inputs, special_tokens_mask=None, offset_mapping=None):
+            rows, labels = [], []
+            for r in range(inputs.shape[0]):
+                key = zlib.crc32(np.asarray(inputs[r].tolist(), dtype=np.int64).tobytes(), seed & 0xFFFFFFFF)
+                self.generator = torch.Generator().manual_seed(key)
+                mask = None if special_tokens_mask is None else special_tokens_mask[r : r + 1]
+                row, label = super().torch_mask_tokens(inputs[r : r + 1].clone(), mask)
+                rows.append(row)
+                labels.append(label)
+            return torch.cat(rows), torch.cat(labels)
+
+    return BlockSeededMLMCollator(tokenizer=tokenizer, mlm=True, mlm_probability=mlm_probability)
 
 
 def is_masked_lm(model) -> bool:
@@ -338,7 +390,11 @@ class ClassificationTask:
 
 
 def bbc_task_sequence(
-    tasks: Sequence[Sequence[str]] = (("business", "entertainment"), ("politics", "sports"), ("tech", "entertainment")),
+    tasks: Sequence[Sequence[str]] = (
+        ("business", "entertainment"),
+        ("politics", "sports"),
+        ("tech", "entertainment"),
+    ),
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
     test_fraction: float = 0.2,
@@ -364,7 +420,10 @@ def bbc_task_sequence(
         rng = random.Random(f"{seed}:{topic}:order")
         rng.shuffle(train_idx)
         rng.shuffle(test_idx)
-        pools[topic] = ([docs[i] for i in train_idx][:max_train_per_class], [docs[i] for i in test_idx][:max_test_per_class])
+        pools[topic] = (
+            [docs[i] for i in train_idx][:max_train_per_class],
+            [docs[i] for i in test_idx][:max_test_per_class],
+        )
 
     out = []
     for k, t in enumerate(tasks):

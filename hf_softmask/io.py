@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["push_saved_to_hub", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "atomic_torch_save", "atomic_replace_dir"]
+__all__ = [
+    "push_saved_to_hub",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "atomic_torch_save",
+    "atomic_replace_dir",
+]
 
 
 def _tmp_beside(path: Path) -> str:
@@ -21,6 +28,10 @@ def _tmp_beside(path: Path) -> str:
 def _commit(tmp: str, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    # mkstemp creates 0600 files; give the result the permissions an ordinary write would (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -40,7 +51,9 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -84,8 +97,10 @@ def atomic_replace_dir(staging: str | os.PathLike, final: str | os.PathLike) -> 
         os.replace(staging, final)
 
 
-def push_saved_to_hub(save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None) -> str:
-    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the commit URL."""
+def push_saved_to_hub(
+    save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None
+) -> str:
+    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

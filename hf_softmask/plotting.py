@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_frontier", "plot_importance", "plot_matrix"]
+__all__ = ["plot_accuracy_matrix", "plot_frontier", "plot_importance", "plot_matrix", "importance_figure"]
 
 
 def _new_figure(figsize) -> Figure:
@@ -59,14 +59,21 @@ def plot_matrix(
     fmt: str = ".2f",
     cmap: str = "viridis",
 ) -> Path:
-    """Annotated heatmap of a score matrix (e.g. accuracy or perplexity per task after each stage); None/NaN cells blank."""
+    """Annotated heatmap of a score matrix (e.g. accuracy or perplexity per task after each stage); None/NaN blank."""
     M = _to_array(A)
     if M.ndim != 2 or M.shape != (len(row_labels), len(col_labels)):
-        raise ValueError(f"matrix shape {M.shape} does not match {len(row_labels)} row and {len(col_labels)} column labels")
+        raise ValueError(
+            f"matrix shape {M.shape} does not match {len(row_labels)} row and {len(col_labels)} column labels"
+        )
     masked = np.ma.masked_invalid(M)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="white")
 
-    fig = _new_figure((1.2 + 0.9 * M.shape[1], 1.0 + 0.7 * M.shape[0]))
+    # Size from the labels: task and class names must fit beside and below the cells.
+    col_lines = [line for c in col_labels for line in str(c).split("\n")]
+    col_w = max(0.9, 0.085 * max((len(line) for line in col_lines), default=1))
+    row_w = 0.08 * max((len(str(r)) for r in row_labels), default=1)
+    n_lines = max((len(str(c).split("\n")) for c in col_labels), default=1)
+    fig = _new_figure((1.6 + row_w + col_w * M.shape[1], 1.4 + 0.7 * M.shape[0] + 0.25 * n_lines))
     ax = fig.add_subplot()
     finite = M[np.isfinite(M)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -82,7 +89,13 @@ def plot_matrix(
             # Pick the annotation colour by the cell's luminance so the number stays readable on any colormap.
             color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
             ax.text(j, i, format(v, fmt), ha="center", va="center", color=color, fontsize=9)
-    ax.set_xticks(range(M.shape[1]), [str(c) for c in col_labels], rotation=30, ha="right")
+    multiline = n_lines > 1
+    ax.set_xticks(
+        range(M.shape[1]),
+        [str(c) for c in col_labels],
+        rotation=0 if multiline else 30,
+        ha="center" if multiline else "right",
+    )
     ax.set_yticks(range(M.shape[0]), [str(r) for r in row_labels])
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
@@ -90,26 +103,62 @@ def plot_matrix(
     return _save(fig, path)
 
 
-def plot_importance(heads, ffn, path: str | os.PathLike, title: str = "") -> Path:
-    """Two heatmaps of unit importance, attention heads ``[L, H]`` and FFN neurons ``[L, I]``, layers on the y axis."""
-    H = _to_array(heads)
-    F = _to_array(ffn)
-    if H.ndim != 2 or F.ndim != 2 or H.shape[0] != F.shape[0]:
-        raise ValueError(f"expected heads [L, H] and ffn [L, I] with the same L, got {H.shape} and {F.shape}")
-    L = H.shape[0]
-    fig = _new_figure((12, 1.5 + 0.35 * L))
-    ax_h, ax_f = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3]})
-    for ax, data, name, xlabel in ((ax_h, H, "attention heads", "head"), (ax_f, F, "FFN neurons", "neuron")):
-        # nearest interpolation: thousands of neurons are downsampled, not blurred into neighbours.
-        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="magma")
-        fig.colorbar(im, ax=ax)
-        ax.set_title(name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(L), [str(i) for i in range(L)])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def importance_figure(panels: dict, title: str = "") -> Figure:
+    """The importance figure: one row per panel (``{label: (heads [L, H], ffn [L, I])}``), attention heads as a
+    heatmap (few enough to read cell by cell) and FFN neurons as one sorted curve per layer (thousands of columns
+    cannot be read as a heatmap; a sorted curve shows how many neurons each layer protects and how strongly)."""
+    rows = []
+    for label, (heads, ffn) in panels.items():
+        H, F = _to_array(heads), _to_array(ffn)
+        if H.ndim != 2 or F.ndim != 2 or H.shape[0] != F.shape[0]:
+            raise ValueError(f"expected heads [L, H] and ffn [L, I] with the same L, got {H.shape} and {F.shape}")
+        rows.append((label, H, F))
+    L = rows[0][1].shape[0]
+    fig = _new_figure((12, 0.6 + max(2.6, 0.35 * L) * len(rows)))
+    axes = fig.subplots(len(rows), 2, gridspec_kw={"width_ratios": [1, 2]}, squeeze=False)
+    colors = matplotlib.colormaps["viridis"]
+    for (label, H, F), (ax_h, ax_f) in zip(rows, axes):
+        im = ax_h.imshow(H, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=1.0)
+        fig.colorbar(im, ax=ax_h)
+        ax_h.set_title(f"{label}: attention heads")
+        ax_h.set_xlabel("head")
+        ax_h.set_ylabel("layer")
+        ax_h.set_yticks(range(L), [str(i) for i in range(L)])
+        ax_h.xaxis.set_major_locator(MaxNLocator(integer=True))
+        n = F.shape[1]
+        x = np.arange(1, n + 1) / n
+        for layer in range(F.shape[0]):
+            ax_f.plot(x, np.sort(F[layer])[::-1], color=colors(layer / max(F.shape[0] - 1, 1)), label=f"layer {layer}")
+        ax_f.set_title(f"{label}: FFN neurons, sorted per layer ({n} per layer)")
+        ax_f.set_xlabel("fraction of the layer's neurons (most important first)")
+        ax_f.set_ylabel("importance")
+        ax_f.set_ylim(-0.02, 1.02)
+        ax_f.grid(True, alpha=0.3)
+        ax_f.legend(fontsize=7, ncol=2 if F.shape[0] > 6 else 1)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def plot_importance(
+    heads, ffn, path: str | os.PathLike, title: str = "", label: str = "importance", extra: dict | None = None
+) -> Path:
+    """Importance of attention heads ``[L, H]`` (heatmap) and FFN neurons ``[L, I]`` (sorted curve per layer);
+    ``extra`` adds rows ``{label: (heads, ffn)}`` below (e.g. the accumulated importance beside a domain's own)."""
+    return _save(importance_figure({label: (heads, ffn), **(extra or {})}, title), path)
+
+
+def plot_accuracy_matrix(
+    A,
+    task_names: Sequence[str],
+    label_names: Sequence[Sequence[str]],
+    path: str | os.PathLike,
+    title: str = "",
+    fmt: str = ".2f",
+) -> Path:
+    """Accuracy after each task (rows) on every task (columns), labelled with the task and its class names."""
+    cols = [f"{name}\n({', '.join(map(str, classes))})" for name, classes in zip(task_names, label_names)]
+    rows = [f"after {name}" for name in task_names[: len(A)]]
+    return plot_matrix(A, rows, cols, path, title=title, fmt=fmt)
 
 
 def plot_frontier(

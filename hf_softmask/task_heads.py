@@ -47,8 +47,17 @@ class MultiTaskClassifier(nn.Module):
         dropout: dropout on the pooled features before the head.
     """
 
-    def __init__(self, backbone: nn.Module, num_labels: Sequence[int], task_names: Sequence[str] | None = None,
-                 pooling: str = "mean", dropout: float = 0.1, hidden_size: int | None = None, seed: int | None = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_labels: Sequence[int],
+        task_names: Sequence[str] | None = None,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        hidden_size: int | None = None,
+        seed: int | None = 0,
+        label_names: Sequence[Sequence[str]] | None = None,
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -59,6 +68,14 @@ class MultiTaskClassifier(nn.Module):
         self.task_names = list(task_names) if task_names is not None else [f"task{t}" for t in range(len(num_labels))]
         if len(self.task_names) != len(self.num_labels):
             raise ValueError(f"{len(self.task_names)} task names for {len(self.num_labels)} tasks")
+        # Class names per task (saved with the heads, so predictions can be read without the training data).
+        self.label_names = (
+            [list(map(str, n)) for n in label_names]
+            if label_names is not None
+            else [[str(c) for c in range(n)] for n in self.num_labels]
+        )
+        if [len(n) for n in self.label_names] != self.num_labels:
+            raise ValueError(f"label_names {self.label_names} do not match num_labels {self.num_labels}")
         self.pooling = pooling
         self.hidden_size = hidden_size or _hidden_size(backbone)
         self.dropout = nn.Dropout(dropout)
@@ -113,8 +130,15 @@ class MultiTaskClassifier(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.heads[task](self.dropout(self.pool(hidden, attention_mask)))
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, task_ids=None,
-                return_dict: bool = True) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        task_ids=None,
+        return_dict: bool = True,
+    ) -> SequenceClassifierOutput:
         """Logits of each example under its task's head; ``task_ids`` ([B] or int) default to ``current_task``."""
         if input_ids is None:
             raise ValueError("input_ids are required")
@@ -139,7 +163,9 @@ class MultiTaskClassifier(nn.Module):
                 for t in tasks:
                     idx = (task_ids == t).nonzero(as_tuple=True)[0]
                     sub = {k: v[idx] for k, v in extra.items()}
-                    part = self._task_logits(t, input_ids[idx], None if attention_mask is None else attention_mask[idx], sub)
+                    part = self._task_logits(
+                        t, input_ids[idx], None if attention_mask is None else attention_mask[idx], sub
+                    )
                     if logits is None:
                         logits = part.new_full((B, width), float("-inf"))
                     logits[idx, : part.shape[1]] = part
@@ -157,8 +183,16 @@ class MultiTaskClassifier(nn.Module):
         """Write ``task_heads.safetensors`` and ``task_heads.json`` (atomically)."""
         directory = Path(directory)
         atomic_save_safetensors({k: v for k, v in self.heads.state_dict().items()}, directory / TASK_HEADS_WEIGHTS)
-        atomic_write_json(directory / TASK_HEADS_CONFIG, {"num_labels": self.num_labels, "task_names": self.task_names,
-                                                          "pooling": self.pooling, "hidden_size": self.hidden_size})
+        atomic_write_json(
+            directory / TASK_HEADS_CONFIG,
+            {
+                "num_labels": self.num_labels,
+                "task_names": self.task_names,
+                "label_names": self.label_names,
+                "pooling": self.pooling,
+                "hidden_size": self.hidden_size,
+            },
+        )
 
     @staticmethod
     def saved_heads_config(directory: str | os.PathLike) -> dict:
@@ -168,11 +202,21 @@ class MultiTaskClassifier(nn.Module):
         return json.loads(path.read_text())
 
     @classmethod
-    def from_pretrained_heads(cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs) -> "MultiTaskClassifier":
+    def from_pretrained_heads(
+        cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs
+    ) -> "MultiTaskClassifier":
         """A classifier over ``backbone`` with the heads saved in ``directory``."""
         from safetensors.torch import load_file
 
         cfg = cls.saved_heads_config(directory)
-        model = cls(backbone, cfg["num_labels"], cfg["task_names"], pooling=cfg["pooling"], hidden_size=cfg["hidden_size"], **kwargs)
+        model = cls(
+            backbone,
+            cfg["num_labels"],
+            cfg["task_names"],
+            pooling=cfg["pooling"],
+            hidden_size=cfg["hidden_size"],
+            label_names=cfg.get("label_names"),
+            **kwargs,
+        )
         model.heads.load_state_dict(load_file(str(Path(directory) / TASK_HEADS_WEIGHTS)))
         return model

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
 from .callback import SoftMaskCallback
 from .compatibility import check_supported
-from .importance import UnitImportance
+from .importance import IMPORTANCE_WEIGHTS, UnitImportance
 from .masking import SoftMaskConfig
 
-__all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer"]
+__all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance"]
 
 
 @dataclass
 class SoftMaskTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the soft-masking settings (each also a command-line flag)."""
 
-    importance_path: str | None = field(default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."})
-    softmask_mode: str = field(default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]})
+    importance_path: str | None = field(
+        default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}
+    )
+    softmask_mode: str = field(
+        default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]}
+    )
     softmask_embeddings: str = field(default="train", metadata={"help": "train | freeze | mean"})
     softmask_norms: str = field(default="train", metadata={"help": "train | freeze | mean"})
     softmask_task_head: str = field(default="train", metadata={"help": "train | freeze | mean"})
@@ -37,11 +43,38 @@ class SoftMaskTrainingArguments(TrainingArguments):
         )
 
 
+def load_importance(path: str | os.PathLike, what: str = "--importance_path") -> UnitImportance:
+    """``UnitImportance.from_pretrained`` whose errors name ``what``, the file and the fix.
+
+    A path that is not a local directory is looked up on the Hub only when it looks like a repo id
+    (``owner/name``) and the Hub is reachable; otherwise the error says that the directory does not exist.
+    """
+    p = Path(path)
+    local_looking = p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not p.is_dir() and (local_looking or offline):
+        raise FileNotFoundError(
+            f"{what} {path}: no such directory (and not looked up on the Hub: "
+            f"{'offline' if offline else 'not an owner/name repo id'}); give the directory holding "
+            f"{IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or a Trainer checkpoint"
+        )
+    try:
+        return UnitImportance.from_pretrained(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what} {path}: {e}") from None
+    except Exception as e:  # truncated or corrupted files: name them
+        raise ValueError(
+            f"{what} {path}: cannot read {p / IMPORTANCE_WEIGHTS if p.is_dir() else path} "
+            f"({type(e).__name__}: {e}); the file is damaged: restore it or recompute the importance"
+        ) from None
+
+
 class SoftMaskTrainer(Trainer):
     """A Trainer that soft-masks by ``importance`` and saves it with every checkpoint.
 
-    ``importance`` may be given directly or through ``args.importance_path``. Without either, it
-    trains like a plain Trainer.
+    ``importance`` may be given directly or through ``args.importance_path``. Without either, it trains like a
+    plain Trainer, except when resumed from one of its own checkpoints: ``train(resume_from_checkpoint=...)``
+    then masks with the importance saved in that checkpoint.
     """
 
     def __init__(self, *args, importance: UnitImportance | None = None, **kwargs):
@@ -49,14 +82,31 @@ class SoftMaskTrainer(Trainer):
         if not isinstance(self.args, SoftMaskTrainingArguments):
             raise TypeError("SoftMaskTrainer needs SoftMaskTrainingArguments (a TrainingArguments subclass)")
         check_supported("SoftMaskTrainer", self.args, self.model)  # refused cells of docs/compatibility.md
+        from .continual.distributed import fix_loss_kwargs
+
+        fix_loss_kwargs(self)  # a model averaging its own loss must not be scaled by the number of processes
         if importance is None and self.args.importance_path:
-            importance = UnitImportance.from_pretrained(self.args.importance_path)
-        self.importance = importance
+            importance = load_importance(self.args.importance_path)
+        self.importance = None
         self.softmask_callback = None
         if importance is not None:
-            self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
-            # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
-            self.callback_handler.callbacks.insert(0, self.softmask_callback)
+            self._use_importance(importance)
+
+    def _use_importance(self, importance: UnitImportance) -> None:
+        self.importance = importance
+        self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
+        # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
+        self.callback_handler.callbacks.insert(0, self.softmask_callback)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and self.importance is None and UnitImportance.exists(checkpoint):
+            self._use_importance(load_importance(checkpoint, what="resume_from_checkpoint"))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)

@@ -100,3 +100,43 @@ def smollm2_dir(tmp_path_factory):
     tok.save_pretrained(d)
     del model
     return d
+
+
+def tiny_runner_flags(model_dir, out, **overrides) -> list[str]:
+    """Flags of a seconds-long continual pre-training run (2 BBC domains, 4 steps each, tiny blocks, no plots).
+
+    ``overrides`` replace or add flags; a value of None gives a bare flag (``--bf16``)."""
+    flags = {
+        "model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
+        "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps": 4,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
+        "logging_steps": 2, "num_threads": 1, "plots": "false", "output_dir": str(out),
+    }
+    flags.update(overrides)
+    return [x for k, v in flags.items() for x in ((f"--{k}",) if v is None else (f"--{k}", str(v)))]
+
+
+#: A script running the pre-training runner with a test callback that kills the process (os._exit(17)) once the
+#: Trainer checkpoint of step S of domain directory D is on disk: ``python worker.py D:S <flags>`` ("none": no kill).
+RUNNER_KILL_WORKER = """
+import os, sys
+from transformers import TrainerCallback
+from hf_softmask.continual import ContinualPretrainer, parse_config
+
+domain, step = sys.argv[1].split(":") if sys.argv[1] != "none" else ("", "0")
+
+class DieAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if domain and args.output_dir.endswith(domain) and state.global_step >= int(step):
+            os._exit(17)
+
+ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run()
+"""
+
+
+def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``num_processes`` processes on this machine (torchrun launcher: gloo on a CPU)."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer
+from conftest import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
-from hf_softmask.continual import ContinualPretrainingArguments, mark_beyond_frontier, parse_config, run_continual_pretraining
+from hf_softmask.continual import (
+    ContinualPretrainingArguments,
+    mark_beyond_frontier,
+    parse_config,
+    run_continual_pretraining,
+)
 from hf_softmask.importance import UnitImportance
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "continual_pretrain.py"
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +32,16 @@ def tiny_mlm_dir(tmp_path_factory, minilm_dir):
 
 
 def tiny_args(model_dir, out, **kw) -> list[str]:
-    """Command-line flags of a seconds-long run: 2 BBC domains, 4 steps each, tiny blocks."""
-    flags = {
-        "model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
-        "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps_per_domain": 4,
-        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
-        "logging_steps": 2, "lm_head_warmup_steps": 2, "num_threads": 1, "output_dir": str(out),
-    }
-    flags.update(kw)
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    """Flags of a seconds-long run, with an LM-head warm-up and plots."""
+    return tiny_runner_flags(model_dir, out, **{"lm_head_warmup_steps": 2, "plots": "true", **kw})
 
 
 def test_yaml_config_and_flag_override(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model_name_or_path: minilm\ndomains: [business, {name: mine, path: /tmp}]\nlearning_rate: 3.0e-5\nmask_power: 2.0\n")
+    cfg.write_text(
+        "model_name_or_path: minilm\ndomains: [business, {name: mine, path: /tmp}]\n"
+        "learning_rate: 3.0e-5\nmask_power: 2.0\n"
+    )
     args = parse_config(["--config", str(cfg), "--learning_rate", "1e-4"])
     assert args.learning_rate == 1e-4 and args.mask_power == 2.0
     assert args.domains == ["business", {"name": "mine", "path": "/tmp"}]
@@ -103,15 +103,23 @@ def test_frontier_marks_only_runs_beyond_every_comparable_baseline():
 
 
 def _digest(directory: Path) -> dict[str, tuple[str, int]]:
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file()}
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
 def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT), *tiny_args(tiny_mlm_dir, out, strategy="das")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_SOFTMASK_FAIL_AFTER_SAVE": "2:2"}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    worker = tmp_path / "worker.py"
+    worker.write_text(RUNNER_KILL_WORKER)
+    flags = tiny_args(tiny_mlm_dir, out, strategy="das")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, str(worker), "2_sports:2", *flags], env=env, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == 17, killed.stderr[-3000:]
     assert (out / "1_business").is_dir() and not (out / "2_sports").exists()
     assert (out / ".trainer" / "2_sports" / "checkpoint-2").is_dir()
@@ -120,8 +128,9 @@ def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_pa
     first = _digest(out / "1_business")
     importance_before = UnitImportance.from_pretrained(out / "1_business")
 
-    env.pop("HF_SOFTMASK_FAIL_AFTER_SAVE")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(worker), "none", *flags], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _digest(out / "1_business") == first  # neither retrained nor rewritten
     state = json.loads((out / "state.json").read_text())
@@ -132,8 +141,13 @@ def test_resume_after_kill_does_not_retrain_finished_domain(tiny_mlm_dir, tmp_pa
     assert torch.all(final.heads >= importance_before.heads)
     assert json.loads((out / "results.json").read_text())["complete"]
     assert not list(out.glob(".staging_*")) and not (out / ".trainer" / "2_sports").exists()
-    for png in ("perplexity_matrix.png", "plots/importance_0_base.png", "plots/importance_1_business.png",
-                "plots/importance_2_sports.png", "2_sports/importance.png"):
+    for png in (
+        "perplexity_matrix.png",
+        "plots/importance_0_base.png",
+        "plots/importance_1_business.png",
+        "plots/importance_2_sports.png",
+        "2_sports/importance.png",
+    ):
         assert (out / png).stat().st_size > 0, png
 
 

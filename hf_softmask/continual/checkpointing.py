@@ -9,13 +9,49 @@ from pathlib import Path
 
 from ..io import atomic_replace_dir, atomic_write_json
 
-__all__ = ["RunState", "stage_dir", "domain_dir_name", "last_trainer_checkpoint", "RunMismatchError"]
+__all__ = [
+    "RunState",
+    "stage_dir",
+    "domain_dir_name",
+    "last_trainer_checkpoint",
+    "RunMismatchError",
+    "DamagedRunError",
+]
 
 STATE_FILE = "state.json"
+OVERWRITE_HINT = "use a new --output_dir, or pass --overwrite_output_dir to delete it and start over"
 
 
 class RunMismatchError(RuntimeError):
-    """``output_dir`` holds a run with different settings than the ones given now."""
+    """``output_dir`` holds a run with different settings, another kind of run, or files of something else."""
+
+
+class DamagedRunError(RuntimeError):
+    """A file of a run directory cannot be read (truncated, corrupted)."""
+
+
+def _normalised(obj):
+    """The JSON form of ``obj`` (what a saved fingerprint is compared against)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _clear(directory: Path) -> None:
+    """Delete the entries of ``directory`` (--overwrite_output_dir); never a directory holding the working one."""
+    resolved = directory.resolve()
+    if (
+        resolved == Path.home().resolve()
+        or resolved in Path.cwd().resolve().parents
+        or resolved == Path.cwd().resolve()
+    ):
+        raise RunMismatchError(
+            f"--overwrite_output_dir refuses to empty {directory}: it holds the working or home "
+            "directory; give a dedicated --output_dir"
+        )
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def domain_dir_name(index: int, name: str) -> str:
@@ -25,27 +61,90 @@ def domain_dir_name(index: int, name: str) -> str:
 
 
 class RunState:
-    """``output_dir/state.json``: the settings fingerprint, finished stages and their evaluation rows.
+    """``output_dir/state.json``: the settings fingerprint (run kind included), finished stages and their rows.
 
-    Only the main process writes it, atomically, after the stage's directory is in place, so a crash leaves
-    either the old state or the new one and every stage the state lists is complete on disk.
+    It is the first file a run writes (:meth:`start`) and marks the directory as that run's: a directory with other
+    settings, another kind of run, or files but no state.json is refused unless ``overwrite`` (then emptied). Only
+    the main process writes it, atomically, after the stage's directory is in place, so a crash leaves either the
+    old state or the new one and every stage the state lists is complete on disk.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, fingerprint: dict):
+    def __init__(self, output_dir: str | os.PathLike, fingerprint: dict, overwrite: bool = False):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / STATE_FILE
-        self.fingerprint = fingerprint
-        self.data = {"fingerprint": fingerprint, "base": None, "domains": []}
-        if self.path.is_file():
+        self.fingerprint = _normalised(fingerprint)
+        self.data = {"fingerprint": self.fingerprint, "base": None, "domains": []}
+        self._damage = None
+        problem = self._problem()
+        if self._damage is not None and not overwrite:
+            raise self._damage
+        if problem and not overwrite:
+            raise RunMismatchError(f"{problem}; {OVERWRITE_HINT}")
+        self._needs_clear = bool(problem)
+        if not problem and self.path.is_file():
+            self.data = self._read()
+
+    def _read(self) -> dict:
+        try:
             saved = json.loads(self.path.read_text())
-            if saved.get("fingerprint") != fingerprint:
-                diff = {k: (saved.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                        if saved.get("fingerprint", {}).get(k) != v}
-                raise RunMismatchError(
-                    f"{self.output_dir} holds a run with other settings (saved vs now: {diff}); "
-                    "use a new --output_dir, or delete the old one to start over"
+            if not isinstance(saved, dict) or not {"fingerprint", "base", "domains"} <= set(saved):
+                raise ValueError("not a run state (keys fingerprint, base, domains missing)")
+            return saved
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedRunError(
+                f"{self.path} is damaged ({e}); restore it from a copy, or {OVERWRITE_HINT}"
+            ) from None
+
+    def _problem(self) -> str | None:
+        """Why ``output_dir`` is not this run's (None when it is, or is empty/absent)."""
+        if self.path.is_file():
+            try:
+                saved = self._read().get("fingerprint", {})
+            except DamagedRunError as e:
+                self._damage = e
+                return str(e)
+            if saved.get("runner", self.fingerprint.get("runner")) != self.fingerprint.get("runner"):
+                return (
+                    f"{self.output_dir} holds a {saved.get('runner')} run, not a {self.fingerprint.get('runner')} run"
                 )
-            self.data = saved
+            if saved != self.fingerprint:
+                diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+                diff.update({k: (v, None) for k, v in saved.items() if k not in self.fingerprint})
+                return f"{self.output_dir} holds a run with other settings (saved vs now: {diff})"
+            return None
+        if self.output_dir.is_dir() and any(self.output_dir.iterdir()):
+            names = sorted(p.name for p in self.output_dir.iterdir())[:5]
+            return (f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: "
+                    "not a run of this runner")
+        return None
+
+    def check_writable(self) -> None:
+        """Refuse an output_dir the run cannot write (read-only, no permission), before any work is done."""
+        import tempfile
+
+        target = (
+            self.output_dir
+            if self.output_dir.is_dir()
+            else next((p for p in self.output_dir.parents if p.is_dir()), Path("."))
+        )
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write_test.", dir=target)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise PermissionError(
+                e.errno, f"cannot write to --output_dir {self.output_dir} ({e.strerror}); give a writable directory"
+            ) from None
+
+    def start(self) -> None:
+        """Empty a directory of another run (``overwrite``), create it and write state.json before any other file
+        (main process, once every setting has been checked)."""
+        if self._needs_clear:
+            _clear(self.output_dir)
+            self._needs_clear = False
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file():
+            self.save()
 
     @property
     def base(self) -> dict | None:
@@ -68,7 +167,7 @@ class RunState:
         """Directory of the last finished stage (domain, else base), None before anything finished."""
         if self.done:
             return self.output_dir / self.done[-1]["dir"]
-        if self.base:
+        if self.base and self.base.get("dir"):
             return self.output_dir / self.base["dir"]
         return None
 
@@ -98,3 +197,66 @@ def last_trainer_checkpoint(directory: str | os.PathLike) -> str | None:
         if step.isdigit() and (p / "trainer_state.json").is_file():
             ckpts.append((int(step), p))
     return str(max(ckpts)[1]) if ckpts else None
+
+
+# -- integrity of what a resume reads --------------------------------------------------------------------------------
+def file_digests(directory: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file directly in ``directory`` (recorded in state.json when a stage is published)."""
+    import hashlib
+
+    out = {}
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[path.name] = h.hexdigest()
+    return out
+
+
+def verify_stage(directory: Path, digests: dict | None) -> None:
+    """Check a finished stage against the checksums recorded when it was saved; DamagedRunError names the file."""
+    if not directory.is_dir():
+        raise DamagedRunError(
+            f"{directory} is missing but {STATE_FILE} lists it as finished; restore it, or {OVERWRITE_HINT}"
+        )
+    if not digests:
+        verify_readable(directory, "restore it, or " + OVERWRITE_HINT)
+        return
+    now = file_digests(directory)
+    for name, digest in digests.items():
+        if name not in now:
+            raise DamagedRunError(
+                f"{directory / name} is missing (it was saved with the stage); restore it, or {OVERWRITE_HINT}"
+            )
+        if now[name] != digest:
+            raise DamagedRunError(
+                f"{directory / name} is damaged (its checksum differs from the one recorded when "
+                f"it was saved); restore it, or {OVERWRITE_HINT}"
+            )
+
+
+def verify_readable(directory: Path, fix: str) -> None:
+    """Structural check of the files a resume reads (JSON parses, safetensors headers cover the file, torch zip
+    archives pass their CRC check); DamagedRunError names the first bad file and ``fix``."""
+    import zipfile
+
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad} fails its CRC check")
+        except Exception as e:  # any reader error means the same thing here: this file cannot be used
+            raise DamagedRunError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None

@@ -1,107 +1,345 @@
-"""Configuration of a continual pre-training run: one dataclass, read from YAML and overridable by flags."""
+"""Settings of a continual pre-training run: ``TrainingArguments`` plus the runner's own fields.
+
+Every Trainer flag (``--bf16``, ``--gradient_checkpointing``, ``--optim``, ``--report_to``, ``--fsdp``, ...) keeps its
+usual meaning and reaches the Trainer of every domain; the per-domain meaning of steps, schedules and checkpoints
+is in docs/runners.md. Flags the runner cannot honour are refused (:mod:`.cli`).
+"""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+import math
+from dataclasses import dataclass, field, fields
 
-import yaml
+from transformers import TrainingArguments
 
-from ..masking import SoftMaskConfig
+from ..masking import MODES, POLICIES, SoftMaskConfig
+from .cli import (
+    parse_with_yaml,
+    refuse_unsupported_trainer_flags,
+    require_choice,
+    require_positive,
+    require_steps,
+    use_cpu_without_cuda,
+)
 
-__all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list"]
+__all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
+
+PROG = "continual_pretrain.py"
+
+#: Settings that do not change what a run computes: they may differ when a run is resumed.
+NOT_IN_FINGERPRINT = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "run_name",
+        "report_to",
+        "project",
+        "logging_strategy",
+        "logging_steps",
+        "logging_first_step",
+        "logging_nan_inf_filter",
+        "log_level",
+        "log_level_replica",
+        "log_on_each_node",
+        "disable_tqdm",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "save_only_model",
+        "save_on_each_node",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+        "hub_private_repo",
+        "hub_strategy",
+        "hub_always_push",
+        "hub_revision",
+        "plots",
+        "keep_domain_weights",
+        "learning_rates",
+        "strategies",
+        "frontier_runs",
+        "num_threads",
+        "per_device_eval_batch_size",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "ddp_timeout",
+        "ddp_backend",
+        "ddp_bucket_cap_mb",
+        "local_rank",
+        "debug",
+        "skip_memory_metrics",
+        "resume_from_checkpoint",
+        "register_architecture",
+        "torch_compile_backend",
+        "torch_compile_mode",
+        "max_steps_per_domain",
+        "include_num_input_tokens_seen",
+        "enable_jit_checkpoint",
+        "torch_empty_cache_steps",
+        "accelerator_config",
+        "trackio_space_id",
+        "trackio_bucket_id",
+        "trackio_static_space_id",
+        "use_cpu",
+        "restore_callback_states_from_checkpoint",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "torch_compile",
+    }
+)
+
+
+def _help(text: str, choices=None) -> dict:
+    return {"help": text, **({"choices": list(choices)} if choices else {})}
 
 
 @dataclass
-class ContinualPretrainingArguments:
-    """Everything a continual pre-training run needs. Every field is also a ``--flag`` that overrides the YAML."""
+class ContinualPretrainingArguments(TrainingArguments):
+    """Everything a continual pre-training run needs; every field is also a ``--flag`` that overrides the YAML.
+
+    Trainer fields apply to each domain's Trainer: ``max_steps`` / ``num_train_epochs`` are per domain, the
+    learning-rate schedule (warm-up included) restarts at every domain, ``save_steps`` checkpoints inside a domain.
+    """
+
+    # -- Trainer fields whose defaults differ from TrainingArguments (CPU-sized, per domain) ----------------------
+    output_dir: str | None = field(
+        default="outputs/continual_pretrain",
+        metadata=_help("Run directory: 0_base/, <k>_<domain>/ checkpoints, results.json, plots, state.json."),
+    )
+    max_steps: int = field(
+        default=30,
+        metadata=_help(
+            "Optimizer steps PER DOMAIN (the schedule restarts at each domain); -1 trains num_train_epochs per domain."
+        ),
+    )
+    num_train_epochs: float = field(default=1.0, metadata=_help("Epochs per domain when max_steps is -1."))
+    per_device_eval_batch_size: int = field(default=16, metadata=_help("Batch size of the runner's evaluation."))
+    save_steps: float = field(
+        default=10, metadata=_help("Trainer checkpoint interval inside a domain (the resume point after a crash).")
+    )
+    logging_steps: float = field(default=10, metadata=_help("Trainer logging interval, in steps of the domain."))
+    save_total_limit: int | None = field(default=1, metadata=_help("Trainer checkpoints kept inside a domain."))
+    run_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "Label of the run in frontier tables and trackers (default: the strategy name); each domain's Trainer "
+            "logs as <run_name>/<k>_<domain>."
+        ),
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata=_help(
+            "Optimizer of every domain (any Trainer --optim; adamw_torch_fused is the Trainer's own default)."
+        ),
+    )
 
     # -- model and data ---------------------------------------------------------------------------------------
-    model_name_or_path: str = field(default="minilm", metadata={"help": "Checkpoint directory, or the shipped shortcuts 'minilm' (MLM) / 'smollm2' (causal LM)."})
-    objective: str = field(default="auto", metadata={"help": "'auto' (from the model: ForMaskedLM -> mlm, else clm), 'mlm' or 'clm'."})
-    domains: list[str] = field(default_factory=lambda: ["business", "sports", "tech"], metadata={"help": "Ordered domains: BBC topic names, 'name=/dir/or/glob*.txt', 'name=hf:<dataset or save_to_disk dir>'; in YAML also dicts accepted by hf_softmask.data.load_domains."})
-    max_train_docs: int | None = field(default=None, metadata={"help": "Cap on training documents per domain."})
-    max_eval_docs: int | None = field(default=None, metadata={"help": "Cap on held-out documents per domain."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of each domain's documents held out for evaluation."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training/evaluation block."})
-    max_train_blocks: int | None = field(default=None, metadata={"help": "Cap on training blocks per domain."})
-    max_eval_blocks: int = field(default=16, metadata={"help": "Evaluation blocks per domain (and for general text)."})
-    importance_blocks: int = field(default=64, metadata={"help": "Importance sample size: blocks used for each importance estimate (split across processes)."})
-    general_importance_source: str = field(default="domain", metadata={"help": "Data for the general-knowledge (kl_dropout) importance: 'domain' (the first domain's training text, as in DAS) or 'general' (general text)."})
-    mlm_probability: float = field(default=0.15, metadata={"help": "Masking probability for MLM models."})
+    model_name_or_path: str = field(
+        default="minilm",
+        metadata=_help("Checkpoint directory, or the shipped shortcuts 'minilm' (MLM) / 'smollm2' (causal LM)."),
+    )
+    objective: str = field(
+        default="auto",
+        metadata=_help(
+            "'auto' (from the model: ForMaskedLM -> mlm, else clm), 'mlm' or 'clm'.", ("auto", "mlm", "clm")
+        ),
+    )
+    domains: list[str] = field(
+        default_factory=lambda: ["business", "sports", "tech"],
+        metadata=_help(
+            "Ordered domains: BBC topic names, 'name=/dir/or/glob*.txt', 'name=hf:<dataset or save_to_disk dir>'; "
+            "in YAML also dicts accepted by hf_softmask.data.load_domains."
+        ),
+    )
+    max_train_docs: int | None = field(
+        default=None, metadata=_help("Cap on training documents per domain (default: all).")
+    )
+    max_eval_docs: int | None = field(
+        default=None, metadata=_help("Cap on held-out documents per domain (default: all).")
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata=_help("Fraction of each domain's documents held out for evaluation.")
+    )
+    block_size: int = field(default=128, metadata=_help("Tokens per training/evaluation block."))
+    max_train_blocks: int | None = field(
+        default=None, metadata=_help("Cap on training blocks per domain (default: all).")
+    )
+    max_eval_blocks: int = field(default=16, metadata=_help("Evaluation blocks per domain (and for general text)."))
+    importance_blocks: int = field(
+        default=64,
+        metadata=_help("Importance sample size: blocks used for each importance estimate (split across processes)."),
+    )
+    general_importance_source: str = field(
+        default="domain",
+        metadata=_help(
+            "Data for the general-knowledge (kl_dropout) importance: 'domain' (the first domain's training text, "
+            "as in "
+            "DAS) or 'general' (general text).",
+            ("domain", "general"),
+        ),
+    )
+    mlm_probability: float = field(default=0.15, metadata=_help("Masking probability for MLM models."))
+    register_architecture: str | None = field(
+        default=None,
+        metadata=_help(
+            "module:function[,module:function] called before the model is loaded, to register a model type that "
+            "hf_softmask does not know (the function calls hf_softmask.register_architecture)."
+        ),
+    )
 
     # -- strategy ---------------------------------------------------------------------------------------------
-    strategy: str = field(default="das", metadata={"help": "Strategy name from hf_softmask.strategies.registry declaring 'pretrain' ('das', 'ncl' = plain sequential training)."})
-    strategy_kwargs: str | None = field(default=None, metadata={"help": "Extra keyword settings of the strategy, as a JSON object (in YAML also a mapping), e.g. '{\"ewc_lambda\": 100}'."})
-    softmask_mode: str = field(default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]})
-    softmask_embeddings: str = field(default="train", metadata={"help": "Embeddings policy: train | freeze | mean."})
-    softmask_norms: str = field(default="train", metadata={"help": "LayerNorm/RMSNorm policy: train | freeze | mean."})
-    softmask_task_head: str = field(default="train", metadata={"help": "LM-head policy: train | freeze | mean."})
-    softmask_other: str = field(default="train", metadata={"help": "Policy for other unowned parameters: train | freeze | mean."})
-    mask_power: float = field(default=1.0, metadata={"help": "Soft mask = 1 - I**mask_power."})
-    contrastive_weight: float = field(default=1.0, metadata={"help": "λ of the DAS contrastive term (0 = off)."})
-    contrastive_temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (cosine similarity)."})
-    perturbation_dropout: float = field(default=0.1, metadata={"help": "Dropout on unit outputs for models without dropout (importance views and contrastive views)."})
+    strategy: str = field(
+        default="das",
+        metadata=_help(
+            "Strategy declaring 'pretrain' in hf_softmask.strategies.registry "
+            "('das', 'ncl' = plain sequential training)."
+        ),
+    )
+    strategy_kwargs: str | None = field(
+        default=None,
+        metadata=_help(
+            "Extra keyword settings of the strategy, as a JSON object (in YAML also a mapping), "
+            "e.g. '{\"ewc_lambda\": 100}'."
+        ),
+    )
+    softmask_mode: str = field(
+        default="update", metadata=_help(SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"], MODES)
+    )
+    softmask_embeddings: str = field(default="train", metadata=_help("Embeddings policy.", POLICIES))
+    softmask_norms: str = field(default="train", metadata=_help("LayerNorm/RMSNorm policy.", POLICIES))
+    softmask_task_head: str = field(default="train", metadata=_help("LM-head policy.", POLICIES))
+    softmask_other: str = field(default="train", metadata=_help("Policy for other unowned parameters.", POLICIES))
+    mask_power: float = field(default=1.0, metadata=_help("Soft mask = 1 - I**mask_power."))
+    contrastive_weight: float = field(default=1.0, metadata=_help("λ of the DAS contrastive term (0 = off)."))
+    contrastive_temperature: float = field(default=0.05, metadata=_help("InfoNCE temperature (cosine similarity)."))
+    perturbation_dropout: float = field(
+        default=0.1,
+        metadata=_help("Dropout on unit outputs for models without dropout (importance views and contrastive views)."),
+    )
 
-    # -- training ---------------------------------------------------------------------------------------------
-    max_steps_per_domain: int = field(default=30, metadata={"help": "Optimizer steps per domain; <= 0 trains num_train_epochs per domain instead."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per domain when max_steps_per_domain <= 0."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Training batch size per process."})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning-rate schedule within each domain."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up fraction of each domain's steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    lm_head_warmup_steps: int = field(default=0, metadata={"help": "Before anything else, fit the LM head alone (base frozen) on general text for this many steps (for checkpoints whose LM head is freshly initialised, e.g. the shipped MiniLM)."})
-    lm_head_warmup_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the LM-head warm-up."})
-    seed: int = field(default=42, metadata={"help": "Random seed."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads for CPU runs (None: torch's default)."})
-
-    # -- output -----------------------------------------------------------------------------------------------
-    output_dir: str = field(default="outputs/continual_pretrain", metadata={"help": "Run directory: <k>_<domain>/ checkpoints, results.json, plots, state.json."})
-    run_name: str | None = field(default=None, metadata={"help": "Label of this run in frontier tables (default: the strategy name)."})
-    save_steps: int = field(default=10, metadata={"help": "Trainer checkpoint interval inside a domain (resume point after a crash)."})
-    logging_steps: int = field(default=10, metadata={"help": "Trainer logging interval."})
-    plots: bool = field(default=True, metadata={"help": "Write PNG plots (perplexity matrix, importance heatmaps)."})
-    keep_domain_weights: str = field(default="all", metadata={"help": "'all': every <k>_<domain>/ keeps its weights; 'last': weights of earlier domains are deleted once the next one is saved (importance, card and config stay)."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Publish every domain checkpoint to the Hub as <hub_model_id>-<k>-<domain>."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id prefix for --push_to_hub."})
-    hub_private: bool = field(default=False, metadata={"help": "Create private Hub repos."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    # -- runner -----------------------------------------------------------------------------------------------
+    max_steps_per_domain: int | None = field(
+        default=None,
+        metadata=_help("Old name of --max_steps (per domain); a value <= 0 means -1. Prefer --max_steps."),
+    )
+    lm_head_warmup_steps: int = field(
+        default=0,
+        metadata=_help(
+            "Before anything else, fit the LM head alone (base frozen) on general text for this many steps (for "
+            "checkpoints whose LM head is freshly initialised, e.g. the shipped MiniLM)."
+        ),
+    )
+    lm_head_warmup_lr: float = field(default=1e-3, metadata=_help("Learning rate of the LM-head warm-up."))
+    num_threads: int | None = field(
+        default=None, metadata=_help("torch.set_num_threads for CPU runs (default: torch's own choice).")
+    )
+    plots: bool = field(default=True, metadata=_help("Write PNG plots (perplexity matrix, importance)."))
+    keep_domain_weights: str = field(
+        default="all",
+        metadata=_help(
+            "'all': every <k>_<domain>/ keeps its weights; 'last': weights of earlier domains are deleted once the "
+            "next "
+            "one is saved (importance, card and config stay).",
+            ("all", "last"),
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Start over in an output_dir that holds another run (its files are deleted).")
+    )
 
     # -- sweep ------------------------------------------------------------------------------------------------
-    learning_rates: str | None = field(default=None, metadata={"help": "Comma-separated learning rates: run every (strategy, lr) into its own subdirectory and write frontier.json/.md/.png."})
-    strategies: str | None = field(default=None, metadata={"help": "Comma-separated strategies for the sweep (default: the single --strategy)."})
-    frontier_runs: str | None = field(default=None, metadata={"help": "Comma-separated run directories or globs with results.json: only (re)write the frontier of these runs into output_dir, train nothing."})
+    learning_rates: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated learning rates: run every (strategy, lr) into its own subdirectory and write "
+            "frontier.json/.md/.png."
+        ),
+    )
+    strategies: str | None = field(
+        default=None, metadata=_help("Comma-separated strategies for the sweep (default: the single --strategy).")
+    )
+    frontier_runs: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated run directories or globs with results.json: only (re)write the frontier of these runs "
+            "into output_dir, train nothing."
+        ),
+    )
 
     def __post_init__(self):
         if isinstance(self.domains, str):
             self.domains = [self.domains]
-        # "--domains business,sports" and "--domains business sports" mean the same; "name=source" stays whole.
-        self.domains = [part for d in self.domains for part in (parse_str_list(d) if isinstance(d, str) and "=" not in d else [d])]
+        # "--domains business,sports" and "--domains business sports" mean the same, "name=source" entries included
+        # (a source with a comma in it needs the YAML form {name: ..., path: ...}).
+        self.domains = [part for d in self.domains for part in (parse_str_list(d) if isinstance(d, str) else [d])]
+        if self.max_steps_per_domain is not None:
+            self.max_steps = self.max_steps_per_domain if self.max_steps_per_domain > 0 else -1
+            self.max_steps_per_domain = None
+        self.validate()
+        refuse_unsupported_trainer_flags(self, "pre-training")
+        use_cpu_without_cuda(self)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Every setting checked before anything is written; each error names the flag."""
         if not self.domains:
-            raise ValueError("domains is empty: give at least one domain (e.g. --domains business sports tech)")
-        if self.objective not in ("auto", "mlm", "clm"):
-            raise ValueError(f"objective must be 'auto', 'mlm' or 'clm', got {self.objective!r}")
-        if self.general_importance_source not in ("domain", "general"):
-            raise ValueError(f"general_importance_source must be 'domain' or 'general', got {self.general_importance_source!r}")
-        if self.keep_domain_weights not in ("all", "last"):
-            raise ValueError(f"keep_domain_weights must be 'all' or 'last', got {self.keep_domain_weights!r}")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (the repo id prefix, e.g. 'me/minilm-das')")
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
-        self.softmask_config()  # validates modes and policies early
+            raise ValueError("--domains is empty: give at least one domain (e.g. --domains business sports tech)")
+        require_choice("objective", self.objective, ("auto", "mlm", "clm"))
+        require_choice("general_importance_source", self.general_importance_source, ("domain", "general"))
+        require_choice("keep_domain_weights", self.keep_domain_weights, ("all", "last"))
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        if self.block_size is None or self.block_size < 2:
+            raise ValueError(f"--block_size must be >= 2, got {self.block_size}")
+        require_steps(self.max_steps, self.num_train_epochs, "domain")
+        for name in (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "importance_blocks",
+            "max_eval_blocks",
+            "contrastive_temperature",
+            "mask_power",
+            "lm_head_warmup_lr",
+            "save_steps",
+            "logging_steps",
+        ):
+            require_positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "contrastive_weight", "lm_head_warmup_steps"):
+            require_positive(name, getattr(self, name), allow_zero=True)
+        for name in ("max_train_docs", "max_eval_docs", "max_train_blocks", "num_threads"):
+            require_positive(name, getattr(self, name), allow_none=True)
+        for name in ("eval_fraction", "mlm_probability"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
+                raise ValueError(f"--{name} must lie strictly between 0 and 1, got {value!r}")
+        if not (0 <= self.perturbation_dropout < 1):
+            raise ValueError(f"--perturbation_dropout must lie in [0, 1), got {self.perturbation_dropout!r}")
+        for lr in parse_float_list(self.learning_rates):
+            require_positive("learning_rates", lr)
+        self.softmask_config()  # modes and policies
 
     def softmask_config(self) -> SoftMaskConfig:
-        return SoftMaskConfig(mode=self.softmask_mode, embeddings=self.softmask_embeddings, norms=self.softmask_norms,
-                              task_head=self.softmask_task_head, other=self.softmask_other, mask_power=self.mask_power)
+        return SoftMaskConfig(
+            mode=self.softmask_mode,
+            embeddings=self.softmask_embeddings,
+            norms=self.softmask_norms,
+            task_head=self.softmask_task_head,
+            other=self.softmask_other,
+            mask_power=self.mask_power,
+        )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def fingerprint(self) -> dict:
+        """The settings that decide what the run computes (a resumed run must match them)."""
+        d = self.to_dict()
+        return {f.name: d[f.name] for f in fields(self) if f.init and f.name in d and f.name not in NOT_IN_FINGERPRINT}
 
 
 def parse_float_list(value) -> list[float]:
@@ -121,23 +359,13 @@ def parse_str_list(value) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
+def _yaml_values(data: dict) -> dict:
+    if "max_steps_per_domain" in data and "max_steps" not in data:
+        steps = data.pop("max_steps_per_domain")
+        data["max_steps"] = steps if steps is not None and steps > 0 else -1
+    return data
+
+
 def parse_config(argv: list[str] | None = None) -> ContinualPretrainingArguments:
     """``--config file.yaml`` gives the defaults; every other flag overrides its YAML value."""
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ContinualPretrainingArguments)
-    parser.add_argument("--config", default=None, help="YAML file of ContinualPretrainingArguments fields.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        data = yaml.safe_load(Path(known.config).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{known.config}: expected a mapping of field: value at the top level")
-        names = {f.name for f in fields(ContinualPretrainingArguments)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown field(s) {unknown}; run with --help for the list of fields")
-        # argparse converts only string defaults; YAML lists (domains as dicts, learning_rates) pass through as is.
-        parser.set_defaults(**data)
-    # The --config flag itself comes back as an extra namespace after the dataclass.
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)[0]
+    return parse_with_yaml((ContinualPretrainingArguments,), argv, PROG, yaml_hook=_yaml_values)[0]

@@ -26,7 +26,9 @@ class FixedEvalSet:
 
     def __init__(self, name: str, dataset, collator, batch_size: int = 16, seed: int = 0):
         if len(dataset) == 0:
-            raise ValueError(f"evaluation set {name!r} is empty; give the domain more evaluation text or a smaller block_size")
+            raise ValueError(
+                f"evaluation set {name!r} is empty; give the domain more evaluation text or a smaller block_size"
+            )
         self.name = name
         rows = [dataset[i] for i in range(len(dataset))]
         state = torch.random.get_rng_state()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,44 +44,107 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
 
-from ..assets import load_smollm2, resolve_model_path
+from ..assets import check_model_source, load_smollm2, resolve_model_path
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
-from ..io import atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_json
 from ..metrics import load_metric
-from ..plotting import plot_matrix
+from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
+from .cli import (
+    check_process_group,
+    parse_with_yaml,
+    refuse_unsupported_trainer_flags,
+    register_architectures,
+    require_choice,
+    require_positive,
+    require_steps,
+    use_cpu_without_cuda,
+)
+from .distributed import fix_loss_kwargs
 
-__all__ = ["ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments", "run_continual_finetune", "evaluate_task",
-           "build_optimizer", "load_backbone", "parse_finetune_config", "DEFAULT_TASKS"]
+__all__ = [
+    "ContinualFinetuneArguments",
+    "ContinualFinetuneTrainingArguments",
+    "run_continual_finetune",
+    "evaluate_task",
+    "build_optimizer",
+    "load_backbone",
+    "parse_finetune_config",
+    "DEFAULT_TASKS",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ["business,entertainment", "politics,sports", "tech,entertainment"]
+PROG = "continual_finetune.py"
 
 
 @dataclass
 class ContinualFinetuneArguments:
     """What to learn in sequence, with which model and strategy."""
 
-    model_name_or_path: str = field(default="minilm", metadata={"help": "Base model: a path, a Hub id, or the shipped 'minilm' / 'smollm2'."})
-    strategy: str = field(default="tss", metadata={"help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
-                                                            "(see hf_softmask.strategies.available_strategies())."})
-    strategy_kwargs: Optional[str] = field(default=None, metadata={"help": "JSON object of keyword settings for the strategy, "
-                                                                            "e.g. '{\"mode\": \"grad\"}' (a mapping in YAML)."})
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS),
-                             metadata={"help": "BBC News tasks in order, each a comma-separated list of topics (its classes), "
-                                               "e.g. business,entertainment politics,sports."})
-    max_train_per_class: Optional[int] = field(default=32, metadata={"help": "Training articles per class and task (None: all)."})
-    max_test_per_class: Optional[int] = field(default=20, metadata={"help": "Test articles per class and task (None: all)."})
+    model_name_or_path: str = field(
+        default="minilm", metadata={"help": "Base model: a path, a Hub id, or the shipped 'minilm' / 'smollm2'."}
+    )
+    strategy: str = field(
+        default="tss",
+        metadata={
+            "help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
+            "(see hf_softmask.strategies.available_strategies())."
+        },
+    )
+    strategy_kwargs: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of keyword settings for the strategy, e.g. \'{"mode": "grad"}\' (a mapping in YAML).'
+        },
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TASKS),
+        metadata={
+            "help": "BBC News tasks in order, each a comma-separated list of topics (its classes), "
+            "e.g. business,entertainment politics,sports."
+        },
+    )
+    max_train_per_class: Optional[int] = field(
+        default=32, metadata={"help": "Training articles per class and task (None: all)."}
+    )
+    max_test_per_class: Optional[int] = field(
+        default=20, metadata={"help": "Test articles per class and task (None: all)."}
+    )
     test_fraction: float = field(default=0.2, metadata={"help": "Fraction of each topic held out for testing."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and subsampling."})
     max_length: int = field(default=64, metadata={"help": "Tokens per article (truncation)."})
-    pooling: str = field(default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."})
-    head_learning_rate: Optional[float] = field(default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."})
+    pooling: str = field(
+        default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."}
+    )
+    head_learning_rate: Optional[float] = field(
+        default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."}
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of evaluation and of after_task passes."})
-    num_threads: Optional[int] = field(default=None, metadata={"help": "torch.set_num_threads (None: leave torch's default)."})
+    num_threads: Optional[int] = field(
+        default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."}
+    )
+    register_architecture: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "module:function[,module:function] called before the "
+            "model is loaded, to register a model type hf_softmask does not know."
+        },
+    )
+
+    def __post_init__(self):
+        require_choice("pooling", self.pooling, POOLINGS)
+        for name in ("max_length", "eval_batch_size"):
+            require_positive(name, getattr(self, name))
+        for name in ("max_train_per_class", "max_test_per_class", "head_learning_rate", "num_threads"):
+            require_positive(name, getattr(self, name), allow_none=True)
+        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
+            raise ValueError(f"--test_fraction must lie strictly between 0 and 1, got {self.test_fraction!r}")
+        self.task_topics()
+        self.strategy_settings()
 
     def strategy_settings(self) -> dict:
         if not self.strategy_kwargs:
@@ -90,60 +154,92 @@ class ContinualFinetuneArguments:
         try:
             value = json.loads(self.strategy_kwargs)
         except json.JSONDecodeError as e:
-            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
         if not isinstance(value, dict):
-            raise ValueError(f"strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
         return value
 
     def task_topics(self) -> list[list[str]]:
         tasks = [self.tasks] if isinstance(self.tasks, str) else self.tasks
         out = [[p.strip() for p in (t.split(",") if isinstance(t, str) else t) if p.strip()] for t in tasks]
         if not out:
-            raise ValueError("tasks is empty; give at least one task such as business,entertainment")
+            raise ValueError("--tasks is empty; give at least one task such as business,entertainment")
         return out
 
 
 @dataclass
 class ContinualFinetuneTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with CPU-sized defaults for one task of the sequence."""
+    """``TrainingArguments`` of every task of the sequence, with CPU-sized defaults.
 
-    output_dir: str = field(default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."})
+    Every Trainer flag keeps its meaning per task: ``max_steps`` / ``num_train_epochs`` count per task, the
+    schedule (warm-up included) restarts at every task, ``--optim`` builds each task's optimizer (heads at
+    ``head_learning_rate``). Flags the runner cannot honour are refused (:mod:`.cli`).
+    """
+
+    output_dir: str | None = field(
+        default="outputs/continual_finetune", metadata={"help": "Where results.json, the heatmap and final/ go."}
+    )
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs per task."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, "
-                                                                   "or all weights for ft)."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup fraction of each task's steps."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler within each task."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "The runner saves the final model itself."})
-    report_to: Optional[str] = field(default="none", metadata={"help": "Trackers (none by default)."})
-    disable_tqdm: bool = field(default=True, metadata={"help": "Hide the Trainer's per-step progress bar."})
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the backbone's trainable parameters (TSS scores, or all weights for ft)."},
+    )
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Scheduler within each task (restarts at every task)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps of a task."})
+    save_strategy: str = field(
+        default="no",
+        metadata={
+            "help": "Trainer checkpoints INSIDE a task (into output_dir/.trainer/<task>/, "
+            "the resume point of an unfinished task); the runner itself saves "
+            "after every task."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir that holds another run (its files are deleted)."}
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={
+            "help": "Optimizer of every task (any Trainer --optim; adamw_torch_fused is the Trainer's own default)."
+        },
+    )
+    disable_tqdm: bool | None = field(
+        default=True, metadata={"help": "Hide the Trainer's per-step progress bar (default: True)."}
+    )
+
+    def __post_init__(self):
+        require_steps(self.max_steps, self.num_train_epochs, "task")
+        for name in (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+        ):
+            require_positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps"):
+            require_positive(name, getattr(self, name), allow_zero=True)
+        refuse_unsupported_trainer_flags(self, "finetuning")
+        use_cpu_without_cuda(self)
+        super().__post_init__()
 
 
-def parse_finetune_config(argv: list[str] | None = None) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
-    """``--config file.yaml`` gives the defaults (fields of both dataclasses); every other flag overrides its YAML value."""
-    import sys
+def parse_finetune_config(
+    argv: list[str] | None = None,
+) -> tuple[ContinualFinetuneArguments, ContinualFinetuneTrainingArguments]:
+    """``--config file.yaml`` gives the defaults (fields of both dataclasses); other flags override the YAML."""
 
-    import yaml
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments))
-    parser.add_argument("--config", default=None, help="YAML file of ContinualFinetuneArguments / TrainingArguments fields.")
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        data = yaml.safe_load(Path(known.config).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{known.config}: expected a mapping of field: value at the top level")
-        names = {f.name for cls in (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments) for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown field(s) {unknown}; run with --help for the list of fields")
+    def encode(data: dict) -> dict:
         if isinstance(data.get("strategy_kwargs"), dict):
             data["strategy_kwargs"] = json.dumps(data["strategy_kwargs"])
-        # argparse converts only string defaults; YAML values arrive already typed.
-        parser.set_defaults(**data)
-    args, training_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        return data
+
+    args, training_args = parse_with_yaml(
+        (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), argv, PROG, yaml_hook=encode
+    )
     return args, training_args
 
 
@@ -164,10 +260,18 @@ def load_backbone(name_or_path: str):
 
 
 # -- pieces --------------------------------------------------------------------------------------------
-def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learning_rate: float | None, weight_decay: float):
-    """AdamW over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
+def build_optimizer(
+    model: MultiTaskClassifier,
+    learning_rate: float,
+    head_learning_rate: float | None,
+    weight_decay: float,
+    training_args: TrainingArguments | None = None,
+):
+    """The optimizer over the trainable parameters: heads at ``head_learning_rate``, the rest at ``learning_rate``.
 
-    Weight decay applies to matrices only, and never to subnetwork scores (it would pull every score to 0).
+    Its class and settings come from ``training_args.optim`` (the Trainer's own mapping, so ``--optim`` means what
+    it means for the Trainer); without ``training_args``, torch's AdamW. Weight decay applies to matrices only,
+    and never to subnetwork scores (it would pull every score to 0).
     """
     head_ids = {id(p) for p in model.heads.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
@@ -179,9 +283,20 @@ def build_optimizer(model: MultiTaskClassifier, learning_rate: float, head_learn
         groups.setdefault((is_head, decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: the strategy froze everything, including the task head")
-    param_groups = [{"params": ps, "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
-                     "weight_decay": weight_decay if decay else 0.0} for (is_head, decay), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=learning_rate)
+    param_groups = [
+        {
+            "params": ps,
+            "lr": (head_learning_rate or learning_rate) if is_head else learning_rate,
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), ps in groups.items()
+    ]
+    if training_args is None:
+        return torch.optim.AdamW(param_groups, lr=learning_rate)
+    from transformers import Trainer
+
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    return cls(param_groups, **{**kwargs, "lr": learning_rate})
 
 
 @torch.no_grad()
@@ -220,57 +335,237 @@ def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
 
 
 # -- the runner ----------------------------------------------------------------------------------------
-def run_continual_finetune(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
-    """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring)."""
+_FT_NOT_IN_FINGERPRINT = {"num_threads", "eval_batch_size", "register_architecture"}
+
+
+def _fingerprint(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
+    from .config import NOT_IN_FINGERPRINT
+
+    t = training_args.to_dict()
+    trainer = {
+        f.name: t[f.name] for f in fields(training_args) if f.init and f.name in t and f.name not in NOT_IN_FINGERPRINT
+    }
+    mine = {k: v for k, v in asdict(args).items() if k not in _FT_NOT_IN_FINGERPRINT}
+    return {"runner": "continual_finetune", **mine, **trainer}
+
+
+class _Say:
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+
+    def __call__(self, message: str) -> None:
+        if self.is_main:
+            print(f"[continual_finetune] {message}", flush=True)
+
+
+def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> TrainingArguments:
+    """The Trainer settings of one task: as given, with its own checkpoint directory and run name."""
+    from dataclasses import replace
+
+    return replace(
+        training_args,
+        output_dir=str(out_dir / ".trainer" / name),
+        run_name=f"{training_args.run_name or 'continual_finetune'}/{name}",
+    )
+
+
+def _save_task(out_dir: Path, name: str, model, strategy, is_main: bool):
+    """The resume point after a task: the whole classifier's weights and the strategy's state, published atomically."""
+    from .checkpointing import file_digests, publish_dir, stage_dir
+
+    if not is_main:
+        return None
+    staging = stage_dir(out_dir, name)
+    atomic_save_safetensors(dict(model.state_dict()), staging / "model_state.safetensors")
+    strategy.save_pretrained(staging)
+    publish_dir(staging, out_dir / name)
+    return file_digests(out_dir / name)
+
+
+def _load_task(directory: Path, model, strategy) -> None:
+    from safetensors.torch import load_file
+
+    from .checkpointing import DamagedRunError
+
+    try:
+        state = load_file(str(directory / "model_state.safetensors"))
+        # Buffers a strategy adds as tasks finish (TSS/WSN: one bit-packed mask per finished task) do not exist in
+        # the freshly built model: create them, then load everything strictly.
+        have = set(model.state_dict())
+        for key in [k for k in state if k not in have]:
+            parent_name, _, leaf = key.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            parent.register_buffer(leaf, state[key].to(next(model.parameters()).device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        strategy.load_pretrained(directory)
+    except Exception as e:
+        raise DamagedRunError(
+            f"{directory}: cannot load the finished task ({type(e).__name__}: {e}); restore it, or "
+            "use a new --output_dir"
+        ) from e
+
+
+def run_continual_finetune(
+    args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks=None, events=None
+) -> dict:
+    """Train ``args.tasks`` in order with ``args.strategy``; write and return the results (see module docstring).
+
+    After every task the classifier and the strategy's state are saved (``output_dir/<k>_<task>/``, listed in
+    ``state.json``); rerunning the same command skips finished tasks. ``callbacks``: extra ``TrainerCallback``
+    objects for every task's Trainer. ``events(name, **info)``: called at task boundaries ("evaluated",
+    "published", "state_saved"); the fault-injection tests install one.
+    """
+    from accelerate import PartialState
+
+    from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, verify_readable, verify_stage
+
     start = time.time()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    _ = training_args.world_size  # sets up the device and, under a launcher, the process group
+    check_process_group("finetuning")
+    is_main = training_args.process_index == 0
+    say = _Say(is_main)
+    event = events or (lambda *a, **k: None)
+    register_architectures(args.register_architecture)
+    check_model_source(args.model_name_or_path)
     cls = strategy_class(args.strategy)
     if "finetune" not in getattr(cls, "settings", ()):
-        raise ValueError(f"strategy {args.strategy!r} does not support continual finetuning (its settings: {cls.settings})")
-    set_seed(training_args.seed)
+        raise ValueError(
+            f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})"
+        )
     out_dir = Path(training_args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    state = RunState(out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
+    if is_main:
+        state.check_writable()
+    set_seed(training_args.seed)
 
-    tasks = bbc_task_sequence(args.task_topics(), max_train_per_class=args.max_train_per_class,
-                              max_test_per_class=args.max_test_per_class, test_fraction=args.test_fraction, seed=args.split_seed)
+    try:
+        tasks = bbc_task_sequence(
+            args.task_topics(),
+            max_train_per_class=args.max_train_per_class,
+            max_test_per_class=args.max_test_per_class,
+            test_fraction=args.test_fraction,
+            seed=args.split_seed,
+        )
+    except ValueError as e:
+        raise ValueError(f"--tasks: {e}") from None
     backbone, tokenizer = load_backbone(args.model_name_or_path)
-    model = MultiTaskClassifier(backbone, [len(t.label_names) for t in tasks], [t.name for t in tasks], pooling=args.pooling,
-                                seed=training_args.seed)
-    strategy = get_strategy(args.strategy, **args.strategy_settings())
+    model = MultiTaskClassifier(
+        backbone,
+        [len(t.label_names) for t in tasks],
+        [t.name for t in tasks],
+        pooling=args.pooling,
+        seed=training_args.seed,
+        label_names=[t.label_names for t in tasks],
+    )
+    try:
+        strategy = get_strategy(args.strategy, **args.strategy_settings())
+    except TypeError as e:
+        raise ValueError(
+            f"--strategy_kwargs {args.strategy_settings()}: not accepted by strategy {args.strategy!r} ({e})"
+        ) from None
     model = strategy.prepare_model(model)
     model.to(training_args.device)
 
     collator = DataCollatorWithPadding(tokenizer)
-    train_sets = [_with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)]
-    test_loaders = [DataLoader(_with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
-                               batch_size=args.eval_batch_size, collate_fn=collator) for k, t in enumerate(tasks)]
+    train_sets = [
+        _with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)
+    ]
+    test_loaders = [
+        DataLoader(
+            _with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
+            batch_size=args.eval_batch_size,
+            collate_fn=collator,
+        )
+        for k, t in enumerate(tasks)
+    ]
     metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
+    if is_main:
+        state.start()  # every setting checked, the model and data loaded: now the directory is this run's
+    PartialState().wait_for_everyone()
 
     T = len(tasks)
-    initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
-    rows: list[list[dict]] = []
-    train_seconds = []
-    for t, task in enumerate(tasks):
-        logger.info("task %d/%d: %s (%d training examples)", t + 1, T, task.name, len(train_sets[t]))
+    if state.base is None:
+        initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
+        state.set_base({"dir": None, "initial": initial})
+        if is_main:
+            state.save()
+    else:
+        initial = state.base["initial"]
+        for d in state.done:
+            say(f"skipping finished: {d['task']}")
+        if state.done:
+            last = state.last_dir()
+            verify_stage(last, state.done[-1].get("files"))
+            _load_task(last, model, strategy)
+            say(f"resuming after {last.name}")
+    for t in range(len(state.done), T):
+        task = tasks[t]
+        name = domain_dir_name(t + 1, task.name)
+        say(f"task {t + 1}/{T}: {task.name} ({len(train_sets[t])} training examples)")
         model.set_task(t)
         model.train_only_head(t)
-        train_loader = DataLoader(train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator)
+        train_loader = DataLoader(
+            train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator
+        )
         strategy.before_task(model, t, train_loader)
-        optimizer = build_optimizer(model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay)
-        trainer = StrategyTrainer(model=model, args=training_args, train_dataset=train_sets[t], data_collator=collator,
-                                  strategy=strategy, optimizers=(optimizer, None))
+        optimizer = build_optimizer(
+            model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay, training_args
+        )
+        targs = _task_args(training_args, out_dir, name)
+        trainer = StrategyTrainer(
+            model=model,
+            args=targs,
+            train_dataset=train_sets[t],
+            data_collator=collator,
+            strategy=strategy,
+            optimizers=(optimizer, None),
+            callbacks=list(callbacks or []),
+        )
+        fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
+        resume = last_trainer_checkpoint(targs.output_dir)
+        if resume:
+            verify_readable(Path(resume), f"delete {resume} and rerun: {task.name} then restarts from its beginning")
+            say(f"resuming from {resume}")
         t0 = time.time()
-        trainer.train()
-        train_seconds.append(time.time() - t0)
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.time() - t0
         strategy.after_task(model, t, DataLoader(train_sets[t], batch_size=args.eval_batch_size, collate_fn=collator))
-        rows.append(_evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}"))
-        logger.info("after %s: accuracy %s", task.name, [round(r["accuracy"], 4) for r in rows[-1]])
+        row = _evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}")
+        event("evaluated", name=name)
+        say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
+        state.add_domain(
+            {
+                "dir": name,
+                "task": task.name,
+                "row": row,
+                "train_seconds": seconds,
+                "storage_bytes": (getattr(strategy, "storage_bytes", None) or {}).get(t),
+                "steps": trainer.state.global_step,
+                "resumed_from": Path(resume).name if resume else None,
+            }
+        )
+        digests = _save_task(out_dir, name, model, strategy, is_main)
+        event("published", name=name)
+        if is_main:
+            state.done[-1]["files"] = digests
+            state.save()
+            event("state_saved", name=name)
+            # Only the newest task checkpoint is a resume point; older ones and the task's Trainer checkpoints go.
+            for older in state.done[:-1]:  # a kill right after the state update may have left one behind
+                shutil.rmtree(out_dir / older["dir"], ignore_errors=True)
+            shutil.rmtree(targs.output_dir, ignore_errors=True)
+        del trainer
 
+    rows = [d["row"] for d in state.done]
     acc_matrix = [[r["accuracy"] for r in row] for row in rows]
     f1_matrix = [[r["f1"] for r in row] for row in rows]
     results = {
         "tasks": [t.name for t in tasks],
+        "label_names": [t.label_names for t in tasks],
         "strategy": args.strategy,
         "accuracy_matrix": acc_matrix,
         "f1_matrix": f1_matrix,
@@ -279,16 +574,26 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
         **summarize(acc_matrix, higher_is_better=True, random_init_scores=[r["accuracy"] for r in initial]),
         "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
         "strategy_config": strategy.config(),
-        "storage_bytes_per_task": [getattr(strategy, "storage_bytes", {}).get(t) for t in range(T)]
-        if getattr(strategy, "storage_bytes", None) else None,
-        "train_seconds_per_task": train_seconds,
+        "storage_bytes_per_task": [d.get("storage_bytes") for d in state.done]
+        if any(d.get("storage_bytes") is not None for d in state.done)
+        else None,
+        "train_seconds_per_task": [d["train_seconds"] for d in state.done],
+        "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
         "total_seconds": None,
         "arguments": asdict(args),
-        "training": {"learning_rate": training_args.learning_rate, "num_train_epochs": training_args.num_train_epochs,
-                     "per_device_train_batch_size": training_args.per_device_train_batch_size, "seed": training_args.seed},
-        "device": f"{training_args.device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        "training": {
+            "learning_rate": training_args.learning_rate,
+            "num_train_epochs": training_args.num_train_epochs,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "seed": training_args.seed,
+        },
+        "device": f"{training_args.device}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}",
+        "world_size": training_args.world_size,
     }
 
+    if not is_main:  # evaluation ran on every process; the main one writes
+        return results
     final = out_dir / "final"
     final.mkdir(parents=True, exist_ok=True)
     model.save_heads(final)
@@ -298,10 +603,14 @@ def run_continual_finetune(args: ContinualFinetuneArguments, training_args: Trai
     else:
         model.backbone.save_pretrained(final)
         strategy.save_pretrained(final)
-    # Short labels keep the cells readable; results.json maps T1, T2, ... to the task names.
-    short = [f"T{k + 1}" for k in range(T)]
-    plot_matrix(acc_matrix, [f"after {s}" for s in short], short, out_dir / "accuracy_matrix.png",
-                title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})", fmt=".2f")
+    plot_accuracy_matrix(
+        acc_matrix,
+        [t.name for t in tasks],
+        [t.label_names for t in tasks],
+        out_dir / "accuracy_matrix.png",
+        title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})",
+    )
     results["total_seconds"] = time.time() - start
     atomic_write_json(out_dir / "results.json", results)
+    say(f"done: ACC {results['acc']:.4f}, BWT {results['bwt']:+.4f}, results in {out_dir / 'results.json'}")
     return results

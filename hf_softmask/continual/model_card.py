@@ -16,8 +16,17 @@ def _table(domains: list[str], rows: list[tuple[str, list[float]]], general: lis
     return head + body
 
 
-def model_card(*, base_model: str, strategy: dict, domains_done: list[str], all_domains: list[str], objective: str,
-               perplexity_rows: list[tuple[str, list[float]]], general_perplexity: list[float], settings: dict) -> str:
+def model_card(
+    *,
+    base_model: str,
+    strategy: dict,
+    domains_done: list[str],
+    all_domains: list[str],
+    objective: str,
+    perplexity_rows: list[tuple[str, list[float]]],
+    general_perplexity: list[float],
+    settings: dict,
+) -> str:
     """Card text: what the checkpoint is, the domain sequence so far, the strategy and held-out perplexities."""
     seq = " → ".join(domains_done) if domains_done else "(none yet: the starting point)"
     name = strategy.get("name", "?")
@@ -35,7 +44,8 @@ def model_card(*, base_model: str, strategy: dict, domains_done: list[str], all_
         f"hf_softmask ({objective.upper()} objective) on the domains {seq}, in that order "
         f"(full sequence: {', '.join(all_domains)}).",
         "",
-        "`UnitImportance.from_pretrained(<this dir>)` loads the accumulated head/FFN importance when the strategy keeps one "
+        "`UnitImportance.from_pretrained(<this dir>)` loads the accumulated head/FFN importance when the strategy "
+        "keeps one "
         "(DAS: general-knowledge proxy and every finished domain, combined by elementwise max).",
         "",
         "## Strategy",

@@ -22,37 +22,48 @@ import os
 import random
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import set_seed
 
-from ..assets import load_smollm2, minilm_path
+from ..assets import check_model_source, load_smollm2, minilm_path
 from ..continual_metrics import summarize
-from ..data import build_lm_dataset, general_text_documents, is_masked_lm, lm_data_collator, load_domains, split_documents
+from ..data import (
+    build_lm_dataset,
+    general_text_documents,
+    is_masked_lm,
+    lm_data_collator,
+    load_domains,
+    split_documents,
+)
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
-from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, publish_dir, stage_dir
+from .checkpointing import (
+    DamagedRunError,
+    RunState,
+    domain_dir_name,
+    file_digests,
+    last_trainer_checkpoint,
+    publish_dir,
+    stage_dir,
+    verify_readable,
+    verify_stage,
+)
+from .cli import check_process_group, register_architectures
 from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
+from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
 from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
 from .frontier import write_frontier
 from .model_card import model_card
 
-__all__ = ["ContinualPretrainer", "run_continual_pretraining", "run_sweep", "load_model_and_tokenizer", "FAIL_ENV"]
+__all__ = ["ContinualPretrainer", "run_continual_pretraining", "run_sweep", "load_model_and_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-#: Testing only: "<domain index from 1>:<step>" makes the process die (os._exit) right after the Trainer
-#: checkpoint of that step in that domain is written, like a kill.
-FAIL_ENV = "HF_SOFTMASK_FAIL_AFTER_SAVE"
-
-_NOT_IN_FINGERPRINT = {
-    "output_dir", "run_name", "save_steps", "logging_steps", "keep_domain_weights", "push_to_hub", "hub_model_id",
-    "hub_private", "hub_token", "plots", "learning_rates", "strategies", "frontier_runs", "num_threads", "per_device_eval_batch_size",
-}
 
 
 # -- model ------------------------------------------------------------------------------------------------------
@@ -101,7 +112,7 @@ _ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
 
 
 def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None):
-    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else AutoModelForCausalLM."""
+    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     mlm = _wants_mlm(path, objective)
@@ -125,29 +136,79 @@ def _domain_spec(entry):
     return entry
 
 
+def _describe(entry) -> str:
+    """Where a domain's text comes from, for error messages."""
+    spec = _domain_spec(entry)
+    if isinstance(spec, dict):
+        for key in ("train_files", "path", "hf_dataset"):
+            if spec.get(key) is not None:
+                return f"{key}={spec[key]}"
+    return "BBC topic"
+
+
+def _blocks(texts, tokenizer, block_size: int, max_blocks, what: str):
+    try:
+        return build_lm_dataset(texts, tokenizer, block_size, max_blocks)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e} (from {len(texts)} document(s))") from None
+
+
 class _Data:
     """Token blocks, collators and fixed evaluation sets of one run."""
 
     def __init__(self, args: ContinualPretrainingArguments, tokenizer, mlm: bool):
         self.args = args
         self.mlm = mlm
-        self.domains = load_domains([_domain_spec(d) for d in args.domains], max_train_docs=args.max_train_docs,
-                                    max_eval_docs=args.max_eval_docs, eval_fraction=args.eval_fraction, seed=args.seed)
+        try:
+            self.domains = load_domains(
+                [_domain_spec(d) for d in args.domains],
+                max_train_docs=args.max_train_docs,
+                max_eval_docs=args.max_eval_docs,
+                eval_fraction=args.eval_fraction,
+                seed=args.seed,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"--domains: {e}") from None
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"domain names must be unique, got {names}")
         self.names = names
+        # Warm-up and evaluation collate as before (torch's RNG, seeded); the Trainer's batches get per-block MLM
+        # masks so that a resumed domain sees exactly the batches of the uninterrupted run (see data.py). Per-block
+        # masks repeat across epochs, which is why the many-epoch LM-head warm-up keeps drawing fresh ones.
         self.collator = lm_data_collator(tokenizer, mlm=mlm, mlm_probability=args.mlm_probability)
+        self.train_collator = lm_data_collator(
+            tokenizer, mlm=mlm, mlm_probability=args.mlm_probability, seed=args.seed, per_block=True
+        )
         bs = args.block_size
-        self.train = [build_lm_dataset(d.train_texts, tokenizer, bs, args.max_train_blocks) for d in self.domains]
-        self.eval = [FixedEvalSet(d.name, build_lm_dataset(d.eval_texts, tokenizer, bs, args.max_eval_blocks), self.collator,
-                                  args.per_device_eval_batch_size, seed=args.seed + 1) for d in self.domains]
+        sources = [_describe(d) for d in args.domains]
+        self.train = [
+            _blocks(d.train_texts, tokenizer, bs, args.max_train_blocks, f"domain {d.name!r} ({src}), training text")
+            for d, src in zip(self.domains, sources)
+        ]
+        self.eval = [
+            FixedEvalSet(
+                d.name,
+                _blocks(
+                    d.eval_texts, tokenizer, bs, args.max_eval_blocks, f"domain {d.name!r} ({src}), held-out text"
+                ),
+                self.collator,
+                args.per_device_eval_batch_size,
+                seed=args.seed + 1,
+            )
+            for d, src in zip(self.domains, sources)
+        ]
         general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
         # Only the LM-head warm-up and a 'general' importance source read it: tokenize no more than they use.
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
         self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
-        self.general_eval = FixedEvalSet("general", build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
-                                         self.collator, args.per_device_eval_batch_size, seed=args.seed + 2)
+        self.general_eval = FixedEvalSet(
+            "general",
+            build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
+            self.collator,
+            args.per_device_eval_batch_size,
+            seed=args.seed + 2,
+        )
 
     def importance_loader(self, dataset, salt: int, rank: int, world: int) -> DataLoader:
         """``importance_blocks`` blocks of ``dataset`` (a fixed random sample), this process's share of them."""
@@ -156,12 +217,18 @@ class _Data:
         random.Random(f"{self.args.seed}:{salt}").shuffle(order)
         mine = order[:n][rank::world]
         if not mine:
-            raise ValueError(f"importance_blocks={self.args.importance_blocks} gives process {rank} of {world} no block; raise it")
+            raise ValueError(
+                f"importance_blocks={self.args.importance_blocks} gives process {rank} of {world} no block; raise it"
+            )
         # The MLM mask of the importance batches is drawn from a generator seeded per process and stage.
         collate = self.collator
         if self.mlm:
-            collate = lm_data_collator(self.collator.tokenizer, mlm=True, mlm_probability=self.args.mlm_probability,
-                                       seed=self.args.seed * 1000 + salt * 10 + rank)
+            collate = lm_data_collator(
+                self.collator.tokenizer,
+                mlm=True,
+                mlm_probability=self.args.mlm_probability,
+                seed=self.args.seed * 1000 + salt * 10 + rank,
+            )
         return DataLoader(dataset.select(mine), batch_size=self.args.per_device_train_batch_size, collate_fn=collate)
 
 
@@ -181,7 +248,9 @@ def _warmup_loss(model, head, batch):
     if head is None:
         return model(**batch).loss
     with torch.no_grad():
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).last_hidden_state
     keep = labels != -100
     # The vocabulary-sized output is the cost; evaluating it at the ~15% labelled tokens only makes the warm-up cheap.
     logits = head(hidden[keep])
@@ -193,7 +262,9 @@ def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int
     base_ids = {id(p) for p in model.base_model.parameters()}
     head_params = [p for p in model.parameters() if id(p) not in base_ids]
     if not head_params:
-        logger.warning("lm_head_warmup_steps > 0 but %s has no LM-head parameters outside its base model", type(model).__name__)
+        logger.warning(
+            "lm_head_warmup_steps > 0 but %s has no LM-head parameters outside its base model", type(model).__name__
+        )
         return []
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p in model.parameters():
@@ -233,57 +304,82 @@ def fit_lm_head(model, dataset, collator, steps: int, lr: float, batch_size: int
 
 
 # -- the runner -------------------------------------------------------------------------------------------------
-def _die_after_save(step: int):
-    """Testing only (FAIL_ENV): a callback that kills the process once the checkpoint of ``step`` is on disk."""
-    from transformers import TrainerCallback
-
-    class _DieAfterSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                os._exit(17)
-
-    return _DieAfterSave()
-
-
 class ContinualPretrainer:
-    """Runs one strategy over the domain sequence of ``args`` into ``args.output_dir`` (see module docstring)."""
+    """Runs one strategy over the domain sequence of ``args`` into ``args.output_dir`` (see module docstring).
 
-    def __init__(self, args: ContinualPretrainingArguments):
-        from accelerate import Accelerator
+    Args:
+        args: the run's settings.
+        callbacks: extra ``TrainerCallback`` objects given to every domain's Trainer.
+        model_hook: ``model -> model`` applied after the strategy prepared the model (and after every reload on
+            resume), e.g. torch's ``fully_shard`` for FSDP2 without accelerate's plugin. Evaluation and the
+            gathering of weights for saving run on every process; only the main process writes files.
+        events: ``name -> None`` called at each stage boundary ("importance", "evaluated", "staged", "published",
+            "state_saved"); the fault-injection tests install one that stops the process there.
+    """
 
+    def __init__(self, args: ContinualPretrainingArguments, callbacks=None, model_hook=None, events=None):
         self.args = args
-        # cpu=True on a machine without CUDA: under torchrun, accelerate then sets up gloo (MULTI_CPU) instead of
-        # treating every process as a lone one; the Trainer (use_cpu) shares this same state.
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.callbacks = list(callbacks or [])
+        self.model_hook = model_hook
+        self.events = events
+        self.proc = ProcessInfo.current(cpu=bool(args.use_cpu) or not torch.cuda.is_available())
         self.out = Path(args.output_dir)
-        self.is_main = self.accelerator.is_main_process
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
+        self.is_main = self.proc.is_main
+        self.rank = self.proc.rank
+        self.world = self.proc.world
 
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        return {k: v for k, v in self.args.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+        return {"runner": "continual_pretrain", **self.args.fingerprint()}
+
+    def say(self, message: str) -> None:
+        """A console line, from the main process only."""
+        if self.is_main:
+            print(f"[continual_pretrain] {message}", flush=True)
+
+    def _event(self, event: str, **info) -> None:
+        if self.events is not None:
+            self.events(event, **info)
 
     def make_strategy(self):
         a = self.args
         cls = strategy_class(a.strategy)
         if "pretrain" not in getattr(cls, "settings", ()):
-            raise ValueError(f"strategy {a.strategy!r} does not declare 'pretrain' in its settings {cls.settings}; "
-                             "pick one made for continual pre-training (e.g. das, ncl)")
-        offered = dict(softmask=a.softmask_config(), contrastive_weight=a.contrastive_weight,
-                       temperature=a.contrastive_temperature, perturbation_dropout=a.perturbation_dropout,
-                       show_progress=self.is_main)
+            raise ValueError(
+                f"--strategy {a.strategy}: it does not declare 'pretrain' in its settings {cls.settings}; "
+                "pick one made for continual pre-training (e.g. das, ncl)"
+            )
+        offered = dict(
+            softmask=a.softmask_config(),
+            contrastive_weight=a.contrastive_weight,
+            temperature=a.contrastive_temperature,
+            perturbation_dropout=a.perturbation_dropout,
+            show_progress=self.is_main,
+        )
         # Runner-level settings go to the strategies that name them; strategy_kwargs go through as given.
         params = inspect.signature(cls.__init__).parameters
         offered = {k: v for k, v in offered.items() if k in params}
         extra = a.strategy_kwargs
         if isinstance(extra, str):
-            extra = json.loads(extra) if extra.strip() else {}
-        return cls(**{**offered, **(extra or {})})
+            try:
+                extra = json.loads(extra) if extra.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--strategy_kwargs must be a JSON object, got {extra!r}: {e}") from None
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"--strategy_kwargs must be a JSON object, got {extra!r}")
+        try:
+            return cls(**{**offered, **(extra or {})})
+        except TypeError as e:
+            raise ValueError(f"--strategy_kwargs {extra}: not accepted by strategy {a.strategy!r} ({e})") from None
+
+    def _prepare(self, model, strategy):
+        model = strategy.prepare_model(model).to(self.proc.device)
+        return self.model_hook(model) if self.model_hook is not None else model
 
     def _eval_row(self, model) -> tuple[list[float], float]:
-        """Held-out loss on every domain and on general text; a strategy with ``set_task`` (HAT) evaluates
-        domain j under its own task mask, and general text with its task selection cleared."""
+        """Held-out loss on every domain and on general text, computed on EVERY process (a sharded model's
+        forward needs all of them). A strategy with ``set_task`` (HAT) evaluates domain j under its own task
+        mask, and general text with its task selection cleared."""
         causal = not self.data.mlm
         strategy = getattr(self, "strategy", None)
         select = getattr(strategy, "set_task", None)
@@ -297,22 +393,32 @@ class ContinualPretrainer:
         return losses, lm_eval_loss(model, self.data.general_eval, causal)
 
     def _load_stage_model(self, directory: Path):
-        model, _, _ = load_model_and_tokenizer(str(directory), "mlm" if self.data.mlm else "clm", tokenizer_path=self.model_path)
-        return model.to(self.accelerator.device)
+        model, _, _ = load_model_and_tokenizer(
+            str(directory), "mlm" if self.data.mlm else "clm", tokenizer_path=self.model_path
+        )
+        return model
 
-    def _training_args(self, name: str):
+    def _training_args(self, name: str, index: int):
+        """The Trainer settings of one domain: every Trainer field of ``args`` as given, except where the runner
+        owns the meaning (its checkpoint directory, per-domain run name, Hub pushes, resume)."""
         from transformers import TrainingArguments
 
         a = self.args
-        steps = a.max_steps_per_domain if a.max_steps_per_domain > 0 else -1
-        return TrainingArguments(
-            output_dir=str(self.out / ".trainer" / name), max_steps=steps, num_train_epochs=a.num_train_epochs,
-            per_device_train_batch_size=a.per_device_train_batch_size, gradient_accumulation_steps=a.gradient_accumulation_steps,
-            learning_rate=a.learning_rate, weight_decay=a.weight_decay, lr_scheduler_type=a.lr_scheduler_type,
-            warmup_steps=a.warmup_ratio, optim="adamw_torch", max_grad_norm=a.max_grad_norm, seed=a.seed, save_strategy="steps",
-            save_steps=a.save_steps, save_total_limit=1, logging_steps=a.logging_steps, report_to="none",
-            disable_tqdm=not self.is_main, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        kw = {f.name: getattr(a, f.name) for f in fields(TrainingArguments) if f.init}
+        kw = {k: getattr(v, "value", v) for k, v in kw.items()}  # enums back to the strings they were given as
+        kw.update(
+            output_dir=str(self.out / ".trainer" / name),
+            push_to_hub=False,
+            hub_model_id=None,
+            resume_from_checkpoint=None,
+            run_name=f"{a.run_name or a.strategy}/{name}",
+            disable_tqdm=a.disable_tqdm if a.disable_tqdm is not None else not self.is_main,
         )
+        if self.proc.torch_only:
+            # Processes joined by torch alone (fully_shard without accelerate): every Trainer thinks it is the
+            # main process, so Trainer checkpoints would be written by all of them; refused in run().
+            kw.update(save_strategy="no")
+        return TrainingArguments(**kw)
 
     def _importance_of(self, strategy) -> UnitImportance | None:
         imp = getattr(strategy, "importance", None)
@@ -344,13 +450,15 @@ class ContinualPretrainer:
         if r:
             square = [row[:r] for row in rows]
             summary = summarize(square, higher_is_better=False, random_init_scores=base["eval_loss"][:r])
-            res.update({
-                "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
-                "final_mean_loss": sum(rows[-1][:r]) / r,
-                "forgetting": summary["forgetting"],
-                "bwt": summary["bwt"],
-                "fwt": summary["fwt"],
-            })
+            res.update(
+                {
+                    "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
+                    "final_mean_loss": sum(rows[-1][:r]) / r,
+                    "forgetting": summary["forgetting"],
+                    "bwt": summary["bwt"],
+                    "fwt": summary["fwt"],
+                }
+            )
         res["train_seconds"] = [d.get("train_seconds") for d in state.done]
         return res
 
@@ -362,45 +470,97 @@ class ContinualPretrainer:
         if state.done and self.args.plots:
             labels = ["before"] + [d["dir"] for d in state.done]
             ppl = [res["initial_perplexity"]] + res["perplexity_matrix"]
-            plot_matrix(ppl, labels, self.data.names, self.out / "perplexity_matrix.png",
-                        title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})")
+            plot_matrix(
+                ppl,
+                labels,
+                self.data.names,
+                self.out / "perplexity_matrix.png",
+                title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})",
+            )
         return res
 
     # stages ------------------------------------------------------------------------------------------------
-    def _save_stage(self, staging: Path, model, tokenizer, strategy, state: RunState, done_names: list[str], with_weights: bool) -> None:
+    def _save_stage(self, name: str, model, tokenizer, strategy, state: RunState, with_weights: bool, title: str):
+        """Write stage ``name`` into a staging directory, then rename it into place (main process writes; every
+        process takes part in gathering sharded weights)."""
+        weights = full_state_dict(model) if with_weights else None
+        if not self.is_main:
+            return None
+        try:
+            return self._write_stage(name, model, tokenizer, strategy, state, weights, with_weights, title)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"writing stage {name} into {self.out} failed ({e}); free space or fix permissions "
+                "and rerun the same command: finished stages are kept and this one is redone",
+            ) from e
+
+    def _write_stage(self, name, model, tokenizer, strategy, state, weights, with_weights: bool, title: str):
+        staging = stage_dir(self.out, name)
         if with_weights:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
         strategy.save_pretrained(staging)
         imp = self._importance_of(strategy)
         if imp is not None:
             imp.save_pretrained(staging)
-        rows = [("before", state.base["eval_loss"] if state.base else [])] + [(d["dir"], d["eval_loss"]) for d in state.done]
+        rows = [("before", state.base["eval_loss"] if state.base else [])] + [
+            (d["dir"], d["eval_loss"]) for d in state.done
+        ]
         general = ([state.base["general_loss"]] if state.base else []) + [d["general_loss"] for d in state.done]
         rows = [(label, [perplexity(v) for v in losses]) for label, losses in rows if losses]
-        card = model_card(base_model=self.args.model_name_or_path, strategy=strategy.config(), domains_done=done_names,
-                          all_domains=self.data.names, objective="mlm" if self.data.mlm else "clm", perplexity_rows=rows,
-                          general_perplexity=[perplexity(g) for g in general], settings=self.fingerprint())
+        card = model_card(
+            base_model=self.args.model_name_or_path,
+            strategy=strategy.config(),
+            domains_done=[d["domain"] for d in state.done],
+            all_domains=self.data.names,
+            objective="mlm" if self.data.mlm else "clm",
+            perplexity_rows=rows,
+            general_perplexity=[perplexity(g) for g in general],
+            settings=self.fingerprint(),
+        )
         atomic_write_text(staging / "README.md", card)
+        self._plot_importance(strategy, staging, title, name)
+        self._event("staged", name=name, directory=staging)
+        publish_dir(staging, self.out / name)
+        self._event("published", name=name, directory=self.out / name)
+        return file_digests(self.out / name)
 
-    def _push(self, directory: Path, model, tokenizer, strategy, name: str) -> None:
+    def _push(self, directory: Path, name: str) -> None:
+        """Upload a finished stage directory to ``<hub_model_id>-<k>-<domain>``."""
         from huggingface_hub import HfApi
 
         a = self.args
+        if not list(directory.glob("model*.safetensors")):
+            raise FileNotFoundError(f"{directory} has no weights any more (keep_domain_weights=last deleted them)")
         repo = f"{a.hub_model_id}-{name}".replace("_", "-")
         api = HfApi(token=a.hub_token)
-        api.create_repo(repo, private=a.hub_private, exist_ok=True)
-        model.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
-        tokenizer.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
-        imp = self._importance_of(strategy)
-        if imp is not None:
-            imp.push_to_hub(repo, token=a.hub_token, private=a.hub_private)
-        for extra in ("README.md", "strategy_config.json", "strategy_state.safetensors"):
-            if (directory / extra).is_file():
-                api.upload_file(path_or_fileobj=str(directory / extra), path_in_repo=extra, repo_id=repo)
+        api.create_repo(repo, private=a.hub_private_repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message=f"hf_softmask: {name}")
+
+    def _push_pending(self, state: RunState) -> list[str]:
+        """Push every finished domain not pushed yet; record the outcome in state.json; return what is missing."""
+        missing = []
+        for record in state.done:
+            if record.get("pushed"):
+                continue
+            try:
+                self._push(self.out / record["dir"], record["dir"])
+                record["pushed"], record["push_error"] = True, None
+                self.say(f"pushed {record['dir']}")
+            except Exception as e:  # offline, no token, no space: recorded and retried by the next run
+                record["pushed"], record["push_error"] = False, f"{type(e).__name__}: {e}"
+                missing.append(record["dir"])
+                self.say(
+                    f"push of {record['dir']} failed ({record['push_error']}); it stays saved and the next run "
+                    "of the same command retries it"
+                )
+            state.save()
+        return missing
 
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
-        """Heatmap of the stage's own importance (0_base: the general proxy) into plots/ and the stage directory."""
+        """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
+        ``importance.safetensors`` beside the plot holds; into plots/ and the stage directory."""
         from ..plotting import plot_importance
 
         imp = self._importance_of(strategy)
@@ -408,104 +568,205 @@ class ContinualPretrainer:
             return
         own = imp if name == "0_base" else (getattr(strategy, "domain_importances", None) or [None])[-1]
         if own is None:
-            return
-        path = plot_importance(own.heads, own.ffn, self.out / "plots" / f"importance_{name}.png", title=f"importance of {title}")
+            own_label, extra = "accumulated (= importance.safetensors)", None
+            own = imp
+        else:
+            own_label = "own importance of this stage" if name != "0_base" else "general-knowledge proxy (own)"
+            extra = (
+                None
+                if name == "0_base"
+                else {"accumulated, max over all stages (= importance.safetensors)": (imp.heads, imp.ffn)}
+            )
+        path = plot_importance(
+            own.heads,
+            own.ffn,
+            self.out / "plots" / f"importance_{name}.png",
+            title=f"importance after {title}",
+            label=own_label,
+            extra=extra,
+        )
         shutil.copyfile(path, directory / "importance.png")
 
-    def run(self) -> dict:
+    def _start(self):
+        """Everything that can fail before a file is written: settings, architecture, model, data, strategy."""
         a = self.args
+        check_process_group("pre-training")
         if a.num_threads:
             torch.set_num_threads(a.num_threads)
-        from transformers import set_seed
-
+        register_architectures(a.register_architecture)
+        check_model_source(a.model_name_or_path)
         set_seed(a.seed)
-        with self.accelerator.main_process_first():
+        if self.is_main:  # the GGUF conversion of 'smollm2' is cached once, by the main process
             self.model_path = resolve_model(a.model_name_or_path)
+        self.proc.barrier()
+        self.model_path = resolve_model(a.model_name_or_path)
         model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective)
         self.tokenizer = tokenizer
         self.data = _Data(a, tokenizer, mlm)
         strategy = self.make_strategy()
-        model = strategy.prepare_model(model).to(self.accelerator.device)
+        model = self._prepare(model, strategy)
+        if self.proc.torch_only and str(getattr(a.save_strategy, "value", a.save_strategy)) != "no":
+            raise ValueError(
+                "processes joined by torch.distributed without accelerate (a model_hook sharding the "
+                "model): every process's Trainer would write the same mid-domain checkpoints; pass "
+                "--save_strategy no (stages are still saved and resumed) or launch with accelerate"
+            )
         self.strategy = strategy
-        state = RunState(self.out, self.fingerprint())
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "run_config.json", a.to_dict())
+        return model, tokenizer, strategy
 
-        # -- stage 0: starting point -------------------------------------------------------------------------
+    def _stage0(self, model, tokenizer, strategy, state: RunState) -> None:
+        a = self.args
+        warm = []
+        if a.lm_head_warmup_steps > 0:
+            self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
+            warm = fit_lm_head(
+                model,
+                self.data.general_train,
+                self.data.collator,
+                a.lm_head_warmup_steps,
+                a.lm_head_warmup_lr,
+                a.per_device_train_batch_size,
+                a.seed,
+            )
+        if hasattr(strategy, "compute_general_importance"):
+            self.say("general-knowledge importance")
+            source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
+            strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
+            self._event("importance", name="0_base")
+        losses, general = self._eval_row(model)
+        self._event("evaluated", name="0_base")
+        state.set_base(
+            {
+                "dir": "0_base",
+                "eval_loss": losses,
+                "general_loss": general,
+                "has_weights": bool(warm),
+                "lm_head_warmup_loss": warm[-1] if warm else None,
+            }
+        )
+        digests = self._save_stage(
+            "0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)"
+        )
+        if self.is_main:
+            state.base["files"] = digests
+            state.save()
+            self._event("state_saved", name="0_base")
+
+    def _domain(self, k: int, model, tokenizer, strategy, state: RunState) -> None:
+        a = self.args
+        dom = self.data.domains[k]
+        name = domain_dir_name(k + 1, dom.name)
+        self.say(f"domain {k + 1}/{len(self.data.domains)}: {dom.name}")
+        loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
+        # The strategy's passes (importance with dropout views) draw from torch's RNG: seed them per stage so that
+        # a rerun reaching this point by another path (resumed, Trainer checkpoint at the last step) draws the same.
+        set_seed(self.args.seed + 7919 * (k + 1))
+        strategy.before_task(model, k, loader)
+        targs = self._training_args(name, k)
+        trainer = StrategyTrainer(
+            model=model,
+            args=targs,
+            train_dataset=self.data.train[k],
+            data_collator=self.data.train_collator,
+            strategy=strategy,
+            callbacks=list(self.callbacks),
+        )
+        fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
+        resume = last_trainer_checkpoint(targs.output_dir)
+        if resume:
+            verify_readable(
+                Path(resume),
+                f"delete {resume} and rerun: {dom.name} then restarts from its previous checkpoint or its beginning",
+            )
+            self.say(f"resuming from {resume}")
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.time() - t0
+        set_seed(self.args.seed + 7919 * (k + 1) + 1)
+        strategy.after_task(model, k, loader)
+        self._event("importance", name=name)
+        contrast = getattr(strategy, "contrastive_losses", None)
+        losses, general = self._eval_row(model)
+        self._event("evaluated", name=name)
+        state.add_domain(
+            {
+                "dir": name,
+                "domain": dom.name,
+                "eval_loss": losses,
+                "general_loss": general,
+                "resumed_from": Path(resume).name if resume else None,
+                "steps": trainer.state.global_step,
+                "train_seconds": seconds,
+                "final_train_loss": _last_train_loss(trainer),
+                "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None,
+            }
+        )
+        digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
+        if self.is_main:
+            state.done[-1]["files"] = digests
+            state.save()
+            self._event("state_saved", name=name)
+            self._write_results(state)
+            shutil.rmtree(targs.output_dir, ignore_errors=True)
+            if a.keep_domain_weights == "last" and len(state.done) > 1:
+                _drop_weights(self.out / state.done[-2]["dir"])
+            if a.push_to_hub:
+                self._push_pending(state)
+
+    def run(self) -> dict:
+        state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
+        if self.is_main:
+            state.check_writable()
+        model, tokenizer, strategy = self._start()
+        self.proc.barrier()
+        if self.is_main:
+            state.start()
+            atomic_write_json(self.out / "run_config.json", self.args.to_dict())
+
         if state.base is None:
-            warm = []
-            if a.lm_head_warmup_steps > 0:
-                warm = fit_lm_head(model, self.data.general_train, self.data.collator, a.lm_head_warmup_steps,
-                                   a.lm_head_warmup_lr, a.per_device_train_batch_size, a.seed)
-            if hasattr(strategy, "compute_general_importance"):
-                source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
-                strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
-            if self.is_main:
-                losses, general = self._eval_row(model)
-                state.set_base({"dir": "0_base", "eval_loss": losses, "general_loss": general, "has_weights": bool(warm),
-                                "lm_head_warmup_loss": warm[-1] if warm else None})
-                staging = stage_dir(self.out, "0_base")
-                self._save_stage(staging, model, tokenizer, strategy, state, [], with_weights=bool(warm))
-                self._plot_importance(strategy, staging, "0_base (general-knowledge proxy)", "0_base")
-                publish_dir(staging, self.out / "0_base")
-                state.save()
-            self.accelerator.wait_for_everyone()
-            state = RunState(self.out, self.fingerprint())
+            self._stage0(model, tokenizer, strategy, state)
         else:
             last = state.last_dir()
-            has_weights = bool(state.done) or state.base.get("has_weights")
-            if has_weights:
-                model = strategy.prepare_model(self._load_stage_model(last))
-            strategy.load_pretrained(last)
-            logger.info("resuming %s after %s", self.out, last.name)
+            record = state.done[-1] if state.done else state.base
+            verify_stage(last, record.get("files"))
+            for d in [state.base] + state.done:
+                self.say(f"skipping finished: {d.get('domain', d['dir'])}")
+            try:
+                if state.done or state.base.get("has_weights"):
+                    model = self._prepare(self._load_stage_model(last), strategy)
+                strategy.load_pretrained(last)
+            except Exception as e:  # the checksums matched: a file written wrongly, or by another version
+                raise DamagedRunError(
+                    f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
+                    "restore it, or use a new --output_dir"
+                ) from e
+            self.say(f"resuming after {last.name}")
+        self.proc.barrier()
 
-        # -- the domains ---------------------------------------------------------------------------------------
-        fail = os.environ.get(FAIL_ENV)
-        for k, dom in enumerate(self.data.domains):
-            if k < len(state.done):
-                continue
-            name = domain_dir_name(k + 1, dom.name)
-            loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
-            strategy.before_task(model, k, loader)
-            targs = self._training_args(name)
-            callbacks = []
-            if fail and int(fail.split(":")[0]) == k + 1:
-                callbacks.append(_die_after_save(int(fail.split(":")[1])))
-            trainer = StrategyTrainer(model=model, args=targs, train_dataset=self.data.train[k], data_collator=self.data.collator,
-                                      strategy=strategy, callbacks=callbacks)
-            resume = last_trainer_checkpoint(targs.output_dir)
-            t0 = time.time()
-            trainer.train(resume_from_checkpoint=resume)
-            seconds = time.time() - t0
-            strategy.after_task(model, k, loader)
-            contrast = getattr(strategy, "contrastive_losses", None)
-            if self.is_main:
-                losses, general = self._eval_row(model)
-                state.add_domain({"dir": name, "domain": dom.name, "eval_loss": losses, "general_loss": general,
-                                  "resumed_from": Path(resume).name if resume else None, "steps": trainer.state.global_step,
-                                  "train_seconds": seconds, "final_train_loss": _last_train_loss(trainer),
-                                  "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None})
-                staging = stage_dir(self.out, name)
-                self._save_stage(staging, model, tokenizer, strategy, state, [d["domain"] for d in state.done], with_weights=True)
-                self._plot_importance(strategy, staging, name, name)
-                publish_dir(staging, self.out / name)
-                state.save()
-                self._write_results(state)
-                shutil.rmtree(targs.output_dir, ignore_errors=True)
-                if a.keep_domain_weights == "last" and len(state.done) > 1:
-                    _drop_weights(self.out / state.done[-2]["dir"])
-                if a.push_to_hub:
-                    self._push(self.out / name, model, tokenizer, strategy, name)
-            self.accelerator.wait_for_everyone()
-            state = RunState(self.out, self.fingerprint())
-            del trainer
+        for k in range(len(state.done), len(self.data.domains)):
+            self._domain(k, model, tokenizer, strategy, state)
+            self.proc.barrier()
 
         self.model = model
         res = self._write_results(state) if self.is_main else self.results(state)
-        self.accelerator.wait_for_everyone()
+        unpushed = self._check_pushes(state) if self.is_main else []
+        self.proc.barrier()
+        if unpushed:
+            raise RuntimeError(
+                f"not pushed to the Hub: {', '.join(unpushed)}. Everything is saved in {self.out}; "
+                "see push_error in state.json and rerun the same command to retry"
+            )
         return res
+
+    def _check_pushes(self, state: RunState) -> list[str]:
+        if self.args.push_to_hub:
+            return self._push_pending(state)
+        failed = [d["dir"] for d in state.done if d.get("pushed") is False]
+        if failed:
+            self.say(
+                f"never pushed: {', '.join(failed)} (an earlier push failed); rerun with --push_to_hub to push them"
+            )
+        return []
 
 
 def _last_train_loss(trainer) -> float | None:
@@ -521,7 +782,7 @@ def _drop_weights(directory: Path) -> None:
 
 
 def run_continual_pretraining(args: ContinualPretrainingArguments) -> dict:
-    """Run one strategy (or, with ``learning_rates``/``strategies``/``frontier_runs``, a sweep) and return its results."""
+    """Run one strategy (with ``learning_rates``/``strategies``/``frontier_runs``: a sweep); return its results."""
     if args.frontier_runs:
         dirs = []
         for pattern in parse_str_list(args.frontier_runs):
@@ -542,8 +803,15 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
     for lr in lrs:
         for s in strategies:
             sub = Path(args.output_dir) / f"{s}_lr{lr:g}"
-            run_args = replace(args, strategy=s, learning_rate=lr, output_dir=str(sub), learning_rates=None, strategies=None,
-                               run_name=args.run_name if len(strategies) == 1 and args.run_name else s)
+            run_args = replace(
+                args,
+                strategy=s,
+                learning_rate=lr,
+                output_dir=str(sub),
+                learning_rates=None,
+                strategies=None,
+                run_name=args.run_name if len(strategies) == 1 and args.run_name else s,
+            )
             ContinualPretrainer(run_args).run()
             dirs.append(sub)
     from accelerate import PartialState

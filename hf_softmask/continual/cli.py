@@ -1,0 +1,263 @@
+"""Command-line parsing shared by both runners: YAML defaults, exact flags, honest help, refused Trainer flags.
+
+Both runners take ``TrainingArguments`` subclasses, so every Trainer flag exists; this module refuses the ones
+a runner cannot honour (with the reason and the fix) instead of letting them be ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+__all__ = [
+    "HelpFormatter",
+    "build_parser",
+    "parse_with_yaml",
+    "refuse_unsupported_trainer_flags",
+    "help_text",
+    "check_process_group",
+    "use_cpu_without_cuda",
+    "require_positive", "require_steps",
+    "require_choice",
+    "register_architectures",
+    "RESUME_HINT",
+]
+
+#: What --resume_from_checkpoint would mean here, and why the runners do it by themselves.
+RESUME_HINT = (
+    "the runner resumes by itself: rerun the same command with the same --output_dir; finished stages are "
+    "skipped and an unfinished one continues from its newest checkpoint"
+)
+
+# Old field names still read from YAML files and flags (old name -> TrainingArguments name).
+RENAMED = {"hub_private": "hub_private_repo", "warmup_ratio": "warmup_steps"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Fixed width (the help text is stored and compared by a test); a default is shown once and only when true.
+
+    ``--no_<flag>`` switches (store_false) would be printed with the default of ``<flag>``, which reads as the
+    opposite of the truth; help strings that already state their default are left alone.
+    """
+
+    def __init__(self, prog, **kw):
+        kw["width"] = 110
+        kw["max_help_position"] = 40
+        super().__init__(prog, **kw)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or any(s.startswith("--no_") for s in action.option_strings):
+            return text
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser(dataclass_types, prog: str):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser.add_argument(
+        "--config", default=None, help="YAML file of field: value pairs; flags given after it override it."
+    )
+    for action in parser._actions:
+        flag = next((s for s in action.option_strings if s.startswith("--no_")), None)
+        if flag is not None:
+            action.help = f"Turn off --{flag[5:]}."
+    return parser
+
+
+def help_text(dataclass_types, prog: str) -> str:
+    return build_parser(dataclass_types, prog).format_help()
+
+
+def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hook=None):
+    """Parse ``argv`` into the dataclasses; ``--config file.yaml`` supplies defaults that flags override.
+
+    Unknown YAML keys and unknown or abbreviated flags are errors naming them. ``yaml_hook(data)`` may rewrite the
+    YAML mapping (e.g. JSON-encode a nested value) before it becomes the parser's defaults.
+    """
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(dataclass_types, prog)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value at the top level")
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
+        names = {f.name for cls in dataclass_types for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown}; run with --help for the list of fields")
+        if yaml_hook is not None:
+            data = yaml_hook(data)
+        # argparse converts only string defaults; YAML values arrive already typed.
+        parser.set_defaults(**data)
+    argv = [_renamed_flag(a) for a in argv]
+    out = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return tuple(x for x in out if not isinstance(x, argparse.Namespace))
+
+
+def _renamed_flag(arg: str) -> str:
+    for old, new in RENAMED.items():
+        if arg == f"--{old}" or arg.startswith(f"--{old}="):
+            return arg.replace(f"--{old}", f"--{new}", 1)
+    return arg
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+def require_positive(name: str, value, *, allow_zero: bool = False, allow_none: bool = False) -> None:
+    """A finite number > 0 (>= 0 with ``allow_zero``), else ValueError naming the flag."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"--{name} must be a finite number {need}, got {value!r}")
+
+
+def require_steps(max_steps: int, num_train_epochs: float, per: str) -> None:
+    """``max_steps`` > 0, or -1 with ``num_train_epochs`` > 0 (both counted ``per`` domain or task)."""
+    if max_steps == 0 or (max_steps < 0 and max_steps != -1):
+        raise ValueError(f"--max_steps (per {per}) must be > 0, or -1 to train --num_train_epochs per {per}; "
+                         f"got {max_steps}")
+    if max_steps == -1:
+        require_positive("num_train_epochs", num_train_epochs)
+
+
+def require_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _is_set(value) -> bool:
+    return value not in (None, False, "", [], {}, "no")
+
+
+def refuse_unsupported_trainer_flags(args, runner: str) -> None:
+    """Refuse Trainer flags the runner cannot honour; each message names the flag, the reason and the fix."""
+    if _is_set(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ValueError(
+            f"--deepspeed: the {runner} runner does not support DeepSpeed (its optimizer steps flat fp32 "
+            "partitions the soft masks cannot follow); use FSDP2 for sharded training "
+            "(accelerate launch --config_file configs/accelerate/fsdp.yaml, or --fsdp), or DDP"
+        )
+    if _is_set(args.resume_from_checkpoint):
+        raise ValueError(f"--resume_from_checkpoint: {RESUME_HINT}")
+    evaluation = {
+        "eval_strategy": args.eval_strategy,
+        "load_best_model_at_end": args.load_best_model_at_end,
+        "eval_on_start": args.eval_on_start,
+        "do_eval": args.do_eval,
+        "do_predict": args.do_predict,
+        "metric_for_best_model": args.metric_for_best_model,
+    }
+    for name, value in evaluation.items():
+        if _is_set(getattr(value, "value", value)):
+            raise ValueError(
+                f"--{name}: the {runner} runner evaluates every stage itself after training it "
+                "(results.json); the Trainer has no evaluation set here. Drop the flag"
+            )
+    if getattr(args.save_strategy, "value", args.save_strategy) == "best":
+        raise ValueError(
+            "--save_strategy best needs Trainer evaluation, which the runner does not run; use steps or no"
+        )
+    if str(getattr(args.hub_strategy, "value", args.hub_strategy)) not in ("every_save", "end"):
+        raise ValueError(
+            f"--hub_strategy {args.hub_strategy}: the {runner} runner pushes each finished stage itself, "
+            "not Trainer checkpoints; drop the flag"
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (the repo id prefix, e.g. 'me/minilm-das')")
+
+
+def use_cpu_without_cuda(args) -> None:
+    """No CUDA: run on the CPU (``use_cpu``), so bf16 autocast is allowed and ``accelerate launch`` / torchrun
+    processes join one gloo process group instead of each training alone."""
+    import torch
+
+    if not torch.cuda.is_available():
+        args.use_cpu = True
+
+
+def check_process_group(runner: str) -> None:
+    """Refuse a multi-process launch whose processes did not join one process group (each would train alone).
+
+    ``accelerate launch --num_processes 2`` on a machine without CUDA and without ACCELERATE_USE_CPU starts two
+    processes that each see world size 1: two independent copies writing into one directory.
+    """
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    joined = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if launched > 1 and joined != launched:
+        raise RuntimeError(
+            f"the {runner} runner was launched as {launched} processes (WORLD_SIZE={launched}) but they "
+            f"did not join one process group (world size {joined}); each would train its own copy into "
+            "the same directory. On a CPU set ACCELERATE_USE_CPU=true (or pass --use_cpu true)"
+        )
+
+
+def register_architectures(specs: str | None) -> None:
+    """``--register_architecture module:function[,module:function]``: import and call each (it registers a spec)."""
+    import importlib
+
+    for spec in [s.strip() for s in (specs or "").split(",") if s.strip()]:
+        module, _, func = spec.partition(":")
+        if not module or not func:
+            raise ValueError(f"--register_architecture {spec!r}: expected module:function, e.g. my_pkg.arch:register")
+        try:
+            fn = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(
+                f"--register_architecture {spec!r}: cannot load it ({e}); the module must be importable "
+                "(on PYTHONPATH) and define the function"
+            ) from None
+        fn()
+
+
+# -- stored --help text -------------------------------------------------------------------------------------------
+HELP_DIR = Path(__file__).resolve().parent / "help"
+
+
+def runner_parsers() -> dict:
+    """``{script name: (dataclass types, prog)}`` of both runners (imports them: slow, so only for writing)."""
+    from .config import PROG as PRETRAIN_PROG
+    from .config import ContinualPretrainingArguments
+    from .finetune import PROG as FINETUNE_PROG
+    from .finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
+
+    return {
+        "continual_pretrain": ((ContinualPretrainingArguments,), PRETRAIN_PROG),
+        "continual_finetune": ((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), FINETUNE_PROG),
+    }
+
+
+def write_help_files() -> list[Path]:
+    """Regenerate ``help/<script>.txt``: ``python -m hf_softmask.continual.cli``."""
+    paths = []
+    for name, (types, prog) in runner_parsers().items():
+        path = HELP_DIR / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(help_text(types, prog))
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in write_help_files():
+        print(f"wrote {p}")

@@ -1,0 +1,81 @@
+"""Which process this is, and collectives the runners need: one barrier, weights gathered for saving.
+
+A run's processes are joined either by accelerate (``accelerate launch``: DDP, or FSDP2 through its plugin) or by
+torch alone (``torch.distributed`` initialised by the caller, the model sharded with ``fully_shard`` by a model
+hook). Both give the same rank and world size here; the second is ``torch_only``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ProcessInfo", "full_state_dict", "is_sharded"]
+
+
+@dataclass
+class ProcessInfo:
+    rank: int
+    world: int
+    device: torch.device
+    torch_only: bool  # processes joined by torch.distributed without accelerate knowing
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls, cpu: bool) -> "ProcessInfo":
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cpu)
+        if dist.is_available() and dist.is_initialized() and state.num_processes != dist.get_world_size():
+            return cls(dist.get_rank(), dist.get_world_size(), state.device, True)
+        return cls(state.process_index, state.num_processes, state.device, False)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when parameters are DTensors (FSDP2 ``fully_shard``)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The full (unsharded) state dict on the main process, gathered with every process taking part; None for a
+    model that is not sharded (``save_pretrained`` reads it directly). Call it on every process."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def loss_uses_num_items(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s loss divides by the Trainer's ``num_items_in_batch`` (models built on ``loss_function``).
+
+    Why: the Trainer passes ``num_items_in_batch`` (summed over processes) to every model whose forward takes
+    ``**kwargs`` and then multiplies the loss by the number of processes. A model that takes ``**kwargs`` but
+    averages its own loss (BertForMaskedLM, the task-head classifier) then reports, and trains on, world size times
+    its loss. Such models must be treated as not accepting loss kwargs.
+    """
+    import inspect
+
+    base = getattr(model, "module", model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+    return "loss_function" in source or "num_items_in_batch" in source
+
+
+def fix_loss_kwargs(trainer) -> None:
+    """Set ``trainer.model_accepts_loss_kwargs`` from what the model's loss really does (see loss_uses_num_items)."""
+    if trainer.model_accepts_loss_kwargs and not loss_uses_num_items(trainer.model):
+        trainer.model_accepts_loss_kwargs = False
