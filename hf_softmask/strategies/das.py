@@ -13,7 +13,8 @@ from torch import nn
 
 from ..contrastive import das_contrastive_loss, masked_mean_pool, unmasked_input_ids
 from ..estimators import compute_importance, has_dropout
-from ..importance import UnitImportance
+from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
+from ..importance_estimators import DEFAULT_ESTIMATOR, get_estimator
 from ..layout import UnitLayout
 from ..masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
@@ -42,6 +43,8 @@ class DASStrategy(ContinualStrategy):
         general_objective: importance objective before the first domain (``kl_dropout``).
         domain_objective: importance objective after each domain (``lm_loss``).
         importance_batches: cap on the batches used for each importance estimate (None: the whole loader).
+        estimator: importance estimator name (``hf_softmask.available_estimators()``; ``random`` is the control).
+        normalization: map of raw importance into [0, 1] (``hf_softmask.NORMALIZATIONS``; ``abs_tanh`` = paper).
     """
 
     name = "das"
@@ -57,6 +60,8 @@ class DASStrategy(ContinualStrategy):
         general_objective: str = "kl_dropout",
         domain_objective: str = "lm_loss",
         importance_batches: int | None = None,
+        estimator: str = DEFAULT_ESTIMATOR,
+        normalization: str = DEFAULT_NORMALIZATION,
         show_progress: bool = True,
         **_,
     ):
@@ -71,6 +76,11 @@ class DASStrategy(ContinualStrategy):
         self.general_objective = general_objective
         self.domain_objective = domain_objective
         self.importance_batches = importance_batches
+        get_estimator(estimator)  # unknown names fail at construction, not after a domain of training
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATIONS)}")
+        self.estimator = estimator
+        self.normalization = normalization
         self.show_progress = show_progress
         self.general_importance: UnitImportance | None = None
         self.domain_importances: list[UnitImportance] = []
@@ -96,6 +106,7 @@ class DASStrategy(ContinualStrategy):
         return compute_importance(
             model, dataloader, objective, layout=self.layout(model), max_batches=self.importance_batches,
             perturbation_dropout=self.perturbation_dropout, show_progress=self.show_progress,
+            estimator=self.estimator, normalization=self.normalization,
         )
 
     def compute_general_importance(self, model: nn.Module, dataloader) -> UnitImportance:
@@ -174,5 +185,7 @@ class DASStrategy(ContinualStrategy):
             "general_objective": self.general_objective,
             "domain_objective": self.domain_objective,
             "importance_batches": self.importance_batches,
+            "estimator": self.estimator,
+            "normalization": self.normalization,
             "domains_done": len(self.domain_importances),
         }
