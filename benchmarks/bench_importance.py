@@ -134,22 +134,23 @@ def stability(model_name: str, objective: str, blocks: int, estimators: list[str
     return record
 
 
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
-
-
 def split_half(record: dict, normalization: str | None) -> dict:
     """``{estimator: [(tokens per half, r heads, r ffn), ...]}`` for one normalization (None: raw)."""
-    from hf_softmask.importance import normalize_importance
+    from hf_softmask import UnitImportance
 
-    def norm(x):
-        return x if normalization is None else normalize_importance(x, normalization)
+    def imp(heads, ffn):
+        raw = UnitImportance(heads, ffn)
+        return raw if normalization is None else raw.normalized(normalization)
 
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, (a, b) in record["raw"].items():
-            out[name] = [(ta, _corr(norm(ha), norm(hb)), _corr(norm(fa), norm(fb))) for (ha, fa, ta), (hb, fb, _) in zip(a, b)]
+            rows = []
+            for (ha, fa, ta), (hb, fb, _) in zip(a, b):
+                r = imp(ha, fa).split_half(imp(hb, fb))
+                rows.append((ta, r["heads"], r["ffn"]))
+            out[name] = rows
     return out
 
 

@@ -214,6 +214,16 @@ class UnitImportance:
         return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
 
     # -- summaries -----------------------------------------------------------------------------
+    def split_half(self, other: UnitImportance) -> dict[str, float]:
+        """Pearson correlation with ``other`` (e.g. the estimate from a disjoint half of the data), heads and FFN
+        neurons separately: the stability of an estimate."""
+        self._check_same_shape(other)
+
+        def r(a: torch.Tensor, b: torch.Tensor) -> float:
+            return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+        return {"heads": r(self.heads, other.heads), "ffn": r(self.ffn, other.ffn)}
+
     def summary(self) -> dict:
         return {
             "heads_mean": float(self.heads.mean()),
