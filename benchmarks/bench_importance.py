@@ -48,7 +48,8 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
             train_step(model, b, opt)
 
     def importance(estimator, objective):
-        return lambda: compute_importance(model, batches, objective, estimator=estimator, layout=layout, show_progress=False)
+        return lambda: compute_importance(model, batches, objective, estimator=estimator, layout=layout,
+                                          show_progress=False)
 
     variants = {"train": train_all}
     for name in available_estimators():
@@ -117,8 +118,8 @@ def stability(model_name: str, objective: str, blocks: int, estimators: list[str
     model, tok, mlm = _load(model_name)
     halves = bbc_halves(tok, mlm, blocks)
     at = [2 ** k for k in range(12) if 2 ** k <= len(halves[0])]
-    record = {"model": model_name, "objective": objective, "tokens_per_batch": 8 * 128, "at": at, "raw": {}, "seconds": {},
-              "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, shared"}
+    record = {"model": model_name, "objective": objective, "tokens_per_batch": 8 * 128, "at": at, "raw": {},
+              "seconds": {}, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, shared"}
     for name in estimators:
         snaps, t0 = [], time.process_time()
         for h, half in enumerate(halves):
@@ -154,17 +155,21 @@ def split_half(record: dict, normalization: str | None) -> dict:
     return out
 
 
-def table(paths: list[Path], png: Path | None) -> str:
+def table(paths: list[Path], png: Path | None, normalizations=None, estimators=None) -> str:
+    """Markdown: split-half r (heads / FFN) per estimator and normalization against tokens per half."""
     from hf_softmask.importance import NORMALIZATIONS
 
+    normalizations = normalizations or ["raw", *NORMALIZATIONS]
     records = [torch.load(p) for p in paths]
     lines = []
     for rec in records:
         lines.append(f"\n### {rec['model']}, {rec['objective']} ({rec['machine']}, {rec['date']})\n")
         lines.append("| estimator | normalization | " + " | ".join(f"{t}" for t in rec["at"]) + " |")
         lines.append("|---|---|" + "---|" * len(rec["at"]))
-        for normalization in (None, *NORMALIZATIONS):
-            for name, rows in split_half(rec, normalization).items():
+        for normalization in normalizations:
+            for name, rows in split_half(rec, None if normalization == "raw" else normalization).items():
+                if estimators and name not in estimators:
+                    continue
                 cells = " | ".join(f"{rh:.2f} / {rf:.2f}" for _, rh, rf in rows)
                 lines.append(f"| {name} | {normalization or 'raw'} | {cells} |")
         tok = [t for t, *_ in next(iter(split_half(rec, None).values()))]
@@ -185,10 +190,14 @@ def _plot(records: list[dict], png: Path) -> None:
 
     fig, axes = plt.subplots(2, len(records), figsize=(4.2 * len(records), 6.4), squeeze=False, sharey=True)
     for c, rec in enumerate(records):
-        for name, rows in split_half(rec, DEFAULT_NORMALIZATION).items():
+        curves = [(name, rows, "-") for name, rows in split_half(rec, DEFAULT_NORMALIZATION).items()]
+        published = split_half(rec, "abs_tanh").get("gate_gradient")
+        if published:
+            curves.append(("gate_gradient, abs_tanh (paper)", published, ":"))
+        for name, rows, style in curves:
             tok = [t for t, *_ in rows]
-            axes[0][c].plot(tok, [r[1] for r in rows], marker="o", label=name)
-            axes[1][c].plot(tok, [r[2] for r in rows], marker="o", label=name)
+            axes[0][c].plot(tok, [r[1] for r in rows], marker="o", ls=style, label=name)
+            axes[1][c].plot(tok, [r[2] for r in rows], marker="o", ls=style, label=name)
         for r, unit in enumerate(("heads", "FFN neurons")):
             ax = axes[r][c]
             ax.set_xscale("log", base=2)
@@ -200,7 +209,8 @@ def _plot(records: list[dict], png: Path) -> None:
     axes[0][0].set_ylabel(f"split-half r ({DEFAULT_NORMALIZATION})")
     axes[1][0].set_ylabel(f"split-half r ({DEFAULT_NORMALIZATION})")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Importance stability vs sample size (BBC halves; {records[0]['machine']}, {records[0]['date']})", fontsize=10)
+    where = f"{records[0]['machine']}, {records[0]['date']}"
+    fig.suptitle(f"Importance split-half vs sample size\n(BBC halves; {where})", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -218,6 +228,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("table", help="split-half tables (markdown) and the plot from saved snapshots")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("--png", type=Path, default=None)
+    t.add_argument("--normalizations", nargs="*", default=None, help="'raw' and/or names (default: all)")
+    t.add_argument("--estimators", nargs="*", default=None)
     args = parser.parse_args(argv)
     if args.cmd == "stability":
         from hf_softmask import available_estimators
@@ -225,7 +237,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         stability(args.model, args.objective, args.blocks, args.estimators or available_estimators(), args.out)
     else:
-        print(table(args.records, args.png))
+        print(table(args.records, args.png, args.normalizations, args.estimators))
     return 0
 
 

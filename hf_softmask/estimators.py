@@ -239,13 +239,14 @@ def compute_importance(
     if normalize and normalization not in NORMALIZATIONS:  # fail before any forward
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATIONS)}")
     *_, raw = importance_snapshots(
-        model, dataloader, objective, estimator=estimator, estimator_options=estimator_options, max_batches=max_batches,
-        perturbation_dropout=perturbation_dropout, layout=layout, device=device, show_progress=show_progress,
+        model, dataloader, objective, estimator=estimator, estimator_options=estimator_options,
+        max_batches=max_batches, perturbation_dropout=perturbation_dropout, layout=layout, device=device,
+        show_progress=show_progress,
     )
     raw.meta["normalized"] = normalize
     if not normalize:
         return raw
     if (raw.heads == 0).all() and (raw.ffn == 0).all():
-        warnings.warn(f"importance ({raw.meta['objective']}) is zero everywhere: the loss does not depend on the gates",
+        warnings.warn(f"importance ({raw.meta['estimator']}, {raw.meta['objective']}) is zero everywhere",
                       RuntimeWarning, stacklevel=2)
     return raw.normalized(normalization)

@@ -51,7 +51,7 @@ def _warn_flat(flat: torch.Tensor, name: str, what: str) -> None:
 
 
 def _zscore(x: torch.Tensor, dim: int | None, name: str) -> torch.Tensor:
-    """``(x - mean) / std`` along ``dim`` (None: over all entries); constant rows give NaN-free zeros, with a warning."""
+    """``(x - mean) / std`` along ``dim`` (None: over all entries); constant rows give zeros, with a warning."""
     x = _check_finite(x, name)
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     mean = x.mean(dim=dims, keepdim=True)
@@ -97,7 +97,9 @@ NORMALIZATIONS: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {
 DEFAULT_NORMALIZATION = "tanh"
 
 
-def normalize_importance(x: torch.Tensor, normalization: str = DEFAULT_NORMALIZATION, name: str = "importance") -> torch.Tensor:
+def normalize_importance(
+    x: torch.Tensor, normalization: str = DEFAULT_NORMALIZATION, name: str = "importance"
+) -> torch.Tensor:
     """Raw importance ``x[L, N]`` mapped into [0, 1] by the named normalization (see :data:`NORMALIZATIONS`)."""
     fn = NORMALIZATIONS.get(normalization)
     if fn is None:

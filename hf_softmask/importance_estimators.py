@@ -158,7 +158,8 @@ class _ForwardEstimator(ImportanceEstimator):
         if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
             raise ValueError(
                 f"{type(self).__name__} expects unit inputs of shape [batch, seq, features] matching the attention "
-                f"mask {tuple(mask.shape)}, got {tuple(x.shape)}; use a gradient estimator (gate_gradient) for this model"
+                f"mask {tuple(mask.shape)}, got {tuple(x.shape)}; use a gradient estimator (gate_gradient) for "
+                "this model"
             )
         return x[mask.to(x.device)].double()
 
@@ -215,7 +216,9 @@ class Wanda(_ForwardEstimator):
         self.slices = [s for s in layout.owned if s.param.dim() == 2]
         for s in self.slices:
             if type(s.param).__name__ == "DTensor":
-                raise NotImplementedError("wanda reads whole weights; it does not support FSDP2-sharded models, use gate_gradient")
+                raise NotImplementedError(
+                    "wanda reads whole weights; it does not support FSDP2-sharded models, use gate_gradient"
+                )
         self.in_axis = 0 if layout.spec.conv1d else 1
         self.modules: list[nn.Module] = []
         self.slice_module: list[int] = []
@@ -224,7 +227,8 @@ class Wanda(_ForwardEstimator):
             if m not in self.modules:
                 self.modules.append(m)
             self.slice_module.append(self.modules.index(m))
-        self.sumsq = [torch.zeros(m.weight.shape[self.in_axis], device=device, dtype=torch.float64) for m in self.modules]
+        self.sumsq = [torch.zeros(m.weight.shape[self.in_axis], device=device, dtype=torch.float64)
+                      for m in self.modules]
         for k, m in enumerate(self.modules):
             self._handles.append(m.register_forward_pre_hook(self._hook(k)))
 

@@ -121,7 +121,8 @@ def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
         assert h0.std() > 0, key
     batches = random_lm_batches(4, batch_size=2, seq_len=12, seed=5)
     for estimator in available_estimators():
-        one = compute_importance(tiny_llama(), batches, "lm_loss", estimator=estimator, normalize=False, show_progress=False)
+        one = compute_importance(tiny_llama(), batches, "lm_loss", estimator=estimator, normalize=False,
+                                 show_progress=False)
         h, f, t = r0[("llama", estimator, "lm_loss")]
         assert t == one.meta["tokens"]
         torch.testing.assert_close(h, one.heads, rtol=1e-4, atol=1e-9)

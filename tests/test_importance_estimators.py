@@ -11,14 +11,16 @@ MODELS = {"bert": lambda: tiny_bert(hidden_dropout_prob=0.0, attention_probs_dro
 # Module paths (written out here, not taken from the layout) of the pieces the hand computations read.
 PATHS = {
     "bert": dict(layers=lambda m: m.bert.encoder.layer, q="attention.self.query", k="attention.self.key",
-                 v="attention.self.value", o="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense"),
+                 v="attention.self.value", o="attention.output.dense", ffn_in=("intermediate.dense",),
+                 ffn_out="output.dense"),
     "llama": dict(layers=lambda m: m.model.layers, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                   o="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj"),
 }
 
 
 def _raw(model, batches, estimator, objective="lm_loss", **kw):
-    return compute_importance(model, batches, objective, estimator=estimator, normalize=False, show_progress=False, **kw)
+    return compute_importance(model, batches, objective, estimator=estimator, normalize=False, show_progress=False,
+                              **kw)
 
 
 def _padded_batch(seed=0):

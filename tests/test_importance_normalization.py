@@ -44,13 +44,15 @@ def test_pooled_tanh_by_hand_uses_all_layers():
     want = [max(0.0, math.tanh(z)) for z in _z([1, 2, 3, 4])]
     torch.testing.assert_close(normalize_importance(x, "pooled_tanh").flatten(), torch.tensor(want))
     # per layer, each row's larger unit would get tanh(1) and layer 0 would not be below layer 1
-    assert normalize_importance(x, "tanh").tolist() == [[0.0, pytest.approx(math.tanh(1))], [0.0, pytest.approx(math.tanh(1))]]
+    t1 = pytest.approx(math.tanh(1))
+    assert normalize_importance(x, "tanh").tolist() == [[0.0, t1], [0.0, t1]]
 
 
 def test_rank_by_hand_mid_ranks_for_ties():
     x = torch.tensor([[10.0, 30.0, 20.0, 20.0], [4.0, 3.0, 2.0, 1.0]])
     # ranks 0, 3, (1 + 2) / 2, (1 + 2) / 2 over n - 1 = 3
-    torch.testing.assert_close(normalize_importance(x, "rank"), torch.tensor([[0.0, 1.0, 0.5, 0.5], [1.0, 2 / 3, 1 / 3, 0.0]]))
+    want = torch.tensor([[0.0, 1.0, 0.5, 0.5], [1.0, 2 / 3, 1 / 3, 0.0]])
+    torch.testing.assert_close(normalize_importance(x, "rank"), want)
 
 
 def test_pooled_rank_by_hand():
