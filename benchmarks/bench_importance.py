@@ -117,7 +117,9 @@ def stability(model_name: str, objective: str, blocks: int, estimators: list[str
 
     model, tok, mlm = _load(model_name)
     halves = bbc_halves(tok, mlm, blocks)
-    at = [2 ** k for k in range(12) if 2 ** k <= len(halves[0])]
+    n = min(len(h) for h in halves)
+    at = sorted({2 ** k for k in range(12) if 2 ** k <= n} | {n})
+    halves = [h[:n] for h in halves]
     record = {"model": model_name, "objective": objective, "tokens_per_batch": 8 * 128, "at": at, "raw": {},
               "seconds": {}, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, shared"}
     for name in estimators:
@@ -136,7 +138,9 @@ def stability(model_name: str, objective: str, blocks: int, estimators: list[str
 
 
 def split_half(record: dict, normalization: str | None) -> dict:
-    """``{estimator: [(tokens per half, r heads, r ffn), ...]}`` for one normalization (None: raw)."""
+    """``{estimator: [(input tokens per half, r heads, r ffn), ...]}`` for one normalization (None: raw).
+
+    Input tokens, not the estimator's own count: an MLM ``lm_loss`` estimate counts only its masked tokens."""
     from hf_softmask import UnitImportance
 
     def imp(heads, ffn):
@@ -148,9 +152,9 @@ def split_half(record: dict, normalization: str | None) -> dict:
         warnings.simplefilter("ignore")
         for name, (a, b) in record["raw"].items():
             rows = []
-            for (ha, fa, ta), (hb, fb, _) in zip(a, b):
+            for k, ((ha, fa, _), (hb, fb, _)) in zip(record["at"], zip(a, b)):
                 r = imp(ha, fa).split_half(imp(hb, fb))
-                rows.append((ta, r["heads"], r["ffn"]))
+                rows.append((k * record["tokens_per_batch"], r["heads"], r["ffn"]))
             out[name] = rows
     return out
 

@@ -230,8 +230,9 @@ def compute_importance(
         perturbation_dropout: for ``kl_dropout`` on a model without dropout, the dropout put on
             gated unit outputs so the two views differ.
         normalize: map into [0, 1] with ``normalization``; False returns the raw estimate.
-        normalization: a key of :data:`hf_softmask.importance.NORMALIZATIONS`; the default ``"tanh"`` is
-            monotonic in the raw estimate, ``"abs_tanh"`` is the published DAS ``|tanh(z)|``.
+        normalization: a key of :data:`hf_softmask.importance.NORMALIZATIONS`; the default ``"pooled_tanh"``
+            is monotonic in the raw estimate across all layers, ``"abs_tanh"`` is the published DAS per-layer
+            ``|tanh(z)|`` (see docs/importance.md for the measurements behind the choice).
 
     Sums are all-reduced across processes before the division by the token count, so every rank gets the
     same importance. Model parameters get no ``.grad`` and the model's train/eval mode is restored.

@@ -20,7 +20,7 @@ def _z(row):
 
 def test_the_published_map_and_the_candidates_are_named():
     assert {"abs_tanh", "tanh", "pooled_tanh", "rank", "pooled_rank"} <= set(NORMALIZATIONS)
-    assert DEFAULT_NORMALIZATION == "tanh"
+    assert DEFAULT_NORMALIZATION == "pooled_tanh"
 
 
 def test_abs_tanh_by_hand():
