@@ -31,8 +31,9 @@ def _padded_batch(seed=0):
     return b
 
 
-def _capture_inputs(model, arch):
-    """{(layer, part): [inputs]} of every projection the hand computations read, via plain forward pre-hooks."""
+def _projection_inputs(model, arch, batch):
+    """{(layer, part): [input]} of every projection the hand computations read, from one eval forward of
+    ``batch`` seen by plain forward pre-hooks."""
     p = PATHS[arch]
     seen, handles = {}, []
     for l, block in enumerate(p["layers"](model)):
@@ -40,7 +41,11 @@ def _capture_inputs(model, arch):
             module = block.get_submodule(p.get(part, part))
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, key=(l, part): seen.setdefault(key, []).append(args[0].detach())))
-    return seen, handles
+    with torch.no_grad():
+        model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
+    for h in handles:
+        h.remove()
+    return seen
 
 
 def test_the_five_estimators_are_listed():
@@ -111,11 +116,7 @@ def test_gate_fisher_is_the_sum_of_squared_per_sequence_gradients(arch):
 @pytest.mark.parametrize("arch", MODELS)
 def test_activation_by_hand_is_mean_abs_unit_output_over_real_tokens(arch):
     model, batch = MODELS[arch](), _padded_batch()
-    seen, handles = _capture_inputs(model, arch)
-    with torch.no_grad():
-        model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
-    for h in handles:
-        h.remove()
+    seen = _projection_inputs(model, arch, batch)
     mask = batch["attention_mask"].bool()
     T = int(mask.sum())
     raw = _raw(model, [batch], "activation", "kl_dropout")
@@ -134,11 +135,7 @@ def test_activation_by_hand_is_mean_abs_unit_output_over_real_tokens(arch):
 def test_wanda_by_hand_from_weights_and_input_norms(arch):
     model, batch = MODELS[arch](), _padded_batch()
     p = PATHS[arch]
-    seen, handles = _capture_inputs(model, arch)
-    with torch.no_grad():
-        model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
-    for h in handles:
-        h.remove()
+    seen = _projection_inputs(model, arch, batch)
     mask = batch["attention_mask"].bool()
     H, D = 4, 8
     G = 2 if arch == "llama" else 1  # query heads per key/value head
