@@ -168,7 +168,8 @@ def table(paths: list[Path], png: Path | None, normalizations=None, estimators=N
     lines = []
     for rec in records:
         lines.append(f"\n### {rec['model']}, {rec['objective']} ({rec['machine']}, {rec['date']})\n")
-        lines.append("| estimator | normalization | " + " | ".join(f"{t}" for t in rec["at"]) + " |")
+        tokens = [k * rec["tokens_per_batch"] for k in rec["at"]]
+        lines.append("| estimator | normalization | " + " | ".join(f"{t // 1024}k tokens" for t in tokens) + " |")
         lines.append("|---|---|" + "---|" * len(rec["at"]))
         for normalization in normalizations:
             for name, rows in split_half(rec, None if normalization == "raw" else normalization).items():
@@ -176,8 +177,7 @@ def table(paths: list[Path], png: Path | None, normalizations=None, estimators=N
                     continue
                 cells = " | ".join(f"{rh:.2f} / {rf:.2f}" for _, rh, rf in rows)
                 lines.append(f"| {name} | {normalization or 'raw'} | {cells} |")
-        tok = [t for t, *_ in next(iter(split_half(rec, None).values()))]
-        lines.append(f"\ncolumns: batches of 8 x 128 tokens per half; tokens per half: {', '.join(map(str, tok))}")
+        lines.append("\ncells: split-half r, heads / FFN neurons; columns: input tokens per half (batches of 8 x 128)")
     text = "\n".join(lines)
     if png is not None:
         _plot(records, png)
