@@ -193,6 +193,7 @@ def _plot(records: list[dict], png: Path) -> None:
     from hf_softmask.importance import DEFAULT_NORMALIZATION
 
     fig, axes = plt.subplots(2, len(records), figsize=(4.2 * len(records), 6.4), squeeze=False, sharey=True)
+    colors: dict[str, str] = {}
     for c, rec in enumerate(records):
         curves = [(name, rows, "-") for name, rows in split_half(rec, DEFAULT_NORMALIZATION).items()]
         published = split_half(rec, "abs_tanh").get("gate_gradient")
@@ -200,8 +201,9 @@ def _plot(records: list[dict], png: Path) -> None:
             curves.append(("gate_gradient, abs_tanh (paper)", published, ":"))
         for name, rows, style in curves:
             tok = [t for t, *_ in rows]
-            axes[0][c].plot(tok, [r[1] for r in rows], marker="o", ls=style, label=name)
-            axes[1][c].plot(tok, [r[2] for r in rows], marker="o", ls=style, label=name)
+            color = colors.setdefault(name, f"C{len(colors)}")  # one colour per estimator in every panel
+            axes[0][c].plot(tok, [r[1] for r in rows], marker="o", ls=style, color=color, label=name)
+            axes[1][c].plot(tok, [r[2] for r in rows], marker="o", ls=style, color=color, label=name)
         for r, unit in enumerate(("heads", "FFN neurons")):
             ax = axes[r][c]
             ax.set_xscale("log", base=2)
@@ -212,7 +214,8 @@ def _plot(records: list[dict], png: Path) -> None:
         axes[0][c].set_ylim(-0.2, 1.0)
     axes[0][0].set_ylabel(f"split-half r ({DEFAULT_NORMALIZATION})")
     axes[1][0].set_ylabel(f"split-half r ({DEFAULT_NORMALIZATION})")
-    axes[0][0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines() if not h.get_label().startswith("_")}
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7)
     where = f"{records[0]['machine']}, {records[0]['date']}"
     fig.suptitle(f"Importance split-half vs sample size\n(BBC halves; {where})", fontsize=10)
     fig.tight_layout()
