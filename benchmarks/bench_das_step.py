@@ -96,7 +96,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
         z1 = (out.hidden_states[-1] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         (z2,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 1, None)
         (z3,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 0, importance)
-        finish(out.loss + info_nce(z1, z2, z3, das.temperature), opts["v1"])
+        finish(out.loss + info_nce(z1, z2, z3, das.cfg.temperature), opts["v1"])
 
     def attach(key):
         return (lambda: strategies[key].on_train_begin(model, opts[key])) if key in strategies else (
@@ -135,7 +135,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     }
     rows = []
     for name, note in notes.items():
-        default = name == ("DAS, views with grad" if DASStrategy().view_gradients else "DAS, stop-grad views")
+        default = name == ("DAS, views with grad" if DASStrategy().cfg.view_gradients else "DAS, stop-grad views")
         rows.append(Row("DAS step", shape, name + (" [default]" if default else ""), "plain", t[name][0], base_ms,
                         target="<=2.0x,mem<=1.3x" if default else "", mem_ratio=ratio_of_peaks(peaks[name], peaks["plain"]),
                         note=f"{tag}; {note}"))

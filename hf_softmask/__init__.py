@@ -3,9 +3,10 @@
 import importlib
 
 from .callback import SoftMaskCallback
-from .estimators import EmptyDataError, compute_importance
+from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
 from .gates import UnitGates, gated
-from .importance import ImportanceShapeError, UnitImportance
+from .importance import NORMALIZATIONS, ImportanceShapeError, UnitImportance
+from .importance_estimators import ImportanceEstimator
 from .layout import UnitLayout
 from .masking import SoftMaskConfig, SoftMasker, build_param_masks
 from .optim import MaskedAdamW, MaskedSGD, install_update_masks
@@ -71,9 +72,11 @@ __all__ = [
     "ArchitectureSpec",
     "ContinualStrategy",
     "EmptyDataError",
+    "ImportanceEstimator",
     "ImportanceShapeError",
     "MaskedAdamW",
     "MaskedSGD",
+    "NORMALIZATIONS",
     "SoftMaskCallback",
     "SoftMaskConfig",
     "SoftMaskTrainer",
@@ -84,6 +87,7 @@ __all__ = [
     "UnitImportance",
     "UnitLayout",
     "UnsupportedModelError",
+    "available_estimators",
     "available_strategies",
     "build_param_masks",
     "compute_importance",
@@ -91,6 +95,7 @@ __all__ = [
     "get_strategy",
     "install_update_masks",
     "register_architecture",
+    "register_estimator",
     "supported_model_types",
     *_LAZY,
 ]

@@ -1,22 +1,39 @@
-"""Importance of heads and FFN neurons from the gradient of a loss with respect to unit gates."""
+"""compute_importance: importance of heads and FFN neurons from data, by a registered estimator and an objective."""
 
 from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gates import UnitGates
-from .importance import UnitImportance
+from .importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
+from .importance_estimators import (
+    DEFAULT_ESTIMATOR,
+    _token_mask,
+    available_estimators,
+    get_estimator,
+    register_estimator,
+)
 from .layout import UnitLayout
 from .peft_support import base_modules, unwrap_peft
 
-__all__ = ["move_batch", "compute_importance", "OBJECTIVES", "kl_dropout_loss", "lm_loss", "has_dropout", "EmptyDataError"]
+__all__ = [
+    "move_batch",
+    "compute_importance",
+    "importance_snapshots",
+    "available_estimators",
+    "register_estimator",
+    "OBJECTIVES",
+    "kl_dropout_loss",
+    "lm_loss",
+    "has_dropout",
+    "EmptyDataError",
+]
 
 
 class EmptyDataError(ValueError):
@@ -37,13 +54,6 @@ def move_batch(batch: dict, device) -> dict:
 
 def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def _token_mask(batch: dict, hidden: torch.Tensor) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    return mask.bool()
 
 
 def kl_dropout_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -114,88 +124,132 @@ def _is_main_process() -> bool:
     return True
 
 
-def compute_importance(
+def _resolve_objective(objective: str | Callable) -> tuple[Callable, str]:
+    loss_fn = OBJECTIVES.get(objective) if isinstance(objective, str) else objective
+    if loss_fn is None:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass a callable")
+    return loss_fn, objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+
+
+def importance_snapshots(
     model: nn.Module,
     dataloader: Iterable[dict],
     objective: str | Callable = "lm_loss",
     *,
+    estimator: str = DEFAULT_ESTIMATOR,
+    estimator_options: dict | None = None,
+    at: Iterable[int] | None = None,
     max_batches: int | None = None,
     perturbation_dropout: float = 0.1,
-    normalize: bool = True,
     layout: UnitLayout | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = True,
-) -> UnitImportance:
-    """Importance of every head and FFN neuron: ``sum_batches |d loss / d gate|`` / tokens.
+) -> Iterator[UnitImportance]:
+    """Raw importance after each batch count in ``at`` (and after the last batch), from one pass over the data.
 
-    Args:
-        objective: ``"kl_dropout"`` (general-knowledge proxy: two dropout views, KL of last hidden
-            states), ``"lm_loss"`` (the model's own MLM/causal LM loss), or a callable
-            ``(model, batch) -> (summed_loss, n_tokens)``.
-        max_batches: stop after this many batches.
-        perturbation_dropout: for ``kl_dropout`` on a model without dropout, the dropout put on
-            gated unit outputs so the two views differ.
-        normalize: return per-layer ``|tanh(z)|`` in [0, 1]; False returns the raw averages.
-
-    Gradients are taken per batch (gate grads zeroed between batches), summed as absolute values,
-    all-reduced across processes, then divided by the token count. Model parameters get no ``.grad``
-    and the model's train/eval mode is restored.
+    The engine of :func:`compute_importance` (see there for the arguments); ``at`` serves sample-size curves.
+    Every process must see the same number of batches: the sums are all-reduced at every snapshot.
     """
-    loss_fn = OBJECTIVES.get(objective) if isinstance(objective, str) else objective
-    if loss_fn is None:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass a callable")
-    name = objective if isinstance(objective, str) else getattr(objective, "__name__", "custom")
+    loss_fn, name = _resolve_objective(objective)
     layout = layout or UnitLayout.from_model(model)
     if device is None:
         device = next(model.parameters()).device
+    spec = get_estimator(estimator)
     dropout = 0.0
     if name == "kl_dropout" and not has_dropout(model):
         dropout = perturbation_dropout
         if dropout <= 0:
             raise ValueError("kl_dropout on a model without dropout needs perturbation_dropout > 0 (both views would be identical)")
-
-    gates = UnitGates.trainable(layout, device=device, dropout=dropout)
-    head_sum = torch.zeros(layout.num_layers, layout.num_heads, device=device, dtype=torch.float64)
-    ffn_sum = torch.zeros(layout.num_layers, layout.ffn_size, device=device, dtype=torch.float64)
+    at = sorted(set(at or ()))
     tokens = torch.zeros((), device=device, dtype=torch.float64)
     batches = 0
     total = max_batches
     if total is None and hasattr(dataloader, "__len__"):
         total = len(dataloader)
+
+    est = spec(model, layout, device, dropout, **(estimator_options or {}))
+    options = {"estimator": estimator, "estimator_options": dict(estimator_options or {}), "objective": name,
+               "uses_loss": est.uses_loss}
+
+    def snapshot() -> UnitImportance:
+        state = [t.clone() for t in est.state()]
+        reduced = tokens.clone()
+        _all_reduce_(*state, reduced)
+        if batches == 0 or reduced.item() == 0:
+            raise EmptyDataError(
+                f"compute_importance({name!r}) saw {batches} batches and {int(reduced.item())} tokens; "
+                "pass a dataloader with at least one non-empty batch (check the dataset split and max_batches)"
+            )
+        heads, ffn = est.result(state, reduced.item())
+        meta = {"layout": layout.signature(), **options, "batches": batches, "tokens": int(reduced.item())}
+        return UnitImportance(heads.float().cpu(), ffn.float().cpu(), meta)
+
     try:
-        with _importance_mode(model, train_mode=True):
-            bar = tqdm(dataloader, total=total, desc=f"importance ({name})", disable=not (show_progress and _is_main_process()), leave=False)
+        with _importance_mode(model, train_mode=est.uses_loss), torch.set_grad_enabled(est.uses_loss):
+            bar = tqdm(dataloader, total=total, desc=f"importance ({estimator}, {name})",
+                       disable=not (show_progress and _is_main_process()), leave=False)
             for batch in bar:
                 if max_batches is not None and batches >= max_batches:
                     break
-                batch = move_batch(batch, device)
-                loss, n = loss_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"importance loss is {loss.item()} at batch {batches}; the model or data produce NaN/Inf "
-                        "(check for empty sequences, fp16 overflow, or a diverged checkpoint)"
-                    )
-                gates.zero_grad()
-                loss.backward()
-                head_sum += gates.head_gate.grad.abs().double()
-                ffn_sum += gates.ffn_gate.grad.abs().double()
-                tokens += n
+                tokens += est.observe(move_batch(batch, device), loss_fn)
                 batches += 1
+                if batches in at:
+                    yield snapshot()
     finally:
-        gates.remove()
-    _all_reduce_(head_sum, ffn_sum, tokens)
-    if batches == 0 or tokens.item() == 0:
-        raise EmptyDataError(
-            f"compute_importance({name!r}) saw {batches} batches and {int(tokens.item())} tokens; "
-            "pass a dataloader with at least one non-empty batch (check the dataset split and max_batches)"
-        )
-    heads = (head_sum / tokens).float().cpu()
-    ffn = (ffn_sum / tokens).float().cpu()
-    meta = {"layout": layout.signature(), "objective": name, "batches": batches, "tokens": int(tokens.item()), "normalized": normalize}
-    raw = UnitImportance(heads, ffn, meta)
+        est.close()
+    if batches not in at:
+        yield snapshot()
+
+
+def compute_importance(
+    model: nn.Module,
+    dataloader: Iterable[dict],
+    objective: str | Callable = "lm_loss",
+    *,
+    estimator: str = DEFAULT_ESTIMATOR,
+    estimator_options: dict | None = None,
+    max_batches: int | None = None,
+    perturbation_dropout: float = 0.1,
+    normalize: bool = True,
+    normalization: str = DEFAULT_NORMALIZATION,
+    layout: UnitLayout | None = None,
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+) -> UnitImportance:
+    """Importance of every head and FFN neuron.
+
+    Args:
+        objective: ``"kl_dropout"`` (general-knowledge proxy: two dropout views, KL of last hidden
+            states), ``"lm_loss"`` (the model's own MLM/causal LM loss), or a callable
+            ``(model, batch) -> (summed_loss, n_tokens)``. Estimators without a loss (``activation``,
+            ``wanda``) run one forward on the batch's inputs (for MLM batches the masked inputs) and do not
+            use it.
+        estimator: a name from :func:`available_estimators`: ``gate_gradient`` (default,
+            ``sum_batches |d loss / d gate|`` / tokens, as in DAS), ``gate_fisher``, ``activation``,
+            ``wanda``, ``random`` (the control); see :mod:`hf_softmask.importance_estimators`.
+        estimator_options: keyword options of the estimator (``random``: ``seed``, ``base``).
+        max_batches: stop after this many batches.
+        perturbation_dropout: for ``kl_dropout`` on a model without dropout, the dropout put on
+            gated unit outputs so the two views differ.
+        normalize: map into [0, 1] with ``normalization``; False returns the raw estimate.
+        normalization: a key of :data:`hf_softmask.importance.NORMALIZATIONS`; the default ``"pooled_tanh"``
+            is monotonic in the raw estimate across all layers, ``"abs_tanh"`` is the published DAS per-layer
+            ``|tanh(z)|`` (see docs/importance.md for the measurements behind the choice).
+
+    Sums are all-reduced across processes before the division by the token count, so every rank gets the
+    same importance. Model parameters get no ``.grad`` and the model's train/eval mode is restored.
+    """
+    if normalize and normalization not in NORMALIZATIONS:  # fail before any forward
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATIONS)}")
+    *_, raw = importance_snapshots(
+        model, dataloader, objective, estimator=estimator, estimator_options=estimator_options,
+        max_batches=max_batches, perturbation_dropout=perturbation_dropout, layout=layout, device=device,
+        show_progress=show_progress,
+    )
+    raw.meta["normalized"] = normalize
     if not normalize:
         return raw
-    if (heads == 0).all() and (ffn == 0).all():
-        warnings.warn(f"importance ({name}) is zero everywhere: the loss does not depend on the gates", RuntimeWarning, stacklevel=2)
-    return raw.normalized()
-
+    if (raw.heads == 0).all() and (raw.ffn == 0).all():
+        warnings.warn(f"importance ({raw.meta['estimator']}, {raw.meta['objective']}) is zero everywhere",
+                      RuntimeWarning, stacklevel=2)
+    return raw.normalized(normalization)

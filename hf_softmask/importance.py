@@ -7,13 +7,23 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
 from .io import atomic_save_safetensors, atomic_write_text, push_saved_to_hub
 
-__all__ = ["UnitImportance", "ImportanceShapeError", "tanh_zscore", "IMPORTANCE_WEIGHTS", "IMPORTANCE_CONFIG"]
+__all__ = [
+    "UnitImportance",
+    "ImportanceShapeError",
+    "tanh_zscore",
+    "normalize_importance",
+    "NORMALIZATIONS",
+    "DEFAULT_NORMALIZATION",
+    "IMPORTANCE_WEIGHTS",
+    "IMPORTANCE_CONFIG",
+]
 
 IMPORTANCE_WEIGHTS = "importance.safetensors"
 IMPORTANCE_CONFIG = "importance_config.json"
@@ -23,23 +33,80 @@ class ImportanceShapeError(ValueError):
     """Importance whose shape does not match the model it is applied to."""
 
 
-def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance") -> torch.Tensor:
-    """``|tanh((x - mean) / std)|`` along ``dim``; rows with zero or non-finite std give 0 (with a warning)."""
+def _check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     x = x.detach().float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf; the loss it was computed from diverged")
-    mean = x.mean(dim=dim, keepdim=True)
-    std = x.std(dim=dim, keepdim=True, unbiased=False) if x.shape[dim] > 1 else torch.zeros_like(mean)
-    flat = (std <= 0) | ~torch.isfinite(std)
+    return x
+
+
+def _warn_flat(flat: torch.Tensor, name: str, what: str) -> None:
     if flat.any():
         warnings.warn(
-            f"{name}: {int(flat.sum())} row(s) have constant values (std = 0); their normalized importance is set to 0. "
+            f"{name}: {int(flat.sum())} {what} constant values (std = 0); their normalized importance is set to 0. "
             "This usually means the units received no gradient (frozen layer, too few batches).",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def _zscore(x: torch.Tensor, dim: int | None, name: str) -> torch.Tensor:
+    """``(x - mean) / std`` along ``dim`` (None: over all entries); constant rows give zeros, with a warning."""
+    x = _check_finite(x, name)
+    dims = tuple(range(x.dim())) if dim is None else (dim,)
+    mean = x.mean(dim=dims, keepdim=True)
+    n = x.numel() if dim is None else x.shape[dim]
+    std = x.std(dim=dims, keepdim=True, unbiased=False) if n > 1 else torch.zeros_like(mean)
+    flat = (std <= 0) | ~torch.isfinite(std)
+    _warn_flat(flat, name, "row(s) have" if dim is not None else "tensor has only")
     z = (x - mean) / torch.where(flat, torch.ones_like(std), std)
-    return torch.tanh(z).abs().masked_fill(flat.expand_as(z), 0.0)
+    return z.masked_fill(flat.expand_as(z), 0.0)
+
+
+def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance") -> torch.Tensor:
+    """``|tanh((x - mean) / std)|`` along ``dim``; rows with zero or non-finite std give 0 (with a warning)."""
+    return torch.tanh(_zscore(x, dim, name)).abs()
+
+
+def _quantile(x: torch.Tensor, pooled: bool, name: str) -> torch.Tensor:
+    """Mid-rank quantile ``(#smaller + (#equal - 1) / 2) / (n - 1)`` per row (or over all entries when ``pooled``)."""
+    x = _check_finite(x, name)
+    rows = x.reshape(1, -1) if pooled else x
+    n = rows.shape[-1]
+    ordered = rows.sort(dim=-1).values.contiguous()
+    below = torch.searchsorted(ordered, rows.contiguous(), right=False)
+    upto = torch.searchsorted(ordered, rows.contiguous(), right=True)
+    q = (below + upto - 1).float() / 2 / max(n - 1, 1)
+    flat = ordered[..., :1] == ordered[..., -1:]
+    _warn_flat(flat, name, "row(s) have" if not pooled else "tensor has only")
+    return q.masked_fill(flat.expand_as(q), 0.0).view_as(x)
+
+
+NORMALIZATIONS: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {
+    # The published DAS map: per layer |tanh z|. Not monotonic: a unit far BELOW its layer's mean gets ~1.
+    "abs_tanh": lambda x, name: tanh_zscore(x, -1, name),
+    # One-sided: per layer tanh(z) clipped at 0; units at or below their layer's mean get 0.
+    "tanh": lambda x, name: torch.tanh(_zscore(x, -1, name)).clamp_min(0.0),
+    # The default. One-sided tanh of z-scores over all layers of a kind (heads, or FFN neurons) together: a unit
+    # less used than another, in any layer, never gets more protection; the most stable map measured
+    # (docs/importance.md).
+    "pooled_tanh": lambda x, name: torch.tanh(_zscore(x, None, name)).clamp_min(0.0),
+    # Per-layer mid-rank quantile in [0, 1]: uniform in every layer.
+    "rank": lambda x, name: _quantile(x, False, name),
+    # Mid-rank quantile over all layers of a kind together.
+    "pooled_rank": lambda x, name: _quantile(x, True, name),
+}
+DEFAULT_NORMALIZATION = "pooled_tanh"
+
+
+def normalize_importance(
+    x: torch.Tensor, normalization: str = DEFAULT_NORMALIZATION, name: str = "importance"
+) -> torch.Tensor:
+    """Raw importance ``x[L, N]`` mapped into [0, 1] by the named normalization (see :data:`NORMALIZATIONS`)."""
+    fn = NORMALIZATIONS.get(normalization)
+    if fn is None:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATIONS)}")
+    return fn(x, name)
 
 
 @dataclass
@@ -73,9 +140,12 @@ class UnitImportance:
                    meta={"layout": layout.signature()})
 
     # -- algebra -------------------------------------------------------------------------------
-    def normalized(self) -> "UnitImportance":
-        """Per-layer ``|tanh(z-score)|`` of heads and of FFN neurons, separately."""
-        return UnitImportance(tanh_zscore(self.heads, -1, "head importance"), tanh_zscore(self.ffn, -1, "FFN importance"), dict(self.meta))
+    def normalized(self, normalization: str = DEFAULT_NORMALIZATION) -> "UnitImportance":
+        """Heads and FFN neurons mapped into [0, 1], separately, by ``normalization`` (a key of
+        :data:`NORMALIZATIONS`; ``"abs_tanh"`` is the published per-layer ``|tanh(z)|``)."""
+        heads = normalize_importance(self.heads, normalization, "head importance")
+        ffn = normalize_importance(self.ffn, normalization, "FFN importance")
+        return UnitImportance(heads, ffn, {**self.meta, "normalization": normalization})
 
     def maximum(self, other: "UnitImportance") -> "UnitImportance":
         """Elementwise max (EMax accumulation across domains/tasks)."""
@@ -148,6 +218,16 @@ class UnitImportance:
         return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
 
     # -- summaries -----------------------------------------------------------------------------
+    def split_half(self, other: UnitImportance) -> dict[str, float]:
+        """Pearson correlation with ``other`` (e.g. the estimate from a disjoint half of the data), heads and FFN
+        neurons separately: the stability of an estimate."""
+        self._check_same_shape(other)
+
+        def r(a: torch.Tensor, b: torch.Tensor) -> float:
+            return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+        return {"heads": r(self.heads, other.heads), "ffn": r(self.ffn, other.ffn)}
+
     def summary(self) -> dict:
         return {
             "heads_mean": float(self.heads.mean()),

@@ -16,11 +16,11 @@ def _corr(a: UnitImportance, b: UnitImportance) -> float:
     return torch.corrcoef(torch.stack([x, y]))[0, 1].item()
 
 
-def test_normalize_is_per_layer_abs_tanh_z_and_flat_layer_gives_zero_with_warning():
+def test_abs_tanh_normalization_is_per_layer_abs_tanh_z_and_flat_layer_gives_zero_with_warning():
     heads = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]])
     ffn = torch.arange(16.0).view(2, 8)
     with pytest.warns(RuntimeWarning, match="constant"):
-        imp = UnitImportance(heads, ffn).normalized()
+        imp = UnitImportance(heads, ffn).normalized("abs_tanh")
     row = heads[0]
     z = (row - row.mean()) / row.std(unbiased=False)
     torch.testing.assert_close(imp.heads[0], torch.tanh(z).abs())

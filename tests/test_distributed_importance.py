@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +69,61 @@ def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
     # the main process's checkpoint holds the same accumulated importance
     saved = UnitImportance.from_pretrained(tmp_path / "run" / "1_business")
     assert torch.equal(saved.heads, UnitImportance.from_pretrained(out / "rank1").heads)
+
+
+ESTIMATOR_WORKER = '''
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from conftest import random_lm_batches, tiny_bert, tiny_llama
+from hf_softmask import available_estimators, compute_importance
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+batches = random_lm_batches(4, batch_size=2, seq_len=12, seed=5)
+out = {}
+for arch, make in (("bert", tiny_bert), ("llama", tiny_llama)):
+    model = make()  # the BERT keeps its dropout: ranks draw different masks, the all-reduced sums still agree
+    for estimator in available_estimators():
+        for objective in ("kl_dropout", "lm_loss"):
+            imp = compute_importance(model, batches[rank::world], objective, estimator=estimator, normalize=False,
+                                     show_progress=False)
+            out[(arch, estimator, objective)] = (imp.heads, imp.ffn, imp.meta["tokens"])
+torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
+    """Each rank estimates on half the batches; after the all-reduce both hold the same importance, equal to one
+    process on all batches (deterministic cases: the dropout-free Llama under lm_loss)."""
+    from conftest import random_lm_batches, tiny_llama
+
+    from hf_softmask import available_estimators, compute_importance
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(ESTIMATOR_WORKER)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 2000), str(worker), str(tmp_path), tests_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0) == 2 * len(available_estimators()) * 2
+    for key, (h0, f0, t0) in r0.items():
+        h1, f1, t1 = r1[key]
+        assert torch.equal(h0, h1) and torch.equal(f0, f1) and t0 == t1, key
+        assert h0.std() > 0, key
+    batches = random_lm_batches(4, batch_size=2, seq_len=12, seed=5)
+    for estimator in available_estimators():
+        one = compute_importance(tiny_llama(), batches, "lm_loss", estimator=estimator, normalize=False,
+                                 show_progress=False)
+        h, f, t = r0[("llama", estimator, "lm_loss")]
+        assert t == one.meta["tokens"]
+        torch.testing.assert_close(h, one.heads, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(f, one.ffn, rtol=1e-4, atol=1e-9)

@@ -1,7 +1,4 @@
-"""One strategy shape: every registered strategy is configured by a ``<Name>Config`` dataclass its base class reads.
-
-``das`` is left out until it adopts a ``DASConfig`` (its keyword ``__init__`` still works through the base class).
-"""
+"""One strategy shape: every registered strategy is configured by a ``<Name>Config`` dataclass its base class reads."""
 
 from __future__ import annotations
 
@@ -14,10 +11,11 @@ import pytest
 
 from hf_softmask.strategies import ContinualStrategy, available_strategies, get_strategy, strategy_class
 
-SHAPED = [name for name in available_strategies() if name != "das"]
+SHAPED = available_strategies()
 
 #: Fields that take one of a fixed set of values, per strategy (each must carry ``"choices"`` metadata).
 CHOICE_FIELDS = {
+    "das": {"general_objective", "domain_objective", "normalization"},
     "hat": {"mode", "unowned_policy"},
     "adahat": {"mode", "unowned_policy"},
     "talos": {"scope"},
@@ -140,7 +138,7 @@ def test_no_strategy_module_patches_its_signature_at_the_end():
     for path in Path(pkg.__file__).parent.glob("*.py"):
         text = path.read_text()
         assert "__signature__ =" not in text.replace("cls.__init__.__signature__ =", ""), path.name
-        assert "**_)" not in text and "**_," not in text or path.name == "das.py", path.name
+        assert "**_)" not in text and "**_," not in text, path.name
 
 
 def test_tss_flat_keywords_and_adapter_config_agree():
@@ -181,8 +179,8 @@ def test_a_config_class_needs_the_config_and_settings_init():
                 pass
 
 
-def test_a_nested_config_field_as_das_will_have_it(tmp_path):
-    """The shape DAS adopts: a nested SoftMaskConfig field (default_factory), given as an object or a dict."""
+def test_a_nested_config_field_given_as_an_object_or_a_dict(tmp_path):
+    """As DAS has it: a nested SoftMaskConfig field (default_factory), given as an object or a dict."""
     from hf_softmask.masking import SoftMaskConfig
     from hf_softmask.strategies.units import StrategyConfig
 
@@ -217,8 +215,8 @@ def test_get_strategy_takes_a_config():
     assert get_strategy("hat", config=config).cfg is config
     with pytest.raises(TypeError, match="either config= or keyword"):
         get_strategy("hat", config, c=0.1)
-    with pytest.raises(TypeError, match="no config class"):
-        get_strategy("das", config)  # das keeps its keyword __init__ until it has a DASConfig
+    das_config = strategy_class("das").config_class(temperature=0.1)
+    assert get_strategy("das", das_config).cfg is das_config
 
 
 def test_cbp_callback_refuses_settings_beside_a_strategy():

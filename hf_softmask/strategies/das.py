@@ -8,6 +8,8 @@ the domain's LM-loss importance, accumulated into ``I_acc`` by elementwise max.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -17,13 +19,15 @@ from ..contrastive import (
     masked_mean_pool,
     unmasked_input_ids,
 )
-from ..estimators import compute_importance, has_dropout
-from ..importance import UnitImportance
+from ..estimators import OBJECTIVES, compute_importance, has_dropout
+from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
+from ..importance_estimators import DEFAULT_ESTIMATOR, get_estimator
 from ..layout import UnitLayout
 from ..masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
+from .units import StrategyConfig
 
-__all__ = ["DASStrategy"]
+__all__ = ["DASConfig", "DASStrategy"]
 
 # Measured choice, see docs/das.md ("Do z2 and z3 need gradients?").
 VIEW_GRADIENTS_DEFAULT = False
@@ -37,21 +41,53 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class DASStrategy(ContinualStrategy):
-    """Soft-masking by accumulated unit importance plus the DAS contrastive loss.
+@dataclass
+class DASConfig(StrategyConfig):
+    """Settings of :class:`DASStrategy` (docs/algorithms.md §2-4)."""
 
-    Args:
-        softmask: :class:`SoftMaskConfig` (or its fields as a dict): mode, policies for unowned parameters,
-            mask_power.
-        contrastive_weight: λ in ``loss = LM + λ · contrast``; 0 turns the contrastive term off.
-        temperature: InfoNCE temperature (cosine similarity).
-        perturbation_dropout: dropout on gated unit outputs for the two views of a model without dropout of its
-            own (Llama family); models with dropout use their own.
-        general_objective: importance objective before the first domain (``kl_dropout``).
-        domain_objective: importance objective after each domain (``lm_loss``).
-        importance_batches: cap on the batches used for each importance estimate (None: the whole loader).
-        view_gradients: whether the views z2 and z3 carry gradients (True, the paper's SimCSE-style loss) or are
-            stop-gradient targets (False: one forward without autograd; see docs/das.md for the measurement).
+    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig, metadata={
+        "help": "Soft-masking of the accumulated importance (a SoftMaskConfig or its fields as a dict): mode, "
+                "policies for unowned parameters, mask_power."})
+    contrastive_weight: float = field(default=1.0, metadata={
+        "help": "λ in loss = LM + λ·contrast; 0 turns the contrastive term off."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (cosine similarity)."})
+    perturbation_dropout: float = field(default=0.1, metadata={
+        "help": "Dropout on gated unit outputs for the views of a model without dropout of its own (Llama family)."})
+    general_objective: str = field(default="kl_dropout", metadata={
+        "help": "Importance objective before the first domain.", "choices": sorted(OBJECTIVES)})
+    domain_objective: str = field(default="lm_loss", metadata={
+        "help": "Importance objective after each domain.", "choices": sorted(OBJECTIVES)})
+    importance_batches: int | None = field(default=None, metadata={
+        "help": "Cap on the batches of each importance estimate (None: the whole loader)."})
+    estimator: str = field(default=DEFAULT_ESTIMATOR, metadata={
+        "help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."})
+    normalization: str = field(default=DEFAULT_NORMALIZATION, metadata={
+        "help": "Map of raw importance into [0, 1] ('abs_tanh' = the paper's |tanh z|).",
+        "choices": sorted(NORMALIZATIONS)})
+    view_gradients: bool = field(default=VIEW_GRADIENTS_DEFAULT, metadata={
+        "help": "Whether the views z2 and z3 carry gradients (the paper's SimCSE-style loss) or are stop-gradient "
+                "targets computed without autograd (the measured default, docs/das.md)."})
+    show_progress: bool = field(default=True, metadata={"help": "Progress bars while importance is computed."})
+
+    def __post_init__(self):
+        if isinstance(self.softmask, dict):
+            self.softmask = SoftMaskConfig(**self.softmask)
+        elif self.softmask is None:
+            self.softmask = SoftMaskConfig()
+        super().__post_init__()
+        if self.contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.perturbation_dropout < 1:
+            raise ValueError(f"perturbation_dropout must lie in [0, 1), got {self.perturbation_dropout}")
+        if self.importance_batches is not None and self.importance_batches < 1:
+            raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
+        get_estimator(self.estimator)  # unknown names fail at construction, not after a domain of training
+
+
+class DASStrategy(ContinualStrategy):
+    """Soft-masking by accumulated unit importance plus the DAS contrastive loss (settings: :class:`DASConfig`).
 
     The views run in one batched forward, under the autocast of the LM forward (accelerate's bf16/fp16) and,
     with gradient checkpointing, with their gates and dropout replayed in the recomputation.
@@ -60,33 +96,10 @@ class DASStrategy(ContinualStrategy):
     name = "das"
     settings = ("pretrain",)
     changes_effective_lr = True
+    config_class = DASConfig
 
-    def __init__(
-        self,
-        softmask: SoftMaskConfig | dict | None = None,
-        contrastive_weight: float = 1.0,
-        temperature: float = 0.05,
-        perturbation_dropout: float = 0.1,
-        general_objective: str = "kl_dropout",
-        domain_objective: str = "lm_loss",
-        importance_batches: int | None = None,
-        show_progress: bool = True,
-        view_gradients: bool = VIEW_GRADIENTS_DEFAULT,
-        **_,
-    ):
-        self.softmask = softmask if isinstance(softmask, SoftMaskConfig) else SoftMaskConfig(**(softmask or {}))
-        if contrastive_weight < 0:
-            raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.contrastive_weight = float(contrastive_weight)
-        self.temperature = float(temperature)
-        self.perturbation_dropout = float(perturbation_dropout)
-        self.general_objective = general_objective
-        self.domain_objective = domain_objective
-        self.importance_batches = importance_batches
-        self.show_progress = show_progress
-        self.view_gradients = bool(view_gradients)
+    def __init__(self, config=None, **settings):
+        super().__init__(config, **settings)
         self._autocast = ForwardAutocast()
         self.general_importance: UnitImportance | None = None
         self.domain_importances: list[UnitImportance] = []
@@ -102,7 +115,7 @@ class DASStrategy(ContinualStrategy):
         model = _unwrap(model)
         if self._layout is None or self._layout._model_ref is not model:
             self._layout = UnitLayout.from_model(model)
-            self._view_dropout = 0.0 if has_dropout(model) else self.perturbation_dropout
+            self._view_dropout = 0.0 if has_dropout(model) else self.cfg.perturbation_dropout
         return self._layout
 
     def _estimate(self, model: nn.Module, dataloader, objective: str) -> UnitImportance:
@@ -110,13 +123,14 @@ class DASStrategy(ContinualStrategy):
             raise ValueError(f"DAS needs a dataloader to compute {objective!r} importance; pass one to before_task/after_task")
         model = _unwrap(model)
         return compute_importance(
-            model, dataloader, objective, layout=self.layout(model), max_batches=self.importance_batches,
-            perturbation_dropout=self.perturbation_dropout, show_progress=self.show_progress,
+            model, dataloader, objective, layout=self.layout(model), max_batches=self.cfg.importance_batches,
+            perturbation_dropout=self.cfg.perturbation_dropout, show_progress=self.cfg.show_progress,
+            estimator=self.cfg.estimator, normalization=self.cfg.normalization,
         )
 
     def compute_general_importance(self, model: nn.Module, dataloader) -> UnitImportance:
         """General-knowledge proxy importance; starts the accumulation."""
-        self.general_importance = self._estimate(model, dataloader, self.general_objective)
+        self.general_importance = self._estimate(model, dataloader, self.cfg.general_objective)
         self.importance = self.general_importance
         return self.general_importance
 
@@ -127,7 +141,7 @@ class DASStrategy(ContinualStrategy):
             self.compute_general_importance(model, dataloader)
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
-        domain = self._estimate(model, dataloader, self.domain_objective)
+        domain = self._estimate(model, dataloader, self.cfg.domain_objective)
         self.domain_importances.append(domain)
         self.importance = domain if self.importance is None else self.importance.maximum(domain)
 
@@ -136,7 +150,7 @@ class DASStrategy(ContinualStrategy):
         if self.importance is None:
             raise RuntimeError("DASStrategy has no importance yet: call before_task(model, 0, dataloader) before training")
         self.on_train_end(model, optimizer)
-        self._masker = SoftMasker(_unwrap(model), self.importance, self.softmask, layout=self.layout(model)).attach(optimizer)
+        self._masker = SoftMasker(_unwrap(model), self.importance, self.cfg.softmask, layout=self.layout(model)).attach(optimizer)
 
     def on_train_end(self, model: nn.Module, optimizer) -> None:
         if self._masker is not None:
@@ -146,13 +160,13 @@ class DASStrategy(ContinualStrategy):
 
     def forward_kwargs(self, model: nn.Module, inputs: dict) -> dict:
         # The LM forward's last hidden states serve as z1 when its input is unmasked (causal LM).
-        if self.contrastive_weight == 0 or not model.training:
+        if self.cfg.contrastive_weight == 0 or not model.training:
             return {}
         self._autocast.watch(_unwrap(model))  # the views re-enter the autocast this forward runs under
         return {"output_hidden_states": True}
 
     def extra_loss(self, model: nn.Module, inputs: dict, outputs) -> torch.Tensor | None:
-        if self.contrastive_weight == 0:
+        if self.cfg.contrastive_weight == 0:
             return None
         inner = _unwrap(model)
         z1 = None
@@ -160,10 +174,10 @@ class DASStrategy(ContinualStrategy):
         if hidden is not None and torch.equal(unmasked_input_ids(inputs), inputs["input_ids"]):
             z1 = masked_mean_pool(hidden[-1], inputs.get("attention_mask"))
         with self._autocast.context():
-            loss = das_contrastive_loss(inner, inputs, self.importance, self.layout(inner), self.temperature,
-                                        self._view_dropout, z1=z1, view_gradients=self.view_gradients)
+            loss = das_contrastive_loss(inner, inputs, self.importance, self.layout(inner), self.cfg.temperature,
+                                        self._view_dropout, z1=z1, view_gradients=self.cfg.view_gradients)
         self.contrastive_losses.append(float(loss.detach()))
-        return self.contrastive_weight * loss
+        return self.cfg.contrastive_weight * loss
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -187,15 +201,4 @@ class DASStrategy(ContinualStrategy):
             self.domain_importances.append(get(f"domain_{len(self.domain_importances)}"))
 
     def config(self) -> dict:
-        return {
-            "name": self.name,
-            "softmask": dict(self.softmask.__dict__),
-            "contrastive_weight": self.contrastive_weight,
-            "temperature": self.temperature,
-            "perturbation_dropout": self.perturbation_dropout,
-            "general_objective": self.general_objective,
-            "domain_objective": self.domain_objective,
-            "importance_batches": self.importance_batches,
-            "view_gradients": self.view_gradients,
-            "domains_done": len(self.domain_importances),
-        }
+        return {**super().config(), "domains_done": len(self.domain_importances)}

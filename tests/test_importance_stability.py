@@ -1,0 +1,56 @@
+"""Normalized importance is stable on real text: two disjoint halves of the shipped BBC corpus give split-half
+correlation >= 0.9 on heads and on FFN neurons for the shipped MiniLM (kl_dropout, lm_loss); on SmolLM2-135M on
+heads (its FFN neurons need more tokens than measured, see the test).
+
+The published |tanh z| stays below the default on heads at the same sample size (the reason for the new default)."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hf_softmask import compute_importance
+from hf_softmask.importance import DEFAULT_NORMALIZATION
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_importance import bbc_halves  # noqa: E402  (the halves of the documented sample-size curve)
+
+
+def _split_half(model, tok, mlm, objective, blocks):
+    halves = bbc_halves(tok, mlm, blocks)
+    a, b = (compute_importance(model, half, objective, normalize=False, show_progress=False) for half in halves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {n: a.normalized(n).split_half(b.normalized(n)) for n in (DEFAULT_NORMALIZATION, "abs_tanh")}, a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,blocks", [("kl_dropout", 128), ("lm_loss", 128)])
+def test_minilm_normalized_importance_is_stable(minilm_dir, objective, blocks):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForMaskedLM.from_pretrained(minilm_dir)
+    r, raw = _split_half(model, tok, True, objective, blocks)
+    assert r[DEFAULT_NORMALIZATION]["heads"] >= 0.9 and r[DEFAULT_NORMALIZATION]["ffn"] >= 0.9, r
+    assert r["abs_tanh"]["heads"] < r[DEFAULT_NORMALIZATION]["heads"], r
+    assert raw.meta["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_normalized_importance_is_stable_on_heads(smollm2_dir):
+    """SmolLM2-135M, lm_loss, 16k input tokens per half: heads >= 0.9 with the default normalization, which beats
+    the paper's map on heads and FFN. FFN neurons need more data than this: measured 0.76 here and 0.86 at 32k
+    tokens per half (docs/importance.md), so the issue's FFN >= 0.9 on SmolLM2 is NOT reached in the measured
+    range; this test guards what holds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    r, _ = _split_half(model, tok, False, "lm_loss", 128)
+    assert r[DEFAULT_NORMALIZATION]["heads"] >= 0.9 and r[DEFAULT_NORMALIZATION]["ffn"] >= 0.7, r
+    default, paper = r[DEFAULT_NORMALIZATION], r["abs_tanh"]
+    assert default["heads"] > paper["heads"] and default["ffn"] > paper["ffn"], r
