@@ -1,6 +1,6 @@
 """DAS contrastive integration: InfoNCE between dropout views and the importance-gated "prior knowledge" view.
 
-Per training step (ALGORITHMS.md §4): ``z1``, ``z2`` are two dropout views of the unmasked input through the
+Per training step (docs/algorithms.md §4): ``z1``, ``z2`` are two dropout views of the unmasked input through the
 full model; ``z3`` is the same input through the same weights with the accumulated importance applied as
 forward gates (no frozen teacher copy). Anchor ``z1``, positive ``z2``, negatives the other samples' ``z2``
 plus every ``z3`` (its own included).

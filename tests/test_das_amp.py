@@ -1,7 +1,7 @@
 """Mixed precision under DAS: the contrastive views run under the same autocast as the LM forward.
 
 accelerate puts autocast on the model's top-level ``forward``; the views call the base model directly and would run
-(and keep their activations) in fp32 unless DAS re-enters the LM forward's autocast (ALGORITHMS.md §8).
+(and keep their activations) in fp32 unless DAS re-enters the LM forward's autocast (docs/algorithms.md §8).
 """
 
 from __future__ import annotations

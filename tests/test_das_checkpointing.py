@@ -1,6 +1,6 @@
 """Gradient checkpointing under DAS: the gates and view dropout shape the recomputed forward exactly as the first one.
 
-ALGORITHMS.md §8: backward re-runs checkpointed layers; a hook removed before backward makes the recomputation differ
+docs/algorithms.md §8: backward re-runs checkpointed layers; a hook removed before backward makes the recomputation differ
 (non-reentrant: ``CheckpointError``; reentrant: silently wrong gradients).
 """
 

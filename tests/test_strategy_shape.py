@@ -228,17 +228,17 @@ def test_cbp_callback_refuses_settings_beside_a_strategy():
 
 
 def test_the_writing_a_strategy_guide_snippet_runs(monkeypatch):
-    """docs/strategies_guide.md's example strategy has the shape this file checks."""
+    """docs/strategies.md's example strategy has the shape this file checks."""
     import re
     import sys
     import types
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "strategies_guide.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "strategies.md").read_text()
     code = re.search(r"## Writing a strategy.*?```python\n(.*?)```", page, re.S).group(1)
     module = types.ModuleType("guide_snippet")
     monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(compile(code, "strategies_guide.md", "exec"), module.__dict__)
+    exec(compile(code, "strategies.md", "exec"), module.__dict__)
     strategy_cls, config_cls = module.MyStrategy, module.MyConfig
     assert list(inspect.signature(strategy_cls.__init__).parameters) == ["self", "config", "strength", "mode"]
     assert strategy_cls(strength=2.0).cfg == config_cls(strength=2.0)

@@ -1,6 +1,6 @@
 """TSS: task-specific subnetworks of a frozen pretrained model, trained under a soft mask of earlier tasks' importance.
 
-Per task ``t`` (ALGORITHMS.md §5): the scored layers use ``W ⊙ 1[s ≥ τ]``; only the scores (and task ``t``'s head)
+Per task ``t`` (docs/algorithms.md §5): the scored layers use ``W ⊙ 1[s ≥ τ]``; only the scores (and task ``t``'s head)
 train. After the task, the importance of each score is ``|tanh(z)|`` of ``|d loss / d alpha|`` (virtual alpha on
 ``W ⊙ mask``; weights outside the task's mask get 0, see ``zero_unused_importance``), accumulated by elementwise max;
 the mask is stored bit-packed; the next task continues from the same scores with their updates (``mode="update"``,
@@ -124,7 +124,7 @@ class TSSConfig(SubnetworkSettings, StrategyConfig):
         "help": "Cap on the batches of each task's score-importance estimate (None: the whole dataloader)."})
     adapter_config: SubnetworkConfig | dict | None = adapter_config_field()
     zero_unused_importance: bool = field(default=True, metadata={
-        "help": "Weights outside a task's subnetwork get importance 0 (docs/strategies.md has the measurement)."})
+        "help": "Weights outside a task's subnetwork get importance 0 (docs/strategies_validation.md has the measurement)."})
 
     def __post_init__(self):
         super().__post_init__()

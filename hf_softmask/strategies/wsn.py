@@ -1,7 +1,7 @@
 """WSN (winning subnetworks): per task, the top-c% scored weights of each layer; weights an earlier task uses never move.
 
 Reuses the TSS scored layers (:mod:`hf_softmask.tss`) with ``selection="topk"`` and trainable base weights
-(ALGORITHMS.md §6). The update of each scored weight is multiplied by ``1 - used``, ``used`` = union of the
+(docs/algorithms.md §6). The update of each scored weight is multiplied by ``1 - used``, ``used`` = union of the
 finished tasks' masks, so a weight some earlier task relies on neither moves nor decays; each finished task's
 mask is stored bit-packed. Biases, norms and embeddings of the backbone stay frozen. WSN keeps no importance
 tensor (the scored layers allocate one only for TSS).
