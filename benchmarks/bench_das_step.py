@@ -69,7 +69,9 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     strategies["mask"] = DASStrategy(show_progress=False, contrastive_weight=0.0)  # soft-masking alone
     for s in strategies.values():
         s.importance = importance
-    opts = {k: torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) for k in ("plain", True, False, "v1", "mask")}
+    opts = {
+        k: torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) for k in ("plain", True, False, "v1", "mask")
+    }
 
     def finish(loss, opt):
         loss.backward()
@@ -99,12 +101,18 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
         finish(out.loss + info_nce(z1, z2, z3, das.cfg.temperature), opts["v1"])
 
     def attach(key):
-        return (lambda: strategies[key].on_train_begin(model, opts[key])) if key in strategies else (
-            lambda: das.on_train_begin(model, opts[key]))
+        return (
+            (lambda: strategies[key].on_train_begin(model, opts[key]))
+            if key in strategies
+            else (lambda: das.on_train_begin(model, opts[key]))
+        )
 
     def detach(key):
-        return (lambda: strategies[key].on_train_end(model, opts[key])) if key in strategies else (
-            lambda: das.on_train_end(model, opts[key]))
+        return (
+            (lambda: strategies[key].on_train_end(model, opts[key]))
+            if key in strategies
+            else (lambda: das.on_train_end(model, opts[key]))
+        )
 
     nothing = lambda: None
     variants = {
@@ -121,8 +129,9 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
         opt_of = dict(zip(variants, ("plain", "mask", True, False, "v1")))
         for name, (att, step, det) in variants.items():
             att()
-            held = list(model.parameters()) + [v for st in opts[opt_of[name]].state.values() for v in st.values()
-                                               if torch.is_tensor(v)]
+            held = list(model.parameters()) + [
+                v for st in opts[opt_of[name]].state.values() for v in st.values() if torch.is_tensor(v)
+            ]
             peaks[name] = cpu_step_peak_bytes(step, held)
             det()
     base_ms = t["plain"][0]
@@ -136,9 +145,19 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
     rows = []
     for name, note in notes.items():
         default = name == ("DAS, views with grad" if DASStrategy().cfg.view_gradients else "DAS, stop-grad views")
-        rows.append(Row("DAS step", shape, name + (" [default]" if default else ""), "plain", t[name][0], base_ms,
-                        target="<=2.0x,mem<=1.3x" if default else "", mem_ratio=ratio_of_peaks(peaks[name], peaks["plain"]),
-                        note=f"{tag}; {note}"))
+        rows.append(
+            Row(
+                "DAS step",
+                shape,
+                name + (" [default]" if default else ""),
+                "plain",
+                t[name][0],
+                base_ms,
+                target="<=2.0x,mem<=1.3x" if default else "",
+                mem_ratio=ratio_of_peaks(peaks[name], peaks["plain"]),
+                note=f"{tag}; {note}",
+            )
+        )
     free(model, opts, strategies)
     return rows
 
@@ -146,8 +165,11 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--shape", default=None, help="llama shape from common.SHAPES (default: llama-cpu-mini on a CPU, "
-                        "smollm2-135m on a GPU)")
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="llama shape from common.SHAPES (default: llama-cpu-mini on a CPU, smollm2-135m on a GPU)",
+    )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--gradient_checkpointing", action="store_true")

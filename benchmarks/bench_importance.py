@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_softmask_step import train_step  # noqa: E402
-from common import Env, Row, clock, free, lm_batch, llama_model, sync  # noqa: E402
+from common import Env, Row, clock, free, llama_model, lm_batch, sync  # noqa: E402
 
 
 # -- cost ---------------------------------------------------------------------------------------------------
@@ -48,8 +48,9 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
             train_step(model, b, opt)
 
     def importance(estimator, objective):
-        return lambda: compute_importance(model, batches, objective, estimator=estimator, layout=layout,
-                                          show_progress=False)
+        return lambda: compute_importance(
+            model, batches, objective, estimator=estimator, layout=layout, show_progress=False
+        )
 
     variants = {"train": train_all}
     for name in available_estimators():
@@ -72,8 +73,19 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
         if name == "train":
             continue
         target = ">=0.7x" if name == "gate_gradient lm_loss" else ""
-        rows.append(Row("importance", shape, f"importance {name}", "training step", best[name], best["train"], unit="tok/s",
-                        target=target, note=f"{n_batches} batches of {batch_size}x{seq_len}"))
+        rows.append(
+            Row(
+                "importance",
+                shape,
+                f"importance {name}",
+                "training step",
+                best[name],
+                best["train"],
+                unit="tok/s",
+                target=target,
+                note=f"{n_batches} batches of {batch_size}x{seq_len}",
+            )
+        )
     free(model, opt, batches)
     return rows
 
@@ -106,7 +118,7 @@ def bbc_halves(tokenizer, mlm: bool, blocks: int, block_size: int = 128, batch_s
         ds = build_lm_dataset(part, tokenizer, block_size, blocks)
         collate = lm_data_collator(tokenizer, mlm=mlm, seed=seed * 10 + h)
         rows = [ds[i] for i in range(len(ds))]
-        halves.append([collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)])
+        halves.append([collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)])
     return halves
 
 
@@ -118,18 +130,32 @@ def stability(model_name: str, objective: str, blocks: int, estimators: list[str
     model, tok, mlm = _load(model_name)
     halves = bbc_halves(tok, mlm, blocks)
     n = min(len(h) for h in halves)
-    at = sorted({2 ** k for k in range(12) if 2 ** k <= n} | {n})
+    at = sorted({2**k for k in range(12) if 2**k <= n} | {n})
     halves = [h[:n] for h in halves]
-    record = {"model": model_name, "objective": objective, "tokens_per_batch": 8 * 128, "at": at, "raw": {},
-              "seconds": {}, "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU, shared"}
+    record = {
+        "model": model_name,
+        "objective": objective,
+        "tokens_per_batch": 8 * 128,
+        "at": at,
+        "raw": {},
+        "seconds": {},
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": "2-core CPU, shared",
+    }
     for name in estimators:
         snaps, t0 = [], time.process_time()
         for h, half in enumerate(halves):
             # The control's two halves get different seeds: with one seed both would share the permutation and
             # the split-half would only repeat the base estimator's.
             opts = {"seed": h} if name == "random" else None
-            snaps.append([(s.heads, s.ffn, s.meta["tokens"]) for s in importance_snapshots(
-                model, half, objective, estimator=name, estimator_options=opts, at=at, show_progress=False)])
+            snaps.append(
+                [
+                    (s.heads, s.ffn, s.meta["tokens"])
+                    for s in importance_snapshots(
+                        model, half, objective, estimator=name, estimator_options=opts, at=at, show_progress=False
+                    )
+                ]
+            )
         record["raw"][name] = snaps
         record["seconds"][name] = time.process_time() - t0
         print(f"{model_name} {objective} {name}: {record['seconds'][name]:.0f} s CPU", flush=True)

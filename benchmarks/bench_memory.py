@@ -47,8 +47,11 @@ def scored_shapes(model_name: str) -> Counter:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[model_name]))
     targets = TARGET_MODULES_MAPPING["llama"]
-    tss = Counter(tuple(m.weight.shape) for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets) and n.startswith("model."))
+    tss = Counter(
+        tuple(m.weight.shape)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets) and n.startswith("model.")
+    )
     talos = Counter(tuple(p.shape) for p in scoped_parameters(model, "linear").values())
     if tss != talos:
         raise RuntimeError(f"TSS targets and TaLoS scope differ: {tss} vs {talos}")
@@ -60,9 +63,14 @@ def _subnetwork(shape, selection: str):
 
     torch.manual_seed(0)
     lin = nn.Linear(shape[1], shape[0], bias=False)
-    cfg = SubnetworkConfig(target_modules=["proj"], score_init="magnitude",
-                           init_score=0.02 if selection == "threshold" else 1.0, selection=selection, keep_ratio=0.9,
-                           train_base_weights=selection == "topk")
+    cfg = SubnetworkConfig(
+        target_modules=["proj"],
+        score_init="magnitude",
+        init_score=0.02 if selection == "threshold" else 1.0,
+        selection=selection,
+        keep_ratio=0.9,
+        train_base_weights=selection == "topk",
+    )
     tuner = get_subnetwork_model(nn.Sequential(OrderedDict(proj=lin)), cfg)
     return tuner, tuner.subnetwork_layers()["proj"]
 
@@ -88,11 +96,15 @@ def subnetwork_bytes(shape, strategy: str) -> dict:
     else:  # WSNStrategy.update_masks: bool "not used by an earlier task"
         update_mask = _nbytes(~layer.used_mask(a))
     numel = math.prod(shape)
-    return {"per_task": per_task, "changed_values": 0, "float_mask_copies": cache,
-            "live": scores + importance + update_mask,
-            # before issue 11: WSN allocated an fp32 importance it never read, update masks were in the weight's dtype
-            # (fp32 here), and a finished task's float mask stayed cached while the next trained
-            "removed": (4 * numel if strategy == "wsn" else 0) + (3 * numel if strategy == "wsn" else 0) + 4 * numel}
+    return {
+        "per_task": per_task,
+        "changed_values": 0,
+        "float_mask_copies": cache,
+        "live": scores + importance + update_mask,
+        # before issue 11: WSN allocated an fp32 importance it never read, update masks were in the weight's dtype
+        # (fp32 here), and a finished task's float mask stayed cached while the next trained
+        "removed": (4 * numel if strategy == "wsn" else 0) + (3 * numel if strategy == "wsn" else 0) + 4 * numel,
+    }
 
 
 def talos_bytes(shape) -> dict:
@@ -105,11 +117,15 @@ def talos_bytes(shape) -> dict:
     tv = SparseTaskVector()
     tv.add("w", mask, w[mask])
     kept = int(mask.sum())
-    return {"per_task": _nbytes(tv.masks["w"]), "changed_values": _nbytes(tv.values["w"]), "float_mask_copies": 0,
-            # bool trainable mask (= the optimizer's update mask) + the trainable entries' starting values
-            "live": _nbytes(mask) + _nbytes(w[mask]),
-            # before: int64 indices per kept entry, and the update mask in the parameter's dtype (fp32 here)
-            "removed": (8 * kept - _nbytes(tv.masks["w"])) + 3 * mask.numel()}
+    return {
+        "per_task": _nbytes(tv.masks["w"]),
+        "changed_values": _nbytes(tv.values["w"]),
+        "float_mask_copies": 0,
+        # bool trainable mask (= the optimizer's update mask) + the trainable entries' starting values
+        "live": _nbytes(mask) + _nbytes(w[mask]),
+        # before: int64 indices per kept entry, and the update mask in the parameter's dtype (fp32 here)
+        "removed": (8 * kept - _nbytes(tv.masks["w"])) + 3 * mask.numel(),
+    }
 
 
 def measure(model_name: str) -> list[dict]:
@@ -122,8 +138,15 @@ def measure(model_name: str) -> list[dict]:
             got = talos_bytes(shape) if strategy == "talos" else subnetwork_bytes(shape, strategy)
             for k, v in got.items():
                 total[k] += v * count
-        rows.append({"model": model_name, "strategy": strategy, "scored_weights": n, **total,
-                     "mask_bits_per_weight": 8 * total["per_task"] / n})
+        rows.append(
+            {
+                "model": model_name,
+                "strategy": strategy,
+                "scored_weights": n,
+                **total,
+                "mask_bits_per_weight": 8 * total["per_task"] / n,
+            }
+        )
     return rows
 
 
@@ -132,14 +155,21 @@ def _mb(b: int) -> str:
 
 
 def markdown(rows: list[dict], stamp: str) -> str:
-    lines = [f"State bytes per finished task, from the tensors each strategy keeps ({stamp}).", "",
-             ("| model | strategy | scored weights | per finished task: mask MB (bits/weight) | + changed values MB | "
-             "float mask copies held MB | live training state MB | the old code also kept MB (by formula) |"),
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"State bytes per finished task, from the tensors each strategy keeps ({stamp}).",
+        "",
+        (
+            "| model | strategy | scored weights | per finished task: mask MB (bits/weight) | + changed values MB | "
+            "float mask copies held MB | live training state MB | the old code also kept MB (by formula) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['strategy']} | {r['scored_weights']:,} | "
-                     f"{_mb(r['per_task'])} ({r['mask_bits_per_weight']:.3f}) | {_mb(r['changed_values'])} | "
-                     f"{_mb(r['float_mask_copies'])} | {_mb(r['live'])} | {_mb(r['removed'])} |")
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['scored_weights']:,} | "
+            f"{_mb(r['per_task'])} ({r['mask_bits_per_weight']:.3f}) | {_mb(r['changed_values'])} | "
+            f"{_mb(r['float_mask_copies'])} | {_mb(r['live'])} | {_mb(r['removed'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -10,12 +10,11 @@ step, interpolate) that the fused mask replaces.
 from __future__ import annotations
 
 import torch
-
 from common import Env, Row, free, interleaved, llama_model, random_importance
 
 try:
-    from hf_softmask.masking import SoftMaskConfig, build_param_masks
     from hf_softmask.layout import UnitLayout
+    from hf_softmask.masking import SoftMaskConfig, build_param_masks
     from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS, install_update_masks
 except ImportError as err:  # pragma: no cover - run from a checkout without `pip install -e .`
     raise SystemExit(f"hf_softmask is not importable ({err}); run `pip install -e .` in the repository") from None
@@ -68,14 +67,46 @@ def run(env: Env, shape: str) -> list[Row]:
     fused_ms = t["torch AdamW fused"].ms
     note = f"{n_params / 1e6:.0f}M params, {100 * n_masked / n_params:.0f}% masked"
     compile_error = fused_masked.__dict__.get("_hf_softmask_compile_error")
-    how = "compiled" if default.compiled and not compile_error else f"eager ({compile_error or 'auto chose eager'})"[:60]
+    how = (
+        "compiled" if default.compiled and not compile_error else f"eager ({compile_error or 'auto chose eager'})"[:60]
+    )
     rows = [
-        Row("optimizer", shape, "masked fused AdamW (default)", "torch AdamW fused", t["masked fused AdamW (default)"].ms, fused_ms,
-            note=f"{note}; {how}; the 1.05x target is on the training step (bench step)"),
-        Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW foreach", t["masked AdamW (ours)"].ms, base, target="<=1.10x"),
-        Row("optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW fused", t["masked AdamW (ours)"].ms, fused_ms),
+        Row(
+            "optimizer",
+            shape,
+            "masked fused AdamW (default)",
+            "torch AdamW fused",
+            t["masked fused AdamW (default)"].ms,
+            fused_ms,
+            note=f"{note}; {how}; the 1.05x target is on the training step (bench step)",
+        ),
+        Row(
+            "optimizer",
+            shape,
+            "masked foreach AdamW (eager)",
+            "torch AdamW foreach",
+            t["masked AdamW (ours)"].ms,
+            base,
+            target="<=1.10x",
+        ),
+        Row(
+            "optimizer",
+            shape,
+            "masked foreach AdamW (eager)",
+            "torch AdamW fused",
+            t["masked AdamW (ours)"].ms,
+            fused_ms,
+        ),
         Row("optimizer", shape, "ours, no masks", "torch AdamW foreach", t["ours, no masks"].ms, base),
-        Row("optimizer", shape, "snapshot fallback", "torch AdamW foreach", t["snapshot fallback"].ms, base, note="copy + step + lerp"),
+        Row(
+            "optimizer",
+            shape,
+            "snapshot fallback",
+            "torch AdamW foreach",
+            t["snapshot fallback"].ms,
+            base,
+            note="copy + step + lerp",
+        ),
     ]
     free(model, params, foreach, fused, masked, unmasked_ours, snapshot, fused_masked)
     return rows

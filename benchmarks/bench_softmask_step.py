@@ -13,8 +13,21 @@ from __future__ import annotations
 import statistics
 
 import torch
+from common import (
+    Env,
+    Row,
+    clock,
+    free,
+    llama_model,
+    lm_batch,
+    peak_bytes,
+    random_importance,
+    ratio_of_peaks,
+    reset_peak,
+    smollm2_model,
+    sync,
+)
 
-from common import Env, Row, clock, free, lm_batch, llama_model, peak_bytes, random_importance, ratio_of_peaks, reset_peak, smollm2_model, sync
 from hf_softmask.masking import SoftMaskConfig, SoftMasker
 from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS
 
@@ -36,7 +49,9 @@ def _adamw(model, fused: bool, cls=torch.optim.AdamW):
     return cls(model.parameters(), fused=True, **kw) if fused else cls(model.parameters(), foreach=True, **kw)
 
 
-def blocks(variants: dict, env: Env, warmup: int, rounds: int, iters: int) -> dict[str, tuple[float, float, int | None]]:
+def blocks(
+    variants: dict, env: Env, warmup: int, rounds: int, iters: int
+) -> dict[str, tuple[float, float, int | None]]:
     """``variants``: name -> (attach, step, detach). Returns name -> (median ms, spread, peak bytes)."""
     now = clock(env)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -83,8 +98,16 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
     variants = {
         "plain (AdamW foreach)": (nothing, lambda: train_step(model, batch, opt_plain), nothing),
         "grad mode": (lambda: grad_masker.attach(), lambda: train_step(model, batch, opt_grad), grad_masker.detach),
-        "update mode (fused mask)": (lambda: update_masker.attach(opt_update), lambda: train_step(model, batch, opt_update), update_masker.detach),
-        "update mode (snapshot)": (lambda: snapshot_masker.attach(opt_snapshot), lambda: train_step(model, batch, opt_snapshot), snapshot_masker.detach),
+        "update mode (fused mask)": (
+            lambda: update_masker.attach(opt_update),
+            lambda: train_step(model, batch, opt_update),
+            update_masker.detach,
+        ),
+        "update mode (snapshot)": (
+            lambda: snapshot_masker.attach(opt_snapshot),
+            lambda: train_step(model, batch, opt_snapshot),
+            snapshot_masker.detach,
+        ),
     }
     opt_fused = opt_default = None
     try:
@@ -99,7 +122,11 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
         default_masker.attach(opt_default)
         for _ in range(AUTO_COMPILE_AFTER_STEPS):  # "auto" steps eagerly first; the warm-up step then compiles
             train_step(model, batch, opt_default)
-        variants["update mode (fused AdamW, default)"] = (nothing, lambda: train_step(model, batch, opt_default), nothing)
+        variants["update mode (fused AdamW, default)"] = (
+            nothing,
+            lambda: train_step(model, batch, opt_default),
+            nothing,
+        )
 
     warmup, rounds, iters = (1, 3, 2) if env.quick else (1, 4, 3)
     t = blocks(variants, env, warmup, rounds, iters)
@@ -111,20 +138,53 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
     targets = {"grad mode": "<=1.03x", "update mode (fused mask)": "", "update mode (snapshot)": ""}
     for name, target in targets.items():
         ms, spread, peak = t[name]
-        rows.append(Row("softmask step", shape, name, "plain (AdamW foreach)", ms, base_ms, target=target,
-                        mem_ratio=ratio_of_peaks(peak, base_peak), note=note if name == "grad mode" else f"spread {spread:.0%}",
-                        extra={"tokens_per_s": 1e3 * tokens / ms}))
+        rows.append(
+            Row(
+                "softmask step",
+                shape,
+                name,
+                "plain (AdamW foreach)",
+                ms,
+                base_ms,
+                target=target,
+                mem_ratio=ratio_of_peaks(peak, base_peak),
+                note=note if name == "grad mode" else f"spread {spread:.0%}",
+                extra={"tokens_per_s": 1e3 * tokens / ms},
+            )
+        )
     if "plain (AdamW fused)" in t:
         fused_ms, _, fused_peak = t["plain (AdamW fused)"]
         ms, _, peak = t["update mode (fused mask)"]
-        rows.append(Row("softmask step", shape, "update mode (fused mask)", "plain (AdamW fused)", ms, fused_ms,
-                        mem_ratio=ratio_of_peaks(peak, fused_peak), note="vs torch's fastest AdamW"))
+        rows.append(
+            Row(
+                "softmask step",
+                shape,
+                "update mode (fused mask)",
+                "plain (AdamW fused)",
+                ms,
+                fused_ms,
+                mem_ratio=ratio_of_peaks(peak, fused_peak),
+                note="vs torch's fastest AdamW",
+            )
+        )
         ms, spread, peak = t["update mode (fused AdamW, default)"]
         handle = default_masker._opt_handle
         error = opt_default.__dict__.get("_hf_softmask_compile_error")
         how = "compiled" if handle.compiled and not error else f"eager ({error or 'auto chose eager'})"[:60]
-        rows.insert(0, Row("softmask step", shape, "update mode (fused AdamW, default)", "plain (AdamW fused)", ms, fused_ms,
-                           target="<=1.05x", mem_ratio=ratio_of_peaks(peak, fused_peak), note=f"{how}, spread {spread:.0%}"))
+        rows.insert(
+            0,
+            Row(
+                "softmask step",
+                shape,
+                "update mode (fused AdamW, default)",
+                "plain (AdamW fused)",
+                ms,
+                fused_ms,
+                target="<=1.05x",
+                mem_ratio=ratio_of_peaks(peak, fused_peak),
+                note=f"{how}, spread {spread:.0%}",
+            ),
+        )
     grad_masker.detach(), update_masker.detach(), snapshot_masker.detach(), default_masker.detach()
     free(model, opt_plain, opt_grad, opt_update, opt_snapshot, opt_fused, opt_default)
     return rows

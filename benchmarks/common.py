@@ -10,22 +10,41 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 # Llama shapes: (hidden, layers, heads, kv heads, FFN width, vocab).
 SHAPES: dict[str, dict] = {
     # TinyLlama-1.1B: the ~1B Llama of the issue's targets.
-    "llama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                       intermediate_size=5632, vocab_size=32000),
+    "llama-1.1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+    ),
     # SmolLM2-135M (GQA 9/3 heads, tied embeddings).
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # The 1.1B shape scaled down (head_dim 64, GQA, FFN 2.75x hidden) so a loaded 2-core CPU finishes in seconds.
-    "llama-cpu-mini": dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                           intermediate_size=1056, vocab_size=4000),
+    "llama-cpu-mini": dict(
+        hidden_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=1056,
+        vocab_size=4000,
+    ),
 }
 
 
@@ -92,8 +111,10 @@ def random_importance(model, seed: int = 0):
 
     layout = UnitLayout.from_model(model)
     g = torch.Generator().manual_seed(seed)
-    return UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
-                          torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+    return UnitImportance(
+        torch.rand(layout.num_layers, layout.num_heads, generator=g),
+        torch.rand(layout.num_layers, layout.ffn_size, generator=g),
+    )
 
 
 def clock(env: Env) -> Callable[[], float]:
@@ -173,7 +194,9 @@ def measure(fn: Callable[[], None], env: Env, warmup: int, iters: int) -> Timing
     return Timing(med, (max(times) - min(times)) / med if med > 0 else 0.0, peak_bytes(env))
 
 
-def interleaved(fns: dict[str, Callable[[], None]], env: Env, warmup: int, rounds: int, iters: int = 1) -> dict[str, Timing]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], env: Env, warmup: int, rounds: int, iters: int = 1
+) -> dict[str, Timing]:
     """Time several variants in alternating rounds, so load changes on a shared machine hit all alike.
 
     Returns per variant the median over rounds of its per-call time; peak memory is from a separate
@@ -243,7 +266,21 @@ class Row:
         return "ok" if ok else "MISS"
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("bench", "model", "variant", "baseline", "value", "base_value", "unit", "target", "mem_ratio", "note")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "bench",
+                "model",
+                "variant",
+                "baseline",
+                "value",
+                "base_value",
+                "unit",
+                "target",
+                "mem_ratio",
+                "note",
+            )
+        }
         d.update(ratio=self.ratio, verdict=self.verdict(), **self.extra)
         return d
 

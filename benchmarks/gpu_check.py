@@ -65,11 +65,23 @@ def _tiny_or_sized_llama(small: bool, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
-        shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 64, "vocab_size": 128}
+        shape = {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 128,
+        }
     else:
-        shape = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
-                 "intermediate_size": 1408, "vocab_size": 8000}
+        shape = {
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "intermediate_size": 1408,
+            "vocab_size": 8000,
+        }
     cfg = LlamaConfig(max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, **shape)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
@@ -144,8 +156,10 @@ def check_protection(layout, importance, before: dict[str, torch.Tensor], model)
     if prot_moved:
         raise AssertionError(f"{prot_moved}/{prot_total} protected positions moved; first: {worst}")
     if free_moved < 0.5 * free_total:
-        raise AssertionError(f"only {free_moved}/{free_total} unprotected positions moved: training did not update "
-                             "the model, so the protection check proves nothing")
+        raise AssertionError(
+            f"only {free_moved}/{free_total} unprotected positions moved: training did not update "
+            "the model, so the protection check proves nothing"
+        )
     return f"0/{prot_total} protected positions moved, {free_moved}/{free_total} unprotected moved"
 
 
@@ -162,10 +176,23 @@ def finite_losses(trainer) -> str:
 def train_args(out: str, cpu: bool, **kw):
     from transformers import TrainingArguments
 
-    base = {"output_dir": out, "per_device_train_batch_size": 4, "max_steps": 8, "learning_rate": 1e-3,
-            "weight_decay": 0.01, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
-            "report_to": [], "save_strategy": "no", "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0,
-            "use_cpu": cpu, **kw}
+    base = {
+        "output_dir": out,
+        "per_device_train_batch_size": 4,
+        "max_steps": 8,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.01,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "use_cpu": cpu,
+        **kw,
+    }
     return TrainingArguments(**base)
 
 
@@ -181,15 +208,21 @@ def _softmask_trainer_cell(opts, out: str, **args) -> tuple:
     before = snapshot(layout)
     seq = 16 if opts.dry_run else 256
     data = TokenDataset(model.config.vocab_size, 64, seq)
-    trainer = Trainer(model=model, args=train_args(out, opts.device == "cpu", **args), train_dataset=data,
-                      callbacks=[SoftMaskCallback(importance, mode="update")])
+    trainer = Trainer(
+        model=model,
+        args=train_args(out, opts.device == "cpu", **args),
+        train_dataset=data,
+        callbacks=[SoftMaskCallback(importance, mode="update")],
+    )
     return trainer, layout, importance, before
 
 
 # -- the cells -------------------------------------------------------------------------------------------------
 def cell_fp16_gradscaler(opts, out: str) -> str:
     # 12 steps: CUDA's scaler starts at 2**16 and may skip the first step or two on overflow.
-    trainer, layout, importance, before = _softmask_trainer_cell(opts, out, fp16=True, optim="adamw_torch", max_steps=12)
+    trainer, layout, importance, before = _softmask_trainer_cell(
+        opts, out, fp16=True, optim="adamw_torch", max_steps=12
+    )
     if opts.device == "cpu":
         # accelerate makes no scaler on the CPU: CPU GradScaler stands in for CUDA's, through the same code paths
         # (AcceleratedOptimizer.step, accelerator.backward, clip_grad_norm_ unscaling).
@@ -200,8 +233,10 @@ def cell_fp16_gradscaler(opts, out: str) -> str:
     scaler = trainer.optimizer.scaler if hasattr(trainer.optimizer, "scaler") else None
     if scaler is None:
         raise AssertionError("the optimizer was not driven by the GradScaler")
-    return f"{check_protection(layout, importance, before, trainer.model)}, {finite_losses(trainer)}, " \
-           f"scale {scaler.get_scale():.0f}"
+    return (
+        f"{check_protection(layout, importance, before, trainer.model)}, {finite_losses(trainer)}, "
+        f"scale {scaler.get_scale():.0f}"
+    )
 
 
 def cell_fused_adamw_bf16(opts, out: str) -> str:
@@ -221,11 +256,24 @@ def _free_port() -> int:
 
 def cell_fsdp2(opts, out: str) -> str:
     # One process, world size 1: accelerate reads these to set up torch.distributed and FSDP2.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+    )
     trainer, layout, importance, before = _softmask_trainer_cell(
-        opts, out, bf16=True, fsdp=True,
-        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True},
+        opts,
+        out,
+        bf16=True,
+        fsdp=True,
+        fsdp_config={
+            "version": 2,
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+        },
     )
     trainer.train()
     sharded = any(hasattr(p, "full_tensor") for p in trainer.model.parameters())
@@ -253,8 +301,9 @@ def _smollm2(opts):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                          **SHAPES["smollm2-135m"])
+        cfg = LlamaConfig(
+            max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0, **SHAPES["smollm2-135m"]
+        )
         return LlamaForCausalLM(cfg), f"SmolLM2-135M shape, random weights ({type(err).__name__}: asset not installed)"
 
 
@@ -277,8 +326,15 @@ def cell_das_smollm2(opts, out: str) -> str:
     importance = strategy.importance.maximum(half_importance(layout))
     strategy.importance = importance
     before = snapshot(layout)
-    args = train_args(out, opts.device == "cpu", bf16=True, gradient_checkpointing=True,
-                      gradient_checkpointing_kwargs={"use_reentrant": False}, max_steps=4, learning_rate=1e-4)
+    args = train_args(
+        out,
+        opts.device == "cpu",
+        bf16=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_steps=4,
+        learning_rate=1e-4,
+    )
     trainer = StrategyTrainer(model=model, args=args, train_dataset=data, strategy=strategy)
     trainer.train()
     contrast = strategy.contrastive_losses
@@ -292,8 +348,12 @@ def cell_das_smollm2(opts, out: str) -> str:
     return result
 
 
-CELL_FUNCS = {"fp16_gradscaler": cell_fp16_gradscaler, "fused_adamw_bf16": cell_fused_adamw_bf16,
-              "fsdp2": cell_fsdp2, "das_smollm2": cell_das_smollm2}
+CELL_FUNCS = {
+    "fp16_gradscaler": cell_fp16_gradscaler,
+    "fused_adamw_bf16": cell_fused_adamw_bf16,
+    "fsdp2": cell_fsdp2,
+    "das_smollm2": cell_das_smollm2,
+}
 
 
 # -- driver ----------------------------------------------------------------------------------------------------
@@ -312,7 +372,9 @@ def run_cell(opts) -> int:
         except Exception as err:  # noqa: BLE001 -- every failure becomes one FAIL line; the traceback goes to stderr
             traceback.print_exc()
             status, detail = "FAIL", f"{type(err).__name__}: {err}".replace("\n", " ")[:600]
-    print(RESULT + json.dumps({"status": status, "detail": detail, "seconds": round(time.time() - start, 1)}), flush=True)
+    print(
+        RESULT + json.dumps({"status": status, "detail": detail, "seconds": round(time.time() - start, 1)}), flush=True
+    )
     return 0
 
 
@@ -328,7 +390,7 @@ def _child(opts, cell: str, timeout: float) -> tuple[str, str]:
         return "FAIL", f"timed out after {timeout:.0f} s (hang or too slow)"
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT):
-            res = json.loads(line[len(RESULT):])
+            res = json.loads(line[len(RESULT) :])
             if res["status"] == "FAIL" and opts.verbose:
                 sys.stderr.write(stderr)
             return res["status"], f"{res['detail']} ({res['seconds']} s)"
@@ -337,7 +399,9 @@ def _child(opts, cell: str, timeout: float) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cuda (default) or cpu (with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="run the cells' code on the CPU with tiny models")
     p.add_argument("--full-models", action="store_true", help="dry run with the real SmolLM2-135M in the DAS cell")

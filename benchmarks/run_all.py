@@ -73,10 +73,37 @@ def _fmt(v: float | None, unit: str = "") -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ["bench", "model", "variant", "baseline", "variant", "baseline", "unit", "ratio", "target", "", "mem", "note"]
-    body = [[r.bench, r.model, r.variant, r.baseline, _fmt(r.value, r.unit), _fmt(r.base_value, r.unit), r.unit,
-             "-" if math.isnan(r.ratio) else f"{r.ratio:.3f}x", r.target, r.verdict(),
-             "-" if r.mem_ratio is None else f"{r.mem_ratio:.2f}x", r.note] for r in rows]
+    head = [
+        "bench",
+        "model",
+        "variant",
+        "baseline",
+        "variant",
+        "baseline",
+        "unit",
+        "ratio",
+        "target",
+        "",
+        "mem",
+        "note",
+    ]
+    body = [
+        [
+            r.bench,
+            r.model,
+            r.variant,
+            r.baseline,
+            _fmt(r.value, r.unit),
+            _fmt(r.base_value, r.unit),
+            r.unit,
+            "-" if math.isnan(r.ratio) else f"{r.ratio:.3f}x",
+            r.target,
+            r.verdict(),
+            "-" if r.mem_ratio is None else f"{r.mem_ratio:.2f}x",
+            r.note,
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
@@ -86,7 +113,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; on a CPU only the scaled-down shapes")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (default 1: CPU-time clock is exact)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads on a CPU (default 1: CPU-time clock is exact)"
+    )
     parser.add_argument("--only", nargs="*", choices=BENCHES, help="run only these benchmarks")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -95,7 +124,9 @@ def main(argv=None) -> int:
     start = time.time()
     print(f"# hf_softmask benchmarks on {env.describe()}{' (quick)' if env.quick else ''}", flush=True)
     if not env.cuda:
-        print("# CPU timings are process CPU time (robust to other jobs, not to memory-bandwidth contention)", flush=True)
+        print(
+            "# CPU timings are process CPU time (robust to other jobs, not to memory-bandwidth contention)", flush=True
+        )
     rows: list[Row] = []
     failed = 0
     for name, job in plan(env):
@@ -107,13 +138,20 @@ def main(argv=None) -> int:
         except Exception as err:  # one failing benchmark must not hide the others' numbers
             failed += 1
             traceback.print_exc()
-            got = [Row(name, "-", "FAILED", "-", float("nan"), float("nan"), note=f"{type(err).__name__}: {err}"[:120])]
+            got = [
+                Row(name, "-", "FAILED", "-", float("nan"), float("nan"), note=f"{type(err).__name__}: {err}"[:120])
+            ]
         rows.extend(got)
         print(f"#   {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     print(table(rows))
     print(f"# total {time.time() - start:.0f} s")
     if args.json:
-        payload = {"device": env.describe(), "quick": env.quick, "date": time.strftime("%Y-%m-%d"), "rows": [r.as_dict() for r in rows]}
+        payload = {
+            "device": env.describe(),
+            "quick": env.quick,
+            "date": time.strftime("%Y-%m-%d"),
+            "rows": [r.as_dict() for r in rows],
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
     return 1 if failed else 0
 

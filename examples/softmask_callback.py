@@ -29,8 +29,13 @@ def main(max_steps: int = 20, output_dir: str = "runs/example"):
     # Train on one news topic; the optimizer's update of each unit's weights is scaled by 1 - importance.
     news = build_lm_dataset(load_bbc_topics(["tech"])["tech"][:100], tok, block_size=128)
     args = TrainingArguments(output_dir, learning_rate=1e-4, weight_decay=0.01, max_steps=max_steps, report_to=[])
-    trainer = Trainer(model=model, args=args, train_dataset=news, data_collator=collate,
-                      callbacks=[SoftMaskCallback(importance, mode="update")])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=news,
+        data_collator=collate,
+        callbacks=[SoftMaskCallback(importance, mode="update")],
+    )
     trainer.train()
     return model, importance
 

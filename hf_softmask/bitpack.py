@@ -31,8 +31,12 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     shape = torch.Size(shape)
     n = shape.numel()
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"expected a flat uint8 tensor of packed bits, got {packed.dtype} with shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"expected a flat uint8 tensor of packed bits, got {packed.dtype} with shape {tuple(packed.shape)}"
+        )
     if packed.numel() != packed_nbytes(n):
-        raise ValueError(f"{packed.numel()} packed bytes cannot hold a mask of shape {tuple(shape)} (needs {packed_nbytes(n)})")
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot hold a mask of shape {tuple(shape)} (needs {packed_nbytes(n)})"
+        )
     bits = packed.unsqueeze(1).bitwise_and(_WEIGHTS.to(packed.device)).ne(0)
     return bits.reshape(-1)[:n].reshape(shape)

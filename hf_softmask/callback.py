@@ -45,7 +45,13 @@ class SoftMaskCallback(TrainerCallback):
                           callbacks=[SoftMaskCallback(importance, mode="update")])
     """
 
-    def __init__(self, importance: UnitImportance | str | os.PathLike, mode: str | None = None, config: SoftMaskConfig | None = None, **policies):
+    def __init__(
+        self,
+        importance: UnitImportance | str | os.PathLike,
+        mode: str | None = None,
+        config: SoftMaskConfig | None = None,
+        **policies,
+    ):
         if not isinstance(importance, UnitImportance):
             importance = UnitImportance.from_pretrained(importance)
         self.importance = importance

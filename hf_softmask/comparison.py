@@ -27,8 +27,16 @@ import torch
 from .continual.frontier import frontier_position
 from .io import atomic_write_json, atomic_write_text
 
-__all__ = ["CompareArguments", "run_comparison", "frontier_position", "peak_memory", "in_task_error",
-           "STRATEGY_DEFAULTS", "DEFAULT_STRATEGIES", "FRONTIER"]
+__all__ = [
+    "CompareArguments",
+    "run_comparison",
+    "frontier_position",
+    "peak_memory",
+    "in_task_error",
+    "STRATEGY_DEFAULTS",
+    "DEFAULT_STRATEGIES",
+    "FRONTIER",
+]
 
 DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
 
@@ -66,21 +74,64 @@ FRONTIER = {"pretrain": ("ncl", "in_domain_loss", "forgetting"), "finetune": ("f
 class CompareArguments:
     """What to compare and at which size. Every field is a ``--flag``."""
 
-    output_dir: str = field(default="outputs/compare_strategies", metadata={"help": "Where comparison.json/.md and one run directory per (setting, strategy) go."})
-    strategies: str = field(default=",".join(DEFAULT_STRATEGIES), metadata={"help": "Comma-separated strategy names; each runs in every setting it declares ('ncl' runs as 'ft' in finetuning)."})
-    settings: str = field(default="pretrain,finetune", metadata={"help": "Comma-separated settings to run: pretrain, finetune."})
-    quick: bool = field(default=False, metadata={"help": "Tiny sizes (a randomly initialised 2-layer BERT with MiniLM's tokenizer, a few steps): a smoke test, not a measurement."})
-    pretrain_config: str | None = field(default="configs/default.yaml", metadata={"help": "YAML of ContinualPretrainingArguments the pre-training runs start from."})
-    finetune_config: str | None = field(default="configs/finetune_default.yaml", metadata={"help": "YAML of the finetuning runner's arguments the finetuning runs start from."})
-    pretrain_overrides: str | None = field(default=None, metadata={"help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."})
-    finetune_overrides: str | None = field(default=None, metadata={"help": "JSON object of finetuning arguments applied on top."})
-    strategy_kwargs: str | None = field(default=None, metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."})
-    frontier_lr_factors: str = field(default="0.25,0.5,1,2", metadata={
-        "help": "Plain training (ncl / ft) runs at its learning rate times each factor, in every setting: the frontier."})
-    frontier_tolerance: float = field(default=0.005, metadata={
-        "help": "Pre-training: difference (nats, either axis) within which a run counts as ON the frontier."})
-    finetune_frontier_tolerance: float = field(default=0.01, metadata={
-        "help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."})
+    output_dir: str = field(
+        default="outputs/compare_strategies",
+        metadata={"help": "Where comparison.json/.md and one run directory per (setting, strategy) go."},
+    )
+    strategies: str = field(
+        default=",".join(DEFAULT_STRATEGIES),
+        metadata={
+            "help": "Comma-separated strategy names; each runs in every setting it declares ('ncl' runs as 'ft' in finetuning)."
+        },
+    )
+    settings: str = field(
+        default="pretrain,finetune", metadata={"help": "Comma-separated settings to run: pretrain, finetune."}
+    )
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "Tiny sizes (a randomly initialised 2-layer BERT with MiniLM's tokenizer, a few steps): a smoke test, not a measurement."
+        },
+    )
+    pretrain_config: str | None = field(
+        default="configs/default.yaml",
+        metadata={"help": "YAML of ContinualPretrainingArguments the pre-training runs start from."},
+    )
+    finetune_config: str | None = field(
+        default="configs/finetune_default.yaml",
+        metadata={"help": "YAML of the finetuning runner's arguments the finetuning runs start from."},
+    )
+    pretrain_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."
+        },
+    )
+    finetune_overrides: str | None = field(
+        default=None, metadata={"help": "JSON object of finetuning arguments applied on top."}
+    )
+    strategy_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."},
+    )
+    frontier_lr_factors: str = field(
+        default="0.25,0.5,1,2",
+        metadata={
+            "help": "Plain training (ncl / ft) runs at its learning rate times each factor, in every setting: the frontier."
+        },
+    )
+    frontier_tolerance: float = field(
+        default=0.005,
+        metadata={
+            "help": "Pre-training: difference (nats, either axis) within which a run counts as ON the frontier."
+        },
+    )
+    finetune_frontier_tolerance: float = field(
+        default=0.01,
+        metadata={
+            "help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."
+        },
+    )
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
 
 
@@ -133,7 +184,9 @@ def _load_yaml(path: str | None) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{path} not found; pass --pretrain_config/--finetune_config '' to use the runners' defaults")
+        raise FileNotFoundError(
+            f"{path} not found; pass --pretrain_config/--finetune_config '' to use the runners' defaults"
+        )
     return yaml.safe_load(p.read_text()) or {}
 
 
@@ -161,19 +214,50 @@ def tiny_model_dir(directory: Path) -> str:
         return str(directory)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertForMaskedLM(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
 
 
-QUICK_PRETRAIN = dict(domains=["business", "sports"], max_train_docs=16, max_eval_docs=4, block_size=32, max_train_blocks=16,
-                      max_eval_blocks=2, importance_blocks=4, max_steps_per_domain=3, per_device_train_batch_size=4,
-                      per_device_eval_batch_size=4, lm_head_warmup_steps=0, save_steps=1000, logging_steps=1000, learning_rate=1e-3)
-QUICK_FINETUNE = dict(tasks=["business,entertainment", "politics,sports"], max_train_per_class=4, max_test_per_class=4, max_length=32,
-                      num_train_epochs=1, per_device_train_batch_size=4, eval_batch_size=8, logging_steps=1000)
-QUICK_STRATEGY = {"talos": {"examples_per_round": 4}, "ewc": {"fisher_examples": 4}, "cbp": {"maturity_threshold": 1, "replacement_rate": 0.05}}
+QUICK_PRETRAIN = dict(
+    domains=["business", "sports"],
+    max_train_docs=16,
+    max_eval_docs=4,
+    block_size=32,
+    max_train_blocks=16,
+    max_eval_blocks=2,
+    importance_blocks=4,
+    max_steps_per_domain=3,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=4,
+    lm_head_warmup_steps=0,
+    save_steps=1000,
+    logging_steps=1000,
+    learning_rate=1e-3,
+)
+QUICK_FINETUNE = dict(
+    tasks=["business,entertainment", "politics,sports"],
+    max_train_per_class=4,
+    max_test_per_class=4,
+    max_length=32,
+    num_train_epochs=1,
+    per_device_train_batch_size=4,
+    eval_batch_size=8,
+    logging_steps=1000,
+)
+QUICK_STRATEGY = {
+    "talos": {"examples_per_round": 4},
+    "ewc": {"fisher_examples": 4},
+    "cbp": {"maturity_threshold": 1, "replacement_rate": 0.05},
+}
 
 
 def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict:
@@ -192,14 +276,28 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
     unknown = sorted(set(base) - fields_ok)
     if unknown:
         raise ValueError(f"unknown ContinualPretrainingArguments field(s) {unknown}")
-    args = ContinualPretrainingArguments(**{**base, "strategy": name, "output_dir": str(out), "learning_rates": None, "strategies": None,
-                                            "frontier_runs": None, "run_name": name, "strategy_kwargs": json.dumps(kwargs) if kwargs else None,
-                                            **({"learning_rate": lr} if lr is not None else {})})
+    args = ContinualPretrainingArguments(
+        **{
+            **base,
+            "strategy": name,
+            "output_dir": str(out),
+            "learning_rates": None,
+            "strategies": None,
+            "frontier_runs": None,
+            "run_name": name,
+            "strategy_kwargs": json.dumps(kwargs) if kwargs else None,
+            **({"learning_rate": lr} if lr is not None else {}),
+        }
+    )
     return ContinualPretrainer(args).run(), args.learning_rate
 
 
 def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments, run_continual_finetune
+    from .continual.finetune import (
+        ContinualFinetuneArguments,
+        ContinualFinetuneTrainingArguments,
+        run_continual_finetune,
+    )
 
     a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
     t_fields = {f.name for f in fields(ContinualFinetuneTrainingArguments)}
@@ -217,24 +315,58 @@ def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
     return run_continual_finetune(ContinualFinetuneArguments(**a), targs), targs.learning_rate
 
 
-def _record(setting: str, name: str, lr, result: dict | None, mem: peak_memory, seconds: float, out: Path, kwargs: dict,
-            error: str | None) -> dict:
+def _record(
+    setting: str,
+    name: str,
+    lr,
+    result: dict | None,
+    mem: peak_memory,
+    seconds: float,
+    out: Path,
+    kwargs: dict,
+    error: str | None,
+) -> dict:
     from .strategies.registry import strategy_class
 
     cls = strategy_class(name)
-    rec = {"setting": setting, "strategy": name, "learning_rate": lr, "changes_effective_lr": bool(getattr(cls, "changes_effective_lr", False)),
-           "strategy_settings": kwargs, "wall_seconds": round(seconds, 2), "peak_rss_mb": round(mem.peak_rss_mb, 1),
-           "rss_scope": mem.rss_scope, "peak_gpu_mb": mem.peak_gpu_mb, "run_dir": str(out), "error": error}
+    rec = {
+        "setting": setting,
+        "strategy": name,
+        "learning_rate": lr,
+        "changes_effective_lr": bool(getattr(cls, "changes_effective_lr", False)),
+        "strategy_settings": kwargs,
+        "wall_seconds": round(seconds, 2),
+        "peak_rss_mb": round(mem.peak_rss_mb, 1),
+        "rss_scope": mem.rss_scope,
+        "peak_gpu_mb": mem.peak_gpu_mb,
+        "run_dir": str(out),
+        "error": error,
+    }
     if result:
         if setting == "pretrain":
             fm = result.get("final_mean_loss")
-            rec.update({"final_mean_loss": fm, "final_perplexity": math.exp(fm) if fm is not None else None,
-                        "in_domain_loss": result.get("in_domain_loss"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"),
-                        "general_loss_increase": result.get("general_loss_increase"), "complete": result.get("complete")})
+            rec.update(
+                {
+                    "final_mean_loss": fm,
+                    "final_perplexity": math.exp(fm) if fm is not None else None,
+                    "in_domain_loss": result.get("in_domain_loss"),
+                    "bwt": result.get("bwt"),
+                    "forgetting": result.get("forgetting"),
+                    "general_loss_increase": result.get("general_loss_increase"),
+                    "complete": result.get("complete"),
+                }
+            )
         else:
-            rec.update({"acc": result.get("acc"), "bwt": result.get("bwt"), "forgetting": result.get("forgetting"), "fwt": result.get("fwt"),
-                        "in_task_error": in_task_error(result.get("accuracy_matrix")),
-                        "accuracy_matrix": result.get("accuracy_matrix")})
+            rec.update(
+                {
+                    "acc": result.get("acc"),
+                    "bwt": result.get("bwt"),
+                    "forgetting": result.get("forgetting"),
+                    "fwt": result.get("fwt"),
+                    "in_task_error": in_task_error(result.get("accuracy_matrix")),
+                    "accuracy_matrix": result.get("accuracy_matrix"),
+                }
+            )
     return rec
 
 
@@ -305,7 +437,9 @@ def run_comparison(args: CompareArguments) -> dict:
                 continue
             kwargs = _strategy_settings(run_name, setting, user, args.quick)
             print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)
-            records.append(_one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name))
+            records.append(
+                _one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name)
+            )
             _write(out, records, args, started)
         if not any(r["setting"] == setting for r in records):
             continue  # no strategy of this setting ran: nothing to place
@@ -316,12 +450,14 @@ def run_comparison(args: CompareArguments) -> dict:
     return _write(out, records, args, started)
 
 
-def _frontier_runs(args: CompareArguments, setting: str, base_args: dict, out: Path,
-                   records: list[dict]) -> list[dict]:
+def _frontier_runs(
+    args: CompareArguments, setting: str, base_args: dict, out: Path, records: list[dict]
+) -> list[dict]:
     """The plain runs of ``setting`` over ``lr0 * factor``; the plain run already made (at ``lr0``) joins them."""
     plain = FRONTIER[setting][0]
-    base = next((r for r in records if r["setting"] == setting and r["strategy"] == plain and not r.get("frontier")),
-                None)
+    base = next(
+        (r for r in records if r["setting"] == setting and r["strategy"] == plain and not r.get("frontier")), None
+    )
     if base and base["learning_rate"]:
         lr0 = base["learning_rate"]
     elif setting == "pretrain":
@@ -364,35 +500,45 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
     lines = [f"Strategy comparison, started {started}; device: {_device()}; quick={args.quick}.", ""]
     pre = [r for r in records if r["setting"] == "pretrain"]
     if pre:
-        lines += ["### Continual pre-training (held-out MLM/CLM loss, lower is better)", "",
-                  "| strategy | lr | final ppl | final mean loss | in-domain loss | forgetting | BWT | general-loss increase | vs ncl frontier | wall s | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Continual pre-training (held-out MLM/CLM loss, lower is better)",
+            "",
+            "| strategy | lr | final ppl | final mean loss | in-domain loss | forgetting | BWT | general-loss increase | vs ncl frontier | wall s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in pre:
             pos = "frontier run" if r.get("frontier") else r.get("frontier_position", "–")
             if r.get("changes_effective_lr") and not r.get("frontier"):
                 pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
-            lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('final_perplexity'), '.2f')} | {_fmt(r.get('final_mean_loss'))} | "
-                         f"{_fmt(r.get('in_domain_loss'))} | {_fmt(r.get('forgetting'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('general_loss_increase'))} | "
-                         f"{pos} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |")
+            lines.append(
+                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('final_perplexity'), '.2f')} | {_fmt(r.get('final_mean_loss'))} | "
+                f"{_fmt(r.get('in_domain_loss'))} | {_fmt(r.get('forgetting'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('general_loss_increase'))} | "
+                f"{pos} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |"
+            )
         lines.append("")
     fin = [r for r in records if r["setting"] == "finetune"]
     if fin:
-        lines += ["### Continual finetuning (task-incremental accuracy, higher is better)", "",
-                  "In-task error: 1 − accuracy on each task right after training it (the frontier's x axis; "
-                  "forgetting is its y axis).", "",
-                  "| strategy | lr | ACC | BWT | forgetting | in-task error | FWT | vs ft frontier | wall s | "
-                  "peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Continual finetuning (task-incremental accuracy, higher is better)",
+            "",
+            "In-task error: 1 − accuracy on each task right after training it (the frontier's x axis; "
+            "forgetting is its y axis).",
+            "",
+            "| strategy | lr | ACC | BWT | forgetting | in-task error | FWT | vs ft frontier | wall s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in fin:
             pos = "frontier run" if r.get("frontier") else r.get("frontier_position", "–")
             if r.get("changes_effective_lr") and not r.get("frontier"):
                 pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
-            lines.append(f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
-                         f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | "
-                         f"{_fmt(r['wall_seconds'], '.0f')} | "
-                         f"{_fmt(r['peak_rss_mb'], '.0f')} |")
+            lines.append(
+                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
+                f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | "
+                f"{_fmt(r['wall_seconds'], '.0f')} | "
+                f"{_fmt(r['peak_rss_mb'], '.0f')} |"
+            )
         lines.append("")
     errors = [r for r in records if r["error"]]
     if errors:
@@ -407,9 +553,15 @@ def _device() -> str:
 
 
 def _write(out: Path, records: list[dict], args: CompareArguments, started: str) -> dict:
-    payload = {"started": started, "device": _device(), "quick": args.quick, "frontier_tolerance": args.frontier_tolerance,
-               "finetune_frontier_tolerance": args.finetune_frontier_tolerance,
-               "arguments": {f.name: getattr(args, f.name) for f in fields(args)}, "records": records}
+    payload = {
+        "started": started,
+        "device": _device(),
+        "quick": args.quick,
+        "frontier_tolerance": args.frontier_tolerance,
+        "finetune_frontier_tolerance": args.finetune_frontier_tolerance,
+        "arguments": {f.name: getattr(args, f.name) for f in fields(args)},
+        "records": records,
+    }
     atomic_write_json(out / "comparison.json", payload)
     atomic_write_text(out / "comparison.md", _markdown(records, args, started))
     return payload

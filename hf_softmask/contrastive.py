@@ -24,7 +24,14 @@ from .importance import UnitImportance
 from .layout import UnitLayout
 from .peft_support import unwrap_peft
 
-__all__ = ["ForwardAutocast", "das_contrastive_loss", "info_nce", "masked_mean_pool", "sentence_views", "unmasked_input_ids"]
+__all__ = [
+    "ForwardAutocast",
+    "das_contrastive_loss",
+    "info_nce",
+    "masked_mean_pool",
+    "sentence_views",
+    "unmasked_input_ids",
+]
 
 
 def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -35,7 +42,9 @@ def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) 
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None, temperature: float = 0.05) -> torch.Tensor:
+def info_nce(
+    anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None, temperature: float = 0.05
+) -> torch.Tensor:
     """InfoNCE with cosine similarity: ``anchor[i]`` must pick ``positive[i]`` among all positives and ``negatives``.
 
     Args:
@@ -73,7 +82,9 @@ def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _pooled_views(model, ids, mask, layout, dropout, plain: int, importance: UnitImportance | None) -> list[torch.Tensor]:
+def _pooled_views(
+    model, ids, mask, layout, dropout, plain: int, importance: UnitImportance | None
+) -> list[torch.Tensor]:
     """One forward of ``plain`` ungated copies of the batch, then (if ``importance``) one importance-gated copy.
 
     Returns the pooled ``[B, D]`` of each copy. Every row draws its own dropout.
@@ -139,7 +150,9 @@ def das_contrastive_loss(
     view_gradients: bool = True,
 ) -> torch.Tensor:
     """InfoNCE(anchor z1, positive z2, negatives = other samples' z2 + every z3) for one batch."""
-    z1, z2, z3 = sentence_views(model, inputs, importance, layout, perturbation_dropout, z1=z1, view_gradients=view_gradients)
+    z1, z2, z3 = sentence_views(
+        model, inputs, importance, layout, perturbation_dropout, z1=z1, view_gradients=view_gradients
+    )
     return info_nce(z1, z2, z3, temperature)
 
 

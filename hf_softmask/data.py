@@ -10,9 +10,9 @@ import glob as _glob
 import importlib.util
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import datasets
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,11 @@ def _importance_mode(model: nn.Module, train_mode: bool):
 
 
 def _all_reduce_(*tensors: torch.Tensor) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         for t in tensors:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
@@ -159,7 +163,9 @@ def importance_snapshots(
     if name == "kl_dropout" and not has_dropout(model):
         dropout = perturbation_dropout
         if dropout <= 0:
-            raise ValueError("kl_dropout on a model without dropout needs perturbation_dropout > 0 (both views would be identical)")
+            raise ValueError(
+                "kl_dropout on a model without dropout needs perturbation_dropout > 0 (both views would be identical)"
+            )
     at = sorted(set(at or ()))
     tokens = torch.zeros((), device=device, dtype=torch.float64)
     batches = 0
@@ -168,8 +174,12 @@ def importance_snapshots(
         total = len(dataloader)
 
     est = spec(model, layout, device, dropout, **(estimator_options or {}))
-    options = {"estimator": estimator, "estimator_options": dict(estimator_options or {}), "objective": name,
-               "uses_loss": est.uses_loss}
+    options = {
+        "estimator": estimator,
+        "estimator_options": dict(estimator_options or {}),
+        "objective": name,
+        "uses_loss": est.uses_loss,
+    }
 
     def snapshot() -> UnitImportance:
         state = [t.clone() for t in est.state()]
@@ -186,8 +196,13 @@ def importance_snapshots(
 
     try:
         with _importance_mode(model, train_mode=est.uses_loss), torch.set_grad_enabled(est.uses_loss):
-            bar = tqdm(dataloader, total=total, desc=f"importance ({estimator}, {name})",
-                       disable=not (show_progress and _is_main_process()), leave=False)
+            bar = tqdm(
+                dataloader,
+                total=total,
+                desc=f"importance ({estimator}, {name})",
+                disable=not (show_progress and _is_main_process()),
+                leave=False,
+            )
             for batch in bar:
                 if max_batches is not None and batches >= max_batches:
                     break
@@ -242,14 +257,24 @@ def compute_importance(
     if normalize and normalization not in NORMALIZATIONS:  # fail before any forward
         raise ValueError(f"unknown normalization {normalization!r}; choose one of {sorted(NORMALIZATIONS)}")
     *_, raw = importance_snapshots(
-        model, dataloader, objective, estimator=estimator, estimator_options=estimator_options,
-        max_batches=max_batches, perturbation_dropout=perturbation_dropout, layout=layout, device=device,
+        model,
+        dataloader,
+        objective,
+        estimator=estimator,
+        estimator_options=estimator_options,
+        max_batches=max_batches,
+        perturbation_dropout=perturbation_dropout,
+        layout=layout,
+        device=device,
         show_progress=show_progress,
     )
     raw.meta["normalized"] = normalize
     if not normalize:
         return raw
     if (raw.heads == 0).all() and (raw.ffn == 0).all():
-        warnings.warn(f"importance ({raw.meta['estimator']}, {raw.meta['objective']}) is zero everywhere",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"importance ({raw.meta['estimator']}, {raw.meta['objective']}) is zero everywhere",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return raw.normalized(normalization)

@@ -8,7 +8,7 @@ batch has no labels), summed over the example's positions.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,11 +30,17 @@ def _predicted_positions(model: nn.Module, batch: dict, logits: torch.Tensor) ->
     if is_masked_lm(model):
         if labels is not None and (labels != -100).any():
             return logits, labels != -100
-        return logits, (attn.bool() if attn is not None else torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device))
+        return logits, (
+            attn.bool() if attn is not None else torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        )
     # causal: position i predicts token i + 1
     if labels is not None:
         return logits[:, :-1], labels[:, 1:] != -100
-    mask = attn[:, 1:].bool() if attn is not None else torch.ones(logits.shape[0], logits.shape[1] - 1, dtype=torch.bool, device=logits.device)
+    mask = (
+        attn[:, 1:].bool()
+        if attn is not None
+        else torch.ones(logits.shape[0], logits.shape[1] - 1, dtype=torch.bool, device=logits.device)
+    )
     return logits[:, :-1], mask
 
 
@@ -84,7 +90,11 @@ def fisher_diagonal(
         for batch in batches:
             batch = move_batch(batch, device)
             n = len(batch["input_ids"])
-            groups = [{k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(n)] if per_example else [batch]
+            groups = (
+                [{k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in batch.items()} for i in range(n)]
+                if per_example
+                else [batch]
+            )
             for group in groups:
                 if max_examples is not None and seen >= max_examples:
                     break

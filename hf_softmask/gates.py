@@ -69,6 +69,7 @@ class _GateState:
 
     def with_tensors(self, replace: dict[int, torch.Tensor]) -> _GateState:
         """This state with its gate tensors swapped for ``replace[id(tensor)]`` where given."""
+
         def pick(t):
             return replace.get(id(t), t) if t is not None else None
 
@@ -114,7 +115,9 @@ class UnitGates:
         _INSTALLED.append(self)
 
     @classmethod
-    def trainable(cls, layout: UnitLayout, device=None, heads: bool = True, ffn: bool = True, dropout: float = 0.0) -> UnitGates:
+    def trainable(
+        cls, layout: UnitLayout, device=None, heads: bool = True, ffn: bool = True, dropout: float = 0.0
+    ) -> UnitGates:
         """Gates initialised at 1 with ``requires_grad`` (for importance by gradient)."""
         h = torch.ones(layout.num_layers, layout.num_heads, device=device, requires_grad=True) if heads else None
         f = torch.ones(layout.num_layers, layout.ffn_size, device=device, requires_grad=True) if ffn else None
@@ -241,8 +244,11 @@ class _ReplayGates:
         # Gates with autograd history enter the checkpoint as inputs: a reentrant checkpoint runs one backward of
         # its own per layer and would otherwise traverse the gates' shared graph (HAT's sigmoid(s*e)) once per
         # layer, which fails the second time; as inputs, their gradients flow back through the outer backward.
-        tensors = list({id(t): t for r in records for t in (r[3].head_gate, r[3].ffn_gate)
-                        if t is not None and t.requires_grad}.values())
+        tensors = list(
+            {
+                id(t): t for r in records for t in (r[3].head_gate, r[3].ffn_gate) if t is not None and t.requires_grad
+            }.values()
+        )
         n = len(args)
         calls = 0
 

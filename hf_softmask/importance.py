@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -130,33 +130,41 @@ class UnitImportance:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def zeros_like_layout(cls, layout) -> "UnitImportance":
-        return cls(torch.zeros(layout.num_layers, layout.num_heads), torch.zeros(layout.num_layers, layout.ffn_size),
-                   meta={"layout": layout.signature()})
+    def zeros_like_layout(cls, layout) -> UnitImportance:
+        return cls(
+            torch.zeros(layout.num_layers, layout.num_heads),
+            torch.zeros(layout.num_layers, layout.ffn_size),
+            meta={"layout": layout.signature()},
+        )
 
     @classmethod
-    def ones_like_layout(cls, layout) -> "UnitImportance":
-        return cls(torch.ones(layout.num_layers, layout.num_heads), torch.ones(layout.num_layers, layout.ffn_size),
-                   meta={"layout": layout.signature()})
+    def ones_like_layout(cls, layout) -> UnitImportance:
+        return cls(
+            torch.ones(layout.num_layers, layout.num_heads),
+            torch.ones(layout.num_layers, layout.ffn_size),
+            meta={"layout": layout.signature()},
+        )
 
     # -- algebra -------------------------------------------------------------------------------
-    def normalized(self, normalization: str = DEFAULT_NORMALIZATION) -> "UnitImportance":
+    def normalized(self, normalization: str = DEFAULT_NORMALIZATION) -> UnitImportance:
         """Heads and FFN neurons mapped into [0, 1], separately, by ``normalization`` (a key of
         :data:`NORMALIZATIONS`; ``"abs_tanh"`` is the published per-layer ``|tanh(z)|``)."""
         heads = normalize_importance(self.heads, normalization, "head importance")
         ffn = normalize_importance(self.ffn, normalization, "FFN importance")
         return UnitImportance(heads, ffn, {**self.meta, "normalization": normalization})
 
-    def maximum(self, other: "UnitImportance") -> "UnitImportance":
+    def maximum(self, other: UnitImportance) -> UnitImportance:
         """Elementwise max (EMax accumulation across domains/tasks)."""
         self._check_same_shape(other)
-        return UnitImportance(torch.maximum(self.heads, other.heads), torch.maximum(self.ffn, other.ffn), dict(self.meta))
+        return UnitImportance(
+            torch.maximum(self.heads, other.heads), torch.maximum(self.ffn, other.ffn), dict(self.meta)
+        )
 
-    def soft_mask(self) -> "UnitImportance":
+    def soft_mask(self) -> UnitImportance:
         """``1 - importance`` (the factor applied to protected units' updates)."""
         return UnitImportance(1 - self.heads, 1 - self.ffn, dict(self.meta))
 
-    def _check_same_shape(self, other: "UnitImportance") -> None:
+    def _check_same_shape(self, other: UnitImportance) -> None:
         if self.heads.shape != other.heads.shape or self.ffn.shape != other.ffn.shape:
             raise ImportanceShapeError(
                 f"cannot combine importance of shapes heads{tuple(self.heads.shape)}/ffn{tuple(self.ffn.shape)} "
@@ -186,7 +194,9 @@ class UnitImportance:
         """Write ``importance.safetensors`` and ``importance_config.json`` into ``save_directory`` (atomically)."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({"heads": self.heads.contiguous(), "ffn": self.ffn.contiguous()}, path / IMPORTANCE_WEIGHTS)
+        atomic_save_safetensors(
+            {"heads": self.heads.contiguous(), "ffn": self.ffn.contiguous()}, path / IMPORTANCE_WEIGHTS
+        )
         atomic_write_text(path / IMPORTANCE_CONFIG, json.dumps(self.meta, indent=2, sort_keys=True, default=str))
 
     @classmethod
@@ -194,7 +204,9 @@ class UnitImportance:
         return (Path(directory) / IMPORTANCE_WEIGHTS).is_file()
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, *, layout=None, revision: str | None = None, **hub_kwargs) -> "UnitImportance":
+    def from_pretrained(
+        cls, path_or_repo: str | os.PathLike, *, layout=None, revision: str | None = None, **hub_kwargs
+    ) -> UnitImportance:
         """Load from a local directory or a Hub repo id; with ``layout``, check the shapes fit."""
         path = Path(path_or_repo)
         if path.is_dir():
@@ -213,9 +225,24 @@ class UnitImportance:
             imp.validate_for(layout)
         return imp
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload unit importance", private: bool | None = None, token=None, revision=None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload unit importance",
+        private: bool | None = None,
+        token=None,
+        revision=None,
+    ) -> str:
         """Upload to the Hub like any HF object; returns the commit URL."""
-        return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
+        return push_saved_to_hub(
+            self.save_pretrained,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+        )
 
     # -- summaries -----------------------------------------------------------------------------
     def split_half(self, other: UnitImportance) -> dict[str, float]:

@@ -227,8 +227,9 @@ class Wanda(_ForwardEstimator):
             if m not in self.modules:
                 self.modules.append(m)
             self.slice_module.append(self.modules.index(m))
-        self.sumsq = [torch.zeros(m.weight.shape[self.in_axis], device=device, dtype=torch.float64)
-                      for m in self.modules]
+        self.sumsq = [
+            torch.zeros(m.weight.shape[self.in_axis], device=device, dtype=torch.float64) for m in self.modules
+        ]
         for k, m in enumerate(self.modules):
             self._handles.append(m.register_forward_pre_hook(self._hook(k)))
 

@@ -95,7 +95,9 @@ class UnitLayout:
             attn_in_features, _ = _features(attn_out, conv)
             ffn_in_features, _ = _features(ffn_out, conv)
             if attn_in_features % self.num_heads:
-                raise ValueError(f"layer {l}: {spec.attn_out} has {attn_in_features} inputs, not divisible by {self.num_heads} heads")
+                raise ValueError(
+                    f"layer {l}: {spec.attn_out} has {attn_in_features} inputs, not divisible by {self.num_heads} heads"
+                )
             d = attn_in_features // self.num_heads
             if head_dim not in (None, d) or ffn_size not in (None, ffn_in_features):
                 raise ValueError("layers of different shapes are not supported")
@@ -134,7 +136,7 @@ class UnitLayout:
         self._model_ref = model
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "UnitLayout":
+    def from_model(cls, model: nn.Module) -> UnitLayout:
         """Build the layout of a transformers model (PEFT-wrapped or not); raises UnsupportedModelError for unknown
         types."""
         config = getattr(unwrap_peft(model), "config", None)

@@ -35,18 +35,48 @@ MODES = ("update", "grad")
 class SoftMaskConfig:
     """How importance turns into masks. Every field is also a ``SoftMaskTrainingArguments`` flag."""
 
-    mode: str = field(default="update", metadata={"help": "'update': scale the optimizer's whole change of each owned slice by 1-I "
-                                                    "(holds under Adam/AdamW, weight decay included). 'grad': scale gradients "
-                                                    "(the DAS paper; Adam largely cancels it)."})
-    embeddings: str = field(default="train", metadata={"help": "Policy for embeddings: train | freeze | mean (mask by the mean unit mask)."})
-    norms: str = field(default="train", metadata={"help": "Policy for LayerNorm/RMSNorm: train | freeze | mean (mask by the mean mask of the norm's layer)."})
-    task_head: str = field(default="train", metadata={"help": "Policy for parameters outside the base model (LM head, classifier): train | freeze | mean."})
-    other: str = field(default="train", metadata={"help": "Policy for other unowned parameters (output-projection biases, pooler): train | freeze | mean."})
-    mask_power: float = field(default=1.0, metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."})
-    compile_update: bool | str = field(default="auto", metadata={
-        "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, one fused pass per tensor (as fast "
-                "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
-                "(hf_softmask.optim.resolve_compiled)."})
+    mode: str = field(
+        default="update",
+        metadata={
+            "help": "'update': scale the optimizer's whole change of each owned slice by 1-I "
+            "(holds under Adam/AdamW, weight decay included). 'grad': scale gradients "
+            "(the DAS paper; Adam largely cancels it)."
+        },
+    )
+    embeddings: str = field(
+        default="train",
+        metadata={"help": "Policy for embeddings: train | freeze | mean (mask by the mean unit mask)."},
+    )
+    norms: str = field(
+        default="train",
+        metadata={
+            "help": "Policy for LayerNorm/RMSNorm: train | freeze | mean (mask by the mean mask of the norm's layer)."
+        },
+    )
+    task_head: str = field(
+        default="train",
+        metadata={
+            "help": "Policy for parameters outside the base model (LM head, classifier): train | freeze | mean."
+        },
+    )
+    other: str = field(
+        default="train",
+        metadata={
+            "help": "Policy for other unowned parameters (output-projection biases, pooler): train | freeze | mean."
+        },
+    )
+    mask_power: float = field(
+        default=1.0,
+        metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."},
+    )
+    compile_update: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, one fused pass per tensor (as fast "
+            "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
+            "(hf_softmask.optim.resolve_compiled)."
+        },
+    )
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,7 +95,9 @@ class SoftMaskConfig:
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def build_named_masks(layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None) -> dict[str, torch.Tensor]:
+def build_named_masks(
+    layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Masks keyed by parameter NAME, each broadcastable to it: ``1 - I**p`` on owned slices, policies elsewhere.
 
     Names survive what replaces parameter objects (FSDP2's ``fully_shard``); see :meth:`SoftMasker.attach`.
@@ -89,7 +121,11 @@ def build_named_masks(layout: UnitLayout, importance: UnitImportance, config: So
                 masks[name] = torch.zeros(())
             elif policy == "mean":
                 m = _LAYER_RE.search(name)
-                value = float(layer_mean[int(m.group(1))]) if (m and cat == "norms" and int(m.group(1)) < layout.num_layers) else global_mean
+                value = (
+                    float(layer_mean[int(m.group(1))])
+                    if (m and cat == "norms" and int(m.group(1)) < layout.num_layers)
+                    else global_mean
+                )
                 masks[name] = torch.tensor(value)
     return masks
 
@@ -99,18 +135,23 @@ def resolve_masks(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[nn.P
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in named if n not in params]
     if missing:
-        raise ValueError(f"{len(missing)} masked parameters are not parameters of {type(model).__name__} (e.g. {missing[:3]}); "
-                         "build the masks (SoftMasker / UnitLayout) from this model")
+        raise ValueError(
+            f"{len(missing)} masked parameters are not parameters of {type(model).__name__} (e.g. {missing[:3]}); "
+            "build the masks (SoftMasker / UnitLayout) from this model"
+        )
     return {params[n]: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in named.items()}
 
 
-def build_param_masks(layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None) -> dict[nn.Parameter, torch.Tensor]:
+def build_param_masks(
+    layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None
+) -> dict[nn.Parameter, torch.Tensor]:
     """:func:`build_named_masks` keyed by the current parameters of the layout's model."""
     return resolve_masks(layout._model_ref, build_named_masks(layout, importance, config))
 
 
-def mask_statistics(importance: UnitImportance, mask_power: float = 1.0, threshold: float = 0.5,
-                    prefix: str = "softmask/") -> dict[str, float]:
+def mask_statistics(
+    importance: UnitImportance, mask_power: float = 1.0, threshold: float = 0.5, prefix: str = "softmask/"
+) -> dict[str, float]:
     """Scalars for ``report_to``: the mean soft mask ``1 - I**p`` of each layer's heads and FFN neurons, and the
     fraction of units (heads, FFN neurons, all) whose importance exceeds ``threshold``."""
     heads, ffn = importance.heads.float().cpu(), importance.ffn.float().cpu()
@@ -135,8 +176,10 @@ class GradMaskHooks:
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor]):
         if any(_is_dtensor(p) for p in masks):
             # FSDP2 assigns reduce-scattered gradients to .grad directly: these hooks would never fire.
-            raise ValueError("GradMaskHooks cannot mask DTensor (FSDP2) parameters; use ShardedGradMask(masks, optimizer) "
-                             "or SoftMasker, which picks it")
+            raise ValueError(
+                "GradMaskHooks cannot mask DTensor (FSDP2) parameters; use ShardedGradMask(masks, optimizer) "
+                "or SoftMasker, which picks it"
+            )
         self.masks = masks
         self._handles = [p.register_hook(self._hook(m)) for p, m in masks.items() if p.requires_grad]
 
@@ -210,7 +253,13 @@ class SoftMasker:
     sharded parameters.
     """
 
-    def __init__(self, model: nn.Module, importance: UnitImportance, config: SoftMaskConfig | None = None, layout: UnitLayout | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        importance: UnitImportance,
+        config: SoftMaskConfig | None = None,
+        layout: UnitLayout | None = None,
+    ):
         self.model = model
         self.config = config or SoftMaskConfig()
         self.layout = layout or UnitLayout.from_model(model)
@@ -227,13 +276,17 @@ class SoftMasker:
         out = []
         if frozen:
             if optimizer is None:
-                raise ValueError("grad mode with policy 'freeze' needs the optimizer (weight decay would still move frozen "
-                                 "parameters): SoftMasker.attach(optimizer)")
+                raise ValueError(
+                    "grad mode with policy 'freeze' needs the optimizer (weight decay would still move frozen "
+                    "parameters): SoftMasker.attach(optimizer)"
+                )
             out.append(FrozenGradients(frozen, optimizer))
         if not any(_is_dtensor(p) for p in self.masks):
             return [GradMaskHooks(self.masks), *out]
         if optimizer is None:
-            raise ValueError("grad mode on DTensor (FSDP2) parameters needs the optimizer: SoftMasker.attach(optimizer)")
+            raise ValueError(
+                "grad mode on DTensor (FSDP2) parameters needs the optimizer: SoftMasker.attach(optimizer)"
+            )
         return [ShardedGradMask(self.masks, optimizer), *out]
 
     def attach(self, optimizer=None) -> SoftMasker:

@@ -168,7 +168,9 @@ def _new_step(optimizer: Optimizer, p: torch.Tensor) -> torch.Tensor:
     # Where torch keeps it: on the parameter's device for fused/capturable AdamW, else a CPU scalar.
     d = optimizer.defaults
     on_device = d.get("fused") or d.get("capturable")
-    return torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0, dtype=torch.float32)
+    return (
+        torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0, dtype=torch.float32)
+    )
 
 
 def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, decoupled: bool):
@@ -217,7 +219,11 @@ def compile_available(device: torch.device) -> str | None:
         import os
 
         cxx = os.environ.get("CXX")
-        return None if (cxx and shutil.which(cxx)) or any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler"
+        return (
+            None
+            if (cxx and shutil.which(cxx)) or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+            else "no C++ compiler"
+        )
     return f"no tested torch.compile backend for {device.type}"
 
 
@@ -245,8 +251,11 @@ def resolve_compiled(optimizer: Optimizer, compiled: bool | str) -> bool:
         return False
     reason = compile_available(params[0].device)
     if reason is not None:
-        _warn_once(f"auto:{reason}", f"update masks on a fused optimizer: torch.compile is unavailable ({reason}); using the "
-                   "eager masked step, several times slower than torch's fused AdamW step")
+        _warn_once(
+            f"auto:{reason}",
+            f"update masks on a fused optimizer: torch.compile is unavailable ({reason}); using the "
+            "eager masked step, several times slower than torch's fused AdamW step",
+        )
         return False
     return True
 
@@ -257,8 +266,9 @@ def compile_after(compiled: bool | str) -> int:
 
 
 @torch.no_grad()
-def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False,
-                      after: int = 0) -> None:
+def masked_adamw_step(
+    optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False, after: int = 0
+) -> None:
     """One Adam/AdamW step over ``optimizer.param_groups`` with update masks; state keys match torch's.
 
     Works on local tensors, so DTensor (FSDP2) parameters, gradients and states are updated shard by shard
@@ -311,15 +321,29 @@ def masked_adamw_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool = T
             if isinstance(err, torch.OutOfMemoryError):
                 raise
             optimizer.__dict__["_hf_softmask_compile_error"] = f"{type(err).__name__}: {err}"
-            _warn_once(f"fail:{type(err).__name__}", f"compiling the masked AdamW update failed ({type(err).__name__}: "
-                       f"{str(err)[:200]}); using the eager masked step")
+            _warn_once(
+                f"fail:{type(err).__name__}",
+                f"compiling the masked AdamW update failed ({type(err).__name__}: "
+                f"{str(err)[:200]}); using the eager masked step",
+            )
     for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
-        _foreach_group_step(group, params, grads, exp_avgs, exp_avg_sqs, step_ts,
-                            [local_masks.get(masks, p) for p in owners], [local_masks.get_float(masks, p) for p in owners],
-                            decoupled, inv_scale)
+        _foreach_group_step(
+            group,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            step_ts,
+            [local_masks.get(masks, p) for p in owners],
+            [local_masks.get_float(masks, p) for p in owners],
+            decoupled,
+            inv_scale,
+        )
 
 
-def _foreach_group_step(group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks, fmasks, decoupled, inv_scale) -> None:
+def _foreach_group_step(
+    group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks, fmasks, decoupled, inv_scale
+) -> None:
     lr, (b1, b2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
     if inv_scale is not None:
         torch._foreach_mul_(grads, inv_scale)  # what GradScaler.unscale_ does for non-fused optimizers
@@ -373,7 +397,9 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
     for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
         hp = [float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"]]
         for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append((p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], owners[i], hp))
+            by_device.setdefault(p.device, []).append(
+                (p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], owners[i], hp)
+            )
     for device, rows in by_device.items():
         steps = [r[4] for r in rows]
         inv = 1.0 if inv_scale is None else inv_scale
@@ -382,18 +408,37 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
             for r, s in zip(rows, steps):
                 lr, b1, b2, eps, wd = r[6]
                 n = float(s) + 1
-                hyper_rows.append([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv])
+                hyper_rows.append(
+                    [lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv]
+                )
             hyper = torch.tensor(hyper_rows, dtype=torch.float32)
         else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
             lr, b1, b2, eps, wd = _to_device(torch.tensor([r[6] for r in rows], dtype=torch.float64), device).unbind(1)
             n = torch.stack([s.to(device) for s in steps]).double() + 1
-            hyper = torch.stack([lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n).rsqrt(),
-                                 torch.full_like(lr, inv)], 1).float()
+            hyper = torch.stack(
+                [
+                    lr / (1 - b1**n),
+                    b1,
+                    b2,
+                    eps,
+                    wd * lr if decoupled else wd,
+                    (1 - b2**n).rsqrt(),
+                    torch.full_like(lr, inv),
+                ],
+                1,
+            ).float()
         hyper = _to_device(hyper, device)
         ones = torch.ones((), dtype=torch.float32, device=device)
         kmasks = [local_masks.get_kernel(masks, r[5]) for r in rows]
-        _compiled_update()([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
-                           [ones if k is None else k for k in kmasks], hyper, decoupled)
+        _compiled_update()(
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [ones if k is None else k for k in kmasks],
+            hyper,
+            decoupled,
+        )
         torch._foreach_add_(steps, 1)
 
 
@@ -410,7 +455,13 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
         return
     local_masks = _local_masks(optimizer)
     for group in optimizer.param_groups:
-        lr, mom, damp, wd, nesterov = group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"]
+        lr, mom, damp, wd, nesterov = (
+            group["lr"],
+            group["momentum"],
+            group["dampening"],
+            group["weight_decay"],
+            group["nesterov"],
+        )
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -423,7 +474,9 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
                 state = optimizer.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = d_p.detach().clone() if not _is_dtensor(p) else torch.zeros_like(p)
+                    buf = state["momentum_buffer"] = (
+                        d_p.detach().clone() if not _is_dtensor(p) else torch.zeros_like(p)
+                    )
                     if _is_dtensor(p):
                         _local(buf).copy_(d_p)
                 else:
@@ -466,8 +519,17 @@ class MaskedAdamW(_MaskMixin, AdamW):
     (see :func:`resolve_compiled`).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, update_masks: MaskDict | None = None,
-                 compile: bool | str = "auto", **kwargs):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=1e-2,
+        update_masks: MaskDict | None = None,
+        compile: bool | str = "auto",
+        **kwargs,
+    ):
         for unsupported in ("amsgrad", "maximize", "capturable", "differentiable"):
             if kwargs.get(unsupported):
                 raise ValueError(f"MaskedAdamW does not support {unsupported}=True")
@@ -484,9 +546,27 @@ class MaskedAdamW(_MaskMixin, AdamW):
 class MaskedSGD(_MaskMixin, SGD):
     """``torch.optim.SGD`` with per-parameter update masks; frozen entries' momentum is masked too."""
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, update_masks: MaskDict | None = None, **kwargs):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        update_masks: MaskDict | None = None,
+        **kwargs,
+    ):
         kwargs.pop("foreach", None)
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, **kwargs)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            **kwargs,
+        )
         self.set_update_masks(update_masks)
 
     def _masked_update(self) -> None:
@@ -556,15 +636,22 @@ class UpdateMaskHandle:
         if self.how == "sgd":
             masked_sgd_step(self.optimizer, self.masks)
         else:
-            masked_adamw_step(self.optimizer, self.masks, decoupled=(self.how == "adamw"), compiled=self.compiled,
-                              after=self.compile_after)
+            masked_adamw_step(
+                self.optimizer,
+                self.masks,
+                decoupled=(self.how == "adamw"),
+                compiled=self.compiled,
+                after=self.compile_after,
+            )
 
     def _post_fused(self, opt, args, kwargs) -> None:
         for p, g in self._hidden:
             p.grad = g
         self._hidden = []
         if not self._updated:
-            raise RuntimeError(f"{type(opt).__name__}.step did not call its closure, so the update masks were not applied")
+            raise RuntimeError(
+                f"{type(opt).__name__}.step did not call its closure, so the update masks were not applied"
+            )
 
     # -- any other optimizer: snapshot the masked parameters, step, interpolate -------------------------------
     @torch.no_grad()
@@ -590,7 +677,9 @@ def _fusable(opt: Optimizer) -> str | None:
     if isinstance(opt, (MaskedAdamW, MaskedSGD)):
         return "native"
     d = opt.defaults
-    if type(opt) in (AdamW, Adam) and not any(d.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
+    if type(opt) in (AdamW, Adam) and not any(
+        d.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")
+    ):
         return "adamw" if type(opt) is AdamW or d.get("decoupled_weight_decay") else "adam"
     if type(opt) is SGD and not any(d.get(k) for k in ("maximize", "differentiable")):
         return "sgd"
@@ -614,8 +703,10 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
     opt = _unwrap(optimizer)
     previous = opt.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
-        raise RuntimeError(f"{type(opt).__name__} already has update masks installed; remove() their handle first "
-                           "(or install the product of both mask sets)")
+        raise RuntimeError(
+            f"{type(opt).__name__} already has update masks installed; remove() their handle first "
+            "(or install the product of both mask sets)"
+        )
     masks = dict(masks)
     optimized = {id(p) for group in opt.param_groups for p in group["params"]}
     if masks and not any(id(p) in optimized for p in masks):
@@ -635,9 +726,15 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
     elif kind is not None:
         use_compiled = resolve_compiled(opt, compiled) if kind in ("adamw", "adam") else False
         handle = UpdateMaskHandle(opt, masks, kind, compiled=use_compiled, after=compile_after(compiled))
-        handle._hooks = [opt.register_step_pre_hook(handle._pre_fused), opt.register_step_post_hook(handle._post_fused)]
+        handle._hooks = [
+            opt.register_step_pre_hook(handle._pre_fused),
+            opt.register_step_post_hook(handle._post_fused),
+        ]
     else:
         handle = UpdateMaskHandle(opt, masks, "snapshot")
-        handle._hooks = [opt.register_step_pre_hook(handle._pre_snapshot), opt.register_step_post_hook(handle._post_snapshot)]
+        handle._hooks = [
+            opt.register_step_pre_hook(handle._pre_snapshot),
+            opt.register_step_post_hook(handle._post_snapshot),
+        ]
     opt.__dict__[_HANDLE_ATTR] = handle
     return handle

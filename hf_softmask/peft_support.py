@@ -53,8 +53,13 @@ def _peft():
         from peft.utils import ModulesToSaveWrapper
     except ImportError:
         return None
-    return {"models": (PeftModel, PeftMixedModel, BaseTuner), "layer": BaseTunerLayer, "lora": LoraLayer, "ia3": IA3Layer,
-            "to_save": ModulesToSaveWrapper}
+    return {
+        "models": (PeftModel, PeftMixedModel, BaseTuner),
+        "layer": BaseTunerLayer,
+        "lora": LoraLayer,
+        "ia3": IA3Layer,
+        "to_save": ModulesToSaveWrapper,
+    }
 
 
 def _check_configs(peft_config: dict) -> None:
@@ -94,7 +99,7 @@ def is_tuner_layer(module: nn.Module) -> bool:
 
 
 def _check_layer(module: nn.Module, path: str) -> str:
-    """"lora", "ia3" or "plain" for the module at an owned ``path``; refuses any other adapter layer."""
+    """ "lora", "ia3" or "plain" for the module at an owned ``path``; refuses any other adapter layer."""
     peft = _peft()
     if peft is None or not isinstance(module, peft["layer"]):
         return "plain"

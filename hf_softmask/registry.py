@@ -57,7 +57,9 @@ class ArchitectureSpec:
 _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
-def register_architecture(model_types: str | list[str] | tuple[str, ...], spec: ArchitectureSpec, *, overwrite: bool = False) -> None:
+def register_architecture(
+    model_types: str | list[str] | tuple[str, ...], spec: ArchitectureSpec, *, overwrite: bool = False
+) -> None:
     """Register ``spec`` for one or more ``config.model_type`` values.
 
     Example::

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +204,7 @@ class MultiTaskClassifier(nn.Module):
     @classmethod
     def from_pretrained_heads(
         cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs
-    ) -> "MultiTaskClassifier":
+    ) -> MultiTaskClassifier:
         """A classifier over ``backbone`` with the heads saved in ``directory``."""
         from safetensors.torch import load_file
 

@@ -44,8 +44,12 @@ class SparseTaskVector:
         self.shapes[name] = tuple(mask.shape)
 
     @classmethod
-    def from_difference(cls, finetuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                        masks: dict[str, torch.Tensor] | None = None) -> "SparseTaskVector":
+    def from_difference(
+        cls,
+        finetuned: dict[str, torch.Tensor],
+        base: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> SparseTaskVector:
         """``finetuned - base`` on the entries where ``masks[name]`` is true (all nonzero differences without masks)."""
         tv = cls()
         for name, theta in finetuned.items():
@@ -65,18 +69,20 @@ class SparseTaskVector:
 
     def nbytes(self) -> int:
         """Bytes held: the packed masks plus the values."""
-        return sum(m.numel() * m.element_size() + self.values[n].numel() * self.values[n].element_size()
-                   for n, m in self.masks.items())
+        return sum(
+            m.numel() * m.element_size() + self.values[n].numel() * self.values[n].element_size()
+            for n, m in self.masks.items()
+        )
 
     def dense(self, name: str) -> torch.Tensor:
         out = torch.zeros(self.shapes[name], dtype=self.values[name].dtype)
         out[self.mask(name)] = self.values[name]
         return out
 
-    def __neg__(self) -> "SparseTaskVector":
+    def __neg__(self) -> SparseTaskVector:
         return self.scaled(-1.0)
 
-    def scaled(self, scale: float) -> "SparseTaskVector":
+    def scaled(self, scale: float) -> SparseTaskVector:
         return SparseTaskVector(dict(self.masks), {k: v * scale for k, v in self.values.items()}, dict(self.shapes))
 
     @torch.no_grad()
@@ -85,10 +91,14 @@ class SparseTaskVector:
         params = dict(model.named_parameters())
         for name in self.masks:
             if name not in params:
-                raise KeyError(f"task vector entry {name!r} is not a parameter of {type(model).__name__}; was it saved for another model?")
+                raise KeyError(
+                    f"task vector entry {name!r} is not a parameter of {type(model).__name__}; was it saved for another model?"
+                )
             p = params[name]
             if tuple(p.shape) != tuple(self.shapes[name]):
-                raise ValueError(f"task vector entry {name!r} has shape {self.shapes[name]} but the parameter has {tuple(p.shape)}")
+                raise ValueError(
+                    f"task vector entry {name!r} has shape {self.shapes[name]} but the parameter has {tuple(p.shape)}"
+                )
             m = self.mask(name).to(p.device)
             p[m] += (self.values[name] * scale).to(device=p.device, dtype=p.dtype)
         return model
@@ -99,11 +109,13 @@ class SparseTaskVector:
         for name, mask in self.masks.items():
             tensors[f"{name}.mask"] = mask.contiguous()
             tensors[f"{name}.values"] = self.values[name].contiguous()
-        atomic_save_safetensors(tensors, path, metadata={"shapes": json.dumps({k: list(v) for k, v in self.shapes.items()})})
+        atomic_save_safetensors(
+            tensors, path, metadata={"shapes": json.dumps({k: list(v) for k, v in self.shapes.items()})}
+        )
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, filename: str = TASK_VECTOR_FILE) -> "SparseTaskVector":
+    def from_pretrained(cls, directory: str | os.PathLike, filename: str = TASK_VECTOR_FILE) -> SparseTaskVector:
         from safetensors import safe_open
 
         path = Path(directory)
@@ -125,7 +137,9 @@ class SparseTaskVector:
         return tv
 
 
-def apply_task_vectors(model: nn.Module, vectors: list[SparseTaskVector], scales: list[float] | float = 1.0) -> nn.Module:
+def apply_task_vectors(
+    model: nn.Module, vectors: list[SparseTaskVector], scales: list[float] | float = 1.0
+) -> nn.Module:
     """Task arithmetic in place: ``theta <- theta + sum_i scales[i] * vectors[i]`` (negative scale: negation)."""
     if not isinstance(scales, (list, tuple)):
         scales = [float(scales)] * len(vectors)

@@ -21,10 +21,15 @@ PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 CONFIGS: list[tuple[str, str]] = [
     ("Soft-masking (`SoftMaskConfig`)", "hf_softmask.masking:SoftMaskConfig"),
     ("`SoftMaskTrainer` (`SoftMaskTrainingArguments`)", "hf_softmask.trainer:SoftMaskTrainingArguments"),
-    ("Pre-training runner (`ContinualPretrainingArguments`)", "hf_softmask.continual.config:ContinualPretrainingArguments"),
+    (
+        "Pre-training runner (`ContinualPretrainingArguments`)",
+        "hf_softmask.continual.config:ContinualPretrainingArguments",
+    ),
     ("Finetuning runner (`ContinualFinetuneArguments`)", "hf_softmask.continual.finetune:ContinualFinetuneArguments"),
-    ("Finetuning runner, training (`ContinualFinetuneTrainingArguments`)",
-     "hf_softmask.continual.finetune:ContinualFinetuneTrainingArguments"),
+    (
+        "Finetuning runner, training (`ContinualFinetuneTrainingArguments`)",
+        "hf_softmask.continual.finetune:ContinualFinetuneTrainingArguments",
+    ),
     ("`compare_strategies.py` (`CompareArguments`)", "hf_softmask.comparison:CompareArguments"),
     ("TSS / WSN adapter (`SubnetworkConfig`)", "hf_softmask.tss.config:SubnetworkConfig"),
 ]
@@ -39,8 +44,10 @@ def _strategy_configs() -> list[tuple[str, str]]:
         config_cls = getattr(strategy_class(name), "config_class", None)
         if config_cls is not None:
             names.setdefault(config_cls, []).append(name)
-    return [(f"Strategy {', '.join(f'`{n}`' for n in ns)} (`{c.__name__}`)", f"{c.__module__}:{c.__qualname__}")
-            for c, ns in names.items()]
+    return [
+        (f"Strategy {', '.join(f'`{n}`' for n in ns)} (`{c.__name__}`)", f"{c.__module__}:{c.__qualname__}")
+        for c, ns in names.items()
+    ]
 
 
 CONFIGS += _strategy_configs()

@@ -23,8 +23,15 @@ def tiny_bert(seed=0, **kw):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=64, **kw)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **kw,
+    )
     return BertForMaskedLM(cfg)
 
 
@@ -32,7 +39,9 @@ def tiny_gpt2(seed=0, **kw):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **kw
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -40,8 +49,19 @@ def tiny_llama(seed=0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        **kw,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -49,7 +69,9 @@ def tiny_distilbert(seed=0, **kw):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **kw)
+    cfg = DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, **kw
+    )
     return DistilBertForMaskedLM(cfg)
 
 
@@ -75,8 +97,16 @@ def save_tiny_bert_with_minilm_tokenizer(model_cls, directory, tokenizer_dir):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    model = model_cls(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64))
+    model = model_cls(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
@@ -107,10 +137,23 @@ def tiny_runner_flags(model_dir, out, **overrides) -> list[str]:
 
     ``overrides`` replace or add flags; a value of None gives a bare flag (``--bf16``)."""
     flags = {
-        "model_name_or_path": str(model_dir), "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
-        "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "importance_blocks": 4, "max_steps": 4,
-        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
-        "logging_steps": 2, "num_threads": 1, "plots": "false", "output_dir": str(out),
+        "model_name_or_path": str(model_dir),
+        "domains": "business,sports",
+        "max_train_docs": 12,
+        "max_eval_docs": 4,
+        "block_size": 32,
+        "max_train_blocks": 16,
+        "max_eval_blocks": 2,
+        "importance_blocks": 4,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 2,
+        "logging_steps": 2,
+        "num_threads": 1,
+        "plots": "false",
+        "output_dir": str(out),
     }
     flags.update(overrides)
     return [x for k, v in flags.items() for x in ((f"--{k}",) if v is None else (f"--{k}", str(v)))]
@@ -138,5 +181,17 @@ def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``num_processes`` processes on this machine (torchrun launcher: gloo on a CPU)."""
     import sys
 
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import random_lm_batches
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainingArguments
 
 from hf_softmask.strategies import StrategyTrainer
-from conftest import random_lm_batches
 
 # Two cores shared by several processes: more than one intra-op thread spins and runs ~100x slower.
 torch.set_num_threads(1)
@@ -31,9 +31,20 @@ def lm_dataset(n_batches=4, batch_size=4, seq_len=16, seed=0):
 
 
 def train_args(output_dir, **kw):
-    base = dict(output_dir=str(output_dir), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
-                weight_decay=0.1, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -42,7 +53,13 @@ def run_task(model, strategy, dataset, output_dir, task_id, optimizers=(None, No
     """before_task -> StrategyTrainer.train() -> after_task, like the continual runners do."""
     loader = DataLoader(dataset, batch_size=args.get("per_device_train_batch_size", 4))
     strategy.before_task(model, task_id, loader)
-    trainer = StrategyTrainer(model=model, args=train_args(output_dir, **args), train_dataset=dataset, strategy=strategy, optimizers=optimizers)
+    trainer = StrategyTrainer(
+        model=model,
+        args=train_args(output_dir, **args),
+        train_dataset=dataset,
+        strategy=strategy,
+        optimizers=optimizers,
+    )
     trainer.train()
     if after:
         strategy.after_task(model, task_id, loader)

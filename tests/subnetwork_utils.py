@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from conftest import VOCAB
 from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 
-from conftest import VOCAB
 from hf_softmask.continual.finetune import build_optimizer
 from hf_softmask.strategies import StrategyTrainer
 from hf_softmask.task_heads import MultiTaskClassifier
@@ -20,10 +20,14 @@ def task_dataset(task_id: int, n: int = 24, seq_len: int = 12, num_labels: int =
     labels = torch.randint(0, num_labels, (n,), generator=g)
     width = (VOCAB - 1) // num_labels
     ids = 1 + labels[:, None] * width + torch.randint(0, width, (n, seq_len), generator=g)
-    return datasets.Dataset.from_dict({
-        "input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-        "labels": labels.tolist(), "task_ids": [task_id] * n,
-    }).with_format("torch")
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": labels.tolist(),
+            "task_ids": [task_id] * n,
+        }
+    ).with_format("torch")
 
 
 def batch_of(dataset, k: int = 8) -> dict:
@@ -32,9 +36,21 @@ def batch_of(dataset, k: int = 8) -> dict:
 
 
 def train_args(output_dir, **kw) -> TrainingArguments:
-    base = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=2e-2,
-                weight_decay=0.01, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                dataloader_num_workers=0, disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        learning_rate=2e-2,
+        weight_decay=0.01,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
     base.update(kw)
     return TrainingArguments(**base)
 

@@ -59,7 +59,11 @@ def test_update_masks_hold_through_accelerated_optimizer_with_grad_scaler(fused)
     assert not wrapped.step_was_skipped and opt.state[next(model.parameters())]["step"].item() == 3
     assert scaler._get_growth_tracker() == 3  # the scaler drove every step
     _assert_protected_unchanged(layout, before)
-    moved = [not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), b) for s, b in zip(layout.owned, free_before) if b is not None]
+    moved = [
+        not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), b)
+        for s, b in zip(layout.owned, free_before)
+        if b is not None
+    ]
     assert all(moved[:2]), "unprotected units did not train"
     masker.detach()
 
@@ -146,8 +150,12 @@ def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
     data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     from transformers import Trainer
 
-    trainer = Trainer(model=model, args=_args(tmp_path, fp16=True), train_dataset=data,
-                      callbacks=[SoftMaskCallback(_one_hot_importance(layout), mode="update")])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, fp16=True),
+        train_dataset=data,
+        callbacks=[SoftMaskCallback(_one_hot_importance(layout), mode="update")],
+    )
     assert trainer.args.optim == "adamw_torch_fused"
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     trainer.accelerator.scaler = scaler
@@ -197,9 +205,12 @@ def test_compiled_masked_step_under_grad_scaler_matches_torch_fused():
             layout = UnitLayout.from_model(model)
             from hf_softmask import UnitImportance
 
-            masker = SoftMasker(model, UnitImportance.zeros_like_layout(layout),
-                                # zero importance: every mask is 1 ("mean" too), so the result must equal torch's
-                                SoftMaskConfig(mode="update", embeddings="mean", compile_update=True)).attach(opt)
+            masker = SoftMasker(
+                model,
+                UnitImportance.zeros_like_layout(layout),
+                # zero importance: every mask is 1 ("mean" too), so the result must equal torch's
+                SoftMaskConfig(mode="update", embeddings="mean", compile_update=True),
+            ).attach(opt)
             assert masker._opt_handle.compiled
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
         _scaled_steps(opt, model, scaler, n_steps=4, inf_at=2)
@@ -211,7 +222,9 @@ def test_compiled_masked_step_under_grad_scaler_matches_torch_fused():
         # into steps of up to 1e-5 here (parameters move ~3e-2). Scaled moments or an unskipped inf step are far off.
         torch.testing.assert_close(q, p, rtol=0, atol=5e-5, msg=name)
         assert got_opt.state[q]["step"].item() == ref_opt.state[p]["step"].item() == 3
-        torch.testing.assert_close(got_opt.state[q]["exp_avg"], ref_opt.state[p]["exp_avg"], rtol=1e-3, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            got_opt.state[q]["exp_avg"], ref_opt.state[p]["exp_avg"], rtol=1e-3, atol=1e-6, msg=name
+        )
 
 
 def test_masked_sgd_fused_under_grad_scaler_matches_torch_fused_sgd():
@@ -232,4 +245,6 @@ def test_masked_sgd_fused_under_grad_scaler_matches_torch_fused_sgd():
     for got, got_opt in others:
         for p, q in zip(ref.parameters(), got.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got_opt.state[q]["momentum_buffer"], ref_opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                got_opt.state[q]["momentum_buffer"], ref_opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-7
+            )

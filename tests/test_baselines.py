@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2
+from strategy_utils import lm_dataset, logits_of, run_task
+
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.kd import KDStrategy, distillation_kl
-from strategy_utils import lm_dataset, logits_of, run_task
 
 
 def _fisher_drift(model, anchor, fisher):
     """sum F (theta - theta*)^2: the displacement EWC penalizes."""
-    return sum(float((fisher[n] * (p.detach() - anchor[n]).pow(2)).sum()) for n, p in model.named_parameters() if n in anchor)
+    return sum(
+        float((fisher[n] * (p.detach() - anchor[n]).pow(2)).sum()) for n, p in model.named_parameters() if n in anchor
+    )
 
 
 def test_ewc_penalty_matches_formula_and_holds_weights(tmp_path):
@@ -21,7 +23,9 @@ def test_ewc_penalty_matches_formula_and_holds_weights(tmp_path):
     for lam in (0.0, 1000.0):
         model = tiny_gpt2()
         ewc = EWCStrategy(ewc_lambda=lam, fisher_examples=8)
-        run_task(model, ewc, lm_dataset(seed=0, n_batches=2), tmp_path / f"a{lam}", 0, learning_rate=1e-2, weight_decay=0.0)
+        run_task(
+            model, ewc, lm_dataset(seed=0, n_batches=2), tmp_path / f"a{lam}", 0, learning_rate=1e-2, weight_decay=0.0
+        )
         assert ewc.fisher and set(ewc.fisher) == set(ewc.anchor)
         # normalized Fisher: mean entry 1
         total = sum(float(f.sum()) for f in ewc.fisher.values()) / sum(f.numel() for f in ewc.fisher.values())
@@ -36,7 +40,9 @@ def test_ewc_penalty_matches_formula_and_holds_weights(tmp_path):
         assert abs(float(got) - want) <= 1e-3 * max(want, 1e-8)
         with torch.no_grad():
             p.sub_(0.01)
-        run_task(model, ewc, lm_dataset(seed=1, n_batches=4), tmp_path / f"b{lam}", 1, learning_rate=1e-2, weight_decay=0.0)
+        run_task(
+            model, ewc, lm_dataset(seed=1, n_batches=4), tmp_path / f"b{lam}", 1, learning_rate=1e-2, weight_decay=0.0
+        )
         runs[lam] = _fisher_drift(model, anchor, fisher)
         if lam:
             assert ewc.last_penalty is not None and ewc.last_penalty > 0
@@ -64,11 +70,28 @@ def test_kd_keeps_previous_outputs_closer_and_resumes(tmp_path):
     for weight in (0.0, 20.0):
         model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         kd = get_strategy("kd", kd_weight=weight, kd_temperature=2.0)
-        run_task(model, kd, lm_dataset(seed=0, n_batches=2), tmp_path / f"a{weight}", 0, learning_rate=5e-3, weight_decay=0.0)
+        run_task(
+            model,
+            kd,
+            lm_dataset(seed=0, n_batches=2),
+            tmp_path / f"a{weight}",
+            0,
+            learning_rate=5e-3,
+            weight_decay=0.0,
+        )
         assert kd.teacher is not None and not any(p.requires_grad for p in kd.teacher.parameters())
         old = logits_of(model, ev)
         torch.testing.assert_close(logits_of(kd.teacher, ev), old)
-        run_task(model, kd, lm_dataset(seed=1, n_batches=4), tmp_path / f"b{weight}", 1, learning_rate=5e-3, weight_decay=0.0, after=False)
+        run_task(
+            model,
+            kd,
+            lm_dataset(seed=1, n_batches=4),
+            tmp_path / f"b{weight}",
+            1,
+            learning_rate=5e-3,
+            weight_decay=0.0,
+            after=False,
+        )
         drift[weight] = float(distillation_kl(logits_of(model, ev), old, 1.0))
         if weight:
             assert kd.last_kd_loss is not None

@@ -9,10 +9,19 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from hf_softmask.bootstrap import (RunBlocks, blocks_for_halfwidth, block_losses, frontier_gap_ci, frontier_intervals,
-                                   frontier_verdict, metric_ci, paired_difference_ci, run_metrics)
+
+from hf_softmask.bootstrap import (
+    RunBlocks,
+    block_losses,
+    blocks_for_halfwidth,
+    frontier_gap_ci,
+    frontier_intervals,
+    frontier_verdict,
+    metric_ci,
+    paired_difference_ci,
+    run_metrics,
+)
 from hf_softmask.continual.evaluation import lm_eval_loss
 
 Z95 = 1.959963984540054
@@ -50,8 +59,9 @@ def test_paired_interval_equals_hand_computation():
     draws = [gen.integers(0, n, size=(R, n)) for n in counts + [n_g]]
     full = [list(range(n)) for n in counts + [n_g]]
     for m in ("in_domain_loss", "forgetting", "general_loss_increase"):
-        diffs = sorted(_hand_metrics(*a, [d[r] for d in draws])[m] - _hand_metrics(*b, [d[r] for d in draws])[m]
-                       for r in range(R))
+        diffs = sorted(
+            _hand_metrics(*a, [d[r] for d in draws])[m] - _hand_metrics(*b, [d[r] for d in draws])[m] for r in range(R)
+        )
         assert got[m]["estimate"] == pytest.approx(_hand_metrics(*a, full)[m] - _hand_metrics(*b, full)[m], abs=1e-12)
         assert got[m]["low"] == pytest.approx(_quantile(diffs, 0.1), abs=1e-12), m
         assert got[m]["high"] == pytest.approx(_quantile(diffs, 0.9), abs=1e-12), m
@@ -80,8 +90,10 @@ def test_pairing_cancels_block_difficulty():
 
 def _designed_run(x, f, noise, rng, n=20):
     """T = 2: in-domain loss x (M[1][0] = M[2][1] = x), forgetting f (M[2][0] = x + f), on shared block noise."""
+
     def blocks(mean):
         return list(mean + noise + rng.normal(0, 0.001, n))
+
     loss = [[blocks(3.0), blocks(3.0)], [blocks(x), blocks(3.0)], [blocks(x + f), blocks(x)]]
     return RunBlocks(loss, [blocks(3.0), blocks(3.0), blocks(3.0)])
 
@@ -111,12 +123,17 @@ def test_frontier_table_entries_from_results_and_seeds():
     noise = rng.normal(0, 0.3, 20)
 
     def as_results(run):
-        return {"eval_block_losses": [[list(run.domain[j][s]) for j in range(2)] for s in range(3)],
-                "general_block_losses": run.general.tolist(), "eval_block_tokens": [[63] * 20, [63] * 20],
-                "general_block_tokens": [63] * 20}
+        return {
+            "eval_block_losses": [[list(run.domain[j][s]) for j in range(2)] for s in range(3)],
+            "general_block_losses": run.general.tolist(),
+            "eval_block_tokens": [[63] * 20, [63] * 20],
+            "general_block_tokens": [63] * 20,
+        }
 
-    runs = {f"ncl_lr{x}": RunBlocks.from_results(as_results(_designed_run(x, f, noise, rng)))
-            for x, f in [(2.0, 0.5), (2.2, 0.3), (2.4, 0.1)]}
+    runs = {
+        f"ncl_lr{x}": RunBlocks.from_results(as_results(_designed_run(x, f, noise, rng)))
+        for x, f in [(2.0, 0.5), (2.2, 0.3), (2.4, 0.1)]
+    }
     seeds = [_designed_run(2.1, 0.1, noise, rng) for _ in range(3)]
     runs["das_lr1e-4"] = RunBlocks.mean(seeds)
     np.testing.assert_allclose(runs["das_lr1e-4"].domain[0], np.mean([r.domain[0] for r in seeds], axis=0))
@@ -137,10 +154,10 @@ def test_blocks_for_halfwidth_formula():
     got = blocks_for_halfwidth([1.0, 2.0, 3.0, 4.0], halfwidth=0.01, tokens_per_block=256)
     var = ((1 - 2.5) ** 2 + (2 - 2.5) ** 2 + (3 - 2.5) ** 2 + (4 - 2.5) ** 2) / 3
     assert got["z"] == pytest.approx(Z95, abs=1e-9)
-    assert got["blocks"] == math.ceil(Z95 ** 2 * var / 0.01 ** 2) and got["tokens"] == got["blocks"] * 256
+    assert got["blocks"] == math.ceil(Z95**2 * var / 0.01**2) and got["tokens"] == got["blocks"] * 256
     # a mean over two domains: pooled variance (var + 4) / 2 over 2 * n blocks
     two = blocks_for_halfwidth([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 6.0]], halfwidth=0.05)
-    assert two["blocks"] == math.ceil(Z95 ** 2 * (var + 4.0) / 2 / (2 * 0.05 ** 2))
+    assert two["blocks"] == math.ceil(Z95**2 * (var + 4.0) / 2 / (2 * 0.05**2))
     with pytest.raises(ValueError, match=">= 2 blocks"):
         blocks_for_halfwidth([[1.0], [2.0, 3.0]])
 

@@ -34,7 +34,9 @@ def test_replacement_preserves_output_inside_trainer_run(tmp_path):
     # rate 1/I with all I neurons eligible: exactly one replacement per layer, on the last step
     cbp = CBPStrategy(replacement_rate=1 / 64, maturity_threshold=maturity, decay_rate=0.9)
     old_bias = [l.output.dense.bias.detach().clone() for l in model.bert.encoder.layer]
-    trainer = run_task(model, cbp, lm_dataset(n_batches=maturity + 1), tmp_path, 0, learning_rate=0.0, weight_decay=0.0)
+    trainer = run_task(
+        model, cbp, lm_dataset(n_batches=maturity + 1), tmp_path, 0, learning_rate=0.0, weight_decay=0.0
+    )
     assert cbp.last_replaced == {0: [UNIT], 1: [UNIT]}
     assert cbp.num_replaced.tolist() == [1.0, 1.0]
     after = logits_of(model, ev)

@@ -10,7 +10,12 @@ from hf_softmask.comparison import CompareArguments, frontier_position, run_comp
 
 
 def test_frontier_position_rule():
-    plain = [(3.0, 0.30), (3.2, 0.10), (3.4, 0.05), (3.3, 0.20)]  # (in-domain loss, forgetting); (3.3, 0.2) is dominated
+    plain = [
+        (3.0, 0.30),
+        (3.2, 0.10),
+        (3.4, 0.05),
+        (3.3, 0.20),
+    ]  # (in-domain loss, forgetting); (3.3, 0.2) is dominated
     assert frontier_position((3.1, 0.10), plain, 0.01) == "beyond"  # frontier at 3.1 is 0.20
     assert frontier_position((3.1, 0.20), plain, 0.01) == "on"
     assert frontier_position((3.3, 0.20), plain, 0.01) == "behind"  # (3.2, 0.10) is better on both axes
@@ -22,23 +27,41 @@ def test_frontier_position_rule():
 
 @pytest.mark.slow
 def test_quick_comparison_writes_records(tmp_path):
-    args = CompareArguments(output_dir=str(tmp_path), quick=True, strategies="ncl,hat,tss", settings="pretrain,finetune",
-                            frontier_lr_factors="1,2", num_threads=1)
+    args = CompareArguments(
+        output_dir=str(tmp_path),
+        quick=True,
+        strategies="ncl,hat,tss",
+        settings="pretrain,finetune",
+        frontier_lr_factors="1,2",
+        num_threads=1,
+    )
     payload = run_comparison(args)
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["records"] == json.loads(json.dumps(payload["records"]))
     recs = {(r["setting"], r["strategy"], r["learning_rate"]): r for r in saved["records"]}
     assert all(r["error"] is None for r in saved["records"]), [r["error"] for r in saved["records"]]
     # tss declares only "finetune"; ncl runs as "ft" there; ncl and ft also run at 2x lr for the frontiers
-    assert sorted(k[:2] for k in recs) == sorted([("pretrain", "ncl"), ("pretrain", "ncl"), ("pretrain", "hat"),
-                                                 ("finetune", "ft"), ("finetune", "ft"), ("finetune", "hat"),
-                                                 ("finetune", "tss")])
+    assert sorted(k[:2] for k in recs) == sorted(
+        [
+            ("pretrain", "ncl"),
+            ("pretrain", "ncl"),
+            ("pretrain", "hat"),
+            ("finetune", "ft"),
+            ("finetune", "ft"),
+            ("finetune", "hat"),
+            ("finetune", "tss"),
+        ]
+    )
     ft_lrs = sorted(r["learning_rate"] for r in saved["records"] if r["strategy"] == "ft")
     assert ft_lrs[1] == pytest.approx(2 * ft_lrs[0])
     for r in saved["records"]:
         if r["strategy"] == "ft":  # the finetuning runs report their own name, not "ncl"
-            assert json.loads((tmp_path / "finetune" / r["run_dir"].split("/")[-1] / "results.json").read_text())[
-                "strategy_config"]["name"] == "ft"
+            assert (
+                json.loads((tmp_path / "finetune" / r["run_dir"].split("/")[-1] / "results.json").read_text())[
+                    "strategy_config"
+                ]["name"]
+                == "ft"
+            )
         if not r.get("frontier"):
             assert r["frontier_position"] in {"beyond", "on", "behind", "undecided"}
     for r in saved["records"]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import save_tiny_bert_with_minilm_tokenizer
 from subnetwork_utils import one_thread
-from hf_softmask.continual.finetune import (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments,
-                                            parse_finetune_config, run_continual_finetune)
+
+from hf_softmask.continual.finetune import (
+    ContinualFinetuneArguments,
+    ContinualFinetuneTrainingArguments,
+    parse_finetune_config,
+    run_continual_finetune,
+)
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -25,11 +29,24 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir):
 
 
 def run(tiny_bert_dir, out, strategy, **kw):
-    args = ContinualFinetuneArguments(model_name_or_path=str(tiny_bert_dir), strategy=strategy,
-                                      tasks=["business,entertainment", "politics,sports,tech"], max_train_per_class=6,
-                                      max_test_per_class=4, max_length=32, eval_batch_size=16, **kw)
-    targs = ContinualFinetuneTrainingArguments(output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=6,
-                                               learning_rate=5e-3, use_cpu=True, seed=0)
+    args = ContinualFinetuneArguments(
+        model_name_or_path=str(tiny_bert_dir),
+        strategy=strategy,
+        tasks=["business,entertainment", "politics,sports,tech"],
+        max_train_per_class=6,
+        max_test_per_class=4,
+        max_length=32,
+        eval_batch_size=16,
+        **kw,
+    )
+    targs = ContinualFinetuneTrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=6,
+        learning_rate=5e-3,
+        use_cpu=True,
+        seed=0,
+    )
     return run_continual_finetune(args, targs)
 
 
@@ -52,11 +69,17 @@ def test_tss_run_has_zero_forgetting_and_saves_its_subnetworks(tiny_bert_dir, tm
     A = results["accuracy_matrix"]
     assert results["bwt"] == 0.0 and results["forgetting"] == 0.0  # task 0 is evaluated bit-identically after task 1
     assert A[1][0] == A[0][0]
-    scored = (2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64))  # q, k, v, attention output, FFN in/out per layer
+    scored = 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64)  # q, k, v, attention output, FFN in/out per layer
     assert results["storage_bytes_per_task"] == [scored // 8, scored // 8]
     final = tmp_path / "final"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "task_heads.safetensors", "task_heads.json",
-                 "strategy_config.json", "tokenizer_config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "task_heads.safetensors",
+        "task_heads.json",
+        "strategy_config.json",
+        "tokenizer_config.json",
+    ):
         assert (final / name).is_file(), name
 
 
@@ -70,8 +93,10 @@ def test_ft_baseline_run_saves_the_whole_backbone(tiny_bert_dir, tmp_path):
 
 def test_config_yaml_then_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("strategy: wsn\nstrategy_kwargs: {keep_ratio: 0.3}\ntasks: [\"business,tech\", \"sports,politics\"]\n"
-                   "learning_rate: 1.0e-4\noutput_dir: %s\n" % (tmp_path / "o"))
+    cfg.write_text(
+        'strategy: wsn\nstrategy_kwargs: {keep_ratio: 0.3}\ntasks: ["business,tech", "sports,politics"]\n'
+        "learning_rate: 1.0e-4\noutput_dir: %s\n" % (tmp_path / "o")
+    )
     args, targs = parse_finetune_config(["--config", str(cfg), "--learning_rate", "3e-4", "--max_length", "48"])
     assert args.strategy == "wsn" and args.strategy_settings() == {"keep_ratio": 0.3}
     assert args.task_topics() == [["business", "tech"], ["sports", "politics"]]

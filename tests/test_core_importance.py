@@ -130,7 +130,10 @@ def test_kl_dropout_split_half_on_minilm_real_text(minilm_dir):
         model = AutoModelForMaskedLM.from_pretrained(minilm_dir)
 
     def batches(docs):
-        return [dict(tok(docs[i:i + 5], truncation=True, max_length=128, padding=True, return_tensors="pt")) for i in range(0, len(docs), 5)]
+        return [
+            dict(tok(docs[i : i + 5], truncation=True, max_length=128, padding=True, return_tensors="pt"))
+            for i in range(0, len(docs), 5)
+        ]
 
     a = compute_importance(model, batches(texts[0::2]), "kl_dropout", normalize=False, show_progress=False)
     b = compute_importance(model, batches(texts[1::2]), "kl_dropout", normalize=False, show_progress=False)

@@ -32,7 +32,11 @@ def test_gpt2_conv1d_slices_follow_transposed_weight():
     c_fc = next(s for s in layout.owned if s.name.endswith("h.0.mlp.c_fc.weight"))
     # Conv1D weight is [in, out]: heads own output COLUMNS of c_attn (in each of the q/k/v thirds)...
     assert c_attn.axis == 1 and c_attn.param.shape == (32, 96)
-    assert c_attn.index[:8].tolist() == [0] * 8 and c_attn.index[32:40].tolist() == [0] * 8 and c_attn.index[64 + 24:].tolist() == [3] * 8
+    assert (
+        c_attn.index[:8].tolist() == [0] * 8
+        and c_attn.index[32:40].tolist() == [0] * 8
+        and c_attn.index[64 + 24 :].tolist() == [3] * 8
+    )
     # ...and input ROWS of c_proj; FFN neuron j owns column j of c_fc.
     assert c_proj.axis == 0 and c_fc.axis == 1
 
@@ -57,17 +61,36 @@ def test_llama_gqa_kv_heads_take_max_of_sharing_heads():
 def test_unsupported_model_names_supported_types_and_how_to_register():
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                                     word_embed_proj_dim=16, max_position_embeddings=32))
+    model = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=32,
+        )
+    )
     with pytest.raises(UnsupportedModelError) as err:
         UnitLayout.from_model(model)
     msg = str(err.value)
     assert "'opt'" in msg and "bert" in msg and "llama" in msg and "register_architecture" in msg
 
     # Registration takes module paths as data.
-    register_architecture("opt", ArchitectureSpec(
-        layers="decoder.layers", query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj",
-        attn_out="self_attn.out_proj", ffn_in=("fc1",), ffn_out="fc2", ffn_size_attr="ffn_dim"))
+    register_architecture(
+        "opt",
+        ArchitectureSpec(
+            layers="decoder.layers",
+            query="self_attn.q_proj",
+            key="self_attn.k_proj",
+            value="self_attn.v_proj",
+            attn_out="self_attn.out_proj",
+            ffn_in=("fc1",),
+            ffn_out="fc2",
+            ffn_size_attr="ffn_dim",
+        ),
+    )
     try:
         layout = UnitLayout.from_model(model)
         assert (layout.num_layers, layout.num_heads, layout.ffn_size) == (1, 2, 32)
@@ -126,7 +149,9 @@ def test_gate_gradient_matches_finite_difference(family, eps, rtol):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
 
     layout = UnitLayout.from_model(model)
-    gates = UnitGates(layout, torch.ones(2, 4, dtype=torch.float64, requires_grad=True), torch.ones(2, 64, dtype=torch.float64))
+    gates = UnitGates(
+        layout, torch.ones(2, 4, dtype=torch.float64, requires_grad=True), torch.ones(2, 64, dtype=torch.float64)
+    )
     loss().backward()
     analytic = gates.head_gate.grad.clone()
     numeric = torch.zeros(2, 4, dtype=torch.float64)

@@ -29,9 +29,21 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, cls=TrainingArguments, **kw):
-    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, weight_decay=0.1,
-                    report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
-                    disable_tqdm=True, lr_scheduler_type="constant")
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
     defaults.update(kw)
     return cls(**defaults)
 
@@ -80,7 +92,9 @@ def test_importance_one_freezes_exactly_the_owned_slices_under_adamw(family, tmp
         assert torch.equal(after, before), f"{s.name} changed although its unit has importance 1"
         n_checked += 1
         if s.kind != "kv_head":  # the other kv-head of a GQA group may be shared with the protected head
-            assert not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), other), f"{s.name}: unprotected unit did not train"
+            assert not torch.equal(_unit_slice(s, layout, 0, 9, 1, 0), other), (
+                f"{s.name}: unprotected unit did not train"
+            )
     assert n_checked >= 6
     # The callback leaves no trace: a later plain step moves the protected slices again.
     assert all(len(p._backward_hooks or {}) == 0 for p in model.parameters())
@@ -88,7 +102,10 @@ def test_importance_one_freezes_exactly_the_owned_slices_under_adamw(family, tmp
 
 def _distance(params_before, model, layout):
     owned = {id(s.param) for s in layout.owned}
-    return sum(float((p.detach() - params_before[n]).norm() ** 2) for n, p in model.named_parameters() if id(p) in owned) ** 0.5
+    return (
+        sum(float((p.detach() - params_before[n]).norm() ** 2) for n, p in model.named_parameters() if id(p) in owned)
+        ** 0.5
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -115,14 +132,30 @@ def test_grad_mode_is_applied_once_per_step_under_accumulation(tmp_path):
     results = {}
     # Compared within the same accumulation setting: how the Trainer scales an accumulated MLM loss is
     # its own business; the mask must contribute exactly one factor m either way.
-    for name, mode, bs, accum in [("plain", None, 8, 1), ("masked", "grad", 8, 1), ("plain_accum", None, 4, 2), ("masked_accum", "grad", 4, 2)]:
+    for name, mode, bs, accum in [
+        ("plain", None, 8, 1),
+        ("masked", "grad", 8, 1),
+        ("plain_accum", None, 4, 2),
+        ("masked_accum", "grad", 4, 2),
+    ]:
         model = TINY_MODELS["bert"](hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         layout = UnitLayout.from_model(model)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         imp = UnitImportance(torch.full((2, 4), 0.5), torch.full((2, 64), 0.5))
         cbs = [SoftMaskCallback(imp, mode=mode)] if mode else []
-        _train(model, tmp_path / name, cbs, n_examples=8, optim="sgd", learning_rate=100.0, weight_decay=0.0, max_steps=1,
-               per_device_train_batch_size=bs, gradient_accumulation_steps=accum, max_grad_norm=0.0)
+        _train(
+            model,
+            tmp_path / name,
+            cbs,
+            n_examples=8,
+            optim="sgd",
+            learning_rate=100.0,
+            weight_decay=0.0,
+            max_steps=1,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_grad_norm=0.0,
+        )
         q = layout.owned[0]
         results[name] = q.param.detach() - before[q.name]
     tol = 1e-4 * float(results["plain"].abs().max())
@@ -159,8 +192,14 @@ def test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoin
     layout = UnitLayout.from_model(model)
     _one_hot_importance(layout).save_pretrained(tmp_path / "imp")
     protected = [_unit_slice(s, layout, 2, 5, 1, 0) for s in layout.owned]
-    args = _args(tmp_path / "out", cls=SoftMaskTrainingArguments, importance_path=str(tmp_path / "imp"), save_strategy="steps",
-                 save_steps=2, softmask_mode="update")
+    args = _args(
+        tmp_path / "out",
+        cls=SoftMaskTrainingArguments,
+        importance_path=str(tmp_path / "imp"),
+        save_strategy="steps",
+        save_steps=2,
+        softmask_mode="update",
+    )
     data = ListDataset(random_lm_batches(4, seq_len=12))
     trainer = SoftMaskTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
@@ -171,8 +210,13 @@ def test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoin
     loaded = UnitImportance.from_pretrained(ckpt, layout=layout)
     assert loaded.heads[1, 2] == 1.0
     # Resuming from the checkpoint keeps masking with the same importance.
-    trainer2 = SoftMaskTrainer(model=model, args=_args(tmp_path / "out", cls=SoftMaskTrainingArguments, importance_path=str(ckpt),
-                                                         max_steps=6, save_strategy="no"), train_dataset=data)
+    trainer2 = SoftMaskTrainer(
+        model=model,
+        args=_args(
+            tmp_path / "out", cls=SoftMaskTrainingArguments, importance_path=str(ckpt), max_steps=6, save_strategy="no"
+        ),
+        train_dataset=data,
+    )
     trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
     for s, before in zip(layout.owned, protected):
         if before is not None:
@@ -186,8 +230,13 @@ def test_freeze_policy_in_grad_mode_does_not_move_the_parameter(optim, tmp_path)
     layout = UnitLayout.from_model(model)
     wte = model.transformer.wte.weight
     before = wte.detach().clone()
-    _train(model, tmp_path, [SoftMaskCallback(UnitImportance.zeros_like_layout(layout), mode="grad", embeddings="freeze")],
-           weight_decay=0.1, optim=optim)
+    _train(
+        model,
+        tmp_path,
+        [SoftMaskCallback(UnitImportance.zeros_like_layout(layout), mode="grad", embeddings="freeze")],
+        weight_decay=0.1,
+        optim=optim,
+    )
     assert torch.equal(wte.detach(), before)
 
 

@@ -63,7 +63,9 @@ def test_install_on_plain_adamw_is_exact_and_state_dict_stays_compatible():
 def test_snapshot_fallback_for_other_optimizers():
     init = _params()
     mask = {0: torch.tensor(0.0), 1: torch.tensor(0.25)}
-    params, opt = _run(lambda ps: torch.optim.Adagrad(ps, lr=0.1), lambda ps: {ps[0]: mask[0], ps[1]: mask[1]}, steps=1, install=True)
+    params, opt = _run(
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1), lambda ps: {ps[0]: mask[0], ps[1]: mask[1]}, steps=1, install=True
+    )
     free, _ = _run(lambda ps: torch.optim.Adagrad(ps, lr=0.1), steps=1)
     assert torch.equal(params[0], init[0])
     torch.testing.assert_close(params[1] - init[1], 0.25 * (free[1] - init[1]))
@@ -72,7 +74,9 @@ def test_snapshot_fallback_for_other_optimizers():
 def test_masked_sgd_momentum_of_frozen_entries_is_zeroed():
     entry_mask = torch.ones(6, 5)
     entry_mask[2, 3] = 0
-    params, opt = _run(lambda ps: MaskedSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1), lambda ps: {ps[0]: entry_mask})
+    params, opt = _run(
+        lambda ps: MaskedSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1), lambda ps: {ps[0]: entry_mask}
+    )
     assert torch.equal(params[0][2, 3], _params()[0][2, 3])
     assert opt.state[params[0]]["momentum_buffer"][2, 3] == 0
     ref, _ = _run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1))

@@ -28,9 +28,14 @@ from hf_softmask.strategies.das import DASStrategy
 def _importance(layout, value=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     if value is None:
-        return UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
-                              torch.rand(layout.num_layers, layout.ffn_size, generator=g))
-    return UnitImportance(torch.full((layout.num_layers, layout.num_heads), value), torch.full((layout.num_layers, layout.ffn_size), value))
+        return UnitImportance(
+            torch.rand(layout.num_layers, layout.num_heads, generator=g),
+            torch.rand(layout.num_layers, layout.ffn_size, generator=g),
+        )
+    return UnitImportance(
+        torch.full((layout.num_layers, layout.num_heads), value),
+        torch.full((layout.num_layers, layout.ffn_size), value),
+    )
 
 
 def test_info_nce_identical_views_score_lower_than_random():
@@ -65,11 +70,20 @@ def test_info_nce_matches_hand_computation():
     expected = _hand_info_nce(z1, z2, z3, 0.05)
     assert info_nce(z1, z2, z3, temperature=0.05).item() == pytest.approx(expected, rel=1e-5)
     # the planted bugs this comparison must catch
-    own_z3_excluded = sum(
-        torch.nn.functional.cross_entropy(
-            (torch.nn.functional.normalize(z1[i:i + 1], dim=-1)
-             @ torch.nn.functional.normalize(torch.cat([z2, z3[torch.arange(3) != i]]), dim=-1).T) / 0.05,
-            torch.tensor([i])).item() for i in range(3)) / 3
+    own_z3_excluded = (
+        sum(
+            torch.nn.functional.cross_entropy(
+                (
+                    torch.nn.functional.normalize(z1[i : i + 1], dim=-1)
+                    @ torch.nn.functional.normalize(torch.cat([z2, z3[torch.arange(3) != i]]), dim=-1).T
+                )
+                / 0.05,
+                torch.tensor([i]),
+            ).item()
+            for i in range(3)
+        )
+        / 3
+    )
     assert own_z3_excluded != pytest.approx(expected, rel=1e-3)
     wrong_label = info_nce(z1, z3, z2, temperature=0.05).item()  # positive taken from the gated view
     assert wrong_label != pytest.approx(expected, rel=1e-3)
@@ -98,8 +112,11 @@ def test_das_contrastive_loss_matches_hand_computation(view_gradients):
         handles = []
         H = layout.num_heads
         for l, layer in enumerate(model.bert.encoder.layer):
-            handles.append(layer.attention.output.dense.register_forward_pre_hook(
-                lambda m, a, l=l: ((a[0].view(*a[0].shape[:-1], H, -1) * imp.heads[l].view(H, 1)).flatten(-2),)))
+            handles.append(
+                layer.attention.output.dense.register_forward_pre_hook(
+                    lambda m, a, l=l: ((a[0].view(*a[0].shape[:-1], H, -1) * imp.heads[l].view(H, 1)).flatten(-2),)
+                )
+            )
             handles.append(layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: (a[0] * imp.ffn[l],)))
         z3 = pooled(model.bert(input_ids=original, attention_mask=mask).last_hidden_state)
         for h in handles:
@@ -163,7 +180,9 @@ def test_contrastive_loss_needs_no_teacher_copy_and_backpropagates():
 def _lm_dataset(n=16, seq_len=12, seed=0):
     rows = [b for b in random_lm_batches(n // 4, batch_size=4, seq_len=seq_len, seed=seed)]
     ids = torch.cat([b["input_ids"] for b in rows])
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
 
 
 def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
@@ -181,9 +200,20 @@ def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
     strategy.importance = UnitImportance(heads, ffn)
     q0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     q1 = model.bert.encoder.layer[1].attention.self.query.weight.detach().clone()
-    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch")
-    trainer = StrategyTrainer(model=model, args=args, train_dataset=_lm_dataset(), data_collator=default_data_collator, strategy=strategy)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
+    trainer = StrategyTrainer(
+        model=model, args=args, train_dataset=_lm_dataset(), data_collator=default_data_collator, strategy=strategy
+    )
     trainer.train()
     assert len(strategy.contrastive_losses) == 3 and all(v > 0 for v in strategy.contrastive_losses)
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, q0)

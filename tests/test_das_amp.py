@@ -20,14 +20,18 @@ from hf_softmask.strategies.das import DASStrategy
 
 def _dataset(n=8, seq_len=10):
     ids = torch.cat([b["input_ids"] for b in random_lm_batches(n // 2, batch_size=2, seq_len=seq_len, seed=5)])
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
 
 
 def _record_linear_dtypes(layout):
     """dtype of every output of the gated projections (o_proj, down_proj), per call."""
     seen = []
-    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-               for m in layout.attn_out_modules + layout.ffn_out_modules]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+        for m in layout.attn_out_modules + layout.ffn_out_modules
+    ]
     return seen, handles
 
 
@@ -36,8 +40,10 @@ def test_views_run_under_the_trainers_bf16_autocast(tmp_path):
     layout = UnitLayout.from_model(model)
     strategy = DASStrategy(show_progress=False)
     g = torch.Generator().manual_seed(0)
-    strategy.importance = UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
-                                         torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+    strategy.importance = UnitImportance(
+        torch.rand(layout.num_layers, layout.num_heads, generator=g),
+        torch.rand(layout.num_layers, layout.ffn_size, generator=g),
+    )
     view_dtypes = []
     original = strategy.extra_loss
 
@@ -51,10 +57,20 @@ def test_views_run_under_the_trainers_bf16_autocast(tmp_path):
             view_dtypes.extend(seen)
 
     strategy.extra_loss = extra_loss
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                             bf16=True, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
-    trainer = StrategyTrainer(model=model, args=args, train_dataset=_dataset(), data_collator=default_data_collator,
-                              strategy=strategy)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        bf16=True,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = StrategyTrainer(
+        model=model, args=args, train_dataset=_dataset(), data_collator=default_data_collator, strategy=strategy
+    )
     trainer.train()
     assert len(strategy.contrastive_losses) == 2 and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))
     assert view_dtypes, "the views ran no gated projection"
@@ -65,8 +81,9 @@ def test_views_follow_an_enclosing_autocast():
     model = tiny_llama(seed=3).train()
     layout = UnitLayout.from_model(model)
     strategy = DASStrategy(show_progress=False)
-    strategy.importance = UnitImportance(torch.full((layout.num_layers, layout.num_heads), 0.5),
-                                         torch.full((layout.num_layers, layout.ffn_size), 0.5))
+    strategy.importance = UnitImportance(
+        torch.full((layout.num_layers, layout.num_heads), 0.5), torch.full((layout.num_layers, layout.ffn_size), 0.5)
+    )
     batch = random_lm_batches(1, batch_size=2, seq_len=8)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch, **strategy.forward_kwargs(model, batch))
@@ -94,18 +111,32 @@ def test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices(tmp
     heads[0], ffn[0] = 1.0, 1.0  # layer 0 fully protected: every slice it owns must stay bit-identical
     strategy = DASStrategy(softmask=SoftMaskConfig(mode="update"), show_progress=False)
     strategy.importance = UnitImportance(heads, ffn)
-    protected = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n and "layernorm" not in n}
+    protected = {
+        n: p.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n and "layernorm" not in n
+    }
     free = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.5.mlp" in n}
     assert len(protected) == 7 and free
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, model.config.vocab_size, (4, 16), generator=g)
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": ids.tolist()})
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                             bf16=True, use_cpu=True, gradient_checkpointing=True, report_to="none", save_strategy="no",
-                             disable_tqdm=True, optim="adamw_torch")
-    trainer = StrategyTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                              strategy=strategy)
+    data = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        bf16=True,
+        use_cpu=True,
+        gradient_checkpointing=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
+    trainer = StrategyTrainer(
+        model=model, args=args, train_dataset=data, data_collator=default_data_collator, strategy=strategy
+    )
     result = trainer.train()
     assert model.model.layers[0].gradient_checkpointing  # the Trainer did checkpoint the layers
     assert torch.isfinite(torch.tensor(result.training_loss))

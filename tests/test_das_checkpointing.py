@@ -20,8 +20,10 @@ MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 
 def _random_importance(layout, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
-                          torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+    return UnitImportance(
+        torch.rand(layout.num_layers, layout.num_heads, generator=g),
+        torch.rand(layout.num_layers, layout.ffn_size, generator=g),
+    )
 
 
 def _das_grads(model_fn, checkpointing, view_gradients=True, seed=0):
@@ -29,7 +31,9 @@ def _das_grads(model_fn, checkpointing, view_gradients=True, seed=0):
     model = model_fn(seed=1).train()
     model.config.use_cache = False
     if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+        )
     strategy = DASStrategy(show_progress=False, view_gradients=view_gradients)
     strategy.importance = _random_importance(UnitLayout.from_model(model))
     batch = random_lm_batches(1, batch_size=3, seq_len=10, seed=2)[0]
@@ -54,8 +58,9 @@ def test_das_loss_gradients_equal_with_and_without_checkpointing(arch, checkpoin
 
 
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
-@pytest.mark.parametrize(("arch", "objective"), [("bert", "lm_loss"), ("bert", "kl_dropout"), ("llama", "kl_dropout"),
-                                                 ("llama", "lm_loss")])
+@pytest.mark.parametrize(
+    ("arch", "objective"), [("bert", "lm_loss"), ("bert", "kl_dropout"), ("llama", "kl_dropout"), ("llama", "lm_loss")]
+)
 def test_importance_equal_with_and_without_checkpointing(arch, objective, checkpointing):
     """compute_importance's trainable gates (and Llama's perturbation dropout) sit inside checkpointed layers."""
     batches = random_lm_batches(2, batch_size=2, seq_len=8, seed=4)
@@ -64,7 +69,9 @@ def test_importance_equal_with_and_without_checkpointing(arch, objective, checkp
         model = MODELS[arch](seed=1)
         model.config.use_cache = False
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
         torch.manual_seed(0)
         return compute_importance(model, batches, objective, normalize=False, show_progress=False)
 
@@ -83,7 +90,9 @@ def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointin
         model = tiny_llama(seed=1).train()
         model.config.use_cache = False
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
         layout = UnitLayout.from_model(model)
         imp = _random_importance(layout)
         batch = random_lm_batches(1, batch_size=2, seq_len=8, seed=2)[0]
@@ -97,13 +106,18 @@ def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointin
         later.remove()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    changes = {"reassigned": lambda g: setattr(g, "head_gate", torch.zeros_like(g.head_gate)),
-               "disabled": lambda g: setattr(g, "enabled", False), "removed": lambda g: g.remove()}
+    changes = {
+        "reassigned": lambda g: setattr(g, "head_gate", torch.zeros_like(g.head_gate)),
+        "disabled": lambda g: setattr(g, "enabled", False),
+        "removed": lambda g: g.remove(),
+    }
     ref = grads(False, lambda g: None)
     for name, change in changes.items():
         got = grads(True, change)
         for n in ref:
-            torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m, name=name, n=n: f"{name}, {n}: {m}")
+            torch.testing.assert_close(
+                got[n], ref[n], rtol=1e-4, atol=1e-7, msg=lambda m, name=name, n=n: f"{name}, {n}: {m}"
+            )
 
 
 def test_gates_leave_no_hook_or_wrapper_behind():
@@ -113,7 +127,9 @@ def test_gates_leave_no_hook_or_wrapper_behind():
     model.gradient_checkpointing_enable()
     before = {n: m.__dict__.get("_gradient_checkpointing_func") for n, m in model.named_modules()}
     with UnitGates(UnitLayout.from_model(model), dropout=0.1):
-        assert any(type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "_ReplayGates" for m in model.modules())
+        assert any(
+            type(m.__dict__.get("_gradient_checkpointing_func")).__name__ == "_ReplayGates" for m in model.modules()
+        )
     assert {n: m.__dict__.get("_gradient_checkpointing_func") for n, m in model.named_modules()} == before
     assert not any(m._forward_pre_hooks for m in model.modules())
 
@@ -128,7 +144,9 @@ def test_gates_computed_from_trainable_embeddings_backpropagate_under_checkpoint
         model = tiny_llama(seed=1).train()
         model.config.use_cache = False
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
         layout = UnitLayout.from_model(model)
         g = torch.Generator().manual_seed(0)
         e_heads = torch.randn(layout.num_layers, layout.num_heads, generator=g).requires_grad_()

@@ -99,7 +99,9 @@ def test_general_text_documents():
 
 
 def test_load_domains_bbc_names():
-    doms = D.load_domains(["business", {"name": "tech", "max_train_docs": 7}], max_eval_docs=20, eval_fraction=0.2, seed=3)
+    doms = D.load_domains(
+        ["business", {"name": "tech", "max_train_docs": 7}], max_eval_docs=20, eval_fraction=0.2, seed=3
+    )
     assert [d.name for d in doms] == ["business", "tech"]
     biz, tech = doms
     assert len(biz.train_texts) == 503 - 101 and len(biz.eval_texts) == 20  # 503 distinct business articles
@@ -210,14 +212,29 @@ def test_lm_collators(bbc, minilm_tok):
 
 
 def test_is_masked_lm():
-    from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertLMHeadModel, BertModel,
-                              GPT2Config, GPT2LMHeadModel)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        BertForSequenceClassification,
+        BertLMHeadModel,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
-    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=32)
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     assert D.is_masked_lm(BertForMaskedLM(BertConfig(**small)))
     assert not D.is_masked_lm(BertLMHeadModel(BertConfig(is_decoder=True, **small)))
-    assert not D.is_masked_lm(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)))
+    assert not D.is_masked_lm(
+        GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    )
     assert D.is_masked_lm(BertModel(BertConfig(architectures=["BertForMaskedLM"], **small)))
     assert not D.is_masked_lm(BertForSequenceClassification(BertConfig(**small)))
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from hf_softmask.importance import UnitImportance
 
-WORKER = '''
+WORKER = """
 import json, sys
 from pathlib import Path
 import torch
@@ -29,7 +29,7 @@ runner.strategy.general_importance.save_pretrained(d / "general")
 loader = runner.data.importance_loader(runner.data.train[0], 1, runner.rank, runner.world)
 ids = torch.cat([b["input_ids"] for b in loader])
 (d / "shard.json").write_text(json.dumps({"world": runner.world, "ids": ids[:, :16].tolist()}))
-'''
+"""
 
 
 @pytest.mark.distributed
@@ -39,20 +39,68 @@ def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
         pytest.skip("the accelerate CLI is not on PATH")
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=64, max_position_embeddings=64))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    flags = ["--model_name_or_path", str(tmp_path / "model"), "--domains", "business", "--max_train_docs", "12",
-             "--max_eval_docs", "4", "--block_size", "32", "--max_train_blocks", "16", "--max_eval_blocks", "2",
-             "--importance_blocks", "8", "--max_steps_per_domain", "2", "--per_device_train_batch_size", "2",
-             "--save_steps", "100", "--plots", "false", "--num_threads", "1", "--output_dir", str(tmp_path / "run")]
+    flags = [
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--domains",
+        "business",
+        "--max_train_docs",
+        "12",
+        "--max_eval_docs",
+        "4",
+        "--block_size",
+        "32",
+        "--max_train_blocks",
+        "16",
+        "--max_eval_blocks",
+        "2",
+        "--importance_blocks",
+        "8",
+        "--max_steps_per_domain",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "100",
+        "--plots",
+        "false",
+        "--num_threads",
+        "1",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     # `--multi_gpu` picks accelerate's torchrun launcher, which runs gloo on a CPU-only machine; `--cpu` alone
     # selects the single-process launcher (it needs an MPI hostfile for more than one process).
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(worker), str(tmp_path / "out"), *flags]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(worker),
+        str(tmp_path / "out"),
+        *flags,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,7 +119,7 @@ def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
     assert torch.equal(saved.heads, UnitImportance.from_pretrained(out / "rank1").heads)
 
 
-ESTIMATOR_WORKER = '''
+ESTIMATOR_WORKER = """
 import sys
 import torch
 import torch.distributed as dist
@@ -92,7 +140,7 @@ for arch, make in (("bert", tiny_bert), ("llama", tiny_llama)):
             out[(arch, estimator, objective)] = (imp.heads, imp.ffn, imp.meta["tokens"])
 torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
 dist.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.slow
@@ -107,10 +155,23 @@ def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(ESTIMATOR_WORKER)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 2000), str(worker), str(tmp_path), tests_dir]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 2000),
+        str(worker),
+        str(tmp_path),
+        tests_dir,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -121,8 +182,9 @@ def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
         assert h0.std() > 0, key
     batches = random_lm_batches(4, batch_size=2, seq_len=12, seed=5)
     for estimator in available_estimators():
-        one = compute_importance(tiny_llama(), batches, "lm_loss", estimator=estimator, normalize=False,
-                                 show_progress=False)
+        one = compute_importance(
+            tiny_llama(), batches, "lm_loss", estimator=estimator, normalize=False, show_progress=False
+        )
         h, f, t = r0[("llama", estimator, "lm_loss")]
         assert t == one.meta["tokens"]
         torch.testing.assert_close(h, one.heads, rtol=1e-4, atol=1e-9)

@@ -66,22 +66,41 @@ def _save_params(model, path: Path, rank: int) -> list[str]:
 
 def _trainer_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     """A real transformers Trainer with SoftMaskCallback (DDP through accelerate when world > 1)."""
+    from conftest import tiny_llama
     from transformers import Trainer, TrainingArguments
 
-    from conftest import tiny_llama
     from hf_softmask import SoftMaskCallback
 
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=5e-2, weight_decay=0.1, max_grad_norm=1.0, adam_epsilon=ADAM_EPS, lr_scheduler_type="constant",
-        train_sampling_strategy="sequential", use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=5e-2,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        adam_epsilon=ADAM_EPS,
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
-    trainer = Trainer(model=tiny_llama(seed=0), args=args, train_dataset=_Blocks(GLOBAL_BATCH * STEPS),
-                      callbacks=[SoftMaskCallback(importance, mode=mode)])
+    trainer = Trainer(
+        model=tiny_llama(seed=0),
+        args=args,
+        train_dataset=_Blocks(GLOBAL_BATCH * STEPS),
+        callbacks=[SoftMaskCallback(importance, mode=mode)],
+    )
     trainer.train()
-    return {"world": world, "wrapper": type(trainer.model_wrapped).__name__,
-            "param_types": _save_params(trainer.model, out / f"trainer_{mode}" / "params.safetensors", rank)}
+    return {
+        "world": world,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "param_types": _save_params(trainer.model, out / f"trainer_{mode}" / "params.safetensors", rank),
+    }
 
 
 def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
@@ -92,6 +111,7 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     grad mask is applied after clipping (ShardedGradMask).
     """
     from conftest import tiny_llama
+
     from hf_softmask import SoftMaskConfig, SoftMasker
 
     model = tiny_llama(seed=0)
@@ -103,13 +123,17 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
         fully_shard(model)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=5e-2,
-                            eps=ADAM_EPS, foreach=True)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=5e-2,
+        eps=ADAM_EPS,
+        foreach=True,
+    )
     masker = SoftMasker(model, importance, SoftMaskConfig(mode=mode)).attach(opt)
     data = _Blocks(GLOBAL_BATCH * STEPS).ids
     per = GLOBAL_BATCH // world
     for step in range(STEPS):
-        ids = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH][rank * per:(rank + 1) * per]
+        ids = data[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH][rank * per : (rank + 1) * per]
         model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
         if mode == "update":
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,18 +142,20 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     masker.detach()
     if mode == "update":  # importance of the sharded model (gates hook the all-gathered modules)
         from conftest import random_lm_batches
+
         from hf_softmask import compute_importance
 
         batches = random_lm_batches(n_batches=2, batch_size=2, seq_len=SEQ_LEN, seed=2)
         compute_importance(model, batches[rank::world], objective="lm_loss", show_progress=False).save_pretrained(
-            out / f"fsdp2_importance_rank{rank}")
+            out / f"fsdp2_importance_rank{rank}"
+        )
     return {"world": world, "param_types": _save_params(model, out / f"fsdp2_{mode}" / "params.safetensors", rank)}
 
 
 def _worker(out_dir: str) -> None:
     from accelerate import PartialState
-
     from conftest import random_lm_batches, tiny_llama
+
     from hf_softmask import compute_importance
 
     state = PartialState(cpu=True)
@@ -153,16 +179,34 @@ def _worker(out_dir: str) -> None:
 # -- tests ------------------------------------------------------------------------------------------
 def _env() -> dict:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
+        }
+    )
     return env
 
 
 def _launch(out: Path, processes: int) -> None:
     # `--cpu` makes accelerate 1.15 run ONE process whatever --num_processes says; the torchrun-based
     # launcher (--multi_gpu) with ACCELERATE_USE_CPU=true starts real gloo processes on a CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     cmd += ["--multi_gpu", "--main_process_port", str(29500 + os.getpid() % 2000)] if processes > 1 else ["--cpu"]
     cmd += [str(Path(__file__).resolve()), "--out", str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -245,6 +289,7 @@ def test_fsdp2_dtensor_masking_matches_single_process(runs, mode):
 def test_update_masking_protects_important_heads_under_ddp(runs):
     """Not vacuous: under DDP the heads with the smallest mask 1 - I moved least (update mode, AdamW)."""
     from conftest import tiny_llama
+
     from hf_softmask import UnitImportance
 
     single, multi = runs
@@ -266,6 +311,7 @@ def test_update_masking_protects_important_heads_under_ddp(runs):
 def test_update_masks_for_parameters_the_optimizer_does_not_step_are_refused():
     """DeepSpeed/FSDP1 step flat copies of the parameters; masks keyed by the model's would mask nothing."""
     from conftest import tiny_llama
+
     from hf_softmask import install_update_masks
 
     model = tiny_llama(seed=0)
@@ -279,6 +325,7 @@ def test_update_masks_for_parameters_the_optimizer_does_not_step_are_refused():
 def test_compiled_masked_adamw_equals_foreach_step():
     """``compile_update=True`` (torch.compile'd fused update) takes the same steps as the foreach path."""
     from conftest import random_lm_batches, tiny_llama
+
     from hf_softmask import SoftMaskConfig, SoftMasker, UnitImportance, UnitLayout
 
     results = []
@@ -286,10 +333,14 @@ def test_compiled_masked_adamw_equals_foreach_step():
         model = tiny_llama(seed=0)
         layout = UnitLayout.from_model(model)
         g = torch.Generator().manual_seed(0)
-        imp = UnitImportance(torch.rand(layout.num_layers, layout.num_heads, generator=g),
-                             torch.rand(layout.num_layers, layout.ffn_size, generator=g))
+        imp = UnitImportance(
+            torch.rand(layout.num_layers, layout.num_heads, generator=g),
+            torch.rand(layout.num_layers, layout.ffn_size, generator=g),
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        masker = SoftMasker(model, imp, SoftMaskConfig(mode="update", embeddings="freeze", compile_update=compiled)).attach(opt)
+        masker = SoftMasker(
+            model, imp, SoftMaskConfig(mode="update", embeddings="freeze", compile_update=compiled)
+        ).attach(opt)
         for i, batch in enumerate(random_lm_batches(n_batches=3, seed=3)):
             if i == 2:
                 opt.param_groups[0]["lr"] = 5e-3  # a new learning rate must be honoured (not baked into the graph)
@@ -299,7 +350,9 @@ def test_compiled_masked_adamw_equals_foreach_step():
         masker.detach()
         results.append(dict(model.named_parameters()))
     init = dict(tiny_llama(seed=0).named_parameters())
-    torch.testing.assert_close(results[1]["model.embed_tokens.weight"], init["model.embed_tokens.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        results[1]["model.embed_tokens.weight"], init["model.embed_tokens.weight"], atol=0, rtol=0
+    )
     for name, p in results[0].items():
         torch.testing.assert_close(results[1][name], p, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 

@@ -63,13 +63,17 @@ def _run(name: str, out: Path, rank: int, world: int) -> None:
     if name in CONFIGS:
         mode, embeddings, _, built = CONFIGS[name]
         if built == "masker":
-            masker = SoftMasker(model, importance_for(layout), SoftMaskConfig(mode=mode, embeddings=embeddings), layout=layout)
+            masker = SoftMasker(
+                model, importance_for(layout), SoftMaskConfig(mode=mode, embeddings=embeddings), layout=layout
+            )
         else:
             callback = SoftMaskCallback(importance_for(layout), mode=mode, embeddings=embeddings)
     for block in model.model.layers:
         fully_shard(block)
     fully_shard(model)
-    opt = _optimizer(model, CONFIGS[name][2] if name in CONFIGS else {"unmasked": "adamw", "unmasked_sgd": "sgd"}[name])
+    opt = _optimizer(
+        model, CONFIGS[name][2] if name in CONFIGS else {"unmasked": "adamw", "unmasked_sgd": "sgd"}[name]
+    )
     if masker is not None:
         masker.attach(opt)
     if callback is not None:
@@ -103,10 +107,26 @@ def _worker(out_dir: str) -> None:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(31000 + os.getpid() % 2000),
-           str(Path(__file__).resolve()), "--out", str(out)]
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
+        }
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(31000 + os.getpid() % 2000),
+        str(Path(__file__).resolve()),
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
@@ -138,10 +158,14 @@ def test_masks_built_before_fully_shard_protect_after_it(runs, name):
     got, final = _load(runs, name, "step1"), _load(runs, name, "final")
     d = layout.head_dim
     checks = [  # (parameter, axis the units own, entries per unit, unit, mask)
-        ("model.layers.1.self_attn.q_proj.weight", 0, d, 2, 0.0), ("model.layers.1.self_attn.q_proj.weight", 0, d, 0, 0.5),
-        ("model.layers.1.self_attn.o_proj.weight", 1, d, 2, 0.0), ("model.layers.1.self_attn.o_proj.weight", 1, d, 0, 0.5),
-        ("model.layers.0.mlp.up_proj.weight", 0, 1, 5, 0.0), ("model.layers.0.mlp.up_proj.weight", 0, 1, 7, 0.5),
-        ("model.layers.0.mlp.down_proj.weight", 1, 1, 5, 0.0), ("model.layers.0.mlp.down_proj.weight", 1, 1, 7, 0.5),
+        ("model.layers.1.self_attn.q_proj.weight", 0, d, 2, 0.0),
+        ("model.layers.1.self_attn.q_proj.weight", 0, d, 0, 0.5),
+        ("model.layers.1.self_attn.o_proj.weight", 1, d, 2, 0.0),
+        ("model.layers.1.self_attn.o_proj.weight", 1, d, 0, 0.5),
+        ("model.layers.0.mlp.up_proj.weight", 0, 1, 5, 0.0),
+        ("model.layers.0.mlp.up_proj.weight", 0, 1, 7, 0.5),
+        ("model.layers.0.mlp.down_proj.weight", 1, 1, 5, 0.0),
+        ("model.layers.0.mlp.down_proj.weight", 1, 1, 7, 0.5),
     ]
     for pname, axis, size, unit, m in checks:
         d_ref = _unit(ref[pname] - init[pname], axis, unit, size)
@@ -149,7 +173,10 @@ def test_masks_built_before_fully_shard_protect_after_it(runs, name):
         assert d_ref.abs().max() > 1e-4, f"{pname}: the unmasked run did not move unit {unit}; vacuous"
         torch.testing.assert_close(d_got, m * d_ref, rtol=1e-4, atol=1e-7, msg=f"{name} {pname} unit {unit}")
         if m == 0:
-            assert torch.equal(_unit(final[pname], axis, unit, size), _unit(init[pname], axis, unit, size)), (name, pname)
+            assert torch.equal(_unit(final[pname], axis, unit, size), _unit(init[pname], axis, unit, size)), (
+                name,
+                pname,
+            )
     embed = "model.embed_tokens.weight"
     if embeddings == "freeze":
         assert torch.equal(final[embed], init[embed]), f"{name}: frozen embeddings moved"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +18,15 @@ CELLS = ["fp16_gradscaler", "fused_adamw_bf16", "fsdp2", "das_smollm2"]
 
 def _run(*args, timeout=900):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=False,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_without_cuda_every_cell_is_skipped_and_the_exit_status_is_0():
@@ -35,12 +41,15 @@ def test_cpu_needs_the_dry_run_flag():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell, expected", [
-    ("fused_adamw_bf16", "PASS"),
-    ("fsdp2", "SKIP"),  # accelerate does not shard on a CPU: the Trainer runs, the cell says so
-    ("fp16_gradscaler", "PASS"),
-    ("das_smollm2", "PASS"),
-])
+@pytest.mark.parametrize(
+    "cell, expected",
+    [
+        ("fused_adamw_bf16", "PASS"),
+        ("fsdp2", "SKIP"),  # accelerate does not shard on a CPU: the Trainer runs, the cell says so
+        ("fp16_gradscaler", "PASS"),
+        ("das_smollm2", "PASS"),
+    ],
+)
 def test_cpu_dry_run_of_each_cell(cell, expected):
     proc = _run("--device", "cpu", "--dry-run", "--cells", cell)
     lines = proc.stdout.splitlines()
@@ -69,5 +78,7 @@ def test_the_protection_check_catches_a_moved_protected_slice():
     assert gpu_check.check_protection(layout, imp, before, model).startswith("0/")
     with torch.no_grad():  # one entry of head 0 (importance 1) of layer 1's o_proj
         model.model.layers[1].self_attn.o_proj.weight[3, 0] += 1e-6
-    with pytest.raises(AssertionError, match=r"1/\d+ protected positions moved; first: model.layers.1.self_attn.o_proj"):
+    with pytest.raises(
+        AssertionError, match=r"1/\d+ protected positions moved; first: model.layers.1.self_attn.o_proj"
+    ):
         gpu_check.check_protection(layout, imp, before, model)

@@ -10,17 +10,31 @@ from hf_softmask.importance_estimators import _REGISTRY
 MODELS = {"bert": lambda: tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "llama": tiny_llama}
 # Module paths (written out here, not taken from the layout) of the pieces the hand computations read.
 PATHS = {
-    "bert": dict(layers=lambda m: m.bert.encoder.layer, q="attention.self.query", k="attention.self.key",
-                 v="attention.self.value", o="attention.output.dense", ffn_in=("intermediate.dense",),
-                 ffn_out="output.dense"),
-    "llama": dict(layers=lambda m: m.model.layers, q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  o="self_attn.o_proj", ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj"),
+    "bert": dict(
+        layers=lambda m: m.bert.encoder.layer,
+        q="attention.self.query",
+        k="attention.self.key",
+        v="attention.self.value",
+        o="attention.output.dense",
+        ffn_in=("intermediate.dense",),
+        ffn_out="output.dense",
+    ),
+    "llama": dict(
+        layers=lambda m: m.model.layers,
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj",
+    ),
 }
 
 
 def _raw(model, batches, estimator, objective="lm_loss", **kw):
-    return compute_importance(model, batches, objective, estimator=estimator, normalize=False, show_progress=False,
-                              **kw)
+    return compute_importance(
+        model, batches, objective, estimator=estimator, normalize=False, show_progress=False, **kw
+    )
 
 
 def _padded_batch(seed=0):
@@ -39,8 +53,11 @@ def _projection_inputs(model, arch, batch):
     for l, block in enumerate(p["layers"](model)):
         for part in ("q", "k", "v", "o", "ffn_out", *p["ffn_in"]):
             module = block.get_submodule(p.get(part, part))
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args, key=(l, part): seen.setdefault(key, []).append(args[0].detach())))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda mod, args, key=(l, part): seen.setdefault(key, []).append(args[0].detach())
+                )
+            )
     with torch.no_grad():
         model.eval()(**{k: v for k, v in batch.items() if k != "labels"})
     for h in handles:
@@ -78,8 +95,11 @@ def test_gate_gradient_by_hand(arch):
     gf = torch.ones(L, 64, requires_grad=True)
     handles = []
     for l, block in enumerate(p["layers"](model)):
-        handles.append(block.get_submodule(p["o"]).register_forward_pre_hook(
-            lambda m, a, l=l: (a[0] * gh[l].repeat_interleave(a[0].shape[-1] // H),)))
+        handles.append(
+            block.get_submodule(p["o"]).register_forward_pre_hook(
+                lambda m, a, l=l: (a[0] * gh[l].repeat_interleave(a[0].shape[-1] // H),)
+            )
+        )
         handles.append(block.get_submodule(p["ffn_out"]).register_forward_pre_hook(lambda m, a, l=l: (a[0] * gf[l],)))
     model.train()
     labels = batch["labels"]
@@ -101,7 +121,7 @@ def test_gate_fisher_is_the_sum_of_squared_per_sequence_gradients(arch):
     fisher = _raw(model, [batch], "gate_fisher")
     want_h, want_f = torch.zeros_like(fisher.heads), torch.zeros_like(fisher.ffn)
     for i in range(3):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one = {k: v[i : i + 1] for k, v in batch.items()}
         g = _raw(model, [one], "gate_gradient")
         n = g.meta["tokens"]
         want_h += (g.heads.double() * n) ** 2
@@ -151,7 +171,7 @@ def test_wanda_by_hand_from_weights_and_input_norms(arch):
         q, k, v, o = (score(l, part) for part in ("q", "k", "v", "o"))
         for h in range(H):
             kv = slice((h // G) * D, (h // G + 1) * D)
-            want = q[h * D:(h + 1) * D].sum() + (k[kv].sum() + v[kv].sum()) / G + o[:, h * D:(h + 1) * D].sum()
+            want = q[h * D : (h + 1) * D].sum() + (k[kv].sum() + v[kv].sum()) / G + o[:, h * D : (h + 1) * D].sum()
             assert raw.heads[l, h].item() == pytest.approx(want.item(), rel=1e-4)
         want_f = sum(score(l, part).sum(1) for part in p["ffn_in"]) + score(l, "ffn_out").sum(0)
         torch.testing.assert_close(raw.ffn[l], want_f, rtol=1e-4, atol=1e-6)
@@ -188,8 +208,12 @@ class _OwnedWeightNorm(ImportanceEstimator):
         return int(batch["input_ids"].numel())
 
     def result(self, state, tokens):
-        heads = torch.stack([m.weight.detach().abs().view(m.weight.shape[0], self.layout.num_heads, -1).sum((0, 2))
-                             for m in self.layout.attn_out_modules])
+        heads = torch.stack(
+            [
+                m.weight.detach().abs().view(m.weight.shape[0], self.layout.num_heads, -1).sum((0, 2))
+                for m in self.layout.attn_out_modules
+            ]
+        )
         ffn = torch.stack([m.weight.detach().abs().sum(0) for m in self.layout.ffn_out_modules])
         return heads, ffn
 
@@ -215,8 +239,14 @@ def test_unknown_estimator_or_option_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="gate_fisher"):
         compute_importance(tiny_llama(), random_lm_batches(1), "lm_loss", estimator="taylor", show_progress=False)
     with pytest.raises(TypeError, match="seed"):
-        compute_importance(tiny_llama(), random_lm_batches(1), "lm_loss", estimator="wanda",
-                           estimator_options={"seed": 1}, show_progress=False)
+        compute_importance(
+            tiny_llama(),
+            random_lm_batches(1),
+            "lm_loss",
+            estimator="wanda",
+            estimator_options={"seed": 1},
+            show_progress=False,
+        )
 
 
 def test_layout_is_the_only_view_of_the_model():

@@ -39,13 +39,20 @@ def test_mask_statistics_by_hand():
     for k, v in EXPECTED.items():
         assert stats[k] == pytest.approx(v), k
     # mask_power enters the mean mask: 1 - 0.5**2 = 0.75 for the 0.5 units of FFN layer 1
-    assert mask_statistics(_hand_made_importance(layout), mask_power=2.0)["softmask/mask_mean_ffn/layer_1"] == pytest.approx(0.75)
+    assert mask_statistics(_hand_made_importance(layout), mask_power=2.0)[
+        "softmask/mask_mean_ffn/layer_1"
+    ] == pytest.approx(0.75)
 
 
 def _train_logs(trainer_cls, callbacks, tmp_path, **trainer_kw):
     data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
-    trainer = trainer_cls(model=trainer_kw.pop("model"), args=_args(tmp_path, logging_strategy="steps", logging_steps=2),
-                          train_dataset=data, callbacks=callbacks, **trainer_kw)
+    trainer = trainer_cls(
+        model=trainer_kw.pop("model"),
+        args=_args(tmp_path, logging_strategy="steps", logging_steps=2),
+        train_dataset=data,
+        callbacks=callbacks,
+        **trainer_kw,
+    )
     trainer.train()
     return [r for r in trainer.state.log_history if "loss" in r]
 
@@ -92,8 +99,12 @@ def test_strategy_trainer_logs_mask_statistics_before_report_to(tmp_path):
                 seen.append(dict(logs))
 
     data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
-    trainer = StrategyTrainer(model=model, args=_args(tmp_path, logging_strategy="steps", logging_steps=2), train_dataset=data,
-                              strategy=_MaskingStrategy(imp))
+    trainer = StrategyTrainer(
+        model=model,
+        args=_args(tmp_path, logging_strategy="steps", logging_steps=2),
+        train_dataset=data,
+        strategy=_MaskingStrategy(imp),
+    )
     trainer.callback_handler.callbacks.insert(0, FirstInLine())
     trainer.train()
     _assert_logged([r for r in trainer.state.log_history if "loss" in r])

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
+from strategy_utils import lm_dataset, train_args
 from transformers import Trainer, TrainerCallback
 
-from conftest import tiny_llama
 from hf_softmask.merging import WeightEMA, interpolate_weights_, snapshot_weights
-from strategy_utils import lm_dataset, train_args
 
 
 def _trained_pair(tmp_path):
@@ -108,8 +108,12 @@ def test_ema_matches_hand_recursion_over_three_steps(tmp_path):
     model.lm_head.weight.requires_grad_(False)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     record, ema = _Record(), WeightEMA(decay)
-    Trainer(model=model, args=train_args(tmp_path, max_steps=3, learning_rate=1e-2), train_dataset=lm_dataset(),
-            callbacks=[record, ema]).train()
+    Trainer(
+        model=model,
+        args=train_args(tmp_path, max_steps=3, learning_rate=1e-2),
+        train_dataset=lm_dataset(),
+        callbacks=[record, ema],
+    ).train()
     assert len(record.after_step) == 3 and ema.updates == 3
     for name, p in model.named_parameters():
         e = theta0[name]
@@ -127,12 +131,14 @@ def test_ema_resumes_from_a_trainer_checkpoint(tmp_path):
     """A run resumed from step 2 ends with the same EMA weights as the uninterrupted run."""
     full = tiny_llama()
     args = {"max_steps": 3, "learning_rate": 1e-2, "save_strategy": "steps", "save_steps": 2}
-    Trainer(model=full, args=train_args(tmp_path / "a", **args), train_dataset=lm_dataset(),
-            callbacks=[WeightEMA(0.5)]).train()
+    Trainer(
+        model=full, args=train_args(tmp_path / "a", **args), train_dataset=lm_dataset(), callbacks=[WeightEMA(0.5)]
+    ).train()
     assert (tmp_path / "a" / "checkpoint-2" / "ema_weights.safetensors").is_file()
     resumed = tiny_llama()
-    Trainer(model=resumed, args=train_args(tmp_path / "a", **args), train_dataset=lm_dataset(),
-            callbacks=[WeightEMA(0.5)]).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    Trainer(
+        model=resumed, args=train_args(tmp_path / "a", **args), train_dataset=lm_dataset(), callbacks=[WeightEMA(0.5)]
+    ).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="ema_decay"):

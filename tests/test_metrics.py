@@ -55,7 +55,9 @@ def test_f1_offline():
     assert f1.compute(predictions=PREDS, references=REFS, average="weighted")["f1"] == pytest.approx(weighted)
     assert list(f1.compute(predictions=PREDS, references=REFS, average=None)["f1"]) == pytest.approx(per_class)
     # labels=[0, 1, 2, 3]: class 3 never occurs and counts as 0 in the macro mean.
-    assert f1.compute(predictions=PREDS, references=REFS, average="macro", labels=[0, 1, 2, 3])["f1"] == pytest.approx(23 / 48)
+    assert f1.compute(predictions=PREDS, references=REFS, average="macro", labels=[0, 1, 2, 3])["f1"] == pytest.approx(
+        23 / 48
+    )
 
     refs, preds = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # pos 1: tp 2, fp 1, fn 1; pos 0: tp 1, fp 1, fn 1
     assert f1.compute(predictions=preds, references=refs)["f1"] == pytest.approx(2 / 3)
@@ -85,7 +87,9 @@ def test_continual_metrics_accuracy_matrix():
     missing = [row[:] for row in A]
     missing[0][1] = None
     assert C.forward_transfer(missing, [0.5, 0.5, 0.5]) is None
-    s = C.summarize(torch.tensor([[0.90, 0.55, math.nan], [0.95, 0.80, 0.60], [0.60, 0.75, 0.85]]), random_init_scores=[0.5] * 3)
+    s = C.summarize(
+        torch.tensor([[0.90, 0.55, math.nan], [0.95, 0.80, 0.60], [0.60, 0.75, 0.85]]), random_init_scores=[0.5] * 3
+    )
     assert set(s) == {"acc", "bwt", "fwt", "forgetting"}
     assert s["acc"] == pytest.approx(2.2 / 3) and s["bwt"] == pytest.approx(-0.175)
     assert s["fwt"] == pytest.approx(0.075) and s["forgetting"] == pytest.approx(0.20)

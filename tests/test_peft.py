@@ -8,15 +8,15 @@ import copy
 
 import pytest
 import torch
+from conftest import random_lm_batches, tiny_bert, tiny_llama
 from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model, inject_adapter_in_model
+from strategy_utils import lm_dataset, train_args
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from conftest import random_lm_batches, tiny_bert, tiny_llama
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout, build_param_masks, compute_importance, gated
 from hf_softmask.estimators import has_dropout
 from hf_softmask.peft_support import UnsupportedAdapterError
-from strategy_utils import lm_dataset, train_args
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_ALL = ["query", "key", "value", "dense"]  # "dense": attention output, intermediate, output (and the MLM head's)
@@ -44,7 +44,9 @@ def test_layout_is_found_through_the_peft_wrapper(family):
     assert layout.signature() == ref.signature()
     assert layout.model_type == family
     # Gates hook the adapter layer (the module at the path), not its base layer.
-    assert all(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in layout.attn_out_modules + layout.ffn_out_modules)
+    assert all(
+        type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in layout.attn_out_modules + layout.ffn_out_modules
+    )
     owned = _by_name(layout)
     # Every owned tensor of the plain model is owned under its PEFT name (base_layer), with the same axis.
     for s in ref.owned:
@@ -107,8 +109,10 @@ def test_gate_scales_the_base_and_the_lora_path_alike():
                 p.normal_()  # a trained adapter: the LoRA path contributes
     layout = UnitLayout.from_model(wrapped)
     outs = {}
-    handles = [layout.attn_out_modules[0].register_forward_hook(lambda m, a, o: outs.__setitem__("o", o)),
-               layout.ffn_out_modules[1].register_forward_hook(lambda m, a, o: outs.__setitem__("down", o))]
+    handles = [
+        layout.attn_out_modules[0].register_forward_hook(lambda m, a, o: outs.__setitem__("o", o)),
+        layout.ffn_out_modules[1].register_forward_hook(lambda m, a, o: outs.__setitem__("down", o)),
+    ]
     heads, ffn = torch.ones(2, 4), torch.ones(2, 64)
     heads[0] = 0
     ffn[1] = 0
@@ -133,7 +137,9 @@ def test_gate_scales_the_base_and_the_lora_path_alike():
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_importance_on_the_wrapped_model_equals_the_unwrapped(family, objective):
     plain = tiny_bert(attention_probs_dropout_prob=0.1) if family == "bert" else tiny_llama()
-    wrapped = get_peft_model(copy.deepcopy(plain), LoraConfig(r=4, target_modules=BERT_ALL if family == "bert" else LLAMA_ALL))
+    wrapped = get_peft_model(
+        copy.deepcopy(plain), LoraConfig(r=4, target_modules=BERT_ALL if family == "bert" else LLAMA_ALL)
+    )
     batches = random_lm_batches(2, 4, 12, seed=1)
     if family == "bert":  # MLM: labels only on some positions
         for b in batches:
@@ -197,8 +203,12 @@ def _train_and_check(model, tmp_path, **args):
     assert trainable, "the adapter owns no trainable slice"
     before = {s.name: s.param.detach().clone() for s in trainable}
     kw = {"max_steps": 4, "learning_rate": 1e-2, "weight_decay": 0.1, **args}
-    trainer = Trainer(model=model, args=train_args(tmp_path, **kw), train_dataset=lm_dataset(4, 4, 12),
-                      callbacks=[SoftMaskCallback(imp, mode="update")])
+    trainer = Trainer(
+        model=model,
+        args=train_args(tmp_path, **kw),
+        train_dataset=lm_dataset(4, 4, 12),
+        callbacks=[SoftMaskCallback(imp, mode="update")],
+    )
     trainer.train()
     for s in trainable:
         prot = _protected(layout, s, imp)
@@ -215,8 +225,12 @@ def test_trainer_with_softmask_callback_keeps_protected_lora_slices(family, tmp_
 
 def test_lora_on_some_layers_and_modules_to_save(tmp_path):
     """LoRA on layer 1's q/v only, o_proj and lm_head as trainable copies (modules_to_save)."""
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
-                                                    modules_to_save=["o_proj", "lm_head"]))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], modules_to_save=["o_proj", "lm_head"]
+        ),
+    )
     layout = _train_and_check(model, tmp_path)
     owned = _by_name(layout)
     copies = [n for n in owned if ".o_proj.modules_to_save.default.weight" in n]
@@ -227,8 +241,9 @@ def test_lora_on_some_layers_and_modules_to_save(tmp_path):
 
 
 def test_ia3_vectors_are_owned_by_their_units(tmp_path):
-    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                   feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     layout = _train_and_check(model, tmp_path, learning_rate=5e-2)
     ia3 = {n: s for n, s in _by_name(layout).items() if "ia3_l" in n}
     assert {(s.kind, s.axis) for s in ia3.values()} == {("kv_head", 0), ("ffn", 1)}
@@ -243,18 +258,25 @@ def test_adapters_injected_into_a_plain_transformers_model(tmp_path):
 # -- refusals ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, match", [
-    (LoraConfig(r=4, target_modules=LLAMA_ALL, use_dora=True), "DoRA"),
-    (LoHaConfig(r=4, target_modules=LLAMA_ALL), "LOHA"),
-    (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "PROMPT_TUNING"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (LoraConfig(r=4, target_modules=LLAMA_ALL, use_dora=True), "DoRA"),
+        (LoHaConfig(r=4, target_modules=LLAMA_ALL), "LOHA"),
+        (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "PROMPT_TUNING"),
+    ],
+)
 def test_adapters_without_unit_slices_are_refused_at_train_begin(config, match, tmp_path):
     model = get_peft_model(tiny_llama(), config)
     with pytest.raises(UnsupportedAdapterError, match=match):
         UnitLayout.from_model(model)
     imp = UnitImportance(torch.ones(2, 4), torch.ones(2, 64))
-    trainer = Trainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=lm_dataset(1, 4, 12),
-                      callbacks=[SoftMaskCallback(imp)])
+    trainer = Trainer(
+        model=model,
+        args=train_args(tmp_path, max_steps=1),
+        train_dataset=lm_dataset(1, 4, 12),
+        callbacks=[SoftMaskCallback(imp)],
+    )
     with pytest.raises(UnsupportedAdapterError, match=match):
         trainer.train()
 
@@ -279,8 +301,12 @@ def test_adapters_that_train_no_unit_are_refused_at_train_begin(tmp_path):
     compute_importance(model, random_lm_batches(1, 2, 8), "lm_loss", show_progress=False)
     imp = UnitImportance(torch.ones(2, 4), torch.ones(2, 64))
     for mode in ("update", "grad"):
-        trainer = Trainer(model=model, args=train_args(tmp_path, max_steps=1), train_dataset=lm_dataset(1, 4, 12),
-                          callbacks=[SoftMaskCallback(imp, mode=mode)])
+        trainer = Trainer(
+            model=model,
+            args=train_args(tmp_path, max_steps=1),
+            train_dataset=lm_dataset(1, 4, 12),
+            callbacks=[SoftMaskCallback(imp, mode=mode)],
+        )
         with pytest.raises(UnsupportedAdapterError, match="lm_head.lora_A"):
             trainer.train()
 
@@ -307,8 +333,9 @@ def test_das_strategy_on_a_lora_model_keeps_protected_lora_slices(tmp_path):
     imp = strategy.importance
     trainable = [s for s in layout.owned if s.param.requires_grad]
     before = {s.name: s.param.detach().clone() for s in trainable}
-    StrategyTrainer(model=model, args=train_args(tmp_path, max_steps=4, learning_rate=1e-2), train_dataset=data,
-                    strategy=strategy).train()
+    StrategyTrainer(
+        model=model, args=train_args(tmp_path, max_steps=4, learning_rate=1e-2), train_dataset=data, strategy=strategy
+    ).train()
     assert strategy.contrastive_losses and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))
     for s in trainable:
         prot = _protected(layout, s, imp)
@@ -325,9 +352,18 @@ def test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance(tmp_path)
     imp = _half_importance(layout)
     imp.save_pretrained(tmp_path / "imp")
     q_b = next(s for s in layout.owned if s.name.endswith("layer.0.attention.self.query.lora_B.default.weight"))
-    args = SoftMaskTrainingArguments(output_dir=str(tmp_path / "out"), importance_path=str(tmp_path / "imp"),
-                                     max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4, report_to=[],
-                                     save_strategy="steps", save_steps=3, use_cpu=True, disable_tqdm=True)
+    args = SoftMaskTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        importance_path=str(tmp_path / "imp"),
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=3,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     SoftMaskTrainer(model=model, args=args, train_dataset=lm_dataset(2, 4, 12)).train()
     ckpt = tmp_path / "out" / "checkpoint-3"
     assert (ckpt / "adapter_model.safetensors").is_file() and UnitImportance.exists(ckpt)

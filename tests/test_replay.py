@@ -7,12 +7,17 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import tiny_gpt2
+from strategy_utils import train_args
 from torch.utils.data import DataLoader, SequentialSampler
 
-from conftest import tiny_gpt2
-from hf_softmask.replay import (ReplayMixture, replay_dataset, replay_rows_per_batch, replay_sources,
-                                replay_training_overrides)
-from strategy_utils import train_args
+from hf_softmask.replay import (
+    ReplayMixture,
+    replay_dataset,
+    replay_rows_per_batch,
+    replay_sources,
+    replay_training_overrides,
+)
 
 SEQ = 8
 BAND = 20  # source k's tokens lie in [1 + BAND * k, 1 + BAND * (k + 1)): the source of a row is read off its tokens
@@ -38,8 +43,10 @@ def test_replay_rows_rounding_rule(ratio, batch, want):
     assert replay_rows_per_batch(ratio, batch) == want
 
 
-@pytest.mark.parametrize("ratio,batch,msg", [(1.0, 4, "at 1 no batch"), (0.05, 4, "rounds to 0"),
-                                             (0.9, 4, "no current-domain row"), (-0.1, 4, r"\[0, 1\)")])
+@pytest.mark.parametrize(
+    "ratio,batch,msg",
+    [(1.0, 4, "at 1 no batch"), (0.05, 4, "rounds to 0"), (0.9, 4, "no current-domain row"), (-0.1, 4, r"\[0, 1\)")],
+)
 def test_replay_ratio_refused(ratio, batch, msg):
     with pytest.raises(ValueError, match=msg):
         replay_rows_per_batch(ratio, batch)
@@ -68,14 +75,20 @@ def test_every_trainer_micro_batch_mixes_at_the_ratio(tmp_path):
     B, steps, ga = 8, 3, 2
     r = replay_rows_per_batch(0.4, B)
     assert r == 3
-    mix = replay_dataset(domain, earlier + [general], 0.4, B, num_batches=steps * ga, seed=5,
-                         source_names=["d1", "d2", "general"])
+    mix = replay_dataset(
+        domain, earlier + [general], 0.4, B, num_batches=steps * ga, seed=5, source_names=["d1", "d2", "general"]
+    )
     assert isinstance(mix, ReplayMixture) and len(mix) == steps * ga * B
     seen = []
     model = tiny_gpt2()
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
-    args = train_args(tmp_path, per_device_train_batch_size=B, gradient_accumulation_steps=ga, max_steps=steps,
-                      **replay_training_overrides(mix))
+    args = train_args(
+        tmp_path,
+        per_device_train_batch_size=B,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        **replay_training_overrides(mix),
+    )
     replay_training_overrides(mix, args)  # batch sizes agree
     from transformers import Trainer
 
@@ -97,8 +110,12 @@ def test_mixture_of_token_block_datasets_with_the_runners_collator(tmp_path, min
     from hf_softmask.data import lm_data_collator
 
     def blocks(band, n):
-        return datasets.Dataset.from_dict({"input_ids": [[1 + BAND * band + (i % BAND)] * SEQ for i in range(n)],
-                                           "attention_mask": [[1] * SEQ for _ in range(n)]})
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [[1 + BAND * band + (i % BAND)] * SEQ for i in range(n)],
+                "attention_mask": [[1] * SEQ for _ in range(n)],
+            }
+        )
 
     mix = replay_dataset(blocks(0, 10), [blocks(1, 6)], 0.5, 4, num_batches=2, seed=0)
     seen = []
@@ -129,8 +146,12 @@ def test_two_processes_each_get_mixed_batches():
     mix = replay_dataset(domain, earlier, 0.5, B, num_batches=5, seed=1)
     ranks = []
     for rank in range(2):
-        base = DataLoader(mix, batch_size=B, sampler=SequentialSampler(mix), collate_fn=lambda rows: torch.stack(
-            [r["input_ids"] for r in rows]))
+        base = DataLoader(
+            mix,
+            batch_size=B,
+            sampler=SequentialSampler(mix),
+            collate_fn=lambda rows: torch.stack([r["input_ids"] for r in rows]),
+        )
         dl = prepare_data_loader(base, num_processes=2, process_index=rank, put_on_device=False, even_batches=True)
         ranks.append(list(dl))
     assert len(ranks[0]) == len(ranks[1]) == 3  # 5 batches: the last rank's third batch wraps around to batch 0
@@ -182,8 +203,13 @@ def _ddp_worker(out):
 
     domain, earlier, general = _sets()
     B, steps, ga = 4, 3, 2
-    args = train_args(out / "trainer", per_device_train_batch_size=B, gradient_accumulation_steps=ga, max_steps=steps,
-                      train_sampling_strategy="sequential")
+    args = train_args(
+        out / "trainer",
+        per_device_train_batch_size=B,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        train_sampling_strategy="sequential",
+    )
     assert args.world_size == 2
     mix = replay_dataset(domain, earlier + [general], 0.5, B, num_batches=steps * ga * args.world_size, seed=2)
     assert replay_training_overrides(mix)["train_sampling_strategy"] == args.train_sampling_strategy
@@ -199,10 +225,9 @@ def _ddp_worker(out):
     save_file(params, str(out / f"params{rank}.safetensors"))
 
     # WiSE-FT on a model sharded over the 2 ranks with FSDP2: each rank merges its own shards, nothing gathered
+    from conftest import tiny_llama
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from conftest import tiny_llama
 
     sharded = tiny_llama()
     fully_shard(sharded, mesh=init_device_mesh("cpu", (2,)))
@@ -229,11 +254,31 @@ def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
     from safetensors.torch import load_file
 
     here = Path(__file__).resolve().parent
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "--main_process_port", str(29500 + os.getpid() % 2000), str(Path(__file__)), str(tmp_path)]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "--main_process_port",
+        str(29500 + os.getpid() % 2000),
+        str(Path(__file__)),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]

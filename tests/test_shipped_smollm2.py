@@ -21,15 +21,27 @@ def _batches(tok, n=2):
 
     docs = load_bbc_topics(["tech"])["tech"][: 2 * n]
     enc = tok(docs, truncation=True, max_length=32, padding="max_length", return_tensors="pt")
-    rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": enc["input_ids"][i].masked_fill(enc["attention_mask"][i] == 0, -100)}
-            for i in range(len(docs))]
+    rows = [
+        {
+            "input_ids": enc["input_ids"][i],
+            "attention_mask": enc["attention_mask"][i],
+            "labels": enc["input_ids"][i].masked_fill(enc["attention_mask"][i] == 0, -100),
+        }
+        for i in range(len(docs))
+    ]
     return rows
 
 
 def test_layout_of_smollm2(smollm2):
     model, _ = smollm2
     layout = UnitLayout.from_model(model)
-    assert (layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.ffn_size) == (30, 9, 3, 64, 1536)
+    assert (layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.ffn_size) == (
+        30,
+        9,
+        3,
+        64,
+        1536,
+    )
     # Tied LM head: it is the embedding matrix, an unowned "embeddings" parameter.
     names = [n for n, _ in layout.unowned_parameters()["embeddings"]]
     assert names == ["model.embed_tokens.weight"]
@@ -49,8 +61,22 @@ def test_smollm2_importance_and_exact_protection_of_a_gqa_head(smollm2, tmp_path
     k = model.model.layers[3].self_attn.k_proj.weight
     o = model.model.layers[3].self_attn.o_proj.weight
     before = (q[256:320].clone(), k[64:128].clone(), o[:, 256:320].clone(), q[0:64].clone())
-    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, weight_decay=0.1,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[SoftMaskCallback(protect)]).train()
-    assert torch.equal(q[256:320], before[0]) and torch.equal(k[64:128], before[1]) and torch.equal(o[:, 256:320], before[2])
+    assert (
+        torch.equal(q[256:320], before[0])
+        and torch.equal(k[64:128], before[1])
+        and torch.equal(o[:, 256:320], before[2])
+    )
     assert not torch.equal(q[0:64], before[3])

@@ -129,9 +129,16 @@ def _bert_with_pooler_classifier():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64,
-                     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return MultiTaskClassifier(BertModel(cfg), [2, 3])  # mean pooling: the BERT pooler never touches the loss
 
 
@@ -194,8 +201,9 @@ def test_talos_update_masks_and_task_vectors_are_bits(tmp_path):
     from strategy_utils import run_task
 
     model = tiny_gpt2()
-    talos = get_strategy("talos", keep_fraction=0.2, rounds=1, examples_per_round=4,
-                         task_vector_dir=str(tmp_path / "tv"))
+    talos = get_strategy(
+        "talos", keep_fraction=0.2, rounds=1, examples_per_round=4, task_vector_dir=str(tmp_path / "tv")
+    )
     run_task(model, talos, lm_dataset(n_batches=2), tmp_path / "run", 0, learning_rate=1e-3)
     per_entry = [m for m in talos.update_masks(model).values() if m.dim() > 0]
     assert per_entry and all(m.dtype == torch.bool for m in per_entry)

@@ -152,8 +152,10 @@ def test_cbp_utility_by_hand():
     model = _bert()
     cbp = CBPStrategy(replacement_rate=0.0, decay_rate=0.9)
     acts = {}
-    handles = [layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach()))
-               for l, layer in enumerate(model.bert.encoder.layer)]
+    handles = [
+        layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: acts.__setitem__(l, a[0].detach()))
+        for l, layer in enumerate(model.bert.encoder.layer)
+    ]
     _cbp_steps(model, cbp, 1)
     for h in handles:
         h.remove()
@@ -183,7 +185,7 @@ class _Logistic(nn.Module):
 def test_fisher_samples_the_label_from_the_model():
     model = _Logistic()
     x = torch.ones(400, 2)
-    batches = [{"input_ids": x[i:i + 50]} for i in range(0, 400, 50)]
+    batches = [{"input_ids": x[i : i + 50]} for i in range(0, 400, 50)]
     scores, seen = fisher_diagonal(model, batches, {"b": model.lin.bias}, seed=0)
     # by hand: d log p(y) / d b = e_y - p, so E_y~p[(e_y - p)_k^2] = p_k (1 - p_k) = 0.21 per example;
     # the argmax label (class 0) would give (1 - 0.7)^2 = 0.09 and 0.3^2 = 0.09
@@ -195,8 +197,9 @@ def test_ewc_penalty_accumulates_every_earlier_task():
     model = _bert()
     ewc = EWCStrategy(ewc_lambda=2.0, fisher_examples=4, gamma=0.5, normalize=True)
     loaders = [DataLoader(list(random_lm_batches(1, seed=s)[0]["input_ids"]), batch_size=4) for s in (0, 1)]
-    loaders = [[{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ld]
-               for ld in loaders]
+    loaders = [
+        [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ld] for ld in loaders
+    ]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def fisher(t):  # what after_task estimates, computed independently: mean over examples, divided by its mean entry

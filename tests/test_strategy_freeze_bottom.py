@@ -5,26 +5,39 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_gpt2, tiny_llama
+from strategy_utils import lm_dataset, run_task
+
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.freeze_bottom import FreezeBottomStrategy
 from hf_softmask.strategies.registry import available_strategies
-from strategy_utils import lm_dataset, run_task
 
 
-@pytest.mark.parametrize("make,frozen_prefixes", [
-    (tiny_llama, ("model.embed_tokens.", "model.layers.0.")),
-    # GPT-2 ties the LM head to the token embeddings: it is the same tensor, frozen with them
-    (tiny_gpt2, ("transformer.wte.", "transformer.wpe.", "transformer.h.0.", "lm_head.")),
-], ids=["llama", "gpt2-tied"])
+@pytest.mark.parametrize(
+    "make,frozen_prefixes",
+    [
+        (tiny_llama, ("model.embed_tokens.", "model.layers.0.")),
+        # GPT-2 ties the LM head to the token embeddings: it is the same tensor, frozen with them
+        (tiny_gpt2, ("transformer.wte.", "transformer.wpe.", "transformer.h.0.", "lm_head.")),
+    ],
+    ids=["llama", "gpt2-tied"],
+)
 def test_bottom_layers_bit_identical_upper_layers_moved(tmp_path, make, frozen_prefixes):
     model = make()
     before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     strategy = get_strategy("freeze_bottom", num_frozen_layers=1, freeze_embeddings=True)
     model = strategy.prepare_model(model)
-    trainer = run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, after=False, learning_rate=1e-2,
-                       weight_decay=0.1, max_steps=3)
+    trainer = run_task(
+        model,
+        strategy,
+        lm_dataset(seed=0),
+        tmp_path,
+        0,
+        after=False,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_steps=3,
+    )
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters(remove_duplicate=False):
         if name.startswith(frozen_prefixes):
@@ -55,9 +68,19 @@ def test_upper_layers_train_under_bf16_autocast_and_reentrant_checkpointing(tmp_
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     strategy = FreezeBottomStrategy(num_frozen_layers=1)
-    run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, learning_rate=1e-2, max_steps=2, bf16=True,
-             gradient_accumulation_steps=2, activation_checkpointing=True,
-             activation_checkpointing_kwargs={"use_reentrant": True})
+    run_task(
+        model,
+        strategy,
+        lm_dataset(seed=0),
+        tmp_path,
+        0,
+        learning_rate=1e-2,
+        max_steps=2,
+        bf16=True,
+        gradient_accumulation_steps=2,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
     assert model.is_activation_checkpointing
     for name, p in model.named_parameters():
         frozen = name.startswith(("model.embed_tokens.", "model.layers.0."))

@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
+from strategy_utils import lm_dataset, logits_of, run_task
+
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.lora import LoRAStrategy, lora_target_modules
 from hf_softmask.strategies.registry import available_strategies
-from strategy_utils import lm_dataset, logits_of, run_task
 
 
 def test_targets_are_the_registry_projections():
-    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                   "mlp.up_proj", "mlp.down_proj")
+    projections = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     llama = [f"model.layers.{i}.{p}" for i in range(2) for p in projections]
     assert lora_target_modules(tiny_llama(), "all") == llama
     gpt2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert lora_target_modules(tiny_gpt2(), "all") == [f"transformer.h.{i}.{p}" for i in range(2) for p in gpt2]
-    assert lora_target_modules(tiny_bert(), "ffn") == [f"bert.encoder.layer.{i}.{p}" for i in range(2)
-                                                       for p in ("intermediate.dense", "output.dense")]
+    assert lora_target_modules(tiny_bert(), "ffn") == [
+        f"bert.encoder.layer.{i}.{p}" for i in range(2) for p in ("intermediate.dense", "output.dense")
+    ]
     with pytest.raises(ValueError, match="one of"):
         lora_target_modules(tiny_llama(), "mlp")
 
@@ -35,8 +43,17 @@ def test_lora_domain_keeps_base_until_merge_and_merge_equals_adapter(tmp_path, m
     module_types = {n: type(m) for n, m in model.named_modules()}
     ev = random_lm_batches(2, seed=9)
     strategy = get_strategy("lora", lora_rank=4, lora_alpha=8, lora_dropout=0.1)
-    trainer = run_task(model, strategy, lm_dataset(seed=0), tmp_path / "d0", 0, after=False, learning_rate=1e-2,
-                       weight_decay=0.1, max_steps=3)
+    trainer = run_task(
+        model,
+        strategy,
+        lm_dataset(seed=0),
+        tmp_path / "d0",
+        0,
+        after=False,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_steps=3,
+    )
     adapter = {n: p for n, p in model.named_parameters() if id(p) not in base}
     assert adapter and all(".lora_A.domain0." in n or ".lora_B.domain0." in n for n in adapter)
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -97,9 +114,20 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
     model = tiny_llama()
     base = {id(p): p.detach().clone() for p in model.parameters()}
     strategy = LoRAStrategy(lora_rank=2)
-    run_task(model, strategy, lm_dataset(seed=0), tmp_path, 0, after=False, learning_rate=1e-2, max_steps=2,
-             bf16=True, gradient_accumulation_steps=2, activation_checkpointing=True,
-             activation_checkpointing_kwargs={"use_reentrant": True})
+    run_task(
+        model,
+        strategy,
+        lm_dataset(seed=0),
+        tmp_path,
+        0,
+        after=False,
+        learning_rate=1e-2,
+        max_steps=2,
+        bf16=True,
+        gradient_accumulation_steps=2,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
     assert model.is_activation_checkpointing
     lora_b = [p for n, p in model.named_parameters() if ".lora_B." in n]
     assert len(lora_b) == 14 and all(float(p.detach().abs().sum()) > 0 for p in lora_b)
@@ -109,9 +137,8 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
 
 def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
     """Killed after step 2 of 3: a fresh model + before_task + Trainer resume ends where the uninterrupted run does."""
-    from transformers import Trainer
-
     from strategy_utils import train_args
+    from transformers import Trainer
 
     def domain(resume=None):
         torch.manual_seed(0)  # the adapter's initialisation
@@ -133,22 +160,38 @@ def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("strategy,kwargs", [("lora", '{"lora_rank": 4}'),
-                                             ("freeze_bottom", '{"num_frozen_layers": 1}')])
+@pytest.mark.parametrize(
+    "strategy,kwargs", [("lora", '{"lora_rank": 4}'), ("freeze_bottom", '{"num_frozen_layers": 1}')]
+)
 def test_runs_in_todays_pretraining_runner(tmp_path, minilm_dir, strategy, kwargs):
     """The runner of today, unchanged: --strategy lora / freeze_bottom with --strategy_kwargs, two BBC domains with
     mid-domain Trainer checkpoints; every domain directory is a plain checkpoint with the model's own weights."""
+    from conftest import save_tiny_bert_with_minilm_tokenizer
     from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
-    from conftest import save_tiny_bert_with_minilm_tokenizer
     from hf_softmask.continual import parse_config, run_continual_pretraining
 
     model_dir = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "m", minilm_dir)
-    flags = {"model_name_or_path": model_dir, "domains": "business,sports", "max_train_docs": 12, "max_eval_docs": 4,
-             "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 2, "max_steps_per_domain": 4,
-             "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
-             "logging_steps": 2, "num_threads": 1, "plots": False, "output_dir": tmp_path / "out",
-             "strategy": strategy, "strategy_kwargs": kwargs}
+    flags = {
+        "model_name_or_path": model_dir,
+        "domains": "business,sports",
+        "max_train_docs": 12,
+        "max_eval_docs": 4,
+        "block_size": 32,
+        "max_train_blocks": 16,
+        "max_eval_blocks": 2,
+        "max_steps_per_domain": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 2,
+        "logging_steps": 2,
+        "num_threads": 1,
+        "plots": False,
+        "output_dir": tmp_path / "out",
+        "strategy": strategy,
+        "strategy_kwargs": kwargs,
+    }
     res = run_continual_pretraining(parse_config([x for k, v in flags.items() for x in (f"--{k}", str(v))]))
     assert res["complete"] and len(res["loss_matrix"]) == 2
     reference = set(BertForMaskedLM.from_pretrained(model_dir).state_dict())

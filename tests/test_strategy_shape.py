@@ -172,6 +172,7 @@ def test_a_config_class_needs_the_config_and_settings_init():
     from hf_softmask.strategies.naive import NaiveConfig
 
     with pytest.raises(TypeError, match=r"\(self, config=None, \*\*settings\)"):
+
         class Wrong(ContinualStrategy):
             config_class = NaiveConfig
 

@@ -42,7 +42,9 @@ def test_frozen_entries_bit_identical_with_weight_decay(tmp_path, optimizer):
     if optimizer == "sgd_momentum":
         optimizers = (MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1), None)
     before = _snapshot(model)
-    trainer = run_task(model, talos, data, tmp_path, 0, after=False, optimizers=optimizers, weight_decay=0.1, learning_rate=1e-2)
+    trainer = run_task(
+        model, talos, data, tmp_path, 0, after=False, optimizers=optimizers, weight_decay=0.1, learning_rate=1e-2
+    )
     assert abs(talos.trainable_fraction() - 0.2) < 1e-4
     assert [round(r["keep_fraction"], 4) for r in talos.round_log] == [round(0.2 ** (r / 3), 4) for r in (1, 2, 3)]
     moved = _check_frozen_bit_identical(model, before, talos)
@@ -57,11 +59,13 @@ def test_frozen_entries_bit_identical_with_weight_decay(tmp_path, optimizer):
 def test_selection_prefers_least_sensitive(tmp_path):
     model = tiny_bert()
     from torch.utils.data import DataLoader
+
     data = lm_dataset(n_batches=2)
     talos = TaLoSStrategy(keep_fraction=0.3, rounds=2, examples_per_round=8)
     talos.before_task(model, 0, DataLoader(data, batch_size=4))
     # an independent one-round scoring on the same examples: trainable entries are on average far less sensitive
     from hf_softmask.fisher import fisher_diagonal
+
     params = scoped_parameters(model)
     scores, _ = fisher_diagonal(model, DataLoader(data, batch_size=4), params, max_examples=8, seed=123)
     kept = torch.cat([scores[n][talos.trainable[n]] for n in params])
@@ -100,15 +104,21 @@ def test_task_vector_arithmetic_and_save_load(tmp_path):
     restored = TaLoSStrategy(keep_fraction=0.1, rounds=1)
     restored.load_pretrained(tmp_path / "ckpt")
     assert all(torch.equal(restored.trainable[n], talos.trainable[n]) for n in talos.trainable)
-    assert torch.equal(restored.task_vectors[0].values["transformer.h.0.mlp.c_fc.weight"], tau.values["transformer.h.0.mlp.c_fc.weight"])
+    assert torch.equal(
+        restored.task_vectors[0].values["transformer.h.0.mlp.c_fc.weight"],
+        tau.values["transformer.h.0.mlp.c_fc.weight"],
+    )
     assert set(theta_ft) == set(theta0)
 
 
 def test_task_vector_loads_the_earlier_int64_index_format(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"w.indices": torch.tensor([1, 4], dtype=torch.int64), "w.values": torch.tensor([0.5, -1.0])},
-              str(tmp_path / "old.safetensors"), metadata={"shapes": '{"w": [2, 3]}'})
+    save_file(
+        {"w.indices": torch.tensor([1, 4], dtype=torch.int64), "w.values": torch.tensor([0.5, -1.0])},
+        str(tmp_path / "old.safetensors"),
+        metadata={"shapes": '{"w": [2, 3]}'},
+    )
     tv = SparseTaskVector.from_pretrained(tmp_path / "old.safetensors")
     assert tv.masks["w"].dtype == torch.uint8
     assert tv.dense("w").tolist() == [[0.0, 0.5, 0.0], [0.0, -1.0, 0.0]]

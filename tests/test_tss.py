@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
 from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
+
 from hf_softmask.bitpack import pack_bits, packed_nbytes, unpack_bits
 from hf_softmask.strategies import get_strategy
 from hf_softmask.task_heads import MultiTaskClassifier
@@ -19,7 +19,11 @@ from hf_softmask.tss.layer import SubnetworkLinear
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-BACKBONES = {"bert": lambda: tiny_bert().bert, "gpt2": lambda: tiny_gpt2().transformer, "llama": lambda: tiny_llama().model}
+BACKBONES = {
+    "bert": lambda: tiny_bert().bert,
+    "gpt2": lambda: tiny_gpt2().transformer,
+    "llama": lambda: tiny_llama().model,
+}
 
 
 def tss_classifier(kind="bert", num_labels=(2, 3), **strategy_kw):
@@ -33,7 +37,9 @@ def test_bitpack_round_trip_and_size():
     for shape in [(3, 5), (8, 8), (1,), (7, 13, 2)]:
         mask = torch.rand(shape, generator=g) > 0.5
         packed = pack_bits(mask)
-        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8) == packed_nbytes(mask.numel())
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8) == packed_nbytes(
+            mask.numel()
+        )
         assert torch.equal(unpack_bits(packed, shape), mask)
     # MSB first, like numpy.packbits
     assert pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1])).tolist() == [129]
@@ -90,9 +96,12 @@ def two_tasks(tmp_path_factory):
     d0, d1 = task_dataset(0), task_dataset(1, num_labels=3)
     b0, b1 = batch_of(d0), batch_of(d1)
     train_task(model, strategy, d0, 0, tmp)
-    rec = {"after_task1": logits(model, b0), "task2_before": logits(model, b1),
-           "importance": {n: v.clone() for n, v in model.backbone.importance().items()},
-           "scores_before": {n: p.detach().clone() for n, p in model.backbone.score_parameters().items()}}
+    rec = {
+        "after_task1": logits(model, b0),
+        "task2_before": logits(model, b1),
+        "importance": {n: v.clone() for n, v in model.backbone.importance().items()},
+        "scores_before": {n: p.detach().clone() for n, p in model.backbone.score_parameters().items()},
+    }
     train_task(model, strategy, d1, 1, tmp)
     return model, strategy, d0, d1, rec
 
@@ -101,7 +110,9 @@ def test_task1_outputs_bit_identical_after_task2(two_tasks):
     model, strategy, d0, d1, rec = two_tasks
     assert torch.equal(logits(model, batch_of(d0)), rec["after_task1"])
     # ... while task 2 really trained: its scores moved and its outputs changed
-    moved = sum(int((p.detach() != rec["scores_before"][n]).sum()) for n, p in model.backbone.score_parameters().items())
+    moved = sum(
+        int((p.detach() != rec["scores_before"][n]).sum()) for n, p in model.backbone.score_parameters().items()
+    )
     assert moved > 0
     assert not torch.equal(logits(model, batch_of(d1)), rec["task2_before"])
     assert model.backbone.finished_tasks() == [0, 1]
@@ -190,8 +201,11 @@ def test_storage_is_one_bit_per_weight(two_tasks):
     tuner = model.backbone
     n = tuner.num_scored_weights()
     for t in (0, 1):
-        assert strategy.storage_bytes[t] == tuner.storage_bytes(t) == sum(
-            packed_nbytes(l.get_base_layer().weight.numel()) for l in tuner.subnetwork_layers().values())
+        assert (
+            strategy.storage_bytes[t]
+            == tuner.storage_bytes(t)
+            == sum(packed_nbytes(l.get_base_layer().weight.numel()) for l in tuner.subnetwork_layers().values())
+        )
         assert n / 8 <= strategy.storage_bytes[t] <= n / 8 + len(tuner.subnetwork_layers())
 
 

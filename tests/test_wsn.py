@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_bert
 from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
+
 from hf_softmask.strategies import get_strategy
 from hf_softmask.task_heads import MultiTaskClassifier
 from hf_softmask.tss import SubnetworkModel, straight_through_mask, topk_mask
@@ -48,9 +48,13 @@ def wsn_two_tasks(tmp_path_factory):
     model = strategy.prepare_model(MultiTaskClassifier(tiny_bert().bert, [2, 3]))
     d0, d1 = task_dataset(0), task_dataset(1, num_labels=3)
     train_task(model, strategy, d0, 0, tmp, learning_rate=1e-2)
-    rec = {"after_task1": logits(model, batch_of(d0)),
-           "weights": {n: l.get_base_layer().weight.detach().clone() for n, l in model.backbone.subnetwork_layers().items()},
-           "used": {n: m.clone() for n, m in model.backbone.task_masks(0).items()}}
+    rec = {
+        "after_task1": logits(model, batch_of(d0)),
+        "weights": {
+            n: l.get_base_layer().weight.detach().clone() for n, l in model.backbone.subnetwork_layers().items()
+        },
+        "used": {n: m.clone() for n, m in model.backbone.task_masks(0).items()},
+    }
     train_task(model, strategy, d1, 1, tmp, learning_rate=1e-2)
     return model, strategy, d0, d1, rec
 
@@ -86,7 +90,9 @@ def test_wsn_round_trip_restores_trained_weights_and_masks(wsn_two_tasks, tmp_pa
     want = [logits(model, batch_of(d)) for d in (d0, d1)]
     strategy.save_model(model, tmp_path)
     model.save_heads(tmp_path)
-    clf = MultiTaskClassifier.from_pretrained_heads(SubnetworkModel.from_pretrained(tiny_bert().bert, tmp_path), tmp_path)
+    clf = MultiTaskClassifier.from_pretrained_heads(
+        SubnetworkModel.from_pretrained(tiny_bert().bert, tmp_path), tmp_path
+    )
     for d, w in zip((d0, d1), want):
         assert torch.equal(logits(clf, batch_of(d)), w)
 

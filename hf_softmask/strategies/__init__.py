@@ -3,4 +3,12 @@
 from .base import ContinualStrategy, StrategyCallback, StrategyTrainer
 from .registry import STRATEGIES, available_strategies, get_strategy, strategy_class
 
-__all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer", "STRATEGIES", "available_strategies", "get_strategy", "strategy_class"]
+__all__ = [
+    "ContinualStrategy",
+    "StrategyCallback",
+    "StrategyTrainer",
+    "STRATEGIES",
+    "available_strategies",
+    "get_strategy",
+    "strategy_class",
+]

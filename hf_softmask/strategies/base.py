@@ -21,7 +21,13 @@ from ..compatibility import check_strategy_supported
 from ..io import atomic_save_safetensors, atomic_write_json
 from .units import build_config, config_dict, config_signature
 
-__all__ = ["ContinualStrategy", "StrategyCallback", "StrategyTrainer", "STRATEGY_STATE_WEIGHTS", "STRATEGY_STATE_CONFIG"]
+__all__ = [
+    "ContinualStrategy",
+    "StrategyCallback",
+    "StrategyTrainer",
+    "STRATEGY_STATE_WEIGHTS",
+    "STRATEGY_STATE_CONFIG",
+]
 
 STRATEGY_STATE_WEIGHTS = "strategy_state.safetensors"
 STRATEGY_STATE_CONFIG = "strategy_config.json"
@@ -74,15 +80,19 @@ class ContinualStrategy:
             cls.__init__ = __init__
         params = inspect.signature(cls.__init__).parameters
         if "config" not in params or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            raise TypeError(f"{cls.__name__} has config_class {cls.config_class.__name__}: its __init__ must be "
-                            "(self, config=None, **settings) and call super().__init__(config, **settings)")
+            raise TypeError(
+                f"{cls.__name__} has config_class {cls.config_class.__name__}: its __init__ must be "
+                "(self, config=None, **settings) and call super().__init__(config, **settings)"
+            )
         cls.__init__.__signature__ = config_signature(cls.config_class)
 
     def __init__(self, config=None, **settings):
         if self.config_class is None:
             if config is not None or settings:
-                raise TypeError(f"{type(self).__name__} takes no settings (it has no config_class), got "
-                                f"{['config'] if config is not None else sorted(settings)}")
+                raise TypeError(
+                    f"{type(self).__name__} takes no settings (it has no config_class), got "
+                    f"{['config'] if config is not None else sorted(settings)}"
+                )
             self.cfg = None
             return
         self.cfg = build_config(self.config_class, config, settings)
@@ -169,7 +179,9 @@ class StrategyCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_strategy_supported(self.strategy, args, model)  # refused cells of docs/compatibility.md
         self._optimizer = optimizer
-        per_epoch = len(train_dataloader) if train_dataloader is not None and hasattr(train_dataloader, "__len__") else None
+        per_epoch = (
+            len(train_dataloader) if train_dataloader is not None and hasattr(train_dataloader, "__len__") else None
+        )
         if state.max_steps and state.max_steps > 0:
             # training may stop before the first epoch ends (max_steps)
             planned = state.max_steps * args.gradient_accumulation_steps
@@ -213,7 +225,9 @@ class StrategyTrainer(Trainer):
                 # normalise by num_items_in_batch; the extra term must follow the same scaling.
                 scaled = self.loss_is_scaled_for_ga
                 if scaled is None:
-                    scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+                    scaled = (
+                        self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                    ) or self.compute_loss_func is not None
                 if scaled:
                     extra = extra / self.current_gradient_accumulation_steps
                 loss = loss + extra

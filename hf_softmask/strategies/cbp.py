@@ -46,10 +46,20 @@ __all__ = ["CBPConfig", "CBPStrategy", "CBPCallback"]
 class CBPConfig(StrategyConfig):
     """Settings of :class:`CBPStrategy` (each may be passed as a keyword)."""
 
-    replacement_rate: float = field(default=1e-4, metadata={"help": "Fraction of eligible FFN neurons per layer replaced per optimizer step (rho)."})
-    decay_rate: float = field(default=0.99, metadata={"help": "Running-average decay eta of the utility and of the mean activation."})
-    maturity_threshold: int = field(default=100, metadata={"help": "A neuron may be replaced only when older than this many steps."})
-    init_std: float | None = field(default=None, metadata={"help": "Std of re-drawn incoming weights; default: the model's config.initializer_range."})
+    replacement_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Fraction of eligible FFN neurons per layer replaced per optimizer step (rho)."},
+    )
+    decay_rate: float = field(
+        default=0.99, metadata={"help": "Running-average decay eta of the utility and of the mean activation."}
+    )
+    maturity_threshold: int = field(
+        default=100, metadata={"help": "A neuron may be replaced only when older than this many steps."}
+    )
+    init_std: float | None = field(
+        default=None,
+        metadata={"help": "Std of re-drawn incoming weights; default: the model's config.initializer_range."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the re-initialisation draws."})
 
     def __post_init__(self):
@@ -188,7 +198,7 @@ class CBPStrategy(ContinualStrategy):
 
     def bias_corrected_utility(self) -> torch.Tensor:
         """u_hat = u / (1 - eta**age); 0 for neurons that have not been seen yet."""
-        corr = 1 - self.cfg.decay_rate ** self.age
+        corr = 1 - self.cfg.decay_rate**self.age
         return torch.where(self.age > 0, self.utility / corr.clamp_min(1e-12), torch.zeros_like(self.utility))
 
     def _replace_in_layer(self, l: int, optimizer) -> None:
@@ -211,7 +221,9 @@ class CBPStrategy(ContinualStrategy):
         units = torch.as_tensor(units, dtype=torch.long).flatten()
         incoming, out = self._ffn_slices(layer)
         corr = 1 - self.cfg.decay_rate ** self.age[layer, units]
-        mean_h = torch.where(self.age[layer, units] > 0, self.mean_act[layer, units] / corr.clamp_min(1e-12), torch.zeros_like(corr))
+        mean_h = torch.where(
+            self.age[layer, units] > 0, self.mean_act[layer, units] / corr.clamp_min(1e-12), torch.zeros_like(corr)
+        )
         out_module = self.layout.ffn_out_modules[layer]
         W = out.param
         dev = W.device
@@ -221,11 +233,19 @@ class CBPStrategy(ContinualStrategy):
         if bias is not None:
             bias.add_(contribution.to(bias.dtype))
         elif not self._warned_no_bias:
-            warnings.warn(f"{type(out_module).__name__} of layer {layer} has no bias: CBP cannot absorb the mean contribution of "
-                          "replaced neurons, so each replacement shifts the output by it", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{type(out_module).__name__} of layer {layer} has no bias: CBP cannot absorb the mean contribution of "
+                "replaced neurons, so each replacement shifts the output by it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self._warned_no_bias = True
         W.index_fill_(out.axis, units.to(dev), 0.0)
-        std = self.cfg.init_std if self.cfg.init_std is not None else getattr(self.layout._model_ref.config, "initializer_range", 0.02)
+        std = (
+            self.cfg.init_std
+            if self.cfg.init_std is not None
+            else getattr(self.layout._model_ref.config, "initializer_range", 0.02)
+        )
         for s in incoming:
             p = s.param
             if p.dim() == 1:
@@ -279,7 +299,7 @@ class CBPStrategy(ContinualStrategy):
             b1, b2 = group["betas"]
             n = (t - reset_at[idx]).double()
             # entries whose own correction has converged to the shared one need no more work
-            done = (b2 ** n) < 1e-9
+            done = (b2**n) < 1e-9
             reset_at[idx[done]] = float("nan")
             keep = ~done & (n >= 1)  # n = 0: reset after this step's update, nothing to correct yet
             idx, n = idx[keep], n[keep]
@@ -288,13 +308,13 @@ class CBPStrategy(ContinualStrategy):
             shape = [1] * p.dim()
             shape[axis] = -1
             dev = p.device
-            bc1_n = (1 - b1 ** n).float().to(dev).view(shape)
-            bc2_n = (1 - b2 ** n).float().to(dev).view(shape)
+            bc1_n = (1 - b1**n).float().to(dev).view(shape)
+            bc2_n = (1 - b2**n).float().to(dev).view(shape)
             i = idx.to(dev)
             m = state["exp_avg"].index_select(axis, i).float()
             v = state["exp_avg_sq"].index_select(axis, i).float()
             eps, lr = group["eps"], float(group["lr"])
-            shared = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            shared = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
             own = (m / bc1_n) / ((v / bc2_n).sqrt() + eps)
             p.index_add_(axis, i, (lr * (shared - own)).to(p.dtype))
 
@@ -302,13 +322,22 @@ class CBPStrategy(ContinualStrategy):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.utility is None:
             return {}
-        return {"utility": self.utility, "mean_act": self.mean_act, "age": self.age, "pending": self.pending,
-                "num_replaced": self.num_replaced}
+        return {
+            "utility": self.utility,
+            "mean_act": self.mean_act,
+            "age": self.age,
+            "pending": self.pending,
+            "num_replaced": self.num_replaced,
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             return
-        self.utility, self.mean_act, self.age = state["utility"].clone(), state["mean_act"].clone(), state["age"].clone()
+        self.utility, self.mean_act, self.age = (
+            state["utility"].clone(),
+            state["mean_act"].clone(),
+            state["age"].clone(),
+        )
         self.pending, self.num_replaced = state["pending"].clone(), state["num_replaced"].clone()
 
     def config(self) -> dict:
@@ -320,7 +349,10 @@ class CBPStrategy(ContinualStrategy):
         self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
 
     def summary(self) -> dict:
-        return {"replaced_per_layer": [] if self.num_replaced is None else self.num_replaced.int().tolist(), "steps": self.steps}
+        return {
+            "replaced_per_layer": [] if self.num_replaced is None else self.num_replaced.int().tolist(),
+            "steps": self.steps,
+        }
 
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
@@ -332,13 +364,17 @@ def _check_optimizer(optimizer) -> None:
     if isinstance(opt, _ADAM):
         bad = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in opt.param_groups)]
         if bad:
-            raise ValueError(f"CBP cannot bias-correct replaced units under {type(opt).__name__} with {bad}=True; "
-                             "use plain Adam/AdamW or SGD")
+            raise ValueError(
+                f"CBP cannot bias-correct replaced units under {type(opt).__name__} with {bad}=True; "
+                "use plain Adam/AdamW or SGD"
+            )
         return
     if "betas" in opt.defaults:
-        raise ValueError(f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a "
-                         "bias-corrected moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW "
-                         "or SGD")
+        raise ValueError(
+            f"CBP resets replaced units' optimizer state, but {type(opt).__name__} keeps a "
+            "bias-corrected moment CBP does not know how to restart; use torch Adam/AdamW, MaskedAdamW "
+            "or SGD"
+        )
 
 
 class CBPCallback(StrategyCallback):
@@ -348,4 +384,3 @@ class CBPCallback(StrategyCallback):
         if strategy is not None and settings:
             raise TypeError(f"pass either strategy= or CBP settings, not both (got {sorted(settings)})")
         super().__init__(strategy or CBPStrategy(**settings))
-

@@ -26,12 +26,25 @@ __all__ = ["EWCConfig", "EWCStrategy"]
 class EWCConfig(StrategyConfig):
     """Settings of :class:`EWCStrategy` (each may be passed as a keyword)."""
 
-    ewc_lambda: float = field(default=1.0, metadata={"help": "lambda of the penalty lambda/2 * sum F (theta - theta*)^2."})
-    fisher_examples: int = field(default=64, metadata={"help": "Examples used to estimate each task's Fisher diagonal."})
-    per_example: bool = field(default=True, metadata={"help": "One backward per example (exact diagonal) or one per batch (cheaper)."})
-    normalize: bool = field(default=True, metadata={"help": "Divide each task's Fisher by its mean entry, so lambda does not depend on the "
-                                                            "model's gradient scale (lambda then weighs a mean-Fisher displacement)."})
-    gamma: float = field(default=1.0, metadata={"help": "Decay of the accumulated Fisher per task (1: plain sum over tasks)."})
+    ewc_lambda: float = field(
+        default=1.0, metadata={"help": "lambda of the penalty lambda/2 * sum F (theta - theta*)^2."}
+    )
+    fisher_examples: int = field(
+        default=64, metadata={"help": "Examples used to estimate each task's Fisher diagonal."}
+    )
+    per_example: bool = field(
+        default=True, metadata={"help": "One backward per example (exact diagonal) or one per batch (cheaper)."}
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide each task's Fisher by its mean entry, so lambda does not depend on the "
+            "model's gradient scale (lambda then weighs a mean-Fisher displacement)."
+        },
+    )
+    gamma: float = field(
+        default=1.0, metadata={"help": "Decay of the accumulated Fisher per task (1: plain sum over tasks)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the label sampling."})
 
     def __post_init__(self):
@@ -89,10 +102,19 @@ class EWCStrategy(ContinualStrategy):
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
         if dataloader is None:
-            raise ValueError("EWC estimates the Fisher on the task's data: pass a dataloader to after_task(model, task_id, dataloader)")
+            raise ValueError(
+                "EWC estimates the Fisher on the task's data: pass a dataloader to after_task(model, task_id, dataloader)"
+            )
         params = {n: p for n, p in self._params(model).items() if p.requires_grad}
-        scores, seen = fisher_diagonal(model, dataloader, params, max_examples=self.cfg.fisher_examples,
-                                       per_example=self.cfg.per_example, seed=self.cfg.seed + task_id, desc="EWC Fisher")
+        scores, seen = fisher_diagonal(
+            model,
+            dataloader,
+            params,
+            max_examples=self.cfg.fisher_examples,
+            per_example=self.cfg.per_example,
+            seed=self.cfg.seed + task_id,
+            desc="EWC Fisher",
+        )
         scores = {n: s / seen for n, s in scores.items()}
         if self.cfg.normalize:
             mean = sum(float(s.sum()) for s in scores.values()) / max(sum(s.numel() for s in scores.values()), 1)
@@ -111,8 +133,8 @@ class EWCStrategy(ContinualStrategy):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.fisher = {k[len("fisher."):]: v for k, v in state.items() if k.startswith("fisher.")}
-        self.anchor = {k[len("anchor."):]: v for k, v in state.items() if k.startswith("anchor.")}
+        self.fisher = {k[len("fisher.") :]: v for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
 
     def config(self) -> dict:
         return {**super().config(), "tasks_consolidated": self.tasks_consolidated}
@@ -120,4 +142,3 @@ class EWCStrategy(ContinualStrategy):
     def load_pretrained(self, directory) -> None:
         super().load_pretrained(directory)
         self.tasks_consolidated = int((self.saved_config(directory) or {}).get("tasks_consolidated", 0))
-

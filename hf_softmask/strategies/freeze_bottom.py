@@ -25,18 +25,23 @@ __all__ = ["FreezeBottomConfig", "FreezeBottomStrategy", "bottom_parameters"]
 class FreezeBottomConfig(StrategyConfig):
     """Settings of :class:`FreezeBottomStrategy` (each may be passed as a keyword)."""
 
-    num_frozen_layers: int = field(default=1, metadata={
-        "help": "k: the bottom k transformer blocks are frozen (0 .. number of layers)."})
-    freeze_embeddings: bool = field(default=True, metadata={
-        "help": "Also freeze the embeddings (token, position, token-type; a tied LM head with them)."})
+    num_frozen_layers: int = field(
+        default=1, metadata={"help": "k: the bottom k transformer blocks are frozen (0 .. number of layers)."}
+    )
+    freeze_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Also freeze the embeddings (token, position, token-type; a tied LM head with them)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_frozen_layers < 0:
             raise ValueError(f"num_frozen_layers must be >= 0, got {self.num_frozen_layers}")
         if self.num_frozen_layers == 0 and not self.freeze_embeddings:
-            raise ValueError("freeze_bottom with num_frozen_layers=0 and freeze_embeddings=False freezes nothing; "
-                             "use strategy 'ncl' for plain training, or set num_frozen_layers >= 1")
+            raise ValueError(
+                "freeze_bottom with num_frozen_layers=0 and freeze_embeddings=False freezes nothing; "
+                "use strategy 'ncl' for plain training, or set num_frozen_layers >= 1"
+            )
 
 
 def bottom_parameters(model: nn.Module, num_layers: int, embeddings: bool) -> dict[str, nn.Parameter]:
@@ -45,8 +50,10 @@ def bottom_parameters(model: nn.Module, num_layers: int, embeddings: bool) -> di
     base = getattr(inner, "base_model", inner)
     layers = base.get_submodule(get_architecture(inner.config.model_type).layers)
     if num_layers > len(layers):
-        raise ValueError(f"freeze_bottom: num_frozen_layers={num_layers} but the model has {len(layers)} layers; "
-                         f"give a value from 0 to {len(layers)}")
+        raise ValueError(
+            f"freeze_bottom: num_frozen_layers={num_layers} but the model has {len(layers)} layers; "
+            f"give a value from 0 to {len(layers)}"
+        )
     modules = list(layers[:num_layers])
     if embeddings:
         in_blocks = {id(m) for block in layers for m in block.modules()}
@@ -90,4 +97,3 @@ class FreezeBottomStrategy(ContinualStrategy):
 
     def config(self) -> dict:
         return super().config()
-

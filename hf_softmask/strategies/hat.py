@@ -40,23 +40,51 @@ __all__ = ["HATConfig", "AdaHATConfig", "HATStrategy", "AdaHATStrategy", "hat_sc
 class HATConfig(StrategyConfig):
     """Settings of :class:`HATStrategy` (each may be passed as a keyword to the strategy)."""
 
-    s_max: float = field(default=400.0, metadata={"help": "Final gate sharpness: a = sigmoid(s*e), s annealed from 1/s_max to s_max over each epoch."})
-    c: float = field(default=0.75, metadata={"help": "Weight of the sparsity regularizer c * sum(a*(1-a_prev)) / sum(1-a_prev)."})
-    clamp: float = field(default=6.0, metadata={"help": "Task embeddings are clamped to [-clamp, clamp] after every step."})
-    cosh_clamp: float = field(default=50.0, metadata={"help": "Clamp of s*e inside cosh() in the embedding-gradient compensation (overflow guard)."})
-    embedding_lr: float = field(default=0.05, metadata={"help": "SGD learning rate of the task embeddings (they are not in the Trainer's optimizer)."})
-    embedding_init_std: float = field(default=1.0, metadata={"help": "New task embeddings are drawn from N(0, std^2) (the HAT paper's init)."})
-    mode: str = field(default="update", metadata={
-        "help": "'update': scale the optimizer's whole change of owned slices (exact freeze under AdamW with weight "
-                "decay). 'grad': scale gradients, as in the paper (only exact under SGD).",
-        "choices": list(MODES)})
-    unowned_policy: str = field(default="freeze", metadata={
-        "help": "Policy for parameters no unit owns (embeddings, norms, LM head, output biases), from the second "
-                "task on.",
-        "choices": list(POLICIES)})
-    batches_per_epoch: int | None = field(default=None, metadata={"help": "Batches per epoch for the annealing of s; by default the Trainer's "
-                                                                         "micro-batches per epoch (capped by max_steps), else the length of the "
-                                                                         "dataloader passed to before_task."})
+    s_max: float = field(
+        default=400.0,
+        metadata={"help": "Final gate sharpness: a = sigmoid(s*e), s annealed from 1/s_max to s_max over each epoch."},
+    )
+    c: float = field(
+        default=0.75, metadata={"help": "Weight of the sparsity regularizer c * sum(a*(1-a_prev)) / sum(1-a_prev)."}
+    )
+    clamp: float = field(
+        default=6.0, metadata={"help": "Task embeddings are clamped to [-clamp, clamp] after every step."}
+    )
+    cosh_clamp: float = field(
+        default=50.0,
+        metadata={"help": "Clamp of s*e inside cosh() in the embedding-gradient compensation (overflow guard)."},
+    )
+    embedding_lr: float = field(
+        default=0.05,
+        metadata={"help": "SGD learning rate of the task embeddings (they are not in the Trainer's optimizer)."},
+    )
+    embedding_init_std: float = field(
+        default=1.0, metadata={"help": "New task embeddings are drawn from N(0, std^2) (the HAT paper's init)."}
+    )
+    mode: str = field(
+        default="update",
+        metadata={
+            "help": "'update': scale the optimizer's whole change of owned slices (exact freeze under AdamW with weight "
+            "decay). 'grad': scale gradients, as in the paper (only exact under SGD).",
+            "choices": list(MODES),
+        },
+    )
+    unowned_policy: str = field(
+        default="freeze",
+        metadata={
+            "help": "Policy for parameters no unit owns (embeddings, norms, LM head, output biases), from the second "
+            "task on.",
+            "choices": list(POLICIES),
+        },
+    )
+    batches_per_epoch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batches per epoch for the annealing of s; by default the Trainer's "
+            "micro-batches per epoch (capped by max_steps), else the length of the "
+            "dataloader passed to before_task."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the task-embedding initialisation."})
 
     def __post_init__(self):
@@ -140,8 +168,10 @@ class HATStrategy(ContinualStrategy):
         if self.cum_heads is None:
             self.cum_heads, self.cum_ffn = torch.zeros(L, H), torch.zeros(L, I)
         elif tuple(self.cum_heads.shape) != (L, H) or tuple(self.cum_ffn.shape) != (L, I):
-            raise ValueError(f"HAT state has masks heads{tuple(self.cum_heads.shape)}/ffn{tuple(self.cum_ffn.shape)} but the model "
-                             f"has heads{(L, H)}/ffn{(L, I)}; it was saved for another model")
+            raise ValueError(
+                f"HAT state has masks heads{tuple(self.cum_heads.shape)}/ffn{tuple(self.cum_ffn.shape)} but the model "
+                f"has heads{(L, H)}/ffn{(L, I)}; it was saved for another model"
+            )
         self._show_task_mask(self.eval_task if self.eval_task is not None else self.task_id)
 
     def _device(self) -> torch.device:
@@ -201,10 +231,14 @@ class HATStrategy(ContinualStrategy):
         """Sets the gates for this forward: sigmoid(s*e) while training, the task's binary mask otherwise."""
         if model.training:
             if self.e_heads is None:
-                raise RuntimeError("HAT has no task embedding yet: call strategy.before_task(model, task_id, dataloader) before training")
+                raise RuntimeError(
+                    "HAT has no task embedding yet: call strategy.before_task(model, task_id, dataloader) before training"
+                )
             if self._num_batches is None:
-                raise ValueError("HAT anneals s over each epoch's batches and needs their number: pass the train dataloader to "
-                                 "before_task(model, task_id, dataloader) or set batches_per_epoch")
+                raise ValueError(
+                    "HAT anneals s over each epoch's batches and needs their number: pass the train dataloader to "
+                    "before_task(model, task_id, dataloader) or set batches_per_epoch"
+                )
             self._batch_in_epoch = self._batch_in_epoch % self._num_batches + 1
             s = hat_scale(self._batch_in_epoch, self._num_batches, self.cfg.s_max)
             self.gates.head_gate = torch.sigmoid(s * _compensated(self.e_heads, s, self.cfg))
@@ -244,7 +278,9 @@ class HATStrategy(ContinualStrategy):
             self._masker.detach()
             self._masker = None
         if self.masks:  # from the second task on
-            self._masker = SoftMasker(self.layout._model_ref, self._protection(), self._mask_config(), layout=self.layout).attach(optimizer)
+            self._masker = SoftMasker(
+                self.layout._model_ref, self._protection(), self._mask_config(), layout=self.layout
+            ).attach(optimizer)
 
     def _gates_changed(self) -> None:
         """Called after the training gates of a forward are set (before its backward)."""
@@ -275,7 +311,10 @@ class HATStrategy(ContinualStrategy):
 
     def usage(self) -> dict:
         """Fraction of heads and FFN neurons used by each finished task and by all of them."""
-        out = {f"task_{t}": {"heads": float(m[0].mean()), "ffn": float(m[1].mean())} for t, m in sorted(self.masks.items())}
+        out = {
+            f"task_{t}": {"heads": float(m[0].mean()), "ffn": float(m[1].mean())}
+            for t, m in sorted(self.masks.items())
+        }
         if self.cum_heads is not None:
             out["cumulative"] = {"heads": float(self.cum_heads.mean()), "ffn": float(self.cum_ffn.mean())}
         return out
@@ -307,8 +346,13 @@ class HATStrategy(ContinualStrategy):
             self.e_ffn = state["embedding.ffn"].float().to(dev).requires_grad_(True)
 
     def config(self) -> dict:
-        return {**super().config(), "task_id": self.task_id, "embedding_task": self._embedding_task,
-                "batch_in_epoch": self._batch_in_epoch, "num_batches": self._num_batches}
+        return {
+            **super().config(),
+            "task_id": self.task_id,
+            "embedding_task": self._embedding_task,
+            "batch_in_epoch": self._batch_in_epoch,
+            "num_batches": self._num_batches,
+        }
 
     def load_pretrained(self, directory) -> None:
         super().load_pretrained(directory)
@@ -376,4 +420,3 @@ class AdaHATStrategy(HATStrategy):
         if self.masks:
             self.sum_heads = torch.stack([m[0] for m in self.masks.values()]).sum(0)
             self.sum_ffn = torch.stack([m[1] for m in self.masks.values()]).sum(0)
-

@@ -27,7 +27,9 @@ class KDConfig(StrategyConfig):
     """Settings of :class:`KDStrategy` (each may be passed as a keyword)."""
 
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
-    kd_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of teacher and student (the term is scaled by T^2)."})
+    kd_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of teacher and student (the term is scaled by T^2)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -37,7 +39,9 @@ class KDConfig(StrategyConfig):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def distillation_kl(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` over the last dim, averaged over the (masked) rest."""
     t = temperature
     s_logp = F.log_softmax(student.float() / t, -1)
@@ -119,9 +123,8 @@ class KDStrategy(ContinualStrategy):
         return {f"teacher.{k}": v.detach().clone() for k, v in self.teacher.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        teacher = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
         self._pending_teacher_state = teacher or None
 
     def config(self) -> dict:
         return {**super().config(), "task_id": self.task_id, "has_teacher": self.teacher is not None}
-

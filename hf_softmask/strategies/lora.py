@@ -36,10 +36,14 @@ class LoRAConfig(StrategyConfig):
     lora_rank: int = field(default=8, metadata={"help": "Rank r of each adapter."})
     lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator: the update is (alpha / r) * B A."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input during training."})
-    lora_targets: str = field(default="all", metadata={
-        "help": "Projections that get adapters: 'attention' (query, key, value, attention output), 'ffn' "
-                "(FFN input(s) and output) or 'all' (both), as the architecture registry names them.",
-        "choices": list(TARGETS)})
+    lora_targets: str = field(
+        default="all",
+        metadata={
+            "help": "Projections that get adapters: 'attention' (query, key, value, attention output), 'ffn' "
+            "(FFN input(s) and output) or 'all' (both), as the architecture registry names them.",
+            "choices": list(TARGETS),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,16 +94,23 @@ class LoRAStrategy(ContinualStrategy):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-            raise ValueError("lora: the model already holds LoRA/PEFT layers; pass the plain transformers model "
-                             "(a PeftModel-wrapped or adapter-carrying model would be merged into by mistake)")
+            raise ValueError(
+                "lora: the model already holds LoRA/PEFT layers; pass the plain transformers model "
+                "(a PeftModel-wrapped or adapter-carrying model would be merged into by mistake)"
+            )
         self.task_id = task_id
         self.adapter = f"domain{task_id}"
         self._requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         self._had_peft_config = hasattr(model, "peft_config")
         spec = get_architecture(unit_model(model).config.model_type)
-        config = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                            target_modules=lora_target_modules(model, self.cfg.lora_targets),
-                            fan_in_fan_out=spec.conv1d, bias="none")
+        config = LoraConfig(
+            r=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=lora_target_modules(model, self.cfg.lora_targets),
+            fan_in_fan_out=spec.conv1d,
+            bias="none",
+        )
         base_ids = set(self._requires_grad)
         inject_adapter_in_model(config, model, adapter_name=self.adapter)
         # Only the new adapter trains, whatever PEFT's defaults: the Trainer's optimizer then holds nothing else.
@@ -135,4 +146,3 @@ def merge_and_unload_(model: nn.Module, adapter: str | None) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
     return len(wrapped)
-

@@ -40,15 +40,28 @@ SCOPES = ("linear", "all")
 class TaLoSConfig(StrategyConfig):
     """Settings of :class:`TaLoSStrategy` (each may be passed as a keyword)."""
 
-    keep_fraction: float = field(default=0.1, metadata={"help": "Fraction k of the scoped entries that stays trainable (the least sensitive)."})
-    rounds: int = field(default=4, metadata={"help": "Rounds R of re-scoring; after round r, k**(r/R) of the entries stay trainable."})
+    keep_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction k of the scoped entries that stays trainable (the least sensitive)."}
+    )
+    rounds: int = field(
+        default=4, metadata={"help": "Rounds R of re-scoring; after round r, k**(r/R) of the entries stay trainable."}
+    )
     examples_per_round: int = field(default=32, metadata={"help": "Examples scored per round (one backward each)."})
-    scope: str = field(default="linear", metadata={
-        "help": "'linear': weight matrices of the base model (not embeddings); 'all': every parameter of the base "
-                "model. Out-of-scope base parameters are frozen.",
-        "choices": list(SCOPES)})
-    train_task_head: bool = field(default=True, metadata={"help": "Train parameters outside the base model (a classifier head) fully."})
-    task_vector_dir: str | None = field(default=None, metadata={"help": "If set, write task_<t>.safetensors (the sparse task vector) there after each task."})
+    scope: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear': weight matrices of the base model (not embeddings); 'all': every parameter of the base "
+            "model. Out-of-scope base parameters are frozen.",
+            "choices": list(SCOPES),
+        },
+    )
+    train_task_head: bool = field(
+        default=True, metadata={"help": "Train parameters outside the base model (a classifier head) fully."}
+    )
+    task_vector_dir: str | None = field(
+        default=None,
+        metadata={"help": "If set, write task_<t>.safetensors (the sparse task vector) there after each task."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the label sampling."})
 
     def __post_init__(self):
@@ -66,7 +79,12 @@ def scoped_parameters(model: nn.Module, scope: str = "linear") -> dict[str, nn.P
     base = unit_model(model)
     base = getattr(base, "base_model", base)
     base_ids = {id(p) for p in base.parameters()}
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) or "Embedding" in type(m).__name__ for p in m.parameters(recurse=False)}
+    embedding_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) or "Embedding" in type(m).__name__
+        for p in m.parameters(recurse=False)
+    }
     out = {}
     for name, p in model.named_parameters():
         if id(p) not in base_ids or not p.requires_grad:
@@ -101,7 +119,7 @@ def lowest_fraction_masks(scores: dict[str, torch.Tensor], n_keep: int) -> dict[
     out, offset = {}, 0
     for n in names:
         k = scores[n].numel()
-        out[n] = keep[offset:offset + k].view(scores[n].shape)
+        out[n] = keep[offset : offset + k].view(scores[n].shape)
         offset += k
     return out
 
@@ -129,28 +147,41 @@ class TaLoSStrategy(ContinualStrategy):
     def select(self, model: nn.Module, dataloader) -> dict[str, torch.Tensor]:
         """Compute the trainable masks over ``rounds`` rounds of Fisher scoring on ``dataloader``."""
         if dataloader is None:
-            raise ValueError("TaLoS scores sensitivity on the task's data: pass the train dataloader to before_task(model, task_id, dataloader)")
+            raise ValueError(
+                "TaLoS scores sensitivity on the task's data: pass the train dataloader to before_task(model, task_id, dataloader)"
+            )
         params = scoped_parameters(model, self.cfg.scope)
         if not params:
             raise ValueError(f"no parameter of {type(model).__name__} is in TaLoS scope {self.cfg.scope!r}")
         trainable = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()}
-        batches = itertools.cycle(dataloader) if hasattr(dataloader, "__len__") and len(dataloader) > 0 else iter(dataloader)
+        batches = (
+            itertools.cycle(dataloader) if hasattr(dataloader, "__len__") and len(dataloader) > 0 else iter(dataloader)
+        )
         self.round_log = []
         self.excluded = []
         for r in range(1, self.cfg.rounds + 1):
             target = self.cfg.keep_fraction ** (r / self.cfg.rounds)
             reached: set[str] = set()
-            scores, seen = fisher_diagonal(model, batches, params, max_examples=self.cfg.examples_per_round,
-                                           seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r,
-                                           desc=f"TaLoS round {r}/{self.cfg.rounds}", reached=reached)
+            scores, seen = fisher_diagonal(
+                model,
+                batches,
+                params,
+                max_examples=self.cfg.examples_per_round,
+                seed=self.cfg.seed + 1000 * max(self.task_id, 0) + r,
+                desc=f"TaLoS round {r}/{self.cfg.rounds}",
+                reached=reached,
+            )
             if r == 1:
                 self.excluded = sorted(set(params) - reached)
                 if len(self.excluded) == len(params):
                     raise ValueError("no TaLoS-scoped parameter has a gradient path to the model's log-likelihood")
                 if self.excluded:
-                    warnings.warn(f"TaLoS: {len(self.excluded)} scoped parameter(s) never affect the loss and stay "
-                                  f"frozen (not ranked as least sensitive): {self.excluded[:4]}", RuntimeWarning,
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"TaLoS: {len(self.excluded)} scoped parameter(s) never affect the loss and stay "
+                        f"frozen (not ranked as least sensitive): {self.excluded[:4]}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 params = {n: p for n, p in params.items() if n in reached}
                 scores = {n: s for n, s in scores.items() if n in reached}
                 trainable = {n: trainable[n] for n in params}
@@ -172,7 +203,9 @@ class TaLoSStrategy(ContinualStrategy):
     def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
         """Update masks for the optimizer: trainable entries 1, frozen 0; out-of-scope base parameters frozen."""
         if not self.trainable:
-            raise RuntimeError("TaLoS has no trainable set: call before_task(model, task_id, dataloader) before training")
+            raise RuntimeError(
+                "TaLoS has no trainable set: call before_task(model, task_id, dataloader) before training"
+            )
         base = unit_model(model)
         base_ids = {id(p) for p in getattr(base, "base_model", base).parameters()}
         masks = {}
@@ -227,8 +260,14 @@ class TaLoSStrategy(ContinualStrategy):
     def config(self) -> dict:
         shapes = {n: list(m.shape) for n, m in self.trainable.items()}
         tv_shapes = {str(t): {n: list(s) for n, s in tv.shapes.items()} for t, tv in self.task_vectors.items()}
-        return {**super().config(), "task_id": self.task_id, "shapes": shapes, "task_vector_shapes": tv_shapes,
-                "rounds_log": self.round_log, "excluded": self.excluded}
+        return {
+            **super().config(),
+            "task_id": self.task_id,
+            "shapes": shapes,
+            "task_vector_shapes": tv_shapes,
+            "rounds_log": self.round_log,
+            "excluded": self.excluded,
+        }
 
     def load_pretrained(self, directory) -> None:
         from safetensors.torch import load_file
@@ -241,7 +280,9 @@ class TaLoSStrategy(ContinualStrategy):
         self.excluded = saved.get("excluded", [])
         path = Path(directory) / STRATEGY_STATE_WEIGHTS
         state = load_file(str(path)) if path.is_file() else {}
-        self.trainable = {n: unpack_bits(state[f"trainable.{n}"], shape) for n, shape in saved.get("shapes", {}).items()}
+        self.trainable = {
+            n: unpack_bits(state[f"trainable.{n}"], shape) for n, shape in saved.get("shapes", {}).items()
+        }
         self.base_values = {n: state[f"base.{n}"] for n in self.trainable}
         self.task_vectors = {}
         for t, shapes in saved.get("task_vector_shapes", {}).items():
@@ -250,4 +291,3 @@ class TaLoSStrategy(ContinualStrategy):
                 tv.masks[n] = state[f"tv.{t}.{n}.mask"]
                 tv.values[n] = state[f"tv.{t}.{n}.values"]
             self.task_vectors[int(t)] = tv
-

@@ -61,8 +61,10 @@ def config_signature(config_cls) -> inspect.Signature:
     ``inspect.signature`` (the runners use it to decide which of their settings a strategy accepts, and ``help()``)
     lists the real keywords instead of ``**settings``.
     """
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+    ]
     for f in dataclasses.fields(config_cls):
         if not f.init:
             continue

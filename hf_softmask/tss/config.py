@@ -6,7 +6,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -23,40 +22,62 @@ SCORE_INITS = ("constant", "magnitude")
 class SubnetworkConfig(PeftConfig):
     """Which layers get per-task scores, and how a score tensor becomes a binary weight mask."""
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Names (suffix match) or a regex (full match) of the nn.Linear / Conv1D layers to score; "
-                          "'all-linear' takes every linear layer but the output head. None: the per-architecture default "
-                          "(every attention and FFN projection)."},
+        metadata={
+            "help": "Names (suffix match) or a regex (full match) of the nn.Linear / Conv1D layers to score; "
+            "'all-linear' takes every linear layer but the output head. None: the per-architecture default "
+            "(every attention and FFN projection)."
+        },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Names or regex of modules not to score."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or regex of modules not to score."}
+    )
     selection: str = field(
         default="threshold",
-        metadata={"help": "'threshold': keep weight w_ij where s_ij >= threshold (TSS). 'topk': keep the keep_ratio "
-                          "highest scores of each layer (WSN).", "choices": list(SELECTIONS)},
+        metadata={
+            "help": "'threshold': keep weight w_ij where s_ij >= threshold (TSS). 'topk': keep the keep_ratio "
+            "highest scores of each layer (WSN).",
+            "choices": list(SELECTIONS),
+        },
     )
     threshold: float = field(default=0.0, metadata={"help": "Score threshold tau for selection='threshold'."})
-    keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of each layer's weights kept for selection='topk' (WSN's c)."})
+    keep_ratio: float = field(
+        default=0.5, metadata={"help": "Fraction of each layer's weights kept for selection='topk' (WSN's c)."}
+    )
     score_init: str = field(
         default="constant",
-        metadata={"help": "'constant': every score = init_score (with threshold selection and init_score >= threshold the "
-                          "first mask keeps the whole pretrained layer). 'magnitude': score = |w| * init_score / mean|w| "
-                          "(top-k then starts from magnitude pruning).", "choices": list(SCORE_INITS)},
+        metadata={
+            "help": "'constant': every score = init_score (with threshold selection and init_score >= threshold the "
+            "first mask keeps the whole pretrained layer). 'magnitude': score = |w| * init_score / mean|w| "
+            "(top-k then starts from magnitude pruning).",
+            "choices": list(SCORE_INITS),
+        },
     )
-    init_score: float = field(default=0.01, metadata={"help": "Initial score value (constant) or mean score (magnitude)."})
+    init_score: float = field(
+        default=0.01, metadata={"help": "Initial score value (constant) or mean score (magnitude)."}
+    )
     train_base_weights: bool = field(
         default=False,
-        metadata={"help": "Train the scored layers' weights too (WSN). False keeps them frozen (TSS), so only scores train."},
+        metadata={
+            "help": "Train the scored layers' weights too (WSN). False keeps them frozen (TSS), so only scores train."
+        },
     )
     save_training_state: bool = field(
         default=True,
-        metadata={"help": "Also save the live scores and accumulated importance (needed to continue training after "
-                          "loading); finished tasks need only their bit-packed masks."},
+        metadata={
+            "help": "Also save the live scores and accumulated importance (needed to continue training after "
+            "loading); finished tasks need only their bit-packed masks."
+        },
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Only score layers with these indices."})
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Name of the layer list (e.g. 'layer', 'h') for layers_to_transform."})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unused (peft compatibility)."})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Unused (peft compatibility)."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only score layers with these indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layer', 'h') for layers_to_transform."}
+    )
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Unused (peft compatibility)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Unused (peft compatibility)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,7 +115,9 @@ class SubnetworkConfig(PeftConfig):
         # peft's version looks peft_type up in its own enum mapping, which cannot hold this method.
         peft_type = kwargs.pop("peft_type", SUBNETWORK_PEFT_TYPE)
         if peft_type != SUBNETWORK_PEFT_TYPE:
-            raise ValueError(f"this adapter config is for peft_type={peft_type!r}, not {SUBNETWORK_PEFT_TYPE!r}; load it with peft")
+            raise ValueError(
+                f"this adapter config is for peft_type={peft_type!r}, not {SUBNETWORK_PEFT_TYPE!r}; load it with peft"
+            )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in kwargs.items() if k in known})
 

@@ -69,7 +69,10 @@ class SubnetworkLayer(BaseTunerLayer):
             scores = mag * (config.init_score / mag.mean().clamp_min(torch.finfo(torch.float32).tiny))
         self.subnet_scores[adapter_name] = nn.Parameter(scores)
         self.subnet_masks[adapter_name] = BufferDict(persistent=True)
-        self.subnet_selection[adapter_name] = (config.selection, config.keep_ratio if config.selection == "topk" else config.threshold)
+        self.subnet_selection[adapter_name] = (
+            config.selection,
+            config.keep_ratio if config.selection == "topk" else config.threshold,
+        )
         self._mask_cache = None
         self.set_adapter(self.active_adapters)
 
@@ -104,7 +107,9 @@ class SubnetworkLayer(BaseTunerLayer):
         try:
             packed = self.subnet_masks[adapter_name][str(task)]
         except KeyError:
-            raise KeyError(f"task {task} has no stored subnetwork; finished tasks: {self.finished_tasks(adapter_name)}") from None
+            raise KeyError(
+                f"task {task} has no stored subnetwork; finished tasks: {self.finished_tasks(adapter_name)}"
+            ) from None
         return unpack_bits(packed, self.get_base_layer().weight.shape)
 
     def store_task_mask(self, adapter_name: str, task: int) -> int:
@@ -193,7 +198,9 @@ class SubnetworkLayer(BaseTunerLayer):
         return F.linear(x.to(w.dtype), w, base.bias)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        raise NotImplementedError("a subnetwork depends on the task; export one task with SubnetworkModel.task_state_dict")
+        raise NotImplementedError(
+            "a subnetwork depends on the task; export one task with SubnetworkModel.task_state_dict"
+        )
 
     def unmerge(self) -> None:
         raise NotImplementedError("subnetworks are never merged")
@@ -226,4 +233,3 @@ class SubnetworkLinear(nn.Module, SubnetworkLayer):
 
     def __repr__(self) -> str:
         return "subnet." + super().__repr__()
-

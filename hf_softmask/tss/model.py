@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -47,7 +47,14 @@ class SubnetworkModel(BaseTuner):
     tuner_layer_cls = SubnetworkLayer
     target_module_mapping = TARGET_MODULES_MAPPING
 
-    def __init__(self, model: nn.Module, config: SubnetworkConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False, state_dict=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SubnetworkConfig,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict=None,
+    ):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.task: int | None = None
 
@@ -63,7 +70,9 @@ class SubnetworkModel(BaseTuner):
             peft_config.target_modules = set(self.target_module_mapping[model_type])
         return peft_config
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None) -> None:
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, parameter_name=None
+    ) -> None:
         if isinstance(target, SubnetworkLayer):
             target.update_layer(adapter_name, peft_config)
             return
@@ -136,12 +145,21 @@ class SubnetworkModel(BaseTuner):
     def importance(self) -> dict[str, torch.Tensor]:
         """Accumulated (EMax) importance of the scores per layer, in [0, 1] (empty before the first accumulation)."""
         a = self.adapter_name
-        return {name: layer.subnet_importance[a] for name, layer in self.subnetwork_layers().items()
-                if a in layer.subnet_importance}
+        return {
+            name: layer.subnet_importance[a]
+            for name, layer in self.subnetwork_layers().items()
+            if a in layer.subnet_importance
+        }
 
     @torch.enable_grad()
-    def compute_score_importance(self, loss_fn: Callable[[dict], torch.Tensor], batches: Iterable[dict], max_batches: int | None = None,
-                                 desc: str = "score importance", zero_unused: bool = True) -> dict[str, torch.Tensor]:
+    def compute_score_importance(
+        self,
+        loss_fn: Callable[[dict], torch.Tensor],
+        batches: Iterable[dict],
+        max_batches: int | None = None,
+        desc: str = "score importance",
+        zero_unused: bool = True,
+    ) -> dict[str, torch.Tensor]:
         """Importance of each weight of the current subnetwork: virtual ``alpha`` (ones) multiplies ``W ⊙ mask``;
         ``|d loss / d alpha|`` is summed over batches and normalized per output row (``|tanh(z)|``; with
         ``zero_unused`` over the subnetwork's weights only, the others get 0, see
@@ -211,8 +229,15 @@ class SubnetworkModel(BaseTuner):
         self.subnetwork_config.save_pretrained(save_directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, revision: str | None = None, **hub_kwargs) -> "SubnetworkModel":
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path_or_repo: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        revision: str | None = None,
+        **hub_kwargs,
+    ) -> SubnetworkModel:
         """Wrap ``model`` (the same base model the adapter was trained on) and restore every saved subnetwork."""
         from safetensors.torch import load_file
 
@@ -220,7 +245,9 @@ class SubnetworkModel(BaseTuner):
         if path.is_dir():
             weights, config_file = path / ADAPTER_WEIGHTS, path / ADAPTER_CONFIG
             if not weights.is_file() or not config_file.is_file():
-                raise FileNotFoundError(f"{path} holds no subnetwork adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)")
+                raise FileNotFoundError(
+                    f"{path} holds no subnetwork adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected)"
+                )
         else:
             from huggingface_hub import hf_hub_download
 
@@ -243,29 +270,49 @@ class SubnetworkModel(BaseTuner):
             weight = layer.get_base_layer().weight
             prefix = f"{name}.subnet_masks."
             for key in [k for k in state if k.startswith(prefix)]:
-                layer.subnet_masks[a][key[len(prefix):]] = state[key].to(weight.device)
+                layer.subnet_masks[a][key[len(prefix) :]] = state[key].to(weight.device)
                 unused.discard(key)
             imp_key = f"{name}.subnet_importance"
             if imp_key in state and a not in layer.subnet_importance:
                 layer.subnet_importance[a] = torch.zeros_like(weight, dtype=torch.float32)
-            for key, target in ((f"{name}.subnet_scores", layer.subnet_scores[a]),
-                                (f"{name}.base_layer.weight", weight),
-                                (imp_key, layer.subnet_importance[a] if a in layer.subnet_importance else None)):
+            for key, target in (
+                (f"{name}.subnet_scores", layer.subnet_scores[a]),
+                (f"{name}.base_layer.weight", weight),
+                (imp_key, layer.subnet_importance[a] if a in layer.subnet_importance else None),
+            ):
                 if key in state:
                     if state[key].shape != target.shape:
-                        raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model's {tuple(target.shape)}; "
-                                         "load the adapter on the base model it was trained on")
+                        raise ValueError(
+                            f"{key}: saved shape {tuple(state[key].shape)} != model's {tuple(target.shape)}; "
+                            "load the adapter on the base model it was trained on"
+                        )
                     target.copy_(state[key])
                     unused.discard(key)
             layer._mask_cache = None
         if unused:
-            raise ValueError(f"adapter holds entries for layers this model lacks: {sorted(unused)[:5]}...; "
-                             "is it the base model the adapter was trained on?")
+            raise ValueError(
+                f"adapter holds entries for layers this model lacks: {sorted(unused)[:5]}...; "
+                "is it the base model the adapter was trained on?"
+            )
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload subnetwork adapter", private: bool | None = None,
-                    token=None, revision=None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload subnetwork adapter",
+        private: bool | None = None,
+        token=None,
+        revision=None,
+    ) -> str:
         """Upload ``save_pretrained``'s files to a Hub repo; returns the commit URL."""
-        return push_saved_to_hub(self.save_pretrained, repo_id, commit_message=commit_message, private=private, token=token, revision=revision)
+        return push_saved_to_hub(
+            self.save_pretrained,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+        )
 
 
 def get_subnetwork_model(model: nn.Module, config: SubnetworkConfig, adapter_name: str = "default") -> SubnetworkModel:

@@ -21,7 +21,9 @@ def topk_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     if k == n:
         return torch.ones_like(scores, dtype=torch.bool)
     # The k-th largest is the (n - k + 1)-th smallest.
-    cut = torch.kthvalue(flat.float().cpu() if flat.device.type == "mps" else flat.float(), n - k + 1).values.to(flat.device)
+    cut = torch.kthvalue(flat.float().cpu() if flat.device.type == "mps" else flat.float(), n - k + 1).values.to(
+        flat.device
+    )
     above = flat > cut
     need = k - int(above.sum())
     if need > 0:

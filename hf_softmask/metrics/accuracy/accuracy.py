@@ -34,7 +34,11 @@ class Accuracy(evaluate.Metric):
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         pred = np.asarray(predictions)
         ref = np.asarray(references)
-        weight = np.ones(len(ref), dtype=np.float64) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        weight = (
+            np.ones(len(ref), dtype=np.float64)
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64)
+        )
         if len(weight) != len(ref):
             raise ValueError(f"sample_weight has {len(weight)} entries for {len(ref)} examples")
         correct = float(np.sum(weight * (pred == ref)))

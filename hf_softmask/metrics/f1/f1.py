@@ -41,7 +41,11 @@ class F1(evaluate.Metric):
             raise ValueError(f"average must be one of {_AVERAGES}, got {average!r}")
         pred = np.asarray(predictions)
         ref = np.asarray(references)
-        weight = np.ones(len(ref), dtype=np.float64) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        weight = (
+            np.ones(len(ref), dtype=np.float64)
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64)
+        )
         if len(weight) != len(ref):
             raise ValueError(f"sample_weight has {len(weight)} entries for {len(ref)} examples")
 
