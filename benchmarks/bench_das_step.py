@@ -114,7 +114,9 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
             else (lambda: das.on_train_end(model, opts[key]))
         )
 
-    nothing = lambda: None
+    def nothing():
+        return None
+
     variants = {
         "plain": (nothing, plain_step, nothing),
         "LM + soft-mask (update), no contrast": (attach("mask"), lambda: das_step("mask"), detach("mask")),

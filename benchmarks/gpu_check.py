@@ -197,7 +197,10 @@ def train_args(out: str, cpu: bool, **kw):
 
 
 def _softmask_trainer_cell(opts, out: str, **args) -> tuple:
-    """A plain Trainer with SoftMaskCallback (update mode) on a Llama; returns (trainer, layout, importance, before)."""
+    """A plain Trainer with SoftMaskCallback (update mode) on a Llama.
+
+    Returns (trainer, layout, importance, before).
+    """
     from transformers import Trainer
 
     from hf_softmask import SoftMaskCallback, UnitLayout

@@ -81,7 +81,8 @@ class CompareArguments:
     strategies: str = field(
         default=",".join(DEFAULT_STRATEGIES),
         metadata={
-            "help": "Comma-separated strategy names; each runs in every setting it declares ('ncl' runs as 'ft' in finetuning)."
+            "help": "Comma-separated strategy names; each runs in every setting it declares "
+            "('ncl' runs as 'ft' in finetuning)."
         },
     )
     settings: str = field(
@@ -90,7 +91,8 @@ class CompareArguments:
     quick: bool = field(
         default=False,
         metadata={
-            "help": "Tiny sizes (a randomly initialised 2-layer BERT with MiniLM's tokenizer, a few steps): a smoke test, not a measurement."
+            "help": "Tiny sizes (a randomly initialised 2-layer BERT with MiniLM's tokenizer, a few steps): "
+            "a smoke test, not a measurement."
         },
     )
     pretrain_config: str | None = field(
@@ -104,7 +106,8 @@ class CompareArguments:
     pretrain_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps_per_domain\": 20}')."
+            "help": "JSON object of ContinualPretrainingArguments fields applied on top "
+            "(e.g. '{\"max_steps_per_domain\": 20}')."
         },
     )
     finetune_overrides: str | None = field(
@@ -117,7 +120,8 @@ class CompareArguments:
     frontier_lr_factors: str = field(
         default="0.25,0.5,1,2",
         metadata={
-            "help": "Plain training (ncl / ft) runs at its learning rate times each factor, in every setting: the frontier."
+            "help": "Plain training (ncl / ft) runs at its learning rate times each factor, "
+            "in every setting: the frontier."
         },
     )
     frontier_tolerance: float = field(
@@ -129,7 +133,8 @@ class CompareArguments:
     finetune_frontier_tolerance: float = field(
         default=0.01,
         metadata={
-            "help": "Finetuning: difference (accuracy points, either axis) within which a run counts as ON the frontier."
+            "help": "Finetuning: difference (accuracy points, either axis) "
+            "within which a run counts as ON the frontier."
         },
     )
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
@@ -503,7 +508,8 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
         lines += [
             "### Continual pre-training (held-out MLM/CLM loss, lower is better)",
             "",
-            "| strategy | lr | final ppl | final mean loss | in-domain loss | forgetting | BWT | general-loss increase | vs ncl frontier | wall s | peak RSS MB |",
+            "| strategy | lr | final ppl | final mean loss | in-domain loss | forgetting | BWT | "
+            "general-loss increase | vs ncl frontier | wall s | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in pre:
@@ -512,8 +518,10 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
                 pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
             lines.append(
-                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('final_perplexity'), '.2f')} | {_fmt(r.get('final_mean_loss'))} | "
-                f"{_fmt(r.get('in_domain_loss'))} | {_fmt(r.get('forgetting'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('general_loss_increase'))} | "
+                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('final_perplexity'), '.2f')} | "
+                f"{_fmt(r.get('final_mean_loss'))} | "
+                f"{_fmt(r.get('in_domain_loss'))} | {_fmt(r.get('forgetting'))} | {_fmt(r.get('bwt'))} | "
+                f"{_fmt(r.get('general_loss_increase'))} | "
                 f"{pos} | {_fmt(r['wall_seconds'], '.0f')} | {_fmt(r['peak_rss_mb'], '.0f')} |"
             )
         lines.append("")
@@ -534,7 +542,8 @@ def _markdown(records: list[dict], args: CompareArguments, started: str) -> str:
                 pos = f"**{pos}** (lowers eff. lr)"
             name = r["strategy"] + (" (error)" if r["error"] else "")
             lines.append(
-                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | {_fmt(r.get('forgetting'))} | "
+                f"| {name} | {_fmt(r['learning_rate'], 'g')} | {_fmt(r.get('acc'))} | {_fmt(r.get('bwt'))} | "
+                f"{_fmt(r.get('forgetting'))} | "
                 f"{_fmt(r.get('in_task_error'))} | {_fmt(r.get('fwt'))} | {pos} | "
                 f"{_fmt(r['wall_seconds'], '.0f')} | "
                 f"{_fmt(r['peak_rss_mb'], '.0f')} |"

@@ -125,7 +125,8 @@ class UnitImportance:
         self.ffn = torch.as_tensor(self.ffn).detach().float().cpu()
         if self.heads.dim() != 2 or self.ffn.dim() != 2 or self.heads.shape[0] != self.ffn.shape[0]:
             raise ImportanceShapeError(
-                f"expected heads [L, H] and ffn [L, I] with the same L, got {tuple(self.heads.shape)} and {tuple(self.ffn.shape)}"
+                f"expected heads [L, H] and ffn [L, I] with the same L, got {tuple(self.heads.shape)} "
+                f"and {tuple(self.ffn.shape)}"
             )
 
     # -- construction -------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class UnitImportance:
             saved = self.meta.get("layout", {})
             raise ImportanceShapeError(
                 f"importance has heads{tuple(self.heads.shape)} and ffn{tuple(self.ffn.shape)}, but the model "
-                f"({layout.model_type}) has heads{want_h} and ffn{want_f}. It was computed for {saved or 'an unknown model'}; "
+                f"({layout.model_type}) has heads{want_h} and ffn{want_f}. "
+                f"It was computed for {saved or 'an unknown model'}; "
                 "recompute it with hf_softmask.compute_importance on this model."
             )
         if not (torch.isfinite(self.heads).all() and torch.isfinite(self.ffn).all()):
@@ -264,4 +266,7 @@ class UnitImportance:
         }
 
     def __repr__(self) -> str:
-        return f"UnitImportance(heads={tuple(self.heads.shape)}, ffn={tuple(self.ffn.shape)}, mean={self.heads.mean():.3f}/{self.ffn.mean():.3f})"
+        return (
+            f"UnitImportance(heads={tuple(self.heads.shape)}, ffn={tuple(self.ffn.shape)}, "
+            f"mean={self.heads.mean():.3f}/{self.ffn.mean():.3f})"
+        )

@@ -96,7 +96,8 @@ class UnitLayout:
             ffn_in_features, _ = _features(ffn_out, conv)
             if attn_in_features % self.num_heads:
                 raise ValueError(
-                    f"layer {l}: {spec.attn_out} has {attn_in_features} inputs, not divisible by {self.num_heads} heads"
+                    f"layer {l}: {spec.attn_out} has {attn_in_features} inputs, "
+                    f"not divisible by {self.num_heads} heads"
                 )
             d = attn_in_features // self.num_heads
             if head_dim not in (None, d) or ffn_size not in (None, ffn_in_features):

@@ -72,7 +72,8 @@ class SoftMaskConfig:
     compile_update: bool | str = field(
         default="auto",
         metadata={
-            "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, one fused pass per tensor (as fast "
+            "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, "
+            "one fused pass per tensor (as fast "
             "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
             "(hf_softmask.optim.resolve_compiled)."
         },

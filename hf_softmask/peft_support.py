@@ -187,7 +187,8 @@ def check_adapters_reach_units(layout) -> None:
     if trained:
         shown = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
         raise UnsupportedAdapterError(
-            f"the adapters of this {type(model).__name__} train no parameter that an attention head or FFN neuron owns "
+            f"the adapters of this {type(model).__name__} train no parameter "
+            "that an attention head or FFN neuron owns "
             f"(trainable: {shown}), so soft-masking has nothing to protect. Put the adapters on the attention/FFN "
             f"projections (LoRA target_modules) or train without soft-masking."
         )

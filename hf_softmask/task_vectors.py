@@ -50,7 +50,10 @@ class SparseTaskVector:
         base: dict[str, torch.Tensor],
         masks: dict[str, torch.Tensor] | None = None,
     ) -> SparseTaskVector:
-        """``finetuned - base`` on the entries where ``masks[name]`` is true (all nonzero differences without masks)."""
+        """``finetuned - base`` on the entries where ``masks[name]`` is true.
+
+        Without masks: all nonzero differences.
+        """
         tv = cls()
         for name, theta in finetuned.items():
             if name not in base or (masks is not None and name not in masks):
@@ -92,7 +95,8 @@ class SparseTaskVector:
         for name in self.masks:
             if name not in params:
                 raise KeyError(
-                    f"task vector entry {name!r} is not a parameter of {type(model).__name__}; was it saved for another model?"
+                    f"task vector entry {name!r} is not a parameter of {type(model).__name__}; "
+                    "was it saved for another model?"
                 )
             p = params[name]
             if tuple(p.shape) != tuple(self.shapes[name]):

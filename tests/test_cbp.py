@@ -1,4 +1,5 @@
-"""CBP: replacement is function-preserving at the moment it happens, state round-trips, plain-Trainer callback works."""
+"""CBP: replacement is function-preserving at the moment it happens, state round-trips,
+plain-Trainer callback works."""
 
 from __future__ import annotations
 

@@ -99,7 +99,10 @@ _HOOKED_OPTIMIZERS = {
 
 @pytest.mark.parametrize("kind", sorted(_HOOKED_OPTIMIZERS))
 def test_step_hooks_keep_firing_with_update_masks(kind):
-    """register_step_pre_hook / post_hook: the pre-hook sees the gradients before the update, the post-hook after it."""
+    """register_step_pre_hook / post_hook.
+
+    The pre-hook sees the gradients before the update, the post-hook after it.
+    """
     params = _params()
     opt = _HOOKED_OPTIMIZERS[kind](params)
     seen = []

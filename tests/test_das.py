@@ -53,7 +53,10 @@ def test_info_nce_identical_views_score_lower_than_random():
 
 
 def _hand_info_nce(z1, z2, z3, tau):
-    """docs/algorithms.md §4 written out: anchor z1[i], positive z2[i], negatives the other z2 and every z3 (own included)."""
+    """docs/algorithms.md §4 written out.
+
+    Anchor z1[i], positive z2[i], negatives the other z2 and every z3 (own included).
+    """
     candidates = list(z2) + list(z3)
     total = 0.0
     for i in range(len(z1)):

@@ -1,7 +1,7 @@
 """Gradient checkpointing under DAS: the gates and view dropout shape the recomputed forward exactly as the first one.
 
-docs/algorithms.md §8: backward re-runs checkpointed layers; a hook removed before backward makes the recomputation differ
-(non-reentrant: ``CheckpointError``; reentrant: silently wrong gradients).
+docs/algorithms.md §8: backward re-runs checkpointed layers; a hook removed before backward makes the
+recomputation differ (non-reentrant: ``CheckpointError``; reentrant: silently wrong gradients).
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ def _trainer_run(out: Path, mode: str, importance, rank: int, world: int) -> dic
 def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     """FSDP2 (``fully_shard``, DTensor parameters) with a hand-written loop; one process: no sharding.
 
-    accelerate 1.15 does not apply FSDP on CPU (see README, "Performance and scale-out"), so the sharding is torch's own;
-    the processes still come from ``accelerate launch``. Grad mode runs without clipping: under FSDP2 the
+    accelerate 1.15 does not apply FSDP on CPU (see README, "Performance and scale-out"), so the sharding is
+    torch's own; the processes still come from ``accelerate launch``. Grad mode runs without clipping: under FSDP2 the
     grad mask is applied after clipping (ShardedGradMask).
     """
     from conftest import tiny_llama

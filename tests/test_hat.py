@@ -1,4 +1,5 @@
-"""HAT / AdaHAT: earlier tasks' units frozen bit-for-bit, task outputs reproducible under their mask, annealing, state."""
+"""HAT / AdaHAT: earlier tasks' units frozen bit-for-bit, task outputs reproducible under their mask,
+annealing, state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 11's defects, one test each: every test here failed on the code before its fix (see docs/strategies_validation.md)."""
+"""Issue 11's defects, one test each: every test here failed on the code before its fix
+(see docs/strategies_validation.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Each strategy's defining computation against a hand computation on a small case.
 
-Written to catch planted bugs (docs/strategies_validation.md lists which planted bug each test caught): a regularizer blind to
-earlier tasks, a count of earlier tasks taken as a max instead of a sum, a replacement count without carry-over,
-a normalization along the wrong axis, a Fisher from the argmax label, a Fisher replaced instead of accumulated, a
-distillation without its T^2 or with the KL reversed, a utility summed over the wrong axis.
+Written to catch planted bugs (docs/strategies_validation.md lists which planted bug each test caught): a regularizer
+blind to earlier tasks, a count of earlier tasks taken as a max instead of a sum, a replacement count without
+carry-over, a normalization along the wrong axis, a Fisher from the argmax label, a Fisher replaced instead of
+accumulated, a distillation without its T^2 or with the KL reversed, a utility summed over the wrong axis.
 """
 
 from __future__ import annotations

@@ -217,7 +217,10 @@ class CBPStrategy(ContinualStrategy):
 
     @torch.no_grad()
     def replace_units(self, layer: int, units: torch.Tensor, optimizer=None) -> None:
-        """Re-initialise FFN neurons ``units`` of ``layer`` (function-preserving up to their deviation from the mean)."""
+        """Re-initialise FFN neurons ``units`` of ``layer``.
+
+        Function-preserving up to their deviation from the mean.
+        """
         units = torch.as_tensor(units, dtype=torch.long).flatten()
         incoming, out = self._ffn_slices(layer)
         corr = 1 - self.cfg.decay_rate ** self.age[layer, units]
@@ -234,7 +237,8 @@ class CBPStrategy(ContinualStrategy):
             bias.add_(contribution.to(bias.dtype))
         elif not self._warned_no_bias:
             warnings.warn(
-                f"{type(out_module).__name__} of layer {layer} has no bias: CBP cannot absorb the mean contribution of "
+                f"{type(out_module).__name__} of layer {layer} has no bias: "
+                "CBP cannot absorb the mean contribution of "
                 "replaced neurons, so each replacement shifts the output by it",
                 RuntimeWarning,
                 stacklevel=2,

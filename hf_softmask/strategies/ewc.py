@@ -103,7 +103,8 @@ class EWCStrategy(ContinualStrategy):
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
         if dataloader is None:
             raise ValueError(
-                "EWC estimates the Fisher on the task's data: pass a dataloader to after_task(model, task_id, dataloader)"
+                "EWC estimates the Fisher on the task's data: "
+                "pass a dataloader to after_task(model, task_id, dataloader)"
             )
         params = {n: p for n, p in self._params(model).items() if p.requires_grad}
         scores, seen = fisher_diagonal(

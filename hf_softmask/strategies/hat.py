@@ -64,7 +64,8 @@ class HATConfig(StrategyConfig):
     mode: str = field(
         default="update",
         metadata={
-            "help": "'update': scale the optimizer's whole change of owned slices (exact freeze under AdamW with weight "
+            "help": "'update': scale the optimizer's whole change of owned slices "
+            "(exact freeze under AdamW with weight "
             "decay). 'grad': scale gradients, as in the paper (only exact under SGD).",
             "choices": list(MODES),
         },
@@ -232,7 +233,8 @@ class HATStrategy(ContinualStrategy):
         if model.training:
             if self.e_heads is None:
                 raise RuntimeError(
-                    "HAT has no task embedding yet: call strategy.before_task(model, task_id, dataloader) before training"
+                    "HAT has no task embedding yet: "
+                    "call strategy.before_task(model, task_id, dataloader) before training"
                 )
             if self._num_batches is None:
                 raise ValueError(

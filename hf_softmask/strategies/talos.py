@@ -148,7 +148,8 @@ class TaLoSStrategy(ContinualStrategy):
         """Compute the trainable masks over ``rounds`` rounds of Fisher scoring on ``dataloader``."""
         if dataloader is None:
             raise ValueError(
-                "TaLoS scores sensitivity on the task's data: pass the train dataloader to before_task(model, task_id, dataloader)"
+                "TaLoS scores sensitivity on the task's data: "
+                "pass the train dataloader to before_task(model, task_id, dataloader)"
             )
         params = scoped_parameters(model, self.cfg.scope)
         if not params:

@@ -93,12 +93,14 @@ class SubnetworkConfig(PeftConfig):
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.selection == "threshold" and self.score_init == "constant" and self.init_score < self.threshold:
             raise ValueError(
-                f"init_score={self.init_score} < threshold={self.threshold} would mask out every pretrained weight at the "
+                f"init_score={self.init_score} < threshold={self.threshold} "
+                "would mask out every pretrained weight at the "
                 "start of task 1; use init_score >= threshold"
             )
         if self.selection == "threshold" and self.score_init == "magnitude" and self.threshold > 0:
             raise ValueError(
-                f"score_init='magnitude' starts the smallest weights' scores near 0, below threshold={self.threshold}; "
+                "score_init='magnitude' starts the smallest weights' scores near 0, "
+                f"below threshold={self.threshold}; "
                 "use threshold <= 0 so the first mask keeps the whole pretrained layer"
             )
         if isinstance(self.target_modules, (list, tuple)):

@@ -64,7 +64,8 @@ class SubnetworkModel(BaseTuner):
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
                 raise ValueError(
-                    f"no default target_modules for model type {model_type!r} (known: {', '.join(sorted(self.target_module_mapping))}); "
+                    f"no default target_modules for model type {model_type!r} "
+                    f"(known: {', '.join(sorted(self.target_module_mapping))}); "
                     "pass SubnetworkConfig(target_modules=[...]) or target_modules='all-linear'"
                 )
             peft_config.target_modules = set(self.target_module_mapping[model_type])
@@ -78,7 +79,8 @@ class SubnetworkModel(BaseTuner):
             return
         if not isinstance(target, SUPPORTED_LAYER_TYPES):
             raise TypeError(
-                f"target module {current_key!r} is a {type(target).__name__}; subnetworks support nn.Linear and Conv1D. "
+                f"target module {current_key!r} is a {type(target).__name__}; "
+                "subnetworks support nn.Linear and Conv1D. "
                 "Narrow target_modules (or add it to exclude_modules)."
             )
         new_module = SubnetworkLinear(target, adapter_name, peft_config)

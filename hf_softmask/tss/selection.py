@@ -39,7 +39,9 @@ def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class StraightThroughMask(torch.autograd.Function):
-    """Forward: the binary mask of ``scores`` as a float tensor. Backward: the incoming gradient, unchanged, to ``scores``.
+    """Forward: the binary mask of ``scores`` as a float tensor.
+
+    Backward: the incoming gradient, unchanged, to ``scores``.
 
     One gradient per input (``None`` for the non-tensor ones); CLArena's version returns a single gradient for
     two inputs and crashes in backward.
@@ -56,5 +58,8 @@ class StraightThroughMask(torch.autograd.Function):
 
 
 def straight_through_mask(scores: torch.Tensor, selection: str, value: float) -> torch.Tensor:
-    """Float 0/1 mask of ``scores`` (``selection`` 'threshold' with ``value`` = tau, or 'topk' with ``value`` = keep ratio)."""
+    """Float 0/1 mask of ``scores``.
+
+    ``selection`` 'threshold' with ``value`` = tau, or 'topk' with ``value`` = keep ratio.
+    """
     return StraightThroughMask.apply(scores, selection, value)

@@ -12,7 +12,8 @@ Args:
     references (list of int): true labels.
     average (str or None): "binary" (F1 of pos_label), "micro" (from pooled counts), "macro" (unweighted
         mean over classes), "weighted" (mean weighted by each class's reference count), or None (per-class array).
-    labels (list of int, optional): classes to score and their order; default: sorted union of predictions and references.
+    labels (list of int, optional): classes to score and their order; default: sorted union of predictions and \
+references.
     pos_label (int): the positive class for average="binary".
     sample_weight (list of float, optional): per-example weights.
 Returns:
