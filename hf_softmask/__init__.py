@@ -10,7 +10,7 @@ from .importance_estimators import ImportanceEstimator
 from .layout import UnitLayout
 from .masking import SoftMaskConfig, SoftMasker, build_param_masks
 from .optim import MaskedAdamW, MaskedSGD, install_update_masks
-from .registry import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
+from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
 from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
 from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
 

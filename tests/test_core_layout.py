@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_MODELS, VOCAB, random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 from hf_softmask import ArchitectureSpec, UnitGates, UnitLayout, UnsupportedModelError, gated, register_architecture
-from hf_softmask.registry import _REGISTRY
+from hf_softmask.architectures import _REGISTRY
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))

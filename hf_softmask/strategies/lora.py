@@ -3,7 +3,7 @@
 ``before_task`` injects a PEFT LoRA adapter IN PLACE into the model the runner holds
 (:func:`peft.inject_adapter_in_model`, no ``PeftModel`` wrapper, so the runner's ``model`` object stays the one it
 trains, evaluates and saves) on the attention and FFN projections named by the architecture registry
-(:class:`hf_softmask.registry.ArchitectureSpec`: ``query``/``key``/``value``/``attn_out`` and ``ffn_in``/``ffn_out``
+(:meth:`hf_softmask.architectures.ArchitectureSpec.projections`: query/key/value/attn_out and ffn_in/ffn_out
 of every layer), and leaves only the adapter's parameters trainable, so the Trainer's optimizer (built from the
 parameters that require grad) holds nothing else: the base weights stay bit-identical during the domain.
 ``after_task`` merges each adapter into its base layer (``W <- W + (alpha / rank) * B A``, PEFT's ``merge``), puts
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..registry import get_architecture
+from ..architectures import get_architecture
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 
@@ -61,12 +61,7 @@ def lora_target_modules(model: nn.Module, targets: str = "all") -> list[str]:
         raise ValueError(f"targets must be one of {list(TARGETS)}, got {targets!r}")
     inner = unit_model(model)
     spec = get_architecture(inner.config.model_type)
-    paths = []
-    if targets in ("all", "attention"):
-        paths += [spec.query, spec.key, spec.value, spec.attn_out]
-    if targets in ("all", "ffn"):
-        paths += [*spec.ffn_in, spec.ffn_out]
-    paths = list(dict.fromkeys(paths))  # a fused q/k/v projection (GPT-2 c_attn) is named three times
+    paths = spec.projections(targets)
     names = {id(m): n for n, m in model.named_modules()}
     layers = getattr(inner, "base_model", inner).get_submodule(spec.layers)
     return [names[id(block.get_submodule(p))] for block in layers for p in paths]

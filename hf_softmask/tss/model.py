@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..architectures import get_architecture, supported_model_types
 from ..io import atomic_save_safetensors, push_saved_to_hub
 from .config import SubnetworkConfig
 from .layer import SUPPORTED_LAYER_TYPES, SubnetworkLayer, SubnetworkLinear
@@ -21,18 +22,25 @@ __all__ = ["SubnetworkModel", "get_subnetwork_model", "ADAPTER_WEIGHTS", "ADAPTE
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
-#: Default scored layers per model type: every attention and FFN projection of each block.
-TARGET_MODULES_MAPPING: dict[str, list[str]] = {
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "electra": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
-    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+
+class _ArchitectureTargets(Mapping):
+    """Default scored layers per model type, read from the architecture table (hf_softmask/architectures.py):
+    every attention and FFN projection of each block, as PEFT suffix patterns. A registered architecture gets
+    TSS/WSN defaults with no second table to keep in step."""
+
+    def __getitem__(self, model_type: str) -> list[str]:
+        if model_type not in supported_model_types():
+            raise KeyError(model_type)
+        return list(get_architecture(model_type).projections())
+
+    def __iter__(self):
+        return iter(supported_model_types())
+
+    def __len__(self) -> int:
+        return len(supported_model_types())
+
+
+TARGET_MODULES_MAPPING: Mapping[str, list[str]] = _ArchitectureTargets()
 
 
 class SubnetworkModel(BaseTuner):

@@ -53,6 +53,18 @@ class ArchitectureSpec:
     fused_qkv: bool = False
     extra: dict = field(default_factory=dict)
 
+    def projections(self, which: str = "all") -> tuple[str, ...]:
+        """Paths (relative to a block) of the attention and/or FFN projections, each once: what TSS/WSN score and
+        LoRA adapts by default. ``which``: ``all``, ``attention`` or ``ffn``."""
+        if which not in ("all", "attention", "ffn"):
+            raise ValueError(f"which must be 'all', 'attention' or 'ffn', got {which!r}")
+        paths = []
+        if which in ("all", "attention"):
+            paths += [self.query, self.key, self.value, self.attn_out]
+        if which in ("all", "ffn"):
+            paths += [*self.ffn_in, self.ffn_out]
+        return tuple(dict.fromkeys(paths))  # a fused q/k/v projection (GPT-2 c_attn) is named three times
+
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}
 
