@@ -134,7 +134,7 @@ class UnitLayout:
             own(ffn_out, spec.ffn_out, "ffn", "in", ffn_idx)
         self.head_dim = head_dim
         self.ffn_size = ffn_size
-        self._model_ref = model
+        self._model = model
 
     @classmethod
     def from_model(cls, model: nn.Module) -> UnitLayout:
@@ -145,6 +145,11 @@ class UnitLayout:
             raise TypeError(f"{type(model).__name__} has no .config; pass a transformers PreTrainedModel")
         model_type = config.model_type
         return cls(model, get_architecture(model_type), model_type)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this layout was built from (strategies compare it to the model they are handed)."""
+        return self._model
 
     @property
     def group_size(self) -> int:
@@ -176,7 +181,7 @@ class UnitLayout:
 
     def unowned_parameters(self, model: nn.Module | None = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters no unit owns, by category: embeddings, norms, task_head, other."""
-        model = model if model is not None else self._model_ref
+        model = model if model is not None else self._model
         # By name: fully_shard replaces every parameter object after the layout was built, not the names.
         owned = {s.name for s in self.owned}
         base_ids = {id(p) for p in self.base_model.parameters()}

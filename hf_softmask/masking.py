@@ -147,7 +147,7 @@ def build_param_masks(
     layout: UnitLayout, importance: UnitImportance, config: SoftMaskConfig | None = None
 ) -> dict[nn.Parameter, torch.Tensor]:
     """:func:`build_named_masks` keyed by the current parameters of the layout's model."""
-    return resolve_masks(layout._model_ref, build_named_masks(layout, importance, config))
+    return resolve_masks(layout.model, build_named_masks(layout, importance, config))
 
 
 def mask_statistics(

@@ -176,7 +176,7 @@ def base_modules(model: nn.Module) -> list[nn.Module]:
 def check_adapters_reach_units(layout) -> None:
     """Refuse soft-masking a PEFT model whose adapters train no slice any unit owns (e.g. LoRA on ``lm_head``
     only): every unit is frozen already, so masks would protect nothing that can change."""
-    model = layout._model_ref
+    model = layout.model
     peft = _peft()
     if peft is None:
         return

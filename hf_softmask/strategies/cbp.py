@@ -100,7 +100,7 @@ class CBPStrategy(ContinualStrategy):
     # -- setup ------------------------------------------------------------------------------------
     def _ensure(self, model: nn.Module) -> None:
         model = unit_model(model)
-        if self.layout is not None and self.layout._model_ref is model:
+        if self.layout is not None and self.layout.model is model:
             return
         self._remove_hooks()
         self.layout = UnitLayout.from_model(model)
@@ -248,7 +248,7 @@ class CBPStrategy(ContinualStrategy):
         std = (
             self.cfg.init_std
             if self.cfg.init_std is not None
-            else getattr(self.layout._model_ref.config, "initializer_range", 0.02)
+            else getattr(self.layout.model.config, "initializer_range", 0.02)
         )
         for s in incoming:
             p = s.param

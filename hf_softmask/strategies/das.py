@@ -113,7 +113,7 @@ class DASStrategy(ContinualStrategy):
     # -- importance ------------------------------------------------------------------------------
     def layout(self, model: nn.Module) -> UnitLayout:
         model = _unwrap(model)
-        if self._layout is None or self._layout._model_ref is not model:
+        if self._layout is None or self._layout.model is not model:
             self._layout = UnitLayout.from_model(model)
             self._view_dropout = 0.0 if has_dropout(model) else self.cfg.perturbation_dropout
         return self._layout

@@ -159,7 +159,7 @@ class HATStrategy(ContinualStrategy):
     # -- setup ------------------------------------------------------------------------------------
     def _ensure(self, model: nn.Module) -> None:
         model = unit_model(model)
-        if self.layout is not None and self.layout._model_ref is model:
+        if self.layout is not None and self.layout.model is model:
             return
         if self.gates is not None:
             self.gates.remove()
@@ -281,7 +281,7 @@ class HATStrategy(ContinualStrategy):
             self._masker = None
         if self.masks:  # from the second task on
             self._masker = SoftMasker(
-                self.layout._model_ref, self._protection(), self._mask_config(), layout=self.layout
+                self.layout.model, self._protection(), self._mask_config(), layout=self.layout
             ).attach(optimizer)
 
     def _gates_changed(self) -> None:
