@@ -138,14 +138,6 @@ class UnitImportance:
             meta={"layout": layout.signature()},
         )
 
-    @classmethod
-    def ones_like_layout(cls, layout) -> UnitImportance:
-        return cls(
-            torch.ones(layout.num_layers, layout.num_heads),
-            torch.ones(layout.num_layers, layout.ffn_size),
-            meta={"layout": layout.signature()},
-        )
-
     # -- algebra -------------------------------------------------------------------------------
     def normalized(self, normalization: str = DEFAULT_NORMALIZATION) -> UnitImportance:
         """Heads and FFN neurons mapped into [0, 1], separately, by ``normalization`` (a key of
@@ -160,10 +152,6 @@ class UnitImportance:
         return UnitImportance(
             torch.maximum(self.heads, other.heads), torch.maximum(self.ffn, other.ffn), dict(self.meta)
         )
-
-    def soft_mask(self) -> UnitImportance:
-        """``1 - importance`` (the factor applied to protected units' updates)."""
-        return UnitImportance(1 - self.heads, 1 - self.ffn, dict(self.meta))
 
     def _check_same_shape(self, other: UnitImportance) -> None:
         if self.heads.shape != other.heads.shape or self.ffn.shape != other.ffn.shape:
@@ -256,14 +244,6 @@ class UnitImportance:
             return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
 
         return {"heads": r(self.heads, other.heads), "ffn": r(self.ffn, other.ffn)}
-
-    def summary(self) -> dict:
-        return {
-            "heads_mean": float(self.heads.mean()),
-            "ffn_mean": float(self.ffn.mean()),
-            "heads_above_0.9": float((self.heads > 0.9).float().mean()),
-            "ffn_above_0.9": float((self.ffn > 0.9).float().mean()),
-        }
 
     def __repr__(self) -> str:
         return (

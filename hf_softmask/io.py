@@ -14,7 +14,6 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
-    "atomic_torch_save",
     "atomic_replace_dir",
 ]
 
@@ -61,18 +60,6 @@ def atomic_save_safetensors(
     tmp = _tmp_beside(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _commit(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
-        torch.save(obj, tmp)
         _commit(tmp, path)
     finally:
         if os.path.exists(tmp):

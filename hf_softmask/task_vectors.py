@@ -43,26 +43,6 @@ class SparseTaskVector:
         self.values[name] = values.detach().reshape(-1).cpu()
         self.shapes[name] = tuple(mask.shape)
 
-    @classmethod
-    def from_difference(
-        cls,
-        finetuned: dict[str, torch.Tensor],
-        base: dict[str, torch.Tensor],
-        masks: dict[str, torch.Tensor] | None = None,
-    ) -> SparseTaskVector:
-        """``finetuned - base`` on the entries where ``masks[name]`` is true.
-
-        Without masks: all nonzero differences.
-        """
-        tv = cls()
-        for name, theta in finetuned.items():
-            if name not in base or (masks is not None and name not in masks):
-                continue
-            diff = theta.detach().float() - base[name].detach().float().to(theta.device)
-            keep = masks[name].bool().to(diff.device) if masks is not None else diff != 0
-            tv.add(name, keep, diff[keep])
-        return tv
-
     def mask(self, name: str) -> torch.Tensor:
         """Bool mask of the entries of ``name`` this vector changes."""
         return unpack_bits(self.masks[name], self.shapes[name])

@@ -352,12 +352,6 @@ class CBPStrategy(ContinualStrategy):
         self.steps = int((self.saved_config(directory) or {}).get("steps", 0))
         self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
 
-    def summary(self) -> dict:
-        return {
-            "replaced_per_layer": [] if self.num_replaced is None else self.num_replaced.int().tolist(),
-            "steps": self.steps,
-        }
-
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
 

@@ -311,16 +311,6 @@ class HATStrategy(ContinualStrategy):
         self.cum_ffn = torch.maximum(self.cum_ffn, mask[1])
         self._show_task_mask(task_id)
 
-    def usage(self) -> dict:
-        """Fraction of heads and FFN neurons used by each finished task and by all of them."""
-        out = {
-            f"task_{t}": {"heads": float(m[0].mean()), "ffn": float(m[1].mean())}
-            for t, m in sorted(self.masks.items())
-        }
-        if self.cum_heads is not None:
-            out["cumulative"] = {"heads": float(self.cum_heads.mean()), "ffn": float(self.cum_ffn.mean())}
-        return out
-
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}

@@ -199,7 +199,7 @@ class SubnetworkLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise NotImplementedError(
-            "a subnetwork depends on the task; export one task with SubnetworkModel.task_state_dict"
+            "a subnetwork depends on the task; export one task's binary masks with SubnetworkModel.task_masks(task)"
         )
 
     def unmerge(self) -> None:
