@@ -1,7 +1,9 @@
 """hf_softmask: continual pre-training and finetuning without forgetting for Hugging Face Transformers."""
 
 import importlib
+from typing import TYPE_CHECKING
 
+from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
 from .callback import SoftMaskCallback
 from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
 from .gates import UnitGates, gated
@@ -10,11 +12,36 @@ from .importance_estimators import ImportanceEstimator
 from .layout import UnitLayout
 from .masking import SoftMaskConfig, SoftMasker, build_param_masks
 from .optim import MaskedAdamW, MaskedSGD, install_update_masks
-from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
 from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
 from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from .bitpack import pack_bits, unpack_bits
+    from .comparison import CompareArguments, run_comparison
+    from .continual import ContinualPretrainingArguments, run_continual_pretraining
+    from .continual.finetune import (
+        ContinualFinetuneArguments,
+        ContinualFinetuneTrainingArguments,
+        run_continual_finetune,
+    )
+    from .contrastive import das_contrastive_loss
+    from .fisher import fisher_diagonal
+    from .strategies.cbp import CBPCallback, CBPConfig, CBPStrategy
+    from .strategies.das import DASConfig, DASStrategy
+    from .strategies.ewc import EWCConfig, EWCStrategy
+    from .strategies.freeze_bottom import FreezeBottomConfig, FreezeBottomStrategy
+    from .strategies.hat import AdaHATConfig, AdaHATStrategy, HATConfig, HATStrategy
+    from .strategies.kd import KDConfig, KDStrategy
+    from .strategies.lora import LoRAConfig, LoRAStrategy
+    from .strategies.naive import NaiveConfig, NaiveStrategy
+    from .strategies.talos import TaLoSConfig, TaLoSStrategy
+    from .strategies.tss import TSSConfig, TSSStrategy
+    from .strategies.wsn import WSNConfig, WSNStrategy
+    from .task_heads import MultiTaskClassifier
+    from .task_vectors import SparseTaskVector, apply_task_vectors
+    from .tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
 
 # Heavier pieces (PEFT tuners, strategies, runners) load on first use: name -> module.
 _LAZY = {
@@ -41,6 +68,14 @@ _LAZY = {
     "KDStrategy": "strategies.kd",
     "KDConfig": "strategies.kd",
     "NaiveStrategy": "strategies.naive",
+    "NaiveConfig": "strategies.naive",
+    "DASConfig": "strategies.das",
+    "TSSConfig": "strategies.tss",
+    "WSNConfig": "strategies.wsn",
+    "LoRAStrategy": "strategies.lora",
+    "LoRAConfig": "strategies.lora",
+    "FreezeBottomStrategy": "strategies.freeze_bottom",
+    "FreezeBottomConfig": "strategies.freeze_bottom",
     "SparseTaskVector": "task_vectors",
     "apply_task_vectors": "task_vectors",
     "fisher_diagonal": "fisher",
