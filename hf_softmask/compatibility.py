@@ -144,7 +144,12 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "accumulation": _tested(f"{_M}[DAS runner-accumulation]", _RUNNER_FLAGS),
         "ddp": _tested(_DDP, "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
                        "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size"),
-        "fsdp2": _tested("tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes"),
+        "fsdp2": _tested("tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
+                         "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
+                         note="the runner test shows a DAS domain training, evaluating, saving and resuming under "
+                         "fully_shard on 2 gloo processes (identical importance on both ranks); that protected "
+                         "slices stay unchanged under sharded parameters is shown for the masking DAS uses (the "
+                         "second test; on a GPU: the SoftMaskCallback's fsdp2 cell)"),
         "peft": _tested(f"{_M}[DAS runner-peft]",
                         "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices"),
         "compile": _tested(f"{_M}[DAS runner-compile]", note=_COMPILE_NOTE),
