@@ -163,8 +163,10 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
         "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
         "ddp": _tested(_DDP),
-        "fsdp2": _refused("TSS/WSN " + _FSDP2_STATE.format(what="per-task bit-packed subnetwork masks, weight-shaped "
-                                                          "score tensors and, for WSN, the used-weight masks")),
+        "fsdp2": _refused("TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
+                          "task's mask is bit-packed from the full score tensor; the update masks on scores and "
+                          "weights are full-shape), which FSDP2 shards into DTensors; train TSS/WSN without --fsdp "
+                          "(DDP is supported)"),
         "peft": _refused("TSS and WSN put their own subnetwork layers (a PEFT tuner of their own) on the backbone's "
                          "nn.Linear/Conv1D modules and cannot wrap a PEFT-wrapped backbone's adapter layers; give "
                          "them the plain backbone: the per-task subnetwork is already the parameter-efficient part"),
