@@ -1,8 +1,10 @@
 """Compatibility-matrix cells proven by real Trainer runs on tiny models (see hf_softmask/compatibility.py).
 
 Each case trains a tiny Llama (2 layers, hidden 32, 4 heads) with one training feature on and asserts the row's
-defining property, not only that training ran: protected slices unchanged (soft-masking, HAT's used units), frozen
-entries unchanged (TaLoS), replacements done with finite losses (CBP), a positive penalty (EWC / KD).
+defining property, not only that training ran: protected slices unchanged (soft-masking, DAS with its contrastive
+term, HAT's used units), the first task's outputs bit-identical after the second (TSS / WSN, on the finetuning
+runner's MultiTaskClassifier over the tiny Llama), frozen entries unchanged (TaLoS), replacements done with finite
+losses (CBP), a positive penalty (EWC / KD).
 """
 
 from __future__ import annotations
