@@ -107,7 +107,7 @@ class MultiTaskClassifier(nn.Module):
             self.backbone.set_task(task)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
-        """The Trainer's ``--gradient_checkpointing``: checkpoint the backbone's layers (a head is one linear layer)."""
+        """The Trainer's ``--gradient_checkpointing``: checkpoint the backbone's layers (the heads are linear)."""
         self.backbone.activation_checkpointing_enable(**kwargs)
 
     def train_only_head(self, task: int) -> None:
