@@ -10,8 +10,7 @@ A cell is one of:
   cell that also checks it on a GPU);
 - ``gpu``: works on a GPU only, checked by the ``benchmarks/gpu_check.py`` cell in ``gpu`` (``evidence``: the CPU
   tests of the same code path, if any);
-- ``refused``: unsupported; training is refused at start with ``message`` (``evidence``: the test that sees it);
-- ``todo-runner``: a runner cell whose test is named at merge (``evidence``: the file that will hold it).
+- ``refused``: unsupported; training is refused at start with ``message`` (``evidence``: the test that sees it).
 
 ``note``: a condition the evidence relies on (shown on the page).
 """
@@ -47,11 +46,11 @@ COLUMNS = {
     "compile": "torch.compile",
 }
 
-#: strategy name (``ContinualStrategy.name``) -> its row; strategies without a row are checked by their runner
-STRATEGY_ROWS = {"hat": "HAT", "adahat": "HAT", "cbp": "CBP", "talos": "TaLoS", "ewc": "EWC/KD", "kd": "EWC/KD"}
+#: strategy name (``ContinualStrategy.name``) -> its row; strategies without a row (ft, ncl, lora, ...) refuse nothing
+STRATEGY_ROWS = {"das": "DAS runner", "tss": "TSS/WSN runner", "wsn": "TSS/WSN runner", "hat": "HAT", "adahat": "HAT",
+                 "cbp": "CBP", "talos": "TaLoS", "ewc": "EWC/KD", "kd": "EWC/KD"}
 
-TODO_RUNNER = "TODO-runner"
-STATUSES = ("tested", "gpu", "refused", "todo-runner")
+STATUSES = ("tested", "gpu", "refused")
 
 
 class UnsupportedSettingError(ValueError):
@@ -84,12 +83,10 @@ def _refused(message: str, *evidence: str) -> Cell:
     return Cell("refused", evidence, message=message)
 
 
-def _todo(path: str) -> Cell:
-    return Cell("todo-runner", (f"{path}::{TODO_RUNNER}",))
-
-
 _M = "tests/test_compat_matrix.py::test_cell"
 _DDP = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
+#: the runner passes its Trainer flags (bf16, checkpointing, accumulation, ...) to every domain's Trainer
+_RUNNER_FLAGS = "tests/test_runner_args.py::test_trainer_flags_reach_every_domain_trainer"
 
 _FSDP2_STATE = ("keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
                 "sharded DTensor parameters; train it without --fsdp")
@@ -98,10 +95,6 @@ _DDP_LOCAL = ("updates {what} from this rank's batches only (nothing is all-redu
 _COMPILE_NOTE = ("a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
                  "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
                  "that Trainer compiles it again (accelerate 1.15)")
-
-
-def _runner(files: dict[str, str]) -> dict[str, Cell]:
-    return {col: _todo(files.get(col, files["default"])) for col in COLUMNS}
 
 
 MATRIX: dict[str, dict[str, Cell]] = {
@@ -135,9 +128,50 @@ MATRIX: dict[str, dict[str, Cell]] = {
                         f"{_M}[SoftMaskTrainer-peft]"),
         "compile": _tested(f"{_M}[SoftMaskTrainer-compile]", note=_COMPILE_NOTE),
     },
-    "DAS runner": _runner({"default": "tests/test_runner_args.py", "ddp": "tests/test_runner_ddp.py",
-                           "fsdp2": "tests/test_runner_fsdp.py"}),
-    "TSS/WSN runner": _runner({"default": "tests/test_continual_finetune.py"}),
+    "DAS runner": {
+        "fp32": _tested("tests/test_continual_pretrain.py::test_sweep_writes_checkpoints_results_and_frontier",
+                        "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices"),
+        "bf16": _tested(f"{_M}[DAS runner-bf16]", _RUNNER_FLAGS,
+                        "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
+                        gpu="das_smollm2"),
+        "fp16": _tested(f"{_M}[DAS runner-fp16]"),
+        "checkpointing": _tested(f"{_M}[DAS runner-checkpointing]", _RUNNER_FLAGS,
+                                 "tests/test_das_amp.py::"
+                                 "test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
+                                 "tests/test_das_checkpointing.py::"
+                                 "test_das_loss_gradients_equal_with_and_without_checkpointing",
+                                 gpu="das_smollm2"),
+        "accumulation": _tested(f"{_M}[DAS runner-accumulation]", _RUNNER_FLAGS),
+        "ddp": _tested(_DDP, "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
+                       "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size"),
+        "fsdp2": _tested("tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
+                         "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
+                         note="the runner test shows a DAS domain training, evaluating, saving and resuming under "
+                         "fully_shard on 2 gloo processes (identical importance on both ranks); that protected "
+                         "slices stay unchanged under sharded parameters is shown for the masking DAS uses (the "
+                         "second test; on a GPU: the SoftMaskCallback's fsdp2 cell)"),
+        "peft": _tested(f"{_M}[DAS runner-peft]",
+                        "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices"),
+        "compile": _tested(f"{_M}[DAS runner-compile]", note=_COMPILE_NOTE),
+    },
+    "TSS/WSN runner": {
+        "fp32": _tested("tests/test_continual_finetune.py::test_tss_run_has_zero_forgetting_and_saves_its_subnetworks",
+                        "tests/test_tss.py::test_task1_outputs_bit_identical_after_task2",
+                        "tests/test_wsn.py::test_earlier_task_outputs_identical_after_later_tasks"),
+        "bf16": _tested(f"{_M}[TSS/WSN runner-bf16]"),
+        "fp16": _tested(f"{_M}[TSS/WSN runner-fp16]"),
+        "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
+        "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
+        "ddp": _tested(_DDP),
+        "fsdp2": _refused("TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
+                          "task's mask is bit-packed from the full score tensor; the update masks on scores and "
+                          "weights are full-shape), which FSDP2 shards into DTensors; train TSS/WSN without --fsdp "
+                          "(DDP is supported)"),
+        "peft": _refused("TSS and WSN put their own subnetwork layers (a PEFT tuner of their own) on the backbone's "
+                         "nn.Linear/Conv1D modules and cannot wrap a PEFT-wrapped backbone's adapter layers; give "
+                         "them the plain backbone: the per-task subnetwork is already the parameter-efficient part"),
+        "compile": _tested(f"{_M}[TSS/WSN runner-compile]", note=_COMPILE_NOTE),
+    },
     "HAT": {
         "fp32": _tested("tests/test_hat.py::test_earlier_task_units_and_outputs_unchanged"),
         "bf16": _tested(f"{_M}[HAT-bf16]"),
@@ -246,7 +280,7 @@ def check_supported(row: str, args=None, model=None) -> None:
 
 
 def check_strategy_supported(strategy, args=None, model=None) -> None:
-    """:func:`check_supported` for a strategy's row; strategies without a row (DAS, TSS, WSN, …) are their runner's."""
+    """:func:`check_supported` for a strategy's row; strategies without a row refuse nothing."""
     row = STRATEGY_ROWS.get(getattr(strategy, "name", None))
     if row is not None:
         check_supported(row, args, model)

@@ -106,6 +106,10 @@ class MultiTaskClassifier(nn.Module):
         if hasattr(self.backbone, "set_task"):
             self.backbone.set_task(task)
 
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """The Trainer's ``--gradient_checkpointing``: checkpoint the backbone's layers (the heads are linear)."""
+        self.backbone.activation_checkpointing_enable(**kwargs)
+
     def train_only_head(self, task: int) -> None:
         """Make head ``task`` the only trainable head (the backbone's flags are left to the strategy)."""
         for t, head in enumerate(self.heads):

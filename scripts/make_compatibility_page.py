@@ -16,12 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS, TODO_RUNNER
+from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS
 
 PAGE = ROOT / "docs" / "compatibility.md"
 
 #: status -> what the summary table shows
-SYMBOLS = {"tested": "✓", "gpu": "GPU check", "refused": "unsupported: refused at start", "todo-runner": TODO_RUNNER}
+SYMBOLS = {"tested": "✓", "gpu": "GPU check", "refused": "unsupported: refused at start"}
 
 
 def _cell(text) -> str:
@@ -43,9 +43,7 @@ def _status_detail(cell) -> str:
     if cell.status == "gpu":
         text = f"GPU check: `benchmarks/gpu_check.py` cell `{cell.gpu}`"
         return text + (f" (the same code on the CPU: {_code(cell.evidence)})" if cell.evidence else "")
-    if cell.status == "refused":
-        return f"unsupported: refused at start with the message “{cell.message}” (shown by {_code(cell.evidence)})"
-    return f"{TODO_RUNNER}: test in {_code(e.split('::')[0] for e in cell.evidence)}, named at merge"
+    return f"unsupported: refused at start with the message “{cell.message}” (shown by {_code(cell.evidence)})"
 
 
 def render() -> str:
@@ -64,9 +62,11 @@ def render() -> str:
         "`on_train_begin`).",
         "",
         "What each row checks: soft-masking (SoftMaskCallback, SoftMaskTrainer): slices of protected units unchanged,",
-        "free units moved; HAT: units used by the first task unchanged while the second trains; CBP: units replaced,",
-        "losses finite; TaLoS: frozen entries unchanged; EWC/KD: finite losses, penalty / distillation term > 0 on",
-        "the second task. Under DDP, the replicas must also stay identical.",
+        "free units moved; DAS runner: the same with DAS's contrastive term present and finite; TSS/WSN runner (the",
+        "finetuning runner's multi-task classifier): the first task's outputs bit-identical after the second task",
+        "trained; HAT: units used by the first task unchanged while the second trains; CBP: units replaced, losses",
+        "finite; TaLoS: frozen entries unchanged; EWC/KD: finite losses, penalty / distillation term > 0 on the",
+        "second task. Under DDP, the replicas must also stay identical.",
         "",
         "| | " + " | ".join(COLUMNS.values()) + " |",
         "|---|" + "---|" * len(COLUMNS),

@@ -1,8 +1,10 @@
 """Compatibility-matrix cells proven by real Trainer runs on tiny models (see hf_softmask/compatibility.py).
 
 Each case trains a tiny Llama (2 layers, hidden 32, 4 heads) with one training feature on and asserts the row's
-defining property, not only that training ran: protected slices unchanged (soft-masking, HAT's used units), frozen
-entries unchanged (TaLoS), replacements done with finite losses (CBP), a positive penalty (EWC / KD).
+defining property, not only that training ran: protected slices unchanged (soft-masking, DAS with its contrastive
+term, HAT's used units), the first task's outputs bit-identical after the second (TSS / WSN, on the finetuning
+runner's MultiTaskClassifier over the tiny Llama), frozen entries unchanged (TaLoS), replacements done with finite
+losses (CBP), a positive penalty (EWC / KD).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 from strategy_utils import lm_dataset, train_args
+from subnetwork_utils import batch_of, logits, task_dataset
 from test_hat import _owned_rows
 from test_peft import LLAMA_ALL, _half_importance, _moved, _protected
 from test_talos import _check_frozen_bit_identical, _snapshot
@@ -25,14 +28,17 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from hf_softmask import (
+    MultiTaskClassifier,
     SoftMaskCallback,
     SoftMaskTrainer,
     SoftMaskTrainingArguments,
     UnitLayout,
 )
 from hf_softmask.compatibility import MATRIX, UnsupportedSettingError
-from hf_softmask.strategies import StrategyTrainer
+from hf_softmask.continual.finetune import build_optimizer
+from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.cbp import CBPStrategy
+from hf_softmask.strategies.das import DASStrategy
 from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.hat import HATStrategy
 from hf_softmask.strategies.kd import KDStrategy
@@ -74,6 +80,8 @@ def _train(trainer, feature, first=True):
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses), losses
+    if feature == "checkpointing":  # the layers really ran checkpointed (a wrapper must pass the flag on)
+        assert any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules())
     if feature == "fp16":
         assert trainer.optimizer.scaler is trainer.accelerator.scaler
     if feature == "compile" and first:  # later Trainers on the same model: see the note of the compile cells
@@ -173,8 +181,57 @@ def row_ewc_kd(tmp_path, feature):
     return models
 
 
-ROWS = {"SoftMaskCallback": row_softmask_callback, "SoftMaskTrainer": row_softmask_trainer, "HAT": row_hat,
-        "CBP": row_cbp, "TaLoS": row_talos, "EWC/KD": row_ewc_kd}
+def row_das(tmp_path, feature):
+    """A DAS domain: half the units at importance 1 (the accumulated importance the runner hands the next domain)."""
+    model = _model(feature)
+    layout = UnitLayout.from_model(model)
+    das = DASStrategy(show_progress=False)
+    das.importance = imp = _half_importance(layout)  # before_task then skips the general-importance pass
+    trainable = [s for s in layout.owned if s.param.requires_grad]
+    before = {s.name: s.param.detach().clone() for s in trainable}
+    _task(model, das, tmp_path, feature, 0, seed=0, after=False)
+    assert das.contrastive_losses and all(math.isfinite(x) for x in das.contrastive_losses)
+    for s in trainable:
+        prot, moved = _protected(layout, s, imp), _moved(s, before)
+        assert not moved[prot].any(), f"{s.name}: protected units moved"
+        assert moved[~prot].any(), f"{s.name}: no free unit moved"
+    return model
+
+
+def _finetune_task(model, strategy, tmp_path, feature, task_id, num_labels):
+    """What the finetuning runner does for one task (tests/subnetwork_utils.py's train_task), with the feature on."""
+    data = task_dataset(task_id, num_labels=num_labels)
+    model.set_task(task_id)
+    model.train_only_head(task_id)
+    loader = DataLoader(data, batch_size=8)
+    strategy.before_task(model, task_id, loader)
+    args = _args(tmp_path / f"t{task_id}", feature, max_steps=4, per_device_train_batch_size=8, weight_decay=0.01)
+    opt = build_optimizer(model, args.learning_rate, 1e-2, args.weight_decay)
+    _train(StrategyTrainer(model=model, args=args, train_dataset=data, strategy=strategy, optimizers=(opt, None)),
+           feature, first=task_id == 0)
+    strategy.after_task(model, task_id, loader)
+    return data
+
+
+def row_tss_wsn(tmp_path, feature):
+    """TSS and WSN: task 0's outputs are bit-identical after task 1 trained, and task 1 did change the model."""
+    models = []
+    for name, kw in (("tss", {}), ("wsn", {"keep_ratio": 0.5})):
+        strategy = get_strategy(name, **kw)
+        model = strategy.prepare_model(MultiTaskClassifier(_model(feature).model, [2, 3]))
+        d0 = _finetune_task(model, strategy, tmp_path / name, feature, 0, num_labels=2)
+        after0 = logits(model, batch_of(d0))
+        scores = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        _finetune_task(model, strategy, tmp_path / name, feature, 1, num_labels=3)
+        assert torch.equal(logits(model, batch_of(d0)), after0), f"{name}: task 0's outputs changed"
+        moved = [n for n, p in model.named_parameters() if n in scores and not torch.equal(p.detach(), scores[n])]
+        assert moved, f"{name}: task 1 trained nothing"
+        models.append(model)
+    return models
+
+
+ROWS = {"SoftMaskCallback": row_softmask_callback, "SoftMaskTrainer": row_softmask_trainer, "DAS runner": row_das,
+        "TSS/WSN runner": row_tss_wsn, "HAT": row_hat, "CBP": row_cbp, "TaLoS": row_talos, "EWC/KD": row_ewc_kd}
 
 
 # Compiling costs ~50 s on a 2-core CPU the first time (inductor), a few seconds after: those cases are slow.
@@ -189,7 +246,7 @@ def test_cell(row, feature, tmp_path):
 
 
 # -- DDP: one launch of 2 gloo processes runs several rows --------------------------------------------------------
-DDP_ROWS = ("SoftMaskTrainer", "HAT", "CBP", "TaLoS", "EWC/KD")
+DDP_ROWS = ("SoftMaskTrainer", "DAS runner", "TSS/WSN runner", "HAT", "CBP", "TaLoS", "EWC/KD")
 
 
 def _ddp_worker(out: Path) -> None:

@@ -29,7 +29,6 @@ from hf_softmask.compatibility import (
     MATRIX,
     REFUSAL_TEST,
     ROWS,
-    TODO_RUNNER,
     UnsupportedSettingError,
     check_supported,
     detect_features,
@@ -39,7 +38,8 @@ PAGE_SCRIPT = ROOT / "scripts" / "make_compatibility_page.py"
 DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
 #: refused cells checked here (one process); DDP cells are checked by DDP_TEST inside its 2-process launch
 REFUSED = [(row, col) for row in ROWS for col in COLUMNS if MATRIX[row][col].status == "refused" and col != "ddp"]
-#: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied)
+#: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied);
+#: "peft" is a LoRA-wrapped model instead (see _trainers)
 COLUMN_ARGS = {"bf16": {"bf16": True}, "fp16": {"fp16": True}, "accumulation": {"gradient_accumulation_steps": 2},
                "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
                "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}}}
@@ -100,9 +100,6 @@ def test_every_cell_is_filled_with_evidence_that_exists():
         assert list(MATRIX[row]) == list(COLUMNS), row
         for col, cell in MATRIX[row].items():
             where = f"{row} / {COLUMNS[col]}"
-            if cell.status == "todo-runner":  # filled at merge, when the runner tests land
-                assert cell.evidence and all(e.endswith(f"::{TODO_RUNNER}") for e in cell.evidence), where
-                continue
             if cell.status in ("gpu",) or cell.gpu:
                 assert cell.gpu in gpu_cells, f"{where}: no gpu_check cell {cell.gpu!r}"
             if cell.status == "tested":
@@ -124,28 +121,54 @@ def test_a_missing_test_or_case_is_caught():
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
-def _trainers(row: str, args):
-    """The row's real Trainer(s) on a tiny Llama, ready to train()."""
+def _trainers(row: str, args, col: str):
+    """The row's real Trainer(s) on a tiny Llama (LoRA-wrapped for the peft column), ready to train()."""
     from conftest import tiny_llama
     from strategy_utils import lm_dataset
     from torch.utils.data import DataLoader
     from transformers import Trainer
 
     from hf_softmask import (
+        MultiTaskClassifier,
         SoftMaskCallback,
         SoftMaskTrainer,
         SoftMaskTrainingArguments,
         UnitImportance,
         UnitLayout,
     )
-    from hf_softmask.strategies import StrategyTrainer
+    from hf_softmask.continual.finetune import build_optimizer
+    from hf_softmask.strategies import StrategyTrainer, get_strategy
     from hf_softmask.strategies.cbp import CBPStrategy
+    from hf_softmask.strategies.das import DASStrategy
     from hf_softmask.strategies.ewc import EWCStrategy
     from hf_softmask.strategies.hat import HATStrategy
     from hf_softmask.strategies.kd import KDStrategy
     from hf_softmask.strategies.talos import TaLoSStrategy
 
-    model, data = tiny_llama(), lm_dataset(n_batches=2, seq_len=12)
+    def tiny(backbone=False):  # the causal LM, or its base model (the finetuning runner's backbone)
+        model = tiny_llama().model if backbone else tiny_llama()
+        if col != "peft":
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+    if row == "TSS/WSN runner":  # the finetuning runner's model and optimizer
+        from subnetwork_utils import task_dataset
+
+        def finetune(name):
+            strategy = get_strategy(name)
+            model = strategy.prepare_model(MultiTaskClassifier(tiny(backbone=True), [2]))
+            model.train_only_head(0)
+            strategy.before_task(model, 0)
+            opt = build_optimizer(model, args.learning_rate, 1e-2, args.weight_decay)
+            return StrategyTrainer(model=model, args=args, train_dataset=task_dataset(0), strategy=strategy,
+                                   optimizers=(opt, None))
+
+        for name in ("tss", "wsn"):
+            yield lambda name=name: finetune(name)
+        return
+    model, data = tiny(), lm_dataset(n_batches=2, seq_len=12)
     importance = UnitImportance.zeros_like_layout(UnitLayout.from_model(model))
     if row == "SoftMaskCallback":
         yield lambda: Trainer(model=model, args=args, train_dataset=data, callbacks=[SoftMaskCallback(importance)])
@@ -154,11 +177,11 @@ def _trainers(row: str, args):
         cls_args = SoftMaskTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in args.__dict__})
         yield lambda: SoftMaskTrainer(model=model, args=cls_args, train_dataset=data, importance=importance)
         return
-    strategies = {"HAT": [HATStrategy], "CBP": [CBPStrategy], "TaLoS": [TaLoSStrategy],
+    strategies = {"DAS runner": [DASStrategy], "HAT": [HATStrategy], "CBP": [CBPStrategy], "TaLoS": [TaLoSStrategy],
                   "EWC/KD": [EWCStrategy, KDStrategy]}[row]
     def build(cls):
         strategy = cls()
-        prepared = strategy.prepare_model(tiny_llama())
+        prepared = strategy.prepare_model(tiny())
         strategy.before_task(prepared, 0, DataLoader(data, batch_size=4))  # ready to train, as the runners do
         return StrategyTrainer(model=prepared, args=args, train_dataset=data, strategy=strategy)
 
@@ -178,9 +201,9 @@ def _refusal_worker(out: Path) -> None:
                       LOCAL_WORLD_SIZE="1")
     results = {}
     for row, col in REFUSED:
-        args = train_args(out / "trainer", max_steps=1, **COLUMN_ARGS[col])
+        args = train_args(out / "trainer", max_steps=1, **COLUMN_ARGS.get(col, {}))
         got = []
-        for make in _trainers(row, args):
+        for make in _trainers(row, args, col):
             try:
                 make().train()
                 got.append("trained without refusing")

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..compatibility import check_strategy_supported
 from ..estimators import move_batch
 from ..io import atomic_write_json
 from ..masking import MODES, GradMaskHooks
@@ -154,6 +155,8 @@ class SubnetworkStrategy(ContinualStrategy):
         if not hasattr(model, "backbone"):
             raise TypeError(f"{self.name} expects a MultiTaskClassifier-like model with a .backbone, got {type(model).__name__}")
         if not isinstance(model.backbone, SubnetworkModel):
+            # Before the Trainer (whose train begin checks the rest): a PEFT backbone fails while being wrapped.
+            check_strategy_supported(self, model=model.backbone)
             model.backbone = get_subnetwork_model(model.backbone, self.adapter_config)
         return model
 
