@@ -26,6 +26,7 @@ def _split_half(model, tok, mlm, objective, blocks):
 
 
 @pytest.mark.slow
+@pytest.mark.expensive  # minutes on a 2-core CPU: run with pytest -m expensive
 @pytest.mark.parametrize("objective,blocks", [("kl_dropout", 128), ("lm_loss", 128)])
 def test_minilm_normalized_importance_is_stable(minilm_dir, objective, blocks):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -41,6 +42,7 @@ def test_minilm_normalized_importance_is_stable(minilm_dir, objective, blocks):
 
 
 @pytest.mark.slow
+@pytest.mark.expensive  # minutes on a 2-core CPU: run with pytest -m expensive
 def test_smollm2_normalized_importance_is_stable_on_heads(smollm2_dir):
     """SmolLM2-135M, lm_loss, 16k input tokens per half: heads >= 0.9 with the default normalization, which beats
     the paper's map on heads and FFN. FFN neurons need more data than this: measured 0.76 here and 0.86 at 32k
