@@ -132,6 +132,22 @@ def smollm2_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, minilm_dir):
+    """A tiny BERT masked LM saved with MiniLM's tokenizer: the runners' model in seconds-long runs."""
+    from transformers import BertForMaskedLM
+
+    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir):
+    """A tiny BERT encoder saved with MiniLM's tokenizer: the finetuning runner's backbone in tests."""
+    from transformers import BertModel
+
+    return save_tiny_bert_with_minilm_tokenizer(BertModel, tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
+
+
 def tiny_runner_flags(model_dir, out, **overrides) -> list[str]:
     """Flags of a seconds-long continual pre-training run (2 BBC domains, 4 steps each, tiny blocks, no plots).
 
