@@ -714,7 +714,8 @@ class ContinualPretrainer:
             train_dataset=train_set,
             data_collator=self.data.train_collator,
             strategy=strategy,
-            callbacks=list(self.callbacks) + extras.callbacks(),
+            # The EMA first: its state is written beside a checkpoint before any user callback sees the save.
+            callbacks=extras.callbacks() + list(self.callbacks),
         )
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
