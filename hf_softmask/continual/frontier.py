@@ -162,8 +162,8 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
         return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "")
 
     head = "vs ncl frontier" + (f" ({confidence:.0%} interval of the forgetting gap)" if confidence else "")
-    lines = ["| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
-             f"forgetting gap to frontier | {head} |",
+    lines = [("| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
+              f"forgetting gap to frontier | {head} |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):
         pos = r.get("frontier_position")

@@ -57,7 +57,7 @@ from .checkpointing import (
     verify_stage,
 )
 from .cli import check_process_group, register_architectures
-from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
+from .config import ContinualPretrainingArguments, parse_str_list
 from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
 from .evaluation import FixedEvalSet, perplexity
 from .frontier import write_frontier
