@@ -34,7 +34,8 @@ from pathlib import Path
 from ..bootstrap import METRICS, RunBlocks, frontier_intervals
 from ..io import atomic_write_json, atomic_write_text
 
-__all__ = ["POSITIONS", "add_intervals", "pareto_front", "frontier_position", "frontier_records", "mark_beyond_frontier",
+__all__ = ["POSITIONS", "add_intervals", "pareto_front", "frontier_position", "frontier_records",
+           "mark_beyond_frontier",
            "write_frontier"]
 
 BASELINE = "ncl"
