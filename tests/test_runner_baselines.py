@@ -163,7 +163,9 @@ def test_baseline_settings_refused_before_anything_is_written(tiny_mlm, tmp_path
                       ({"replay_general": "true"}, "replay_general needs replay_ratio"),
                       ({"seeds": "0,x"}, "--seeds"), ({"bootstrap_confidence": 1.0}, "bootstrap_confidence"),
                       ({"runs": '[{"name": "a", "strategy": "ncl", "learning_rates": [1e-3], "bad": 1}]'},
-                       "unknown key")]:
+                       "unknown key"),
+                      ({"strategies": "ncl", "runs": '[{"strategy": "ncl", "learning_rates": [1e-3]}]'},
+                       "drop --strategies")]:
         with pytest.raises(ValueError, match=msg):
             parse_config(_flags(tiny_mlm, tmp_path / "x", **over))
     assert not (tmp_path / "x").exists()

@@ -387,6 +387,9 @@ class ContinualPretrainingArguments(TrainingArguments):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--seeds repeats a seed: {self.seeds!r}")
         self.runs = parse_runs(self.runs)
+        if self.runs and (self.strategies or self.learning_rates):
+            raise ValueError("--runs gives every sweep entry its strategy and learning rates: drop --strategies and "
+                             "--learning_rates (or drop --runs)")
         for run in self.sweep_entries():
             self.for_entry(run, run["learning_rates"][0], validate_only=True)
 
