@@ -176,7 +176,8 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
         else:
             mark = "**beyond**" if pos == "beyond" else (pos or "–")
         gap = r.get("forgetting_gap")
-        gap_cell = f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]" if gap else ""
+        gap_cell = "" if not gap else (f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]"
+                                       if _finite(gap["estimate"]) else "outside the frontier's range")
         seeds = ",".join(str(s) for s in r.get("seeds") or [] if s is not None)
         lines.append(f"| {r['strategy']} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
                      f"{cell(r, 'forgetting')} | {fmt(r['bwt'])} | {cell(r, 'general_loss_increase')} | "
