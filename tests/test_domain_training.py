@@ -4,19 +4,20 @@ the merged adapter model), and the learning-rate schedule restarting (re-warming
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_llama
+from strategy_utils import ExampleDataset, train_args
 from transformers import TrainingArguments, default_data_collator
 
-from conftest import tiny_bert, tiny_llama
 from hf_softmask.domain_training import DomainTraining, DomainTrainingOptions
 from hf_softmask.importance import UnitImportance
 from hf_softmask.masking import SoftMaskConfig
 from hf_softmask.replay import ReplayMixture
 from hf_softmask.strategies import StrategyTrainer, get_strategy
-from strategy_utils import ExampleDataset, train_args
 
 
 def _band_rows(band, n, seq=12, seed=0):
@@ -122,34 +123,32 @@ def test_options_validated():
 
 
 @pytest.mark.parametrize("name", ["cpu_small", "gpu_h100"])
-def test_experiment_configs_use_known_fields_and_valid_settings(name):
-    """Every key is a runner field of today or a proposed one (docs/baselines.md); every run's strategy exists,
-    declares pretrain, accepts its strategy_kwargs, and its replay/merge overrides validate."""
-    import dataclasses
+def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
+    """The runner's own parser reads the config (unknown keys are refused there); every run of its sweep gives
+    settings that validate (strategy declares pretrain and accepts its strategy_kwargs, replay/merge overrides)."""
     from pathlib import Path
 
-    import yaml
-
-    from hf_softmask.continual.config import ContinualPretrainingArguments
+    from hf_softmask.continual.config import parse_config
     from hf_softmask.strategies.registry import strategy_class
 
-    cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "experiments" / f"{name}.yaml").read_text())
-    options = {f.name for f in dataclasses.fields(DomainTrainingOptions)}
-    proposed = options | {"seeds", "runs", "bf16", "bootstrap_resamples", "bootstrap_confidence"}
-    today = {f.name for f in dataclasses.fields(ContinualPretrainingArguments)}
-    assert set(cfg) - today - proposed == set()
-    shared = ContinualPretrainingArguments(**{k: v for k, v in cfg.items() if k in today})
+    path = Path(__file__).parent.parent / "configs" / "experiments" / f"{name}.yaml"
+    args = parse_config(["--config", str(path)])
+    assert args.runs and args.runs[0]["name"] == "ncl" and args.seed_list() == [0]
     labels = []
-    for run in cfg["runs"]:
-        assert set(run) <= {"name", "strategy", "learning_rates", "strategy_kwargs"} | options, run
-        cls = strategy_class(run["strategy"])
-        assert "pretrain" in cls.settings
-        if run.get("strategy_kwargs"):
-            cls(**run["strategy_kwargs"])
-        DomainTrainingOptions(**{k: run.get(k, cfg[k]) for k in options if k in cfg or k in run})
-        assert all(float(lr) > 0 for lr in run["learning_rates"])
-        labels.append(run["name"])
-    assert len(set(labels)) == len(labels) and cfg["runs"][0]["strategy"] == "ncl"
+    for entry in args.sweep_entries():
+        for lr in entry["learning_rates"]:
+            run = args.for_entry(entry, lr)
+            assert run.learning_rate == lr and run.run_name == entry["name"] and run.runs is None
+            cls = strategy_class(run.strategy)
+            assert "pretrain" in cls.settings
+            kwargs = json.loads(run.strategy_kwargs) if run.strategy_kwargs else {}
+            cls(**kwargs)
+            run.domain_training_options()
+        labels.append(entry["name"])
+    assert len(set(labels)) == len(labels)
+    replayed = [e for e in args.runs if e.get("replay_ratio")]
+    assert {e["strategy"] for e in replayed} == {"ncl", "das"}  # replay alone, and DAS + replay
     if name == "gpu_h100":
-        assert len(shared.domains) == 5 and shared.block_size == 256 and shared.per_device_train_batch_size == 16
-        assert len(cfg["runs"][0]["learning_rates"]) == 5 and len(cfg["runs"][1]["learning_rates"]) == 3
+        assert len(args.domains) == 5 and args.block_size == 256 and args.per_device_train_batch_size == 16
+        assert args.bf16 and args.max_steps == 150
+        assert len(args.runs[0]["learning_rates"]) == 5 and len(args.runs[1]["learning_rates"]) == 3

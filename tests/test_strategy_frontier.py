@@ -73,3 +73,46 @@ def test_mark_records_and_write_frontier(tmp_path):
     assert [r["frontier_position"] for r in payload["runs"]] == [None, None, "beyond", "behind", "undecided"]
     md = (tmp_path / "out" / "frontier.md").read_text()
     assert md.count("**beyond**") == 1 and "undecided" in md
+
+
+def _blocks_results(label, lr, in_domain, after, noise, seed=0, n=8):
+    """results.json of a 2-domain run with per-block losses: domain 1 at ``in_domain`` after its training and
+    ``after`` + per-block ``noise`` (alternating signs, mean 0) after domain 2; domain 2 at ``in_domain``."""
+    offs = [0.1 * (b % 4) for b in range(n)]  # block difficulty, the same for every run (cancels in pairs)
+    wiggle = [noise * (1 if b % 2 else -1) for b in range(n)]
+    d0 = [[3.0 + o for o in offs], [in_domain + o for o in offs], [after + o + w for o, w in zip(offs, wiggle)]]
+    d1 = [[3.0 + o for o in offs], [3.0 + o for o in offs], [in_domain + o for o in offs]]
+    return {"run_name": label, "learning_rate": lr, "complete": True, "seed": seed, "bwt": 0.0,
+            "in_domain_loss": in_domain + sum(offs) / n, "forgetting": after - in_domain,
+            "general_loss_increase": 0.0, "final_mean_loss": 2.0,
+            "eval_block_losses": [[d0[s], d1[s]] for s in range(3)],
+            "general_block_losses": [[3.0 + o for o in offs]] * 3}
+
+
+def test_frontier_intervals_decide_beyond_and_seeds_form_one_row(tmp_path):
+    runs = {"ncl_a": _blocks_results("ncl", 1e-3, 2.0, 2.3, 0.0),
+            "ncl_b": _blocks_results("ncl", 1e-4, 2.2, 2.3, 0.0),
+            # forgetting 0.05 where the frontier has 0.2: beyond, with little block noise -> the interval agrees
+            "x_s0": _blocks_results("x", 1e-3, 2.1, 2.15, 0.01, seed=0),
+            "x_s1": _blocks_results("x", 1e-3, 2.1, 2.15, 0.02, seed=1),
+            # the same point, but blocks disagreeing by +-1 nat: the interval of the gap contains 0 -> not beyond
+            "y": _blocks_results("y", 1e-3, 2.1, 2.15, 1.0)}
+    dirs = []
+    for name, res in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+        dirs.append(tmp_path / name)
+    payload = write_frontier(tmp_path / "out", dirs, n_resamples=500)
+    by = {r["strategy"]: r for r in payload["runs"]}
+    assert payload["intervals"] == {"resamples": 500, "confidence": 0.95, "seed": 0}
+    assert len(payload["runs"]) == 4 and by["x"]["seeds"] == [0, 1] and len(by["x"]["run"]) == 2
+    assert by["x"]["forgetting_per_seed"] == [pytest.approx(0.05)] * 2
+    gx, gy = by["x"]["forgetting_gap"], by["y"]["forgetting_gap"]
+    assert gx["estimate"] == pytest.approx(-0.15) and gy["estimate"] == pytest.approx(-0.15)
+    assert gx["high"] < 0 and by["x"]["beyond_frontier"] is True
+    assert gy["low"] < 0 < gy["high"] and by["y"]["beyond_frontier"] is False
+    assert by["y"]["frontier_position"] == "beyond"  # the point rule alone would have called it beyond
+    ci = by["x"]["intervals"]["forgetting"]
+    assert ci["low"] <= 0.05 <= ci["high"] and by["ncl"]["intervals"]["in_domain_loss"]["low"] > 0
+    md = (tmp_path / "out" / "frontier.md").read_text()
+    assert md.count("**beyond**") == 1 and "| y | 0.001 |" in md and "inside" in md

@@ -7,11 +7,13 @@ is in docs/runners.md. Flags the runner cannot honour are refused (:mod:`.cli`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from ..domain_training import DomainTrainingOptions
 from ..masking import MODES, POLICIES, SoftMaskConfig
 from .cli import (
     parse_with_yaml,
@@ -91,8 +93,20 @@ NOT_IN_FINGERPRINT = frozenset(
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
         "torch_compile",
+        "seeds",
+        "runs",
+        "bootstrap_resamples",
+        "bootstrap_confidence",
+        "merge_snapshot_device",
     }
 )
+
+#: Keys of one entry of the YAML ``runs`` list (besides the DomainTrainingOptions fields).
+RUN_KEYS = ("name", "strategy", "learning_rates", "strategy_kwargs")
+
+
+def _option_help(name: str) -> str:
+    return DomainTrainingOptions.__dataclass_fields__[name].metadata["help"]
 
 
 def _help(text: str, choices=None) -> dict:
@@ -271,6 +285,41 @@ class ContinualPretrainingArguments(TrainingArguments):
             "into output_dir, train nothing."
         ),
     )
+    seeds: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated seeds: every (strategy, lr) of the sweep runs once per seed into "
+            "<strategy>_lr<lr>_s<seed>/ (training randomness only: the data split and evaluation blocks stay those "
+            "of --split_seed, so all seeds are evaluated on the same blocks)."
+        ),
+    )
+    split_seed: int | None = field(
+        default=None,
+        metadata=_help("Seed of the document split and evaluation blocks (default: --seed; a --seeds sweep keeps it "
+                       "at the sweep's --seed)."),
+    )
+    runs: str | None = field(
+        default=None,
+        metadata=_help(
+            "Sweep entries, a JSON list (in YAML a list of mappings) of {name, strategy, learning_rates, "
+            "strategy_kwargs, replay_ratio, replay_general, merge_alpha, ema_decay}; each overrides the shared "
+            "settings and is swept over its own learning rates (and the seeds). 'name' labels it in the frontier; "
+            "the frontier runs are those named 'ncl'."
+        ),
+    )
+    bootstrap_resamples: int = field(
+        default=2000, metadata=_help("Bootstrap resamples of the frontier's confidence intervals.")
+    )
+    bootstrap_confidence: float = field(default=0.95, metadata=_help("Level of the frontier's intervals."))
+
+    # -- baselines (hf_softmask.domain_training; docs/baselines.md) -------------------------------------------
+    replay_ratio: float = field(default=0.0, metadata=_help(_option_help("replay_ratio")))
+    replay_general: bool = field(default=False, metadata=_help(_option_help("replay_general")))
+    merge_alpha: float = field(default=1.0, metadata=_help(_option_help("merge_alpha")))
+    ema_decay: float = field(default=0.0, metadata=_help(_option_help("ema_decay")))
+    merge_snapshot_device: str | None = field(
+        default=None, metadata=_help(_option_help("merge_snapshot_device"), ("cpu", "cuda"))
+    )
 
     def __post_init__(self):
         if isinstance(self.domains, str):
@@ -325,6 +374,61 @@ class ContinualPretrainingArguments(TrainingArguments):
         for lr in parse_float_list(self.learning_rates):
             require_positive("learning_rates", lr)
         self.softmask_config()  # modes and policies
+        self.domain_training_options()
+        if self.bootstrap_resamples is None or self.bootstrap_resamples < 1:
+            raise ValueError(f"--bootstrap_resamples must be >= 1, got {self.bootstrap_resamples!r}")
+        if not (isinstance(self.bootstrap_confidence, float) and 0 < self.bootstrap_confidence < 1):
+            raise ValueError(f"--bootstrap_confidence must lie strictly between 0 and 1, got "
+                             f"{self.bootstrap_confidence!r}")
+        try:
+            seeds = [int(s) for s in parse_str_list(self.seeds)]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds repeats a seed: {self.seeds!r}")
+        self.runs = parse_runs(self.runs)
+        if self.runs and (self.strategies or self.learning_rates):
+            raise ValueError("--runs gives every sweep entry its strategy and learning rates: drop --strategies and "
+                             "--learning_rates (or drop --runs)")
+        for run in self.sweep_entries():
+            self.for_entry(run, run["learning_rates"][0], validate_only=True)
+
+    def domain_training_options(self) -> DomainTrainingOptions:
+        """Replay / WiSE-FT / EMA settings, validated by :class:`DomainTrainingOptions` (errors name the flag)."""
+        values = {f.name: getattr(self, f.name) for f in fields(DomainTrainingOptions)}
+        try:
+            return _check_options(values, self.per_device_train_batch_size)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in parse_str_list(self.seeds)]
+
+    def sweep_entries(self) -> list[dict]:
+        """The sweep's entries: the ``runs`` list, else one per ``--strategies`` with ``--learning_rates``."""
+        if self.runs:
+            return self.runs
+        lrs = parse_float_list(self.learning_rates) or [self.learning_rate]
+        return [{"name": s, "strategy": s, "learning_rates": lrs} for s in parse_str_list(self.strategies)
+                or [self.strategy]]
+
+    def for_entry(self, entry: dict, lr: float, validate_only: bool = False):
+        """The settings of one sweep run: ``entry``'s overrides at learning rate ``lr`` (checked)."""
+        from dataclasses import replace
+
+        over = {k: v for k, v in entry.items() if k not in ("name", "learning_rates")}
+        if "strategy_kwargs" in over and isinstance(over["strategy_kwargs"], dict):
+            over["strategy_kwargs"] = json.dumps(over["strategy_kwargs"])
+        if validate_only:
+            values = {n: over.get(n, getattr(self, n)) for n in (f.name for f in fields(DomainTrainingOptions))}
+            try:
+                _check_options(values, self.per_device_train_batch_size)
+            except ValueError as e:
+                raise ValueError(f"runs entry {entry.get('name')!r}: {e}") from None
+            require_positive("learning_rates", lr)
+            return None
+        return replace(self, learning_rate=lr, learning_rates=None, strategies=None, runs=None, seeds=None,
+                       run_name=entry.get("name") or over.get("strategy", self.strategy), **over)
 
     def softmask_config(self) -> SoftMaskConfig:
         return SoftMaskConfig(
@@ -340,6 +444,45 @@ class ContinualPretrainingArguments(TrainingArguments):
         """The settings that decide what the run computes (a resumed run must match them)."""
         d = self.to_dict()
         return {f.name: d[f.name] for f in fields(self) if f.init and f.name in d and f.name not in NOT_IN_FINGERPRINT}
+
+
+def _check_options(values: dict, batch_size: int) -> DomainTrainingOptions:
+    """DomainTrainingOptions' own checks, and that the replay ratio gives whole rows of a batch."""
+    from ..replay import replay_rows_per_batch
+
+    options = DomainTrainingOptions(**values)
+    if options.replay_ratio > 0:
+        replay_rows_per_batch(options.replay_ratio, batch_size)
+    return options
+
+
+def parse_runs(value) -> list[dict] | None:
+    """The ``runs`` setting (JSON text or a YAML list) as a list of checked entries, or None."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--runs must be a JSON list of mappings, got {value!r}: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise ValueError(f"--runs must be a list of mappings, got {value!r}")
+    allowed = set(RUN_KEYS) | {f.name for f in fields(DomainTrainingOptions)}
+    out = []
+    for r in value:
+        unknown = sorted(set(r) - allowed)
+        if unknown:
+            raise ValueError(f"runs entry {r.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        if not r.get("strategy"):
+            raise ValueError(f"runs entry {r.get('name')!r}: 'strategy' is required")
+        lrs = parse_float_list(r.get("learning_rates"))
+        if not lrs:
+            raise ValueError(f"runs entry {r.get('name')!r}: 'learning_rates' is required (a list of numbers)")
+        out.append({**r, "name": str(r.get("name") or r["strategy"]), "learning_rates": lrs})
+    names = [r["name"] for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs: names must be unique, got {names}")
+    return out
 
 
 def parse_float_list(value) -> list[float]:

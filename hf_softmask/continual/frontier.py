@@ -15,6 +15,12 @@ task right after training it, forgetting). The frontier is the piecewise-linear 
   in-domain loss, less forgetting) is what a lower learning rate also buys; only a plain run that far out decides.
 
 ``tolerance`` is in the units of both axes (nats for losses, accuracy points for finetuning).
+
+Pre-training runs that kept their per-block held-out losses (``eval_block_losses`` in results.json) also get
+paired bootstrap intervals (:func:`hf_softmask.bootstrap.frontier_intervals`): the seeds of one (strategy, lr)
+are one row (metrics averaged over seeds, blocks averaged over seeds for the intervals), and then
+``beyond_frontier`` is the interval's verdict -- True only when the interval of the forgetting gap to the ncl
+frontier lies entirely below 0 -- while ``frontier_position`` stays the point rule above.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import os
 from itertools import pairwise
 from pathlib import Path
 
+from ..bootstrap import METRICS, RunBlocks, frontier_intervals
 from ..io import atomic_write_json, atomic_write_text
 
-__all__ = ["POSITIONS", "pareto_front", "frontier_position", "frontier_records", "mark_beyond_frontier",
+__all__ = ["POSITIONS", "add_intervals", "pareto_front", "frontier_position", "frontier_records",
+           "mark_beyond_frontier",
            "write_frontier"]
 
 BASELINE = "ncl"
@@ -96,49 +104,104 @@ def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE, toleranc
     return records
 
 
+_POINT_METRICS = ("in_domain_loss", "forgetting", "bwt", "general_loss_increase", "final_mean_loss")
+
+
 def frontier_records(run_dirs) -> list[dict]:
-    """One record per run directory holding a results.json."""
-    records = []
+    """One record per (strategy label, lr): the runs of its seeds averaged (``seeds``, ``runs`` list them)."""
+    groups: dict[tuple, list[dict]] = {}
     for d in run_dirs:
         res = json.loads((Path(d) / "results.json").read_text())
-        records.append({
-            "run": str(d),
-            "strategy": res.get("run_name") or res.get("strategy"),
-            "lr": res.get("learning_rate"),
-            "complete": res.get("complete"),
-            "in_domain_loss": res.get("in_domain_loss"),
-            "forgetting": res.get("forgetting"),
-            "bwt": res.get("bwt"),
-            "general_loss_increase": res.get("general_loss_increase"),
-            "final_mean_loss": res.get("final_mean_loss"),
-        })
+        res["_dir"] = str(d)
+        groups.setdefault((res.get("run_name") or res.get("strategy"), res.get("learning_rate")), []).append(res)
+    records = []
+    for (label, lr), runs in groups.items():
+        rec = {"run": runs[0]["_dir"] if len(runs) == 1 else [r["_dir"] for r in runs], "strategy": label, "lr": lr,
+               "complete": all(r.get("complete") is not False for r in runs), "seeds": [r.get("seed") for r in runs]}
+        for m in _POINT_METRICS:
+            values = [r.get(m) for r in runs]
+            rec[m] = sum(values) / len(values) if all(_finite(v) for v in values) else None
+            if len(runs) > 1:
+                rec[f"{m}_per_seed"] = values
+        rec["_results"] = runs
+        records.append(rec)
     return records
 
 
-def _markdown(records: list[dict]) -> str:
-    lines = ["| strategy | lr | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
-             "vs ncl frontier |",
-             "|---|---|---|---|---|---|---|"]
+def _label(record: dict) -> str:
+    return f"{record['strategy']}@lr{record['lr']:g}"
+
+
+def add_intervals(records: list[dict], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> bool:
+    """Bootstrap intervals on every complete record whose runs kept per-block losses (module docstring).
+
+    Sets ``intervals`` (metric -> estimate/low/high), and on non-ncl records ``forgetting_gap``, ``general_gap``
+    and ``beyond_frontier`` from the interval. Returns False (nothing set) without per-block losses or with fewer
+    than 2 complete ncl learning rates.
+    """
+    usable = [r for r in records if r["complete"] and all("eval_block_losses" in x for x in r["_results"])]
+    frontier = [_label(r) for r in usable if r["strategy"] == BASELINE]
+    if len(frontier) < 2:
+        return False
+    blocks = {_label(r): RunBlocks.mean([RunBlocks.from_results(x) for x in r["_results"]]) for r in usable}
+    cis = frontier_intervals(blocks, frontier, n_resamples, confidence, seed)
+    for r in usable:
+        ci = cis[_label(r)]
+        r["intervals"] = {m: {k: ci["metrics"][m][k] for k in ("estimate", "low", "high")} for m in METRICS}
+        if "forgetting_gap" in ci:
+            r["forgetting_gap"], r["general_gap"] = ci["forgetting_gap"], ci["general_gap"]
+            r["beyond_frontier"] = ci["beyond_frontier"]
+    return True
+
+
+def _markdown(records: list[dict], confidence: float | None = None) -> str:
+    """The table; with intervals each metric reads ``estimate [low, high]`` and the verdict is the interval's."""
     fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    def cell(r, m):
+        ci = r.get("intervals", {}).get(m)
+        return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "")
+
+    head = "vs ncl frontier" + (f" ({confidence:.0%} interval of the forgetting gap)" if confidence else "")
+    lines = [("| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
+              f"forgetting gap to frontier | {head} |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):
         pos = r.get("frontier_position")
-        mark = "frontier run" if r["strategy"] == BASELINE else ("**beyond**" if pos == "beyond" else (pos or "–"))
-        lines.append(f"| {r['strategy']} | {r['lr']:g} | {fmt(r['in_domain_loss'])} | {fmt(r['forgetting'])} | {fmt(r['bwt'])} | "
-                     f"{fmt(r['general_loss_increase'])} | {mark} |")
+        if r["strategy"] == BASELINE:
+            mark = "frontier run"
+        elif confidence and "forgetting_gap" in r:
+            verdict = r["forgetting_gap"].get("verdict")
+            mark = "**beyond**" if verdict == "beyond" else (verdict or "undecided")
+        else:
+            mark = "**beyond**" if pos == "beyond" else (pos or "–")
+        gap = r.get("forgetting_gap")
+        gap_cell = "" if not gap else (f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]"
+                                       if _finite(gap["estimate"]) else "outside the frontier's range")
+        seeds = ",".join(str(s) for s in r.get("seeds") or [] if s is not None)
+        lines.append(f"| {r['strategy']} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
+                     f"{cell(r, 'forgetting')} | {fmt(r['bwt'])} | {cell(r, 'general_loss_increase')} | "
+                     f"{gap_cell} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
-def write_frontier(output_dir: str | os.PathLike, run_dirs, tolerance: float = 0.0) -> dict:
-    """Write ``frontier.json``, ``frontier.md`` and ``frontier.png`` (+ ``frontier_general.png``) into ``output_dir``."""
+def write_frontier(output_dir: str | os.PathLike, run_dirs, tolerance: float = 0.0, n_resamples: int = 2000,
+                   confidence: float = 0.95, seed: int = 0) -> dict:
+    """Write ``frontier.json``, ``frontier.md`` and ``frontier.png`` (+ ``frontier_general.png``) into ``output_dir``;
+    with per-block losses in the runs, bootstrap intervals too (``n_resamples``, ``confidence``, ``seed``)."""
     from ..plotting import plot_frontier
 
     out = Path(output_dir)
     records = mark_beyond_frontier(frontier_records(run_dirs), tolerance=tolerance)
     if not records:
         raise ValueError(f"no run directory with a results.json among {list(map(str, run_dirs))}")
-    payload = {"baseline": BASELINE, "tolerance": tolerance, "runs": records}
+    with_ci = add_intervals(records, n_resamples, confidence, seed)
+    for r in records:
+        r.pop("_results")
+    payload = {"baseline": BASELINE, "tolerance": tolerance, "runs": records,
+               "intervals": {"resamples": n_resamples, "confidence": confidence, "seed": seed} if with_ci else None}
     atomic_write_json(out / "frontier.json", payload)
-    atomic_write_text(out / "frontier.md", _markdown(records))
+    atomic_write_text(out / "frontier.md", _markdown(records, confidence if with_ci else None))
     if any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
         plot_frontier(records, out / "frontier.png", x="in_domain_loss", y="forgetting", group="strategy", label="lr",
                       title="forgetting vs in-domain loss (lower-left is better)")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from ..assets import check_model_source, load_smollm2, minilm_path
+from ..bootstrap import block_losses
 from ..continual_metrics import summarize
 from ..data import (
     build_lm_dataset,
@@ -39,6 +40,7 @@ from ..data import (
     load_domains,
     split_documents,
 )
+from ..domain_training import DomainTraining
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
 from ..strategies.base import StrategyTrainer
@@ -55,9 +57,9 @@ from .checkpointing import (
     verify_stage,
 )
 from .cli import check_process_group, register_architectures
-from .config import ContinualPretrainingArguments, parse_float_list, parse_str_list
+from .config import ContinualPretrainingArguments, parse_str_list
 from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
-from .evaluation import FixedEvalSet, lm_eval_loss, perplexity
+from .evaluation import FixedEvalSet, perplexity
 from .frontier import write_frontier
 from .model_card import model_card
 
@@ -159,13 +161,15 @@ class _Data:
     def __init__(self, args: ContinualPretrainingArguments, tokenizer, mlm: bool):
         self.args = args
         self.mlm = mlm
+        # The split and the evaluation blocks follow split_seed, so the seeds of a sweep share evaluation blocks.
+        split_seed = args.split_seed if args.split_seed is not None else args.seed
         try:
             self.domains = load_domains(
                 [_domain_spec(d) for d in args.domains],
                 max_train_docs=args.max_train_docs,
                 max_eval_docs=args.max_eval_docs,
                 eval_fraction=args.eval_fraction,
-                seed=args.seed,
+                seed=split_seed,
             )
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--domains: {e}") from None
@@ -194,20 +198,24 @@ class _Data:
                 ),
                 self.collator,
                 args.per_device_eval_batch_size,
-                seed=args.seed + 1,
+                seed=split_seed + 1,
             )
             for d, src in zip(self.domains, sources)
         ]
-        general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=args.seed)
-        # Only the LM-head warm-up and a 'general' importance source read it: tokenize no more than they use.
+        general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=split_seed)
+        # The LM-head warm-up, a 'general' importance source and general-text replay read it: tokenize no more than
+        # they use (replay: every batch's share of one domain; fewer blocks are reused in new orders).
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
+        if args.replay_general:
+            needed = max(needed, args.per_device_train_batch_size * max(args.max_steps, 1)
+                         * args.gradient_accumulation_steps * args.world_size)
         self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
         self.general_eval = FixedEvalSet(
             "general",
             build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
             self.collator,
             args.per_device_eval_batch_size,
-            seed=args.seed + 2,
+            seed=split_seed + 2,
         )
 
     def importance_loader(self, dataset, salt: int, rank: int, world: int) -> DataLoader:
@@ -327,6 +335,7 @@ class ContinualPretrainer:
         self.is_main = self.proc.is_main
         self.rank = self.proc.rank
         self.world = self.proc.world
+        self.extras = DomainTraining(args.domain_training_options())
 
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -376,21 +385,28 @@ class ContinualPretrainer:
         model = strategy.prepare_model(model).to(self.proc.device)
         return self.model_hook(model) if self.model_hook is not None else model
 
-    def _eval_row(self, model) -> tuple[list[float], float]:
+    def _eval_row(self, model) -> tuple[list[float], float, dict]:
         """Held-out loss on every domain and on general text, computed on EVERY process (a sharded model's
-        forward needs all of them). A strategy with ``set_task`` (HAT) evaluates domain j under its own task
+        forward needs all of them), and the per-block losses and label-token counts behind them (the bootstrap
+        intervals of the frontier). A strategy with ``set_task`` (HAT) evaluates domain j under its own task
         mask, and general text with its task selection cleared."""
         causal = not self.data.mlm
         strategy = getattr(self, "strategy", None)
         select = getattr(strategy, "set_task", None)
-        losses = []
+        blocks = {"eval_blocks": [], "eval_tokens": []}
         for j, ev in enumerate(self.data.eval):
             if select is not None:
                 select(j)
-            losses.append(lm_eval_loss(model, ev, causal))
+            loss, tokens = block_losses(model, ev, causal)
+            blocks["eval_blocks"].append(loss)
+            blocks["eval_tokens"].append(tokens)
         if select is not None:
             select(None)
-        return losses, lm_eval_loss(model, self.data.general_eval, causal)
+        blocks["general_blocks"], blocks["general_tokens"] = block_losses(model, self.data.general_eval, causal)
+        losses = [_token_mean(b, t, ev.name) for b, t, ev in zip(blocks["eval_blocks"], blocks["eval_tokens"],
+                                                                 self.data.eval)]
+        general = _token_mean(blocks["general_blocks"], blocks["general_tokens"], "general")
+        return losses, general, blocks
 
     def _load_stage_model(self, directory: Path):
         model, _, _ = load_model_and_tokenizer(
@@ -398,7 +414,7 @@ class ContinualPretrainer:
         )
         return model
 
-    def _training_args(self, name: str, index: int):
+    def _training_args(self, name: str, index: int, **overrides):
         """The Trainer settings of one domain: every Trainer field of ``args`` as given, except where the runner
         owns the meaning (its checkpoint directory, per-domain run name, Hub pushes, resume)."""
         from transformers import TrainingArguments
@@ -413,6 +429,7 @@ class ContinualPretrainer:
             resume_from_checkpoint=None,
             run_name=f"{a.run_name or a.strategy}/{name}",
             disable_tqdm=a.disable_tqdm if a.disable_tqdm is not None else not self.is_main,
+            **overrides,
         )
         if self.proc.torch_only:
             # Processes joined by torch alone (fully_shard without accelerate): every Trainer thinks it is the
@@ -460,6 +477,20 @@ class ContinualPretrainer:
                 }
             )
         res["train_seconds"] = [d.get("train_seconds") for d in state.done]
+        # Per-block held-out losses [stage][domain][block] (stage 0: before training), read by
+        # hf_softmask.bootstrap.RunBlocks.from_results for the frontier's intervals.
+        stages = [base] + list(state.done)
+        if all("eval_blocks" in d for d in stages):
+            res.update(
+                eval_block_losses=[d["eval_blocks"] for d in stages],
+                general_block_losses=[d["general_blocks"] for d in stages],
+                eval_block_tokens=base["eval_tokens"],
+                general_block_tokens=base["general_tokens"],
+            )
+        res["seed"] = self.args.seed
+        res["settings"] = {k: getattr(self.args, k) for k in ("replay_ratio", "replay_general", "merge_alpha",
+                                                               "ema_decay", "strategy_kwargs")}
+        res["merged_parameters"] = [d.get("merged_parameters") for d in state.done]
         return res
 
     def _write_results(self, state: RunState) -> dict:
@@ -633,13 +664,14 @@ class ContinualPretrainer:
             source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
             strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
             self._event("importance", name="0_base")
-        losses, general = self._eval_row(model)
+        losses, general, blocks = self._eval_row(model)
         self._event("evaluated", name="0_base")
         state.set_base(
             {
                 "dir": "0_base",
                 "eval_loss": losses,
                 "general_loss": general,
+                **blocks,
                 "has_weights": bool(warm),
                 "lm_head_warmup_loss": warm[-1] if warm else None,
             }
@@ -661,15 +693,29 @@ class ContinualPretrainer:
         # The strategy's passes (importance with dropout views) draw from torch's RNG: seed them per stage so that
         # a rerun reaching this point by another path (resumed, Trainer checkpoint at the last step) draws the same.
         set_seed(self.args.seed + 7919 * (k + 1))
+        extras = self.extras
+        extras.before_domain(model)  # the WiSE-FT snapshot: the weights before the strategy's hooks
         strategy.before_task(model, k, loader)
-        targs = self._training_args(name, k)
+        steps = a.max_steps
+        # num_batches from the TrainingArguments' world size (what the Trainer shards by), see docs/baselines.md.
+        train_set = extras.train_dataset(
+            k,
+            self.data.train,
+            self.data.general_train,
+            batch_size=a.per_device_train_batch_size,
+            seed=a.seed + k,
+            num_batches=steps * a.gradient_accumulation_steps * a.world_size if steps > 0 else None,
+            names=self.data.names,
+        )
+        targs = self._training_args(name, k, **extras.training_overrides(train_set))
         trainer = StrategyTrainer(
             model=model,
             args=targs,
-            train_dataset=self.data.train[k],
+            train_dataset=train_set,
             data_collator=self.data.train_collator,
             strategy=strategy,
-            callbacks=list(self.callbacks),
+            # The EMA first: its state is written beside a checkpoint before any user callback sees the save.
+            callbacks=extras.callbacks() + list(self.callbacks),
         )
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
@@ -684,9 +730,10 @@ class ContinualPretrainer:
         seconds = time.time() - t0
         set_seed(self.args.seed + 7919 * (k + 1) + 1)
         strategy.after_task(model, k, loader)
+        merged = extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
         self._event("importance", name=name)
         contrast = getattr(strategy, "contrastive_losses", None)
-        losses, general = self._eval_row(model)
+        losses, general, blocks = self._eval_row(model)
         self._event("evaluated", name=name)
         state.add_domain(
             {
@@ -694,6 +741,8 @@ class ContinualPretrainer:
                 "domain": dom.name,
                 "eval_loss": losses,
                 "general_loss": general,
+                **blocks,
+                "merged_parameters": merged,
                 "resumed_from": Path(resume).name if resume else None,
                 "steps": trainer.state.global_step,
                 "train_seconds": seconds,
@@ -769,6 +818,14 @@ class ContinualPretrainer:
         return []
 
 
+def _token_mean(losses: list[float], tokens: list[int], name: str) -> float:
+    """The token-weighted mean of per-block losses: the held-out loss of the whole evaluation set."""
+    total = sum(tokens)
+    if total == 0:
+        raise ValueError(f"evaluation set {name!r} has no label tokens (MLM probability too low or all padding)")
+    return sum(v * n for v, n in zip(losses, tokens)) / total
+
+
 def _last_train_loss(trainer) -> float | None:
     for entry in reversed(trainer.state.log_history):
         if "loss" in entry:
@@ -788,34 +845,41 @@ def run_continual_pretraining(args: ContinualPretrainingArguments) -> dict:
         for pattern in parse_str_list(args.frontier_runs):
             matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
             dirs.extend(d for d in matches if (d / "results.json").is_file())
-        return write_frontier(args.output_dir, dirs)
-    if args.learning_rates or args.strategies:
+        return write_frontier(args.output_dir, dirs, n_resamples=args.bootstrap_resamples,
+                              confidence=args.bootstrap_confidence)
+    if args.learning_rates or args.strategies or args.runs or args.seeds:
         return run_sweep(args)
     return ContinualPretrainer(args).run()
 
 
 def run_sweep(args: ContinualPretrainingArguments) -> dict:
-    """Every (strategy, learning rate) into ``output_dir/<strategy>_lr<lr>/``, then the frontier files."""
-    lrs = parse_float_list(args.learning_rates) or [args.learning_rate]
-    strategies = parse_str_list(args.strategies) or [args.strategy]
+    """Every (entry, learning rate[, seed]) into ``output_dir/<name>_lr<lr>[_s<seed>]/``, then the frontier files.
+
+    Entries are the ``runs`` list, else one per ``--strategies`` (``--learning_rates`` each). With ``--seeds`` each
+    runs once per seed (``seed`` set, ``split_seed`` kept: every seed is evaluated on the same blocks).
+    """
+    entries = args.sweep_entries()
+    seeds = args.seed_list()
+    split_seed = args.split_seed if args.split_seed is not None else args.seed
+    if not args.runs and len(entries) == 1 and args.run_name:
+        entries = [{**entries[0], "name": args.run_name}]
     dirs = []
     # Learning rate outermost: a sweep cut short still holds comparable (strategy, lr) pairs.
-    for lr in lrs:
-        for s in strategies:
-            sub = Path(args.output_dir) / f"{s}_lr{lr:g}"
-            run_args = replace(
-                args,
-                strategy=s,
-                learning_rate=lr,
-                output_dir=str(sub),
-                learning_rates=None,
-                strategies=None,
-                run_name=args.run_name if len(strategies) == 1 and args.run_name else s,
-            )
+    lrs = list(dict.fromkeys(lr for e in entries for lr in e["learning_rates"]))
+    plan = [(lr, e) for lr in lrs for e in entries if lr in e["learning_rates"]] if not args.runs else [
+        (lr, e) for e in entries for lr in e["learning_rates"]]
+    for lr, entry in plan:
+        base = entry["strategy"] if not args.runs else entry["name"]
+        for seed in seeds or [None]:
+            sub = Path(args.output_dir) / (f"{base}_lr{lr:g}" + (f"_s{seed}" if seed is not None else ""))
+            run_args = args.for_entry(entry, lr)
+            run_args = replace(run_args, output_dir=str(sub), split_seed=split_seed,
+                               seed=args.seed if seed is None else seed)
             ContinualPretrainer(run_args).run()
             dirs.append(sub)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        return write_frontier(args.output_dir, dirs)
+        return write_frontier(args.output_dir, dirs, n_resamples=args.bootstrap_resamples,
+                              confidence=args.bootstrap_confidence)
     return {}
