@@ -39,8 +39,8 @@ domain. For a paired difference use ``s`` of the per-block differences. Tokens =
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -69,22 +69,35 @@ UNDEFINED_LIMIT = 0.05
 class RunBlocks:
     """Per-block held-out losses of one complete run (see the module docstring for the layout)."""
 
-    def __init__(self, loss: Sequence, general: Sequence, weights: Sequence | None = None,
-                 general_weights: Sequence | None = None):
+    def __init__(
+        self,
+        loss: Sequence,
+        general: Sequence,
+        weights: Sequence | None = None,
+        general_weights: Sequence | None = None,
+    ):
         S = len(loss)
         T = len(loss[0]) if S else 0
         if T < 1 or S != T + 1:
-            raise ValueError(f"expected loss[stage][domain][block] with T + 1 stages for T domains, got {S} stages "
-                             f"and {T} domains (intervals need a complete run)")
+            raise ValueError(
+                f"expected loss[stage][domain][block] with T + 1 stages for T domains, got {S} stages "
+                f"and {T} domains (intervals need a complete run)"
+            )
         # domain[j]: [S, n_j]; a ragged stage (a block count that changes between stages) is refused by numpy's shape.
         self.domain = [self._matrix([loss[s][j] for s in range(S)], f"domain {j}") for j in range(T)]
         self.general = self._matrix(general, "general text")
         if len(self.general) != S:
             raise ValueError(f"general has {len(self.general)} stages, loss has {S}")
-        self.domain_w = ([np.asarray(w, dtype=np.float64) for w in weights] if weights is not None
-                         else [np.ones(d.shape[1]) for d in self.domain])
-        self.general_w = np.asarray(general_weights, dtype=np.float64) if general_weights is not None else np.ones(
-            self.general.shape[1])
+        self.domain_w = (
+            [np.asarray(w, dtype=np.float64) for w in weights]
+            if weights is not None
+            else [np.ones(d.shape[1]) for d in self.domain]
+        )
+        self.general_w = (
+            np.asarray(general_weights, dtype=np.float64)
+            if general_weights is not None
+            else np.ones(self.general.shape[1])
+        )
         if [len(w) for w in self.domain_w] != self.block_counts[:-1] or len(self.general_w) != self.block_counts[-1]:
             raise ValueError("weights must give one value per evaluation block of each domain and of general text")
 
@@ -96,8 +109,12 @@ class RunBlocks:
         missing = [k for k in ("eval_block_losses", "general_block_losses") if k not in results]
         if missing:
             raise KeyError(f"results lack per-block losses {missing}: the run was made without keeping them")
-        return cls(results["eval_block_losses"], results["general_block_losses"], results.get("eval_block_tokens"),
-                   results.get("general_block_tokens"))
+        return cls(
+            results["eval_block_losses"],
+            results["general_block_losses"],
+            results.get("eval_block_tokens"),
+            results.get("general_block_tokens"),
+        )
 
     @classmethod
     def mean(cls, runs: Sequence[RunBlocks]) -> RunBlocks:
@@ -146,8 +163,13 @@ def _wmean(values: np.ndarray, w: np.ndarray, idx: np.ndarray | None) -> np.ndar
 def run_metrics(run: RunBlocks, indices: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The three metrics on the original blocks (scalars, ``indices=None``) or on each resample (arrays [R])."""
     T = run.num_domains
-    M = np.stack([_wmean(d, w, None if indices is None else indices[j])
-                  for j, (d, w) in enumerate(zip(run.domain, run.domain_w))], axis=1)  # [S, T] or [S, T, R]
+    M = np.stack(
+        [
+            _wmean(d, w, None if indices is None else indices[j])
+            for j, (d, w) in enumerate(zip(run.domain, run.domain_w))
+        ],
+        axis=1,
+    )  # [S, T] or [S, T, R]
     G = _wmean(run.general, run.general_w, None if indices is None else indices[-1])  # [S] or [S, R]
     if indices is None:
         M, G = M[..., None], G[..., None]
@@ -160,8 +182,9 @@ def run_metrics(run: RunBlocks, indices: Sequence[np.ndarray] | None = None) -> 
 def _interval(estimate: float, samples: np.ndarray, confidence: float) -> dict:
     finite = samples[np.isfinite(samples)]
     undefined = 1.0 - len(finite) / len(samples)
-    low, high = (np.quantile(finite, [(1 - confidence) / 2, (1 + confidence) / 2]) if len(finite)
-                 else (math.nan, math.nan))
+    low, high = (
+        np.quantile(finite, [(1 - confidence) / 2, (1 + confidence) / 2]) if len(finite) else (math.nan, math.nan)
+    )
     return {"estimate": estimate, "low": float(low), "high": float(high), "undefined_fraction": undefined}
 
 
@@ -169,13 +192,16 @@ def _check_paired(runs: Sequence[RunBlocks]) -> list[int]:
     counts = runs[0].block_counts
     for r in runs[1:]:
         if r.block_counts != counts:
-            raise ValueError(f"paired intervals need the same evaluation blocks in every run: block counts {counts} "
-                             f"vs {r.block_counts}")
+            raise ValueError(
+                f"paired intervals need the same evaluation blocks in every run: block counts {counts} "
+                f"vs {r.block_counts}"
+            )
     return counts
 
 
-def paired_difference_ci(a: RunBlocks, b: RunBlocks, n_resamples: int = 2000, confidence: float = 0.95,
-                         seed: int = 0) -> dict[str, dict]:
+def paired_difference_ci(
+    a: RunBlocks, b: RunBlocks, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, dict]:
     """Per metric, the estimate and paired percentile interval of ``metric(a) - metric(b)``."""
     idx = resample_indices(_check_paired([a, b]), n_resamples, seed)
     pa, pb, sa, sb = run_metrics(a), run_metrics(b), run_metrics(a, idx), run_metrics(b, idx)
@@ -198,8 +224,9 @@ def _frontier_value(x, frontier_x: np.ndarray, frontier_y: np.ndarray) -> np.nda
     return out
 
 
-def frontier_gap_ci(run: RunBlocks, frontier: Sequence[RunBlocks], n_resamples: int = 2000, confidence: float = 0.95,
-                    seed: int = 0) -> dict[str, dict]:
+def frontier_gap_ci(
+    run: RunBlocks, frontier: Sequence[RunBlocks], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, dict]:
     """Gap of ``run`` to the ncl frontier at its in-domain loss, for forgetting and general-loss increase, with the
     paired interval and the verdict (:func:`frontier_verdict`) of each."""
     if len(frontier) < 2:
@@ -210,12 +237,19 @@ def frontier_gap_ci(run: RunBlocks, frontier: Sequence[RunBlocks], n_resamples: 
     fsamples = [run_metrics(f, idx) for f in frontier]
     out = {}
     for m in ("forgetting", "general_loss_increase"):
-        est = point[m] - _frontier_value(np.array([point["in_domain_loss"]]),
-                                         np.array([[f["in_domain_loss"]] for f in fpoint]),
-                                         np.array([[f[m]] for f in fpoint]))[0]
-        gaps = samples[m] - _frontier_value(samples["in_domain_loss"],
-                                            np.stack([f["in_domain_loss"] for f in fsamples]),
-                                            np.stack([f[m] for f in fsamples]))
+        est = (
+            point[m]
+            - _frontier_value(
+                np.array([point["in_domain_loss"]]),
+                np.array([[f["in_domain_loss"]] for f in fpoint]),
+                np.array([[f[m]] for f in fpoint]),
+            )[0]
+        )
+        gaps = samples[m] - _frontier_value(
+            samples["in_domain_loss"],
+            np.stack([f["in_domain_loss"] for f in fsamples]),
+            np.stack([f[m] for f in fsamples]),
+        )
         ci = _interval(float(est), gaps, confidence)
         ci["verdict"] = frontier_verdict(ci)
         out[m] = ci
@@ -238,8 +272,13 @@ def beyond_frontier(verdict: str | None) -> bool | None:
     return None if verdict is None else verdict == "beyond"
 
 
-def frontier_intervals(runs: dict[str, RunBlocks], frontier: Sequence[str], n_resamples: int = 2000,
-                       confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+def frontier_intervals(
+    runs: dict[str, RunBlocks],
+    frontier: Sequence[str],
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
     """For every run: its metrics with intervals; for every run not on the frontier also the gaps to the frontier
     (``forgetting_gap``, ``general_gap``, :func:`frontier_gap_ci`) and ``beyond_frontier`` (of the forgetting gap).
 
@@ -255,29 +294,40 @@ def frontier_intervals(runs: dict[str, RunBlocks], frontier: Sequence[str], n_re
         entry = {"metrics": metric_ci(run, n_resamples, confidence, seed)}
         if label not in frontier:
             gaps = frontier_gap_ci(run, base, n_resamples, confidence, seed)
-            entry.update(forgetting_gap=gaps["forgetting"], general_gap=gaps["general_loss_increase"],
-                         beyond_frontier=beyond_frontier(gaps["forgetting"]["verdict"]))
+            entry.update(
+                forgetting_gap=gaps["forgetting"],
+                general_gap=gaps["general_loss_increase"],
+                beyond_frontier=beyond_frontier(gaps["forgetting"]["verdict"]),
+            )
         out[label] = entry
     return out
 
 
-def blocks_for_halfwidth(values, halfwidth: float = 0.01, confidence: float = 0.95,
-                         tokens_per_block: int | None = None) -> dict:
+def blocks_for_halfwidth(
+    values, halfwidth: float = 0.01, confidence: float = 0.95, tokens_per_block: int | None = None
+) -> dict:
     """Evaluation blocks (per domain) for a ``confidence`` interval of half-width ``halfwidth`` nats.
 
     ``values``: per-block losses (or per-block paired differences) of one domain, or a list of such arrays, one per
     domain, for a mean over those domains (see the module docstring). Returns ``{"blocks", "tokens", "sd", "z"}``
     (``tokens`` None without ``tokens_per_block``; ``sd`` the pooled per-block standard deviation, ddof=1).
     """
-    groups = [np.asarray(v, dtype=np.float64) for v in values] if np.ndim(values[0]) else [
-        np.asarray(values, dtype=np.float64)]
+    groups = (
+        [np.asarray(v, dtype=np.float64) for v in values]
+        if np.ndim(values[0])
+        else [np.asarray(values, dtype=np.float64)]
+    )
     if any(len(g) < 2 for g in groups):
         raise ValueError("need >= 2 blocks per domain to estimate the per-block variance")
     var = float(np.mean([g.var(ddof=1) for g in groups]))
     z = NormalDist().inv_cdf((1 + confidence) / 2)
     blocks = max(1, math.ceil(z * z * var / (len(groups) * halfwidth * halfwidth)))
-    return {"blocks": blocks, "tokens": None if tokens_per_block is None else blocks * tokens_per_block,
-            "sd": math.sqrt(var), "z": z}
+    return {
+        "blocks": blocks,
+        "tokens": None if tokens_per_block is None else blocks * tokens_per_block,
+        "sd": math.sqrt(var),
+        "z": z,
+    }
 
 
 @torch.no_grad()

@@ -47,8 +47,17 @@ COLUMNS = {
 }
 
 #: strategy name (``ContinualStrategy.name``) -> its row; strategies without a row (ft, ncl, lora, ...) refuse nothing
-STRATEGY_ROWS = {"das": "DAS runner", "tss": "TSS/WSN runner", "wsn": "TSS/WSN runner", "hat": "HAT", "adahat": "HAT",
-                 "cbp": "CBP", "talos": "TaLoS", "ewc": "EWC/KD", "kd": "EWC/KD"}
+STRATEGY_ROWS = {
+    "das": "DAS runner",
+    "tss": "TSS/WSN runner",
+    "wsn": "TSS/WSN runner",
+    "hat": "HAT",
+    "adahat": "HAT",
+    "cbp": "CBP",
+    "talos": "TaLoS",
+    "ewc": "EWC/KD",
+    "kd": "EWC/KD",
+}
 
 STATUSES = ("tested", "gpu", "refused")
 
@@ -88,35 +97,57 @@ _DDP = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
 #: the runner passes its Trainer flags (bf16, checkpointing, accumulation, ...) to every domain's Trainer
 _RUNNER_FLAGS = "tests/test_runner_args.py::test_trainer_flags_reach_every_domain_trainer"
 
-_FSDP2_STATE = ("keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
-                "sharded DTensor parameters; train it without --fsdp")
-_DDP_LOCAL = ("updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
-              "diverge; train it in one process")
-_COMPILE_NOTE = ("a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
-                 "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
-                 "that Trainer compiles it again (accelerate 1.15)")
+_FSDP2_STATE = (
+    "keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
+    "sharded DTensor parameters; train it without --fsdp"
+)
+_DDP_LOCAL = (
+    "updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
+    "diverge; train it in one process"
+)
+_COMPILE_NOTE = (
+    "a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
+    "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
+    "that Trainer compiles it again (accelerate 1.15)"
+)
 
 
 MATRIX: dict[str, dict[str, Cell]] = {
     "SoftMaskCallback": {
-        "fp32": _tested("tests/test_core_masking.py::test_importance_one_freezes_exactly_the_owned_slices_under_adamw"),
+        "fp32": _tested(
+            "tests/test_core_masking.py::test_importance_one_freezes_exactly_the_owned_slices_under_adamw"
+        ),
         "bf16": _tested(f"{_M}[SoftMaskCallback-bf16]", gpu="fused_adamw_bf16"),
-        "fp16": _tested("tests/test_amp_masking.py::test_trainer_with_grad_scaler_keeps_protected_units",
-                        f"{_M}[SoftMaskCallback-fp16]", gpu="fp16_gradscaler"),
+        "fp16": _tested(
+            "tests/test_amp_masking.py::test_trainer_with_grad_scaler_keeps_protected_units",
+            f"{_M}[SoftMaskCallback-fp16]",
+            gpu="fp16_gradscaler",
+        ),
         "checkpointing": _tested(f"{_M}[SoftMaskCallback-checkpointing]"),
-        "accumulation": _tested("tests/test_core_masking.py::test_grad_mode_is_applied_once_per_step_under_accumulation",
-                                f"{_M}[SoftMaskCallback-accumulation]"),
-        "ddp": _tested("tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
-                       "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp"),
-        "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
-                      "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process"),
-        "peft": _tested("tests/test_peft.py::test_trainer_with_softmask_callback_keeps_protected_lora_slices",
-                        f"{_M}[SoftMaskCallback-peft]"),
+        "accumulation": _tested(
+            "tests/test_core_masking.py::test_grad_mode_is_applied_once_per_step_under_accumulation",
+            f"{_M}[SoftMaskCallback-accumulation]",
+        ),
+        "ddp": _tested(
+            "tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
+            "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp",
+        ),
+        "fsdp2": _gpu(
+            "fsdp2",
+            "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
+            "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
+        ),
+        "peft": _tested(
+            "tests/test_peft.py::test_trainer_with_softmask_callback_keeps_protected_lora_slices",
+            f"{_M}[SoftMaskCallback-peft]",
+        ),
         "compile": _tested(f"{_M}[SoftMaskCallback-compile]", note=_COMPILE_NOTE),
     },
     "SoftMaskTrainer": {
-        "fp32": _tested("tests/test_core_masking.py::"
-                        "test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoints"),
+        "fp32": _tested(
+            "tests/test_core_masking.py::"
+            "test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoints"
+        ),
         "bf16": _tested(f"{_M}[SoftMaskTrainer-bf16]"),
         "fp16": _tested(f"{_M}[SoftMaskTrainer-fp16]"),
         "checkpointing": _tested(f"{_M}[SoftMaskTrainer-checkpointing]"),
@@ -124,62 +155,86 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "ddp": _tested(_DDP),
         # SoftMaskTrainer masks through the SoftMaskCallback the fsdp2 GPU cell runs.
         "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
-        "peft": _tested("tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
-                        f"{_M}[SoftMaskTrainer-peft]"),
+        "peft": _tested(
+            "tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
+            f"{_M}[SoftMaskTrainer-peft]",
+        ),
         "compile": _tested(f"{_M}[SoftMaskTrainer-compile]", note=_COMPILE_NOTE),
     },
     "DAS runner": {
-        "fp32": _tested("tests/test_continual_pretrain.py::test_sweep_writes_checkpoints_results_and_frontier",
-                        "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices"),
-        "bf16": _tested(f"{_M}[DAS runner-bf16]", _RUNNER_FLAGS,
-                        "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
-                        gpu="das_smollm2"),
+        "fp32": _tested(
+            "tests/test_continual_pretrain.py::test_sweep_writes_checkpoints_results_and_frontier",
+            "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices",
+        ),
+        "bf16": _tested(
+            f"{_M}[DAS runner-bf16]",
+            _RUNNER_FLAGS,
+            "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
+            gpu="das_smollm2",
+        ),
         "fp16": _tested(f"{_M}[DAS runner-fp16]"),
-        "checkpointing": _tested(f"{_M}[DAS runner-checkpointing]", _RUNNER_FLAGS,
-                                 "tests/test_das_amp.py::"
-                                 "test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
-                                 "tests/test_das_checkpointing.py::"
-                                 "test_das_loss_gradients_equal_with_and_without_checkpointing",
-                                 gpu="das_smollm2"),
+        "checkpointing": _tested(
+            f"{_M}[DAS runner-checkpointing]",
+            _RUNNER_FLAGS,
+            "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
+            "tests/test_das_checkpointing.py::test_das_loss_gradients_equal_with_and_without_checkpointing",
+            gpu="das_smollm2",
+        ),
         "accumulation": _tested(f"{_M}[DAS runner-accumulation]", _RUNNER_FLAGS),
-        "ddp": _tested(_DDP, "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
-                       "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size"),
-        "fsdp2": _tested("tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
-                         "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
-                         note="the runner test shows a DAS domain training, evaluating, saving and resuming under "
-                         "fully_shard on 2 gloo processes (identical importance on both ranks); that protected "
-                         "slices stay unchanged under sharded parameters is shown for the masking DAS uses (the "
-                         "second test; on a GPU: the SoftMaskCallback's fsdp2 cell)"),
-        "peft": _tested(f"{_M}[DAS runner-peft]",
-                        "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices"),
+        "ddp": _tested(
+            _DDP,
+            "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
+            "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size",
+        ),
+        "fsdp2": _tested(
+            "tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
+            "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
+            note="the runner test shows a DAS domain training, evaluating, saving and resuming under "
+            "fully_shard on 2 gloo processes (identical importance on both ranks); that protected "
+            "slices stay unchanged under sharded parameters is shown for the masking DAS uses (the "
+            "second test; on a GPU: the SoftMaskCallback's fsdp2 cell)",
+        ),
+        "peft": _tested(
+            f"{_M}[DAS runner-peft]",
+            "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices",
+        ),
         "compile": _tested(f"{_M}[DAS runner-compile]", note=_COMPILE_NOTE),
     },
     "TSS/WSN runner": {
-        "fp32": _tested("tests/test_continual_finetune.py::test_tss_run_has_zero_forgetting_and_saves_its_subnetworks",
-                        "tests/test_tss.py::test_task1_outputs_bit_identical_after_task2",
-                        "tests/test_wsn.py::test_earlier_task_outputs_identical_after_later_tasks"),
+        "fp32": _tested(
+            "tests/test_continual_finetune.py::test_tss_run_has_zero_forgetting_and_saves_its_subnetworks",
+            "tests/test_tss.py::test_task1_outputs_bit_identical_after_task2",
+            "tests/test_wsn.py::test_earlier_task_outputs_identical_after_later_tasks",
+        ),
         "bf16": _tested(f"{_M}[TSS/WSN runner-bf16]"),
         "fp16": _tested(f"{_M}[TSS/WSN runner-fp16]"),
         "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
         "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
         "ddp": _tested(_DDP),
-        "fsdp2": _refused("TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
-                          "task's mask is bit-packed from the full score tensor; the update masks on scores and "
-                          "weights are full-shape), which FSDP2 shards into DTensors; train TSS/WSN without --fsdp "
-                          "(DDP is supported)"),
-        "peft": _refused("TSS and WSN put their own subnetwork layers (a PEFT tuner of their own) on the backbone's "
-                         "nn.Linear/Conv1D modules and cannot wrap a PEFT-wrapped backbone's adapter layers; give "
-                         "them the plain backbone: the per-task subnetwork is already the parameter-efficient part"),
+        "fsdp2": _refused(
+            "TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
+            "task's mask is bit-packed from the full score tensor; the update masks on scores and "
+            "weights are full-shape), which FSDP2 shards into DTensors; train TSS/WSN without --fsdp "
+            "(DDP is supported)"
+        ),
+        "peft": _refused(
+            "TSS and WSN put their own subnetwork layers (a PEFT tuner of their own) on the backbone's "
+            "nn.Linear/Conv1D modules and cannot wrap a PEFT-wrapped backbone's adapter layers; give "
+            "them the plain backbone: the per-task subnetwork is already the parameter-efficient part"
+        ),
         "compile": _tested(f"{_M}[TSS/WSN runner-compile]", note=_COMPILE_NOTE),
     },
     "HAT": {
         "fp32": _tested("tests/test_hat.py::test_earlier_task_units_and_outputs_unchanged"),
         "bf16": _tested(f"{_M}[HAT-bf16]"),
-        "fp16": _refused("HAT steps its task embeddings outside the optimizer, with gradients a GradScaler has "
-                         "scaled and without skipping overflow steps; train HAT in bf16 or fp32, not --fp16"),
+        "fp16": _refused(
+            "HAT steps its task embeddings outside the optimizer, with gradients a GradScaler has "
+            "scaled and without skipping overflow steps; train HAT in bf16 or fp32, not --fp16"
+        ),
         "checkpointing": _tested(f"{_M}[HAT-checkpointing]"),
-        "accumulation": _tested(f"{_M}[HAT-accumulation]",
-                                "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"),
+        "accumulation": _tested(
+            f"{_M}[HAT-accumulation]", "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"
+        ),
         "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
         "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
         "peft": _tested(f"{_M}[HAT-peft]"),
@@ -202,21 +257,28 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "fp16": _tested(f"{_M}[TaLoS-fp16]"),
         "checkpointing": _tested(f"{_M}[TaLoS-checkpointing]"),
         "accumulation": _tested(f"{_M}[TaLoS-accumulation]"),
-        "ddp": _tested(_DDP, note="every rank must pass before_task the same selection data (the Fisher "
-                   "scores are not all-reduced); the test does"),
+        "ddp": _tested(
+            _DDP,
+            note="every rank must pass before_task the same selection data (the Fisher "
+            "scores are not all-reduced); the test does",
+        ),
         "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
         "peft": _tested(f"{_M}[TaLoS-peft]"),
         "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
     },
     "EWC/KD": {
-        "fp32": _tested("tests/test_baselines.py::test_ewc_penalty_matches_formula_and_holds_weights",
-                        "tests/test_baselines.py::test_kd_keeps_previous_outputs_closer_and_resumes"),
+        "fp32": _tested(
+            "tests/test_baselines.py::test_ewc_penalty_matches_formula_and_holds_weights",
+            "tests/test_baselines.py::test_kd_keeps_previous_outputs_closer_and_resumes",
+        ),
         "bf16": _tested(f"{_M}[EWC/KD-bf16]"),
         "fp16": _tested(f"{_M}[EWC/KD-fp16]"),
         "checkpointing": _tested(f"{_M}[EWC/KD-checkpointing]"),
         "accumulation": _tested(f"{_M}[EWC/KD-accumulation]"),
         "ddp": _tested(_DDP),
-        "fsdp2": _refused("EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")),
+        "fsdp2": _refused(
+            "EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")
+        ),
         "peft": _tested(f"{_M}[EWC/KD-peft]"),
         "compile": _tested(f"{_M}[EWC/KD-compile]", note=_COMPILE_NOTE),
     },
@@ -254,10 +316,15 @@ def detect_features(args=None, model=None) -> set[str]:
     """The matrix columns a run uses, read from its ``TrainingArguments`` and its model (fp32 is implied)."""
     found = {"fp32"}
     if args is not None:
-        flags = {"bf16": args.bf16, "fp16": args.fp16, "compile": args.torch_compile,
-                 "checkpointing": getattr(args, "activation_checkpointing", False)
-                 or getattr(args, "gradient_checkpointing", False),
-                 "accumulation": args.gradient_accumulation_steps > 1, "fsdp2": bool(args.fsdp)}
+        flags = {
+            "bf16": args.bf16,
+            "fp16": args.fp16,
+            "compile": args.torch_compile,
+            "checkpointing": getattr(args, "activation_checkpointing", False)
+            or getattr(args, "gradient_checkpointing", False),
+            "accumulation": args.gradient_accumulation_steps > 1,
+            "fsdp2": bool(args.fsdp),
+        }
         found |= {col for col, on in flags.items() if on}
     if model is not None:
         if _has_dtensor(model):
@@ -272,11 +339,13 @@ def detect_features(args=None, model=None) -> set[str]:
 def check_supported(row: str, args=None, model=None) -> None:
     """Raise :class:`UnsupportedSettingError` naming every refused cell of ``row`` this run would use."""
     cells, used = MATRIX[row], detect_features(args, model)
-    refused = [f"{COLUMNS[col]}: {cells[col].message}" for col in COLUMNS
-               if col in used and cells[col].status == "refused"]
+    refused = [
+        f"{COLUMNS[col]}: {cells[col].message}" for col in COLUMNS if col in used and cells[col].status == "refused"
+    ]
     if refused:
-        raise UnsupportedSettingError(f"{row} does not support this run (see docs/compatibility.md):\n- "
-                                      + "\n- ".join(refused))
+        raise UnsupportedSettingError(
+            f"{row} does not support this run (see docs/compatibility.md):\n- " + "\n- ".join(refused)
+        )
 
 
 def check_strategy_supported(strategy, args=None, model=None) -> None:

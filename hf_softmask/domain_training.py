@@ -18,8 +18,8 @@ The strategy's own loaders (importance, Fisher) stay on the domain's text; only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -33,18 +33,34 @@ __all__ = ["DomainTraining", "DomainTrainingOptions"]
 class DomainTrainingOptions:
     """Runner flags of the strategy-independent baselines (defaults: all off)."""
 
-    replay_ratio: float = field(default=0.0, metadata={
-        "help": "Fraction R of every training batch drawn from earlier domains' training text "
-                "(floor(R*B + 0.5) rows of a batch of B); 0: off."})
-    replay_general: bool = field(default=False, metadata={
-        "help": "Also replay general text (one more replay source, from the first domain on)."})
-    merge_alpha: float = field(default=1.0, metadata={
-        "help": "WiSE-FT: after each domain the weights become A*new + (1-A)*before the domain; 1: off."})
-    ema_decay: float = field(default=0.0, metadata={
-        "help": "Decay d of an EMA of the weights during each domain, swapped in at its end "
-                "(e <- d*e + (1-d)*theta after every optimizer step); 0: off."})
-    merge_snapshot_device: str | None = field(default=None, metadata={
-        "help": "Where the WiSE-FT snapshot lives: 'cpu' saves accelerator memory; default beside each parameter."})
+    replay_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction R of every training batch drawn from earlier domains' training text "
+            "(floor(R*B + 0.5) rows of a batch of B); 0: off."
+        },
+    )
+    replay_general: bool = field(
+        default=False,
+        metadata={"help": "Also replay general text (one more replay source, from the first domain on)."},
+    )
+    merge_alpha: float = field(
+        default=1.0,
+        metadata={"help": "WiSE-FT: after each domain the weights become A*new + (1-A)*before the domain; 1: off."},
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Decay d of an EMA of the weights during each domain, swapped in at its end "
+            "(e <- d*e + (1-d)*theta after every optimizer step); 0: off."
+        },
+    )
+    merge_snapshot_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the WiSE-FT snapshot lives: 'cpu' saves accelerator memory; default beside each parameter."
+        },
+    )
 
     def __post_init__(self):
         if not 0 <= self.replay_ratio < 1:
@@ -71,16 +87,26 @@ class DomainTraining:
         o = self.options
         self._before = snapshot_weights(model, device=o.merge_snapshot_device) if o.merge_alpha < 1 else None
 
-    def train_dataset(self, domain_index: int, train_sets: Sequence, general_train=None, *, batch_size: int,
-                      seed: int, num_batches: int | None = None, names: Sequence[str] | None = None):
+    def train_dataset(
+        self,
+        domain_index: int,
+        train_sets: Sequence,
+        general_train=None,
+        *,
+        batch_size: int,
+        seed: int,
+        num_batches: int | None = None,
+        names: Sequence[str] | None = None,
+    ):
         """Domain ``domain_index``'s training set, mixed with replay (the plain domain set when replay is off)."""
         o = self.options
         domain = train_sets[domain_index]
         if o.replay_ratio == 0:
             return domain
         sources, labels = replay_sources(train_sets, domain_index, general_train, o.replay_general, names)
-        return replay_dataset(domain, sources, o.replay_ratio, batch_size, num_batches=num_batches, seed=seed,
-                              source_names=labels)
+        return replay_dataset(
+            domain, sources, o.replay_ratio, batch_size, num_batches=num_batches, seed=seed, source_names=labels
+        )
 
     @staticmethod
     def training_overrides(train_set) -> dict:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .peft_support import adapter_tensors, category_module, is_tuner_layer, plain_modules, unwrap_peft
 from .architectures import ArchitectureSpec, get_architecture
+from .peft_support import adapter_tensors, category_module, is_tuner_layer, plain_modules, unwrap_peft
 
 __all__ = ["UnitLayout", "OwnedSlice", "UNOWNED_CATEGORIES"]
 

@@ -41,14 +41,17 @@ def _float_params(model: nn.Module, trainable_only: bool = False):
 
 
 @torch.no_grad()
-def snapshot_weights(model: nn.Module, device: str | torch.device | None = None,
-                     trainable_only: bool = False) -> dict[str, torch.Tensor]:
+def snapshot_weights(
+    model: nn.Module, device: str | torch.device | None = None, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
     """Detached copies of the floating-point parameters' local shards, in their own dtype, keyed by parameter name.
 
     ``device``: where to keep the copies (``"cpu"`` saves accelerator memory; default: beside each parameter).
     """
-    return {name: _local(p).detach().to(device, copy=True) if device is not None else _local(p).detach().clone()
-            for name, p in _float_params(model, trainable_only)}
+    return {
+        name: _local(p).detach().to(device, copy=True) if device is not None else _local(p).detach().clone()
+        for name, p in _float_params(model, trainable_only)
+    }
 
 
 @torch.no_grad()
@@ -64,9 +67,11 @@ def interpolate_weights_(model: nn.Module, before: dict[str, torch.Tensor], alph
     params = dict(_float_params(model))
     missing, extra = sorted(set(params) - set(before)), sorted(set(before) - set(params))
     if missing or extra:
-        raise ValueError(f"weight snapshot does not match the model: model-only {missing[:5]}, "
-                         f"snapshot-only {extra[:5]} (take the snapshot when the model has the same modules, "
-                         "e.g. after an adapter is merged)")
+        raise ValueError(
+            f"weight snapshot does not match the model: model-only {missing[:5]}, "
+            f"snapshot-only {extra[:5]} (take the snapshot when the model has the same modules, "
+            "e.g. after an adapter is merged)"
+        )
     changed = 0
     for name, p in params.items():
         local = _local(p)
@@ -110,8 +115,10 @@ class WeightEMA(TrainerCallback):
 
             path = self._state_file(Path(args.output_dir) / f"checkpoint-{state.global_step}")
             if not path.is_file():
-                raise FileNotFoundError(f"resuming at step {state.global_step} with ema_decay set, but {path} is "
-                                        "missing (the checkpoint was written without the EMA callback)")
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step} with ema_decay set, but {path} is "
+                    "missing (the checkpoint was written without the EMA callback)"
+                )
             saved = load_file(str(path))
             if set(saved) != set(self.shadow):
                 raise ValueError(f"{path} holds other parameters than the model's trainable ones")

@@ -44,11 +44,15 @@ def replay_rows_per_batch(ratio: float, batch_size: int) -> int:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     r = math.floor(ratio * batch_size + 0.5)
     if ratio > 0 and r == 0:
-        raise ValueError(f"replay_ratio {ratio} of a batch of {batch_size} rounds to 0 replay rows; raise "
-                         f"replay_ratio to >= {0.5 / batch_size:g} or per_device_train_batch_size")
+        raise ValueError(
+            f"replay_ratio {ratio} of a batch of {batch_size} rounds to 0 replay rows; raise "
+            f"replay_ratio to >= {0.5 / batch_size:g} or per_device_train_batch_size"
+        )
     if r >= batch_size:
-        raise ValueError(f"replay_ratio {ratio} of a batch of {batch_size} rounds to {r} replay rows, leaving no "
-                         "current-domain row; lower replay_ratio or raise per_device_train_batch_size")
+        raise ValueError(
+            f"replay_ratio {ratio} of a batch of {batch_size} rounds to {r} replay rows, leaving no "
+            "current-domain row; lower replay_ratio or raise per_device_train_batch_size"
+        )
     return r
 
 
@@ -74,8 +78,16 @@ class ReplayMixture(Dataset):
         source_names: labels of ``sources`` (for :meth:`source_of`, logs and tests).
     """
 
-    def __init__(self, domain, sources: Sequence, batch_size: int, replay_rows: int, num_batches: int | None = None,
-                 seed: int = 0, source_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        domain,
+        sources: Sequence,
+        batch_size: int,
+        replay_rows: int,
+        num_batches: int | None = None,
+        seed: int = 0,
+        source_names: Sequence[str] | None = None,
+    ):
         if not sources:
             raise ValueError("ReplayMixture needs at least one replay source; use the domain dataset itself otherwise")
         if not 1 <= replay_rows < batch_size:
@@ -93,8 +105,9 @@ class ReplayMixture(Dataset):
         self.num_batches = num_batches if num_batches is not None else math.ceil(len(domain) / self.domain_rows)
         if self.num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {self.num_batches}")
-        self.source_names = (list(source_names) if source_names is not None
-                             else [f"source{i}" for i in range(len(sources))])
+        self.source_names = (
+            list(source_names) if source_names is not None else [f"source{i}" for i in range(len(sources))]
+        )
         self._perms: dict[int, tuple[int, torch.Tensor]] = {}  # stream -> (pass, its permutation): the current one
 
     def __len__(self) -> int:
@@ -128,8 +141,13 @@ class ReplayMixture(Dataset):
         return (self.domain if k < 0 else self.sources[k])[row]
 
 
-def replay_sources(train_sets: Sequence, domain_index: int, general=None, replay_general: bool = False,
-                   names: Sequence[str] | None = None) -> tuple[list, list[str]]:
+def replay_sources(
+    train_sets: Sequence,
+    domain_index: int,
+    general=None,
+    replay_general: bool = False,
+    names: Sequence[str] | None = None,
+) -> tuple[list, list[str]]:
     """The replay sources of domain ``domain_index``: the training sets of the domains before it, then general text.
 
     Returns ``(datasets, names)``. ``replay_general`` without a ``general`` dataset is refused.
@@ -144,8 +162,16 @@ def replay_sources(train_sets: Sequence, domain_index: int, general=None, replay
     return sources, labels
 
 
-def replay_dataset(domain, sources: Sequence, ratio: float, batch_size: int, *, num_batches: int | None = None,
-                   seed: int = 0, source_names: Sequence[str] | None = None):
+def replay_dataset(
+    domain,
+    sources: Sequence,
+    ratio: float,
+    batch_size: int,
+    *,
+    num_batches: int | None = None,
+    seed: int = 0,
+    source_names: Sequence[str] | None = None,
+):
     """The training dataset of one domain under replay ratio ``ratio``: the domain dataset itself when there is
     nothing to replay (``ratio == 0`` or no source, e.g. the first domain without general text), else a
     :class:`ReplayMixture`. Pair it with :func:`replay_training_overrides`."""
@@ -163,8 +189,10 @@ def replay_training_overrides(dataset, args=None) -> dict:
     if not isinstance(dataset, ReplayMixture):
         return {}
     if args is not None and args.per_device_train_batch_size != dataset.batch_size:
-        raise ValueError(f"the replay mixture is laid out in batches of {dataset.batch_size} but "
-                         f"per_device_train_batch_size is {args.per_device_train_batch_size}; "
-                         "build it with the same size")
+        raise ValueError(
+            f"the replay mixture is laid out in batches of {dataset.batch_size} but "
+            f"per_device_train_batch_size is {args.per_device_train_batch_size}; "
+            "build it with the same size"
+        )
     # dataloader_drop_last=False: the length is a whole number of batches, so nothing is dropped or split.
     return {"train_sampling_strategy": "sequential", "dataloader_drop_last": False}

@@ -206,9 +206,7 @@ class MultiTaskClassifier(nn.Module):
         return json.loads(path.read_text())
 
     @classmethod
-    def from_pretrained_heads(
-        cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs
-    ) -> MultiTaskClassifier:
+    def from_pretrained_heads(cls, backbone: nn.Module, directory: str | os.PathLike, **kwargs) -> MultiTaskClassifier:
         """A classifier over ``backbone`` with the heads saved in ``directory``."""
         from safetensors.torch import load_file
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS
+from hf_softmask.compatibility import COLUMNS, MATRIX, ROWS  # noqa: E402  (after the sys.path set-up)
 
 PAGE = ROOT / "docs" / "compatibility.md"
 
@@ -54,7 +54,7 @@ def render() -> str:
         "when this page is stale, when a cited test does not exist, or when a refused cell does not refuse.",
         "",
         "Every cell is one of: **✓** — works, shown by the tests named below (real Trainer runs on tiny models on",
-        "the CPU: bf16 autocast on the CPU, `torch.amp.GradScaler(\"cpu\")` standing in for CUDA's scaler, 2 gloo",
+        'the CPU: bf16 autocast on the CPU, `torch.amp.GradScaler("cpu")` standing in for CUDA\'s scaler, 2 gloo',
         "processes for DDP and torch's `fully_shard`); **GPU check** — shown only on a GPU by the named cell of",
         "`python benchmarks/gpu_check.py` (see [gpu_check.md](gpu_check.md)); **unsupported: refused at start** —",
         "training stops before its first step with the message below (`UnsupportedSettingError`, raised by",

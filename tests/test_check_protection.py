@@ -20,8 +20,9 @@ def _script():
 
 def test_frozen_embeddings_and_fully_important_units_did_not_move(tiny_mlm_dir, tmp_path, capsys):
     out = tmp_path / "das"
-    run_continual_pretraining(parse_config(tiny_runner_flags(tiny_mlm_dir, out, strategy="das",
-                                                             softmask_embeddings="freeze")))
+    run_continual_pretraining(
+        parse_config(tiny_runner_flags(tiny_mlm_dir, out, strategy="das", softmask_embeddings="freeze"))
+    )
     assert _script().main([str(out), "--domain", "2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     total, moved = (int(x.split(":")[-1]) for x in last.split(","))

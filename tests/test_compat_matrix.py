@@ -67,8 +67,15 @@ def _model(feature):
 
 
 def _args(tmp_path, feature, cls=None, **kw):
-    kw = {"max_steps": 4, "learning_rate": 1e-2, "weight_decay": 0.1, "logging_steps": 1,
-          "logging_strategy": "steps", **FEATURES[feature], **kw}
+    kw = {
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.1,
+        "logging_steps": 1,
+        "logging_strategy": "steps",
+        **FEATURES[feature],
+        **kw,
+    }
     if cls is None:
         return train_args(tmp_path, **kw)
     return cls(**{**train_args(tmp_path, **kw).to_dict(), **kw})
@@ -94,8 +101,9 @@ def _task(model, strategy, tmp_path, feature, task_id, seed, after=True, **kw):
     data = lm_dataset(n_batches=4, seq_len=12, seed=seed)
     loader = DataLoader(data, batch_size=4)
     strategy.before_task(model, task_id, loader)
-    trainer = StrategyTrainer(model=model, args=_args(tmp_path / f"t{task_id}", feature, **kw), train_dataset=data,
-                              strategy=strategy)
+    trainer = StrategyTrainer(
+        model=model, args=_args(tmp_path / f"t{task_id}", feature, **kw), train_dataset=data, strategy=strategy
+    )
     _train(trainer, feature, first=task_id == 0)
     if after:
         strategy.after_task(model, task_id, loader)
@@ -111,11 +119,19 @@ def _softmask(tmp_path, feature, use_trainer):
     before = {s.name: s.param.detach().clone() for s in trainable}
     data = lm_dataset(n_batches=4, seq_len=12)
     if use_trainer:
-        trainer = SoftMaskTrainer(model=model, args=_args(tmp_path, feature, cls=SoftMaskTrainingArguments),
-                                  train_dataset=data, importance=imp)
+        trainer = SoftMaskTrainer(
+            model=model,
+            args=_args(tmp_path, feature, cls=SoftMaskTrainingArguments),
+            train_dataset=data,
+            importance=imp,
+        )
     else:
-        trainer = Trainer(model=model, args=_args(tmp_path, feature), train_dataset=data,
-                          callbacks=[SoftMaskCallback(imp, mode="update")])
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path, feature),
+            train_dataset=data,
+            callbacks=[SoftMaskCallback(imp, mode="update")],
+        )
     _train(trainer, feature)
     for s in trainable:
         prot, moved = _protected(layout, s, imp), _moved(s, before)
@@ -208,8 +224,11 @@ def _finetune_task(model, strategy, tmp_path, feature, task_id, num_labels):
     strategy.before_task(model, task_id, loader)
     args = _args(tmp_path / f"t{task_id}", feature, max_steps=4, per_device_train_batch_size=8, weight_decay=0.01)
     opt = build_optimizer(model, args.learning_rate, 1e-2, args.weight_decay)
-    _train(StrategyTrainer(model=model, args=args, train_dataset=data, strategy=strategy, optimizers=(opt, None)),
-           feature, first=task_id == 0)
+    _train(
+        StrategyTrainer(model=model, args=args, train_dataset=data, strategy=strategy, optimizers=(opt, None)),
+        feature,
+        first=task_id == 0,
+    )
     strategy.after_task(model, task_id, loader)
     return data
 
@@ -231,15 +250,27 @@ def row_tss_wsn(tmp_path, feature):
     return models
 
 
-ROWS = {"SoftMaskCallback": row_softmask_callback, "SoftMaskTrainer": row_softmask_trainer, "DAS runner": row_das,
-        "TSS/WSN runner": row_tss_wsn, "HAT": row_hat, "CBP": row_cbp, "TaLoS": row_talos, "EWC/KD": row_ewc_kd}
+ROWS = {
+    "SoftMaskCallback": row_softmask_callback,
+    "SoftMaskTrainer": row_softmask_trainer,
+    "DAS runner": row_das,
+    "TSS/WSN runner": row_tss_wsn,
+    "HAT": row_hat,
+    "CBP": row_cbp,
+    "TaLoS": row_talos,
+    "EWC/KD": row_ewc_kd,
+}
 
 
 # Compile cases trace with dynamo (aot_eager backend: the graph capture that breaks on hooks, not the codegen):
 # a few seconds each after the first; marked slow. The inductor backend itself is a GPU-check concern.
 # Refused cells are not trained here: tests/test_compatibility.py checks that they refuse.
-CASES = [pytest.param(row, feature, marks=[pytest.mark.slow] if feature == "compile" else [])
-         for row in sorted(ROWS) for feature in sorted(FEATURES) if MATRIX[row][feature].status != "refused"]
+CASES = [
+    pytest.param(row, feature, marks=[pytest.mark.slow] if feature == "compile" else [])
+    for row in sorted(ROWS)
+    for feature in sorted(FEATURES)
+    if MATRIX[row][feature].status != "refused"
+]
 
 
 @pytest.mark.parametrize(("row", "feature"), CASES)
@@ -282,11 +313,31 @@ def test_rows_under_two_ddp_processes(tmp_path):
     from safetensors.torch import load_file
 
     here = Path(__file__).resolve().parent
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           "--main_process_port", str(29500 + (os.getpid() + 7) % 2000), str(Path(__file__)), str(tmp_path)]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "--main_process_port",
+        str(29500 + (os.getpid() + 7) % 2000),
+        str(Path(__file__)),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     outcomes = [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in range(2)]

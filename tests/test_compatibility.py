@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from hf_softmask.compatibility import (
+from hf_softmask.compatibility import (  # noqa: E402  (after the sys.path set-up above)
     COLUMNS,
     MATRIX,
     REFUSAL_TEST,
@@ -40,9 +40,14 @@ DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
 REFUSED = [(row, col) for row in ROWS for col in COLUMNS if MATRIX[row][col].status == "refused" and col != "ddp"]
 #: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied);
 #: "peft" is a LoRA-wrapped model instead (see _trainers)
-COLUMN_ARGS = {"bf16": {"bf16": True}, "fp16": {"fp16": True}, "accumulation": {"gradient_accumulation_steps": 2},
-               "checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
-               "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}}}
+COLUMN_ARGS = {
+    "bf16": {"bf16": True},
+    "fp16": {"fp16": True},
+    "accumulation": {"gradient_accumulation_steps": 2},
+    "checkpointing": {"gradient_checkpointing": True},
+    "compile": {"torch_compile": True},
+    "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}},
+}
 
 
 def _module(path: Path, name: str):
@@ -53,13 +58,16 @@ def _module(path: Path, name: str):
 
 
 def test_page_is_current():
-    assert _module(PAGE_SCRIPT, "make_compatibility_page").main(["--check"]) == 0, \
+    assert _module(PAGE_SCRIPT, "make_compatibility_page").main(["--check"]) == 0, (
         "run: python scripts/make_compatibility_page.py"
+    )
 
 
 # -- evidence ----------------------------------------------------------------------------------------------------
 def _param_ids(func) -> set[str] | None:
-    """The ids pytest gives the cases of a parametrized test (plain values, ``pytest.param(id=...)``, ``ids=[...]``)."""
+    """The ids pytest gives the cases of a parametrized test.
+
+    Plain values, ``pytest.param(id=...)`` and ``ids=[...]`` are all read."""
     marks = [m for m in getattr(func, "pytestmark", []) if m.name == "parametrize"]
     if not marks:
         return None
@@ -162,8 +170,9 @@ def _trainers(row: str, args, col: str):
             model.train_only_head(0)
             strategy.before_task(model, 0)
             opt = build_optimizer(model, args.learning_rate, 1e-2, args.weight_decay)
-            return StrategyTrainer(model=model, args=args, train_dataset=task_dataset(0), strategy=strategy,
-                                   optimizers=(opt, None))
+            return StrategyTrainer(
+                model=model, args=args, train_dataset=task_dataset(0), strategy=strategy, optimizers=(opt, None)
+            )
 
         for name in ("tss", "wsn"):
             yield lambda name=name: finetune(name)
@@ -177,8 +186,14 @@ def _trainers(row: str, args, col: str):
         cls_args = SoftMaskTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in args.__dict__})
         yield lambda: SoftMaskTrainer(model=model, args=cls_args, train_dataset=data, importance=importance)
         return
-    strategies = {"DAS runner": [DASStrategy], "HAT": [HATStrategy], "CBP": [CBPStrategy], "TaLoS": [TaLoSStrategy],
-                  "EWC/KD": [EWCStrategy, KDStrategy]}[row]
+    strategies = {
+        "DAS runner": [DASStrategy],
+        "HAT": [HATStrategy],
+        "CBP": [CBPStrategy],
+        "TaLoS": [TaLoSStrategy],
+        "EWC/KD": [EWCStrategy, KDStrategy],
+    }[row]
+
     def build(cls):
         strategy = cls()
         prepared = strategy.prepare_model(tiny())
@@ -197,8 +212,9 @@ def _refusal_worker(out: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # --fsdp needs torch.distributed: one process, world size 1 (as benchmarks/gpu_check.py's fsdp2 cell)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                      LOCAL_WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"
+    )
     results = {}
     for row, col in REFUSED:
         args = train_args(out / "trainer", max_steps=1, **COLUMN_ARGS.get(col, {}))
@@ -218,10 +234,15 @@ def _refusal_worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
     out = tmp_path_factory.mktemp("refusals")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "refusals.json").read_text())
 

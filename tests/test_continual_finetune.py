@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import save_tiny_bert_with_minilm_tokenizer
 from subnetwork_utils import one_thread
 
 from hf_softmask.continual.finetune import (
@@ -18,14 +17,6 @@ from hf_softmask.continual.finetune import (
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 RESULT_KEYS = {"tasks", "accuracy_matrix", "f1_matrix", "acc", "bwt", "fwt", "forgetting"}
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer BERT with MiniLM's tokenizer (so BBC text tokenizes), saved like any checkpoint."""
-    from transformers import BertModel
-
-    return save_tiny_bert_with_minilm_tokenizer(BertModel, tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
 
 
 def run(tiny_bert_dir, out, strategy, **kw):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
+from conftest import RUNNER_KILL_WORKER, tiny_runner_flags
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hf_softmask.continual import (
     ContinualPretrainingArguments,
@@ -23,12 +23,6 @@ from hf_softmask.continual import (
 from hf_softmask.importance import UnitImportance
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer BERT MLM with the MiniLM tokenizer, saved as a normal checkpoint."""
-    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
 
 
 def tiny_args(model_dir, out, **kw) -> list[str]:

@@ -30,17 +30,24 @@ def _band_rows(band, n, seq=12, seed=0):
 def _run_domains(model, strategy, extras, train_sets, tmp_path, steps=2, batch=4, **args):
     """The runner's per-domain call sequence (hf_softmask.domain_training module docstring)."""
     seen, starts, weights = [], [], []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append((len(weights), kw["input_ids"].clone())),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((len(weights), kw["input_ids"].clone())), with_kwargs=True
+    )
     for k in range(len(train_sets)):
         starts.append({n: p.detach().clone() for n, p in model.named_parameters()})
         extras.before_domain(model)
         strategy.before_task(model, k, None)
         train_set = extras.train_dataset(k, train_sets, batch_size=batch, seed=0, num_batches=steps)
-        targs = train_args(tmp_path / f"d{k}", per_device_train_batch_size=batch, max_steps=steps,
-                           **extras.training_overrides(train_set), **args)
-        StrategyTrainer(model=model, args=targs, train_dataset=train_set, strategy=strategy,
-                        callbacks=extras.callbacks()).train()
+        targs = train_args(
+            tmp_path / f"d{k}",
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            **extras.training_overrides(train_set),
+            **args,
+        )
+        StrategyTrainer(
+            model=model, args=targs, train_dataset=train_set, strategy=strategy, callbacks=extras.callbacks()
+        ).train()
         strategy.after_task(model, k, None)
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
         extras.after_domain(model)
@@ -53,8 +60,15 @@ def test_lora_with_ema_and_wise_ft_over_two_domains(tmp_path):
     names = [n for n, _ in model.named_parameters()]
     extras = DomainTraining(replay_ratio=0.5, merge_alpha=0.4, ema_decay=0.5)
     strategy = get_strategy("lora", lora_rank=2)
-    seen, starts, after_task = _run_domains(model, strategy, extras, [_band_rows(0, 16), _band_rows(1, 16, seed=1)],
-                                            tmp_path, learning_rate=5e-2, weight_decay=0.0)
+    seen, starts, after_task = _run_domains(
+        model,
+        strategy,
+        extras,
+        [_band_rows(0, 16), _band_rows(1, 16, seed=1)],
+        tmp_path,
+        learning_rate=5e-2,
+        weight_decay=0.0,
+    )
     before_d1 = starts[1]
     assert [n for n, _ in model.named_parameters()] == names
     # domain 2's batches: 2 rows of domain 2, 2 replayed rows of domain 1; domain 1 trained alone (nothing to replay)
@@ -79,15 +93,30 @@ def test_das_with_replay_keeps_protected_units_and_mixes_batches(tmp_path):
     heads[0], ffn[0], heads[1], ffn[1] = 1.0, 1.0, 0.0, 0.0  # protect layer 0 completely
     strategy.importance = UnitImportance(heads, ffn)
     extras = DomainTraining(replay_ratio=0.25, replay_general=True)
-    train_set = extras.train_dataset(1, [_band_rows(0, 8), _band_rows(1, 8, seed=1)], _band_rows(2, 8, seed=2),
-                                     batch_size=8, seed=0, num_batches=3, names=["a", "b"])
+    train_set = extras.train_dataset(
+        1,
+        [_band_rows(0, 8), _band_rows(1, 8, seed=1)],
+        _band_rows(2, 8, seed=2),
+        batch_size=8,
+        seed=0,
+        num_batches=3,
+        names=["a", "b"],
+    )
     assert isinstance(train_set, ReplayMixture) and train_set.source_names == ["a", "general"]
     q0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     seen = []
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
-                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                             **extras.training_overrides(train_set))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        **extras.training_overrides(train_set),
+    )
     StrategyTrainer(model=model, args=args, train_dataset=train_set, strategy=strategy).train()
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, q0)
     assert len(strategy.contrastive_losses) == 3
@@ -100,10 +129,18 @@ def test_learning_rate_rewarms_each_domain(tmp_path):
     model = tiny_llama()
     lrs = []
     for k in range(2):
-        targs = train_args(tmp_path / f"d{k}", max_steps=4, learning_rate=1e-3, warmup_steps=0.5,
-                           lr_scheduler_type="linear", logging_strategy="steps", logging_steps=1)
-        trainer = StrategyTrainer(model=model, args=targs, train_dataset=_band_rows(0, 16),
-                                  strategy=get_strategy("ncl"))
+        targs = train_args(
+            tmp_path / f"d{k}",
+            max_steps=4,
+            learning_rate=1e-3,
+            warmup_steps=0.5,
+            lr_scheduler_type="linear",
+            logging_strategy="steps",
+            logging_steps=1,
+        )
+        trainer = StrategyTrainer(
+            model=model, args=targs, train_dataset=_band_rows(0, 16), strategy=get_strategy("ncl")
+        )
         trainer.train()
         lrs.append([e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e])
     assert len(lrs[0]) == 4 and lrs[1] == lrs[0]  # the second domain starts its own warm-up and decay

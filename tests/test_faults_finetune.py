@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_bert_with_minilm_tokenizer
-from transformers import BertModel
 
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
 from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
@@ -16,11 +14,6 @@ from hf_softmask.task_heads import MultiTaskClassifier
 
 class Killed(BaseException):
     """Stands for SIGKILL (no handler in the runner catches it)."""
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory, minilm_dir):
-    return save_tiny_bert_with_minilm_tokenizer(BertModel, tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
 
 
 def _parse(model_dir, out, strategy="ft", *extra):

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
-from transformers import BertForMaskedLM, TrainerCallback
+from conftest import tiny_runner_flags
+from transformers import TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
@@ -23,11 +23,6 @@ from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchErro
 
 class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so no handler in the runner sees it."""
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm_dir(tmp_path_factory, minilm_dir):
-    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
 
 
 def _args(model_dir, out, **kw):

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
-from transformers import BertForMaskedLM, BertModel, TrainerCallback
+from conftest import accelerate_launch_cmd, tiny_runner_flags
+from transformers import BertModel, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
 from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm_dir(tmp_path_factory, minilm_dir):
-    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory, minilm_dir):
-    return save_tiny_bert_with_minilm_tokenizer(BertModel, tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
 
 
 def pretrain_flags(model_dir, out, **kw) -> list[str]:

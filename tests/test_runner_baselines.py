@@ -39,19 +39,24 @@ def _flags(model, out, **over):
 def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm, tmp_path):
     runs = [
         {"name": "ncl", "strategy": "ncl", "learning_rates": [3e-3, 3e-4]},
-        {"name": "replay_wise", "strategy": "ncl", "learning_rates": [1e-3], "replay_ratio": 0.5,
-         "merge_alpha": 0.5},
+        {"name": "replay_wise", "strategy": "ncl", "learning_rates": [1e-3], "replay_ratio": 0.5, "merge_alpha": 0.5},
         {"name": "lora", "strategy": "lora", "learning_rates": [1e-2], "strategy_kwargs": {"lora_rank": 2}},
-        {"name": "freeze_bottom", "strategy": "freeze_bottom", "learning_rates": [1e-3],
-         "strategy_kwargs": {"num_frozen_layers": 1}},
+        {
+            "name": "freeze_bottom",
+            "strategy": "freeze_bottom",
+            "learning_rates": [1e-3],
+            "strategy_kwargs": {"num_frozen_layers": 1},
+        },
     ]
     out = tmp_path / "sweep"
-    args = parse_config(_flags(tiny_mlm, out, runs=json.dumps(runs), seeds="0,1", bootstrap_resamples=200,
-                               keep_domain_weights="last"))
+    args = parse_config(
+        _flags(tiny_mlm, out, runs=json.dumps(runs), seeds="0,1", bootstrap_resamples=200, keep_domain_weights="last")
+    )
     payload = run_continual_pretraining(args)
     dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert dirs == sorted(f"{n}_lr{lr:g}_s{s}" for r in runs for n, lr in ((r["name"], v) for v in r["learning_rates"])
-                          for s in (0, 1))
+    assert dirs == sorted(
+        f"{n}_lr{lr:g}_s{s}" for r in runs for n, lr in ((r["name"], v) for v in r["learning_rates"]) for s in (0, 1)
+    )
     # seeds change training, not the evaluation blocks: paired intervals need the same blocks
     a, b = (json.loads((out / f"replay_wise_lr0.001_s{s}" / "results.json").read_text()) for s in (0, 1))
     assert a["seed"] == 0 and b["seed"] == 1 and a["eval_block_losses"][0] == b["eval_block_losses"][0]
@@ -60,7 +65,8 @@ def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm, tmp_path):
     assert len(a["eval_block_losses"]) == 3 and len(a["general_block_losses"]) == 3  # before + 2 domains
     assert a["loss_matrix"][0][0] == pytest.approx(
         sum(v * n for v, n in zip(a["eval_block_losses"][1][0], a["eval_block_tokens"][0]))
-        / sum(a["eval_block_tokens"][0]))
+        / sum(a["eval_block_tokens"][0])
+    )
     assert payload["intervals"]["resamples"] == 200
     recs = {r["strategy"]: r for r in payload["runs"] if r["strategy"] != "ncl"}
     assert set(recs) == {"replay_wise", "lora", "freeze_bottom"}
@@ -85,12 +91,22 @@ def test_replay_batches_of_a_runner_domain_mix_sources_at_the_ratio(tiny_mlm, tm
         def record(module, args, kwargs):
             if module.training and "labels" in kwargs:
                 seen.append((kwargs["input_ids"].clone(), kwargs["labels"].clone()))
+
         model.register_forward_pre_hook(record, with_kwargs=True)
         return model
 
     ratio, batch = 0.5, 4
-    args = parse_config(_flags(tiny_mlm, tmp_path / "run", strategy="ncl", replay_ratio=ratio,
-                               replay_general="true", max_steps=3, per_device_train_batch_size=batch))
+    args = parse_config(
+        _flags(
+            tiny_mlm,
+            tmp_path / "run",
+            strategy="ncl",
+            replay_ratio=ratio,
+            replay_general="true",
+            max_steps=3,
+            per_device_train_batch_size=batch,
+        )
+    )
     runner = ContinualPretrainer(args, model_hook=hook)
     runner.run()
     data = runner.data
@@ -99,8 +115,11 @@ def test_replay_batches_of_a_runner_domain_mix_sources_at_the_ratio(tiny_mlm, tm
     def source_of(ids, labels):
         # Per-block MLM masks change only labelled positions: the other tokens identify the block.
         keep = labels == -100
-        hits = [name for name, ds in sources.items()
-                if any(torch.equal(ids[keep], torch.as_tensor(ds[i]["input_ids"])[keep]) for i in range(len(ds)))]
+        hits = [
+            name
+            for name, ds in sources.items()
+            if any(torch.equal(ids[keep], torch.as_tensor(ds[i]["input_ids"])[keep]) for i in range(len(ds)))
+        ]
         assert len(hits) == 1, hits
         return hits[0]
 
@@ -131,8 +150,9 @@ def test_merge_alpha_in_the_runner_gives_the_interpolated_weights(tiny_mlm, tmp_
     args = parse_config(_flags(tiny_mlm, out, strategy="ncl", merge_alpha=alpha, learning_rate=1e-2))
     ContinualPretrainer(args, callbacks=[grab]).run()
     before = [dict(BertForMaskedLM.from_pretrained(tiny_mlm).named_parameters())]
-    saved = [dict(AutoModelForMaskedLM.from_pretrained(out / d).named_parameters()) for d in
-             ("1_business", "2_sports")]
+    saved = [
+        dict(AutoModelForMaskedLM.from_pretrained(out / d).named_parameters()) for d in ("1_business", "2_sports")
+    ]
     name = "bert.encoder.layer.0.attention.self.query.weight"
     for k in range(2):
         prev = before[0] if k == 0 else saved[0]
@@ -142,8 +162,17 @@ def test_merge_alpha_in_the_runner_gives_the_interpolated_weights(tiny_mlm, tmp_
 
 
 def test_learning_rate_rewarms_in_every_runner_domain(tiny_mlm, tmp_path):
-    args = parse_config(_flags(tiny_mlm, tmp_path / "run", strategy="ncl", max_steps=4, warmup_steps=2,
-                               lr_scheduler_type="linear", logging_steps=1))
+    args = parse_config(
+        _flags(
+            tiny_mlm,
+            tmp_path / "run",
+            strategy="ncl",
+            max_steps=4,
+            warmup_steps=2,
+            lr_scheduler_type="linear",
+            logging_steps=1,
+        )
+    )
     runner = ContinualPretrainer(args)
     lrs = []
 
@@ -159,13 +188,15 @@ def test_learning_rate_rewarms_in_every_runner_domain(tiny_mlm, tmp_path):
 
 
 def test_baseline_settings_refused_before_anything_is_written(tiny_mlm, tmp_path):
-    for over, msg in [({"replay_ratio": 0.05}, "rounds to 0 replay rows"), ({"merge_alpha": 1.5}, "merge_alpha"),
-                      ({"replay_general": "true"}, "replay_general needs replay_ratio"),
-                      ({"seeds": "0,x"}, "--seeds"), ({"bootstrap_confidence": 1.0}, "bootstrap_confidence"),
-                      ({"runs": '[{"name": "a", "strategy": "ncl", "learning_rates": [1e-3], "bad": 1}]'},
-                       "unknown key"),
-                      ({"strategies": "ncl", "runs": '[{"strategy": "ncl", "learning_rates": [1e-3]}]'},
-                       "drop --strategies")]:
+    for over, msg in [
+        ({"replay_ratio": 0.05}, "rounds to 0 replay rows"),
+        ({"merge_alpha": 1.5}, "merge_alpha"),
+        ({"replay_general": "true"}, "replay_general needs replay_ratio"),
+        ({"seeds": "0,x"}, "--seeds"),
+        ({"bootstrap_confidence": 1.0}, "bootstrap_confidence"),
+        ({"runs": '[{"name": "a", "strategy": "ncl", "learning_rates": [1e-3], "bad": 1}]'}, "unknown key"),
+        ({"strategies": "ncl", "runs": '[{"strategy": "ncl", "learning_rates": [1e-3]}]'}, "drop --strategies"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_config(_flags(tiny_mlm, tmp_path / "x", **over))
     assert not (tmp_path / "x").exists()
@@ -179,8 +210,14 @@ def test_replay_merge_ema_run_killed_and_resumed_equals_uninterrupted(tiny_mlm, 
 
     def run(out, kill):
         flags = tiny_runner_flags(tiny_mlm, out, strategy="ncl", replay_ratio=0.5, merge_alpha=0.5, ema_decay=0.5)
-        return subprocess.run([sys.executable, str(worker), kill, *flags], env=env, capture_output=True, text=True,
-                              timeout=300, check=False)
+        return subprocess.run(
+            [sys.executable, str(worker), kill, *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
     assert run(tmp_path / "straight", "none").returncode == 0
     assert run(tmp_path / "killed", "2_sports:2").returncode == 17

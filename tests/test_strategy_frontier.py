@@ -22,20 +22,23 @@ def test_pareto_front_drops_dominated_points():
     assert pareto_front(PLAIN) == [(3.0, 0.30), (3.2, 0.10), (3.4, 0.05)]
 
 
-@pytest.mark.parametrize("point, want", [
-    ((3.1, 0.10), "beyond"),     # inside the x range: the frontier at 3.1 is 0.20
-    ((3.1, 0.195), "on"),        # within the tolerance of 0.20
-    ((3.1, 0.25), "behind"),
-    ((3.3, 0.06), "beyond"),     # frontier at 3.3 is 0.075
-    ((2.9, 0.25), "beyond"),     # x outside, y inside: at forgetting 0.25 the frontier's loss is 3.05
-    ((2.9, 0.35), "undecided"),  # outside both ranges: a plain run at a higher learning rate would decide
-    ((3.6, 0.01), "undecided"),  # past the lowest-lr end: what a lower learning rate also buys
-    ((3.6, 0.04), "undecided"),
-    ((3.6, 0.06), "behind"),     # (3.4, 0.05) is better on both axes, wherever the point lies
-    ((3.5, 0.20), "behind"),     # x outside, y inside: at forgetting 0.2 the frontier's loss is 3.1
-    ((2.8, 0.01), "undecided"),  # dominates every plain run but lies outside both ranges
-    ((3.2, float("nan")), "undecided"),
-])
+@pytest.mark.parametrize(
+    "point, want",
+    [
+        ((3.1, 0.10), "beyond"),  # inside the x range: the frontier at 3.1 is 0.20
+        ((3.1, 0.195), "on"),  # within the tolerance of 0.20
+        ((3.1, 0.25), "behind"),
+        ((3.3, 0.06), "beyond"),  # frontier at 3.3 is 0.075
+        ((2.9, 0.25), "beyond"),  # x outside, y inside: at forgetting 0.25 the frontier's loss is 3.05
+        ((2.9, 0.35), "undecided"),  # outside both ranges: a plain run at a higher learning rate would decide
+        ((3.6, 0.01), "undecided"),  # past the lowest-lr end: what a lower learning rate also buys
+        ((3.6, 0.04), "undecided"),
+        ((3.6, 0.06), "behind"),  # (3.4, 0.05) is better on both axes, wherever the point lies
+        ((3.5, 0.20), "behind"),  # x outside, y inside: at forgetting 0.2 the frontier's loss is 3.1
+        ((2.8, 0.01), "undecided"),  # dominates every plain run but lies outside both ranges
+        ((3.2, float("nan")), "undecided"),
+    ],
+)
 def test_positions_against_hand_interpolation(point, want):
     assert frontier_position(point, PLAIN, tolerance=0.01) == want
     assert comparison_position(point, PLAIN, 0.01) == want  # compare_strategies uses the same function
@@ -64,9 +67,16 @@ def test_mark_records_and_write_frontier(tmp_path):
     for i, r in enumerate(recs[:5]):
         d = tmp_path / f"run{i}"
         d.mkdir()
-        res = {"run_name": r["strategy"], "learning_rate": r["lr"], "complete": True, "bwt": 0.0,
-               "in_domain_loss": r["in_domain_loss"], "forgetting": r["forgetting"], "general_loss_increase": 0.0,
-               "final_mean_loss": 2.0}
+        res = {
+            "run_name": r["strategy"],
+            "learning_rate": r["lr"],
+            "complete": True,
+            "bwt": 0.0,
+            "in_domain_loss": r["in_domain_loss"],
+            "forgetting": r["forgetting"],
+            "general_loss_increase": 0.0,
+            "final_mean_loss": 2.0,
+        }
         (d / "results.json").write_text(json.dumps(res))
         dirs.append(d)
     payload = write_frontier(tmp_path / "out", dirs)  # the call continual/pretrain.py makes
@@ -82,21 +92,31 @@ def _blocks_results(label, lr, in_domain, after, noise, seed=0, n=8):
     wiggle = [noise * (1 if b % 2 else -1) for b in range(n)]
     d0 = [[3.0 + o for o in offs], [in_domain + o for o in offs], [after + o + w for o, w in zip(offs, wiggle)]]
     d1 = [[3.0 + o for o in offs], [3.0 + o for o in offs], [in_domain + o for o in offs]]
-    return {"run_name": label, "learning_rate": lr, "complete": True, "seed": seed, "bwt": 0.0,
-            "in_domain_loss": in_domain + sum(offs) / n, "forgetting": after - in_domain,
-            "general_loss_increase": 0.0, "final_mean_loss": 2.0,
-            "eval_block_losses": [[d0[s], d1[s]] for s in range(3)],
-            "general_block_losses": [[3.0 + o for o in offs]] * 3}
+    return {
+        "run_name": label,
+        "learning_rate": lr,
+        "complete": True,
+        "seed": seed,
+        "bwt": 0.0,
+        "in_domain_loss": in_domain + sum(offs) / n,
+        "forgetting": after - in_domain,
+        "general_loss_increase": 0.0,
+        "final_mean_loss": 2.0,
+        "eval_block_losses": [[d0[s], d1[s]] for s in range(3)],
+        "general_block_losses": [[3.0 + o for o in offs]] * 3,
+    }
 
 
 def test_frontier_intervals_decide_beyond_and_seeds_form_one_row(tmp_path):
-    runs = {"ncl_a": _blocks_results("ncl", 1e-3, 2.0, 2.3, 0.0),
-            "ncl_b": _blocks_results("ncl", 1e-4, 2.2, 2.3, 0.0),
-            # forgetting 0.05 where the frontier has 0.2: beyond, with little block noise -> the interval agrees
-            "x_s0": _blocks_results("x", 1e-3, 2.1, 2.15, 0.01, seed=0),
-            "x_s1": _blocks_results("x", 1e-3, 2.1, 2.15, 0.02, seed=1),
-            # the same point, but blocks disagreeing by +-1 nat: the interval of the gap contains 0 -> not beyond
-            "y": _blocks_results("y", 1e-3, 2.1, 2.15, 1.0)}
+    runs = {
+        "ncl_a": _blocks_results("ncl", 1e-3, 2.0, 2.3, 0.0),
+        "ncl_b": _blocks_results("ncl", 1e-4, 2.2, 2.3, 0.0),
+        # forgetting 0.05 where the frontier has 0.2: beyond, with little block noise -> the interval agrees
+        "x_s0": _blocks_results("x", 1e-3, 2.1, 2.15, 0.01, seed=0),
+        "x_s1": _blocks_results("x", 1e-3, 2.1, 2.15, 0.02, seed=1),
+        # the same point, but blocks disagreeing by +-1 nat: the interval of the gap contains 0 -> not beyond
+        "y": _blocks_results("y", 1e-3, 2.1, 2.15, 1.0),
+    }
     dirs = []
     for name, res in runs.items():
         (tmp_path / name).mkdir()

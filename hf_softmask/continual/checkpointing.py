@@ -114,8 +114,10 @@ class RunState:
             return None
         if self.output_dir.is_dir() and any(self.output_dir.iterdir()):
             names = sorted(p.name for p in self.output_dir.iterdir())[:5]
-            return (f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: "
-                    "not a run of this runner")
+            return (
+                f"{self.output_dir} holds files ({', '.join(names)}, ...) but no {STATE_FILE}: "
+                "not a run of this runner"
+            )
         return None
 
     def check_writable(self) -> None:

@@ -21,7 +21,8 @@ __all__ = [
     "help_text",
     "check_process_group",
     "use_cpu_without_cuda",
-    "require_positive", "require_steps",
+    "require_positive",
+    "require_steps",
     "require_choice",
     "register_architectures",
     "RESUME_HINT",
@@ -133,8 +134,9 @@ def require_positive(name: str, value, *, allow_zero: bool = False, allow_none: 
 def require_steps(max_steps: int, num_train_epochs: float, per: str) -> None:
     """``max_steps`` > 0, or -1 with ``num_train_epochs`` > 0 (both counted ``per`` domain or task)."""
     if max_steps == 0 or (max_steps < 0 and max_steps != -1):
-        raise ValueError(f"--max_steps (per {per}) must be > 0, or -1 to train --num_train_epochs per {per}; "
-                         f"got {max_steps}")
+        raise ValueError(
+            f"--max_steps (per {per}) must be > 0, or -1 to train --num_train_epochs per {per}; got {max_steps}"
+        )
     if max_steps == -1:
         require_positive("num_train_epochs", num_train_epochs)
 

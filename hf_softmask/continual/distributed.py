@@ -26,7 +26,7 @@ class ProcessInfo:
         return self.rank == 0
 
     @classmethod
-    def current(cls, cpu: bool) -> "ProcessInfo":
+    def current(cls, cpu: bool) -> ProcessInfo:
         import torch.distributed as dist
         from accelerate import PartialState
 

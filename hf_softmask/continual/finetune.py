@@ -37,7 +37,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -95,7 +94,7 @@ class ContinualFinetuneArguments:
             "(see hf_softmask.strategies.available_strategies())."
         },
     )
-    strategy_kwargs: Optional[str] = field(
+    strategy_kwargs: str | None = field(
         default=None,
         metadata={
             "help": 'JSON object of keyword settings for the strategy, e.g. \'{"mode": "grad"}\' (a mapping in YAML).'
@@ -108,10 +107,10 @@ class ContinualFinetuneArguments:
             "e.g. business,entertainment politics,sports."
         },
     )
-    max_train_per_class: Optional[int] = field(
+    max_train_per_class: int | None = field(
         default=32, metadata={"help": "Training articles per class and task (None: all)."}
     )
-    max_test_per_class: Optional[int] = field(
+    max_test_per_class: int | None = field(
         default=20, metadata={"help": "Test articles per class and task (None: all)."}
     )
     test_fraction: float = field(default=0.2, metadata={"help": "Fraction of each topic held out for testing."})
@@ -120,14 +119,14 @@ class ContinualFinetuneArguments:
     pooling: str = field(
         default="mean", metadata={"help": f"Pooling of the last hidden state for the heads: {', '.join(POOLINGS)}."}
     )
-    head_learning_rate: Optional[float] = field(
+    head_learning_rate: float | None = field(
         default=5e-3, metadata={"help": "Learning rate of the task heads (None: learning_rate)."}
     )
     eval_batch_size: int = field(default=32, metadata={"help": "Batch size of evaluation and of after_task passes."})
-    num_threads: Optional[int] = field(
+    num_threads: int | None = field(
         default=None, metadata={"help": "torch.set_num_threads (default: torch's own choice)."}
     )
-    register_architecture: Optional[str] = field(
+    register_architecture: str | None = field(
         default=None,
         metadata={
             "help": "module:function[,module:function] called before the "

@@ -3,8 +3,8 @@
 One definition, used by the pre-training sweep (``write_frontier``) and by ``compare_strategies``
 (:mod:`hf_softmask.comparison`, pre-training and finetuning). A run is a point ``(x, y)`` with both axes
 lower-is-better: pre-training uses (in-domain loss, forgetting), finetuning (in-task error = 1 - accuracy on each
-task right after training it, forgetting). The frontier is the piecewise-linear curve through the non-dominated plain runs
-(sorted by ``x``; ``y`` then decreases). A point is
+task right after training it, forgetting). The frontier is the piecewise-linear curve through the non-dominated
+plain runs (sorted by ``x``; ``y`` then decreases). A point is
 
 - **behind** when some plain run is at least as good on both axes and better by more than ``tolerance`` on one
   (wherever the point lies), or when it lies above the frontier by more than ``tolerance`` within its range;
@@ -34,9 +34,15 @@ from pathlib import Path
 from ..bootstrap import METRICS, RunBlocks, frontier_intervals
 from ..io import atomic_write_json, atomic_write_text
 
-__all__ = ["POSITIONS", "add_intervals", "pareto_front", "frontier_position", "frontier_records",
-           "mark_beyond_frontier",
-           "write_frontier"]
+__all__ = [
+    "POSITIONS",
+    "add_intervals",
+    "pareto_front",
+    "frontier_position",
+    "frontier_records",
+    "mark_beyond_frontier",
+    "write_frontier",
+]
 
 BASELINE = "ncl"
 POSITIONS = ("beyond", "on", "behind", "undecided")
@@ -84,14 +90,22 @@ def frontier_position(point: tuple[float, float], baseline, tolerance: float = 0
     return "behind" if gap > tol else "on"
 
 
-def mark_beyond_frontier(records: list[dict], baseline: str = BASELINE, tolerance: float = 0.0,
-                         x: str = "in_domain_loss", y: str = "forgetting") -> list[dict]:
+def mark_beyond_frontier(
+    records: list[dict],
+    baseline: str = BASELINE,
+    tolerance: float = 0.0,
+    x: str = "in_domain_loss",
+    y: str = "forgetting",
+) -> list[dict]:
     """Set ``frontier_position`` and ``beyond_frontier`` on every record that is not a ``baseline`` run.
 
     ``beyond_frontier``: True for "beyond", False for "on"/"behind", None for "undecided", for baseline runs and for
     runs cut short (``complete`` False: metrics over fewer domains; neither judged nor used as a rival).
     """
-    usable = lambda r: r.get("complete", True) is not False and _finite(r.get(x), r.get(y))
+
+    def usable(r):
+        return r.get("complete", True) is not False and _finite(r.get(x), r.get(y))
+
     base = [(r[x], r[y]) for r in records if r.get("strategy") == baseline and usable(r)]
     for r in records:
         if r.get("strategy") == baseline or not usable(r):
@@ -116,8 +130,13 @@ def frontier_records(run_dirs) -> list[dict]:
         groups.setdefault((res.get("run_name") or res.get("strategy"), res.get("learning_rate")), []).append(res)
     records = []
     for (label, lr), runs in groups.items():
-        rec = {"run": runs[0]["_dir"] if len(runs) == 1 else [r["_dir"] for r in runs], "strategy": label, "lr": lr,
-               "complete": all(r.get("complete") is not False for r in runs), "seeds": [r.get("seed") for r in runs]}
+        rec = {
+            "run": runs[0]["_dir"] if len(runs) == 1 else [r["_dir"] for r in runs],
+            "strategy": label,
+            "lr": lr,
+            "complete": all(r.get("complete") is not False for r in runs),
+            "seeds": [r.get("seed") for r in runs],
+        }
         for m in _POINT_METRICS:
             values = [r.get(m) for r in runs]
             rec[m] = sum(values) / len(values) if all(_finite(v) for v in values) else None
@@ -156,16 +175,22 @@ def add_intervals(records: list[dict], n_resamples: int = 2000, confidence: floa
 
 def _markdown(records: list[dict], confidence: float | None = None) -> str:
     """The table; with intervals each metric reads ``estimate [low, high]`` and the verdict is the interval's."""
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    def fmt(v):
+        return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
     def cell(r, m):
         ci = r.get("intervals", {}).get(m)
         return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "")
 
     head = "vs ncl frontier" + (f" ({confidence:.0%} interval of the forgetting gap)" if confidence else "")
-    lines = [("| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
-              f"forgetting gap to frontier | {head} |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
+            f"forgetting gap to frontier | {head} |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):
         pos = r.get("frontier_position")
         if r["strategy"] == BASELINE:
@@ -176,17 +201,32 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
         else:
             mark = "**beyond**" if pos == "beyond" else (pos or "–")
         gap = r.get("forgetting_gap")
-        gap_cell = "" if not gap else (f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]"
-                                       if _finite(gap["estimate"]) else "outside the frontier's range")
+        gap_cell = (
+            ""
+            if not gap
+            else (
+                f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]"
+                if _finite(gap["estimate"])
+                else "outside the frontier's range"
+            )
+        )
         seeds = ",".join(str(s) for s in r.get("seeds") or [] if s is not None)
-        lines.append(f"| {r['strategy']} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
-                     f"{cell(r, 'forgetting')} | {fmt(r['bwt'])} | {cell(r, 'general_loss_increase')} | "
-                     f"{gap_cell} | {mark} |")
+        lines.append(
+            f"| {r['strategy']} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
+            f"{cell(r, 'forgetting')} | {fmt(r['bwt'])} | {cell(r, 'general_loss_increase')} | "
+            f"{gap_cell} | {mark} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def write_frontier(output_dir: str | os.PathLike, run_dirs, tolerance: float = 0.0, n_resamples: int = 2000,
-                   confidence: float = 0.95, seed: int = 0) -> dict:
+def write_frontier(
+    output_dir: str | os.PathLike,
+    run_dirs,
+    tolerance: float = 0.0,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """Write ``frontier.json``, ``frontier.md`` and ``frontier.png`` (+ ``frontier_general.png``) into ``output_dir``;
     with per-block losses in the runs, bootstrap intervals too (``n_resamples``, ``confidence``, ``seed``)."""
     from ..plotting import plot_frontier
@@ -198,13 +238,31 @@ def write_frontier(output_dir: str | os.PathLike, run_dirs, tolerance: float = 0
     with_ci = add_intervals(records, n_resamples, confidence, seed)
     for r in records:
         r.pop("_results")
-    payload = {"baseline": BASELINE, "tolerance": tolerance, "runs": records,
-               "intervals": {"resamples": n_resamples, "confidence": confidence, "seed": seed} if with_ci else None}
+    payload = {
+        "baseline": BASELINE,
+        "tolerance": tolerance,
+        "runs": records,
+        "intervals": {"resamples": n_resamples, "confidence": confidence, "seed": seed} if with_ci else None,
+    }
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, confidence if with_ci else None))
     if any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
-        plot_frontier(records, out / "frontier.png", x="in_domain_loss", y="forgetting", group="strategy", label="lr",
-                      title="forgetting vs in-domain loss (lower-left is better)")
-        plot_frontier(records, out / "frontier_general.png", x="in_domain_loss", y="general_loss_increase", group="strategy",
-                      label="lr", title="general-text loss increase vs in-domain loss")
+        plot_frontier(
+            records,
+            out / "frontier.png",
+            x="in_domain_loss",
+            y="forgetting",
+            group="strategy",
+            label="lr",
+            title="forgetting vs in-domain loss (lower-left is better)",
+        )
+        plot_frontier(
+            records,
+            out / "frontier_general.png",
+            x="in_domain_loss",
+            y="general_loss_increase",
+            group="strategy",
+            label="lr",
+            title="general-text loss increase vs in-domain loss",
+        )
     return payload

@@ -1,6 +1,6 @@
 """The continual pre-training runner: a domain sequence, a strategy, evaluation after every domain, resume.
 
-Flow (ALGORITHMS.md §2-4 for DAS)::
+Flow (docs/algorithms.md §2-4 for DAS)::
 
     0_base/      optional LM-head warm-up on general text, the strategy's starting state (DAS: general-knowledge
                  importance), the evaluation row "before training"
@@ -207,8 +207,13 @@ class _Data:
         # they use (replay: every batch's share of one domain; fewer blocks are reused in new orders).
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
         if args.replay_general:
-            needed = max(needed, args.per_device_train_batch_size * max(args.max_steps, 1)
-                         * args.gradient_accumulation_steps * args.world_size)
+            needed = max(
+                needed,
+                args.per_device_train_batch_size
+                * max(args.max_steps, 1)
+                * args.gradient_accumulation_steps
+                * args.world_size,
+            )
         self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
         self.general_eval = FixedEvalSet(
             "general",
@@ -403,8 +408,10 @@ class ContinualPretrainer:
         if select is not None:
             select(None)
         blocks["general_blocks"], blocks["general_tokens"] = block_losses(model, self.data.general_eval, causal)
-        losses = [_token_mean(b, t, ev.name) for b, t, ev in zip(blocks["eval_blocks"], blocks["eval_tokens"],
-                                                                 self.data.eval)]
+        losses = [
+            _token_mean(b, t, ev.name)
+            for b, t, ev in zip(blocks["eval_blocks"], blocks["eval_tokens"], self.data.eval)
+        ]
         general = _token_mean(blocks["general_blocks"], blocks["general_tokens"], "general")
         return losses, general, blocks
 
@@ -488,8 +495,10 @@ class ContinualPretrainer:
                 general_block_tokens=base["general_tokens"],
             )
         res["seed"] = self.args.seed
-        res["settings"] = {k: getattr(self.args, k) for k in ("replay_ratio", "replay_general", "merge_alpha",
-                                                               "ema_decay", "strategy_kwargs")}
+        res["settings"] = {
+            k: getattr(self.args, k)
+            for k in ("replay_ratio", "replay_general", "merge_alpha", "ema_decay", "strategy_kwargs")
+        }
         res["merged_parameters"] = [d.get("merged_parameters") for d in state.done]
         return res
 
@@ -845,8 +854,9 @@ def run_continual_pretraining(args: ContinualPretrainingArguments) -> dict:
         for pattern in parse_str_list(args.frontier_runs):
             matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
             dirs.extend(d for d in matches if (d / "results.json").is_file())
-        return write_frontier(args.output_dir, dirs, n_resamples=args.bootstrap_resamples,
-                              confidence=args.bootstrap_confidence)
+        return write_frontier(
+            args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+        )
     if args.learning_rates or args.strategies or args.runs or args.seeds:
         return run_sweep(args)
     return ContinualPretrainer(args).run()
@@ -866,20 +876,25 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
     dirs = []
     # Learning rate outermost: a sweep cut short still holds comparable (strategy, lr) pairs.
     lrs = list(dict.fromkeys(lr for e in entries for lr in e["learning_rates"]))
-    plan = [(lr, e) for lr in lrs for e in entries if lr in e["learning_rates"]] if not args.runs else [
-        (lr, e) for e in entries for lr in e["learning_rates"]]
+    plan = (
+        [(lr, e) for lr in lrs for e in entries if lr in e["learning_rates"]]
+        if not args.runs
+        else [(lr, e) for e in entries for lr in e["learning_rates"]]
+    )
     for lr, entry in plan:
         base = entry["strategy"] if not args.runs else entry["name"]
         for seed in seeds or [None]:
             sub = Path(args.output_dir) / (f"{base}_lr{lr:g}" + (f"_s{seed}" if seed is not None else ""))
             run_args = args.for_entry(entry, lr)
-            run_args = replace(run_args, output_dir=str(sub), split_seed=split_seed,
-                               seed=args.seed if seed is None else seed)
+            run_args = replace(
+                run_args, output_dir=str(sub), split_seed=split_seed, seed=args.seed if seed is None else seed
+            )
             ContinualPretrainer(run_args).run()
             dirs.append(sub)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        return write_frontier(args.output_dir, dirs, n_resamples=args.bootstrap_resamples,
-                              confidence=args.bootstrap_confidence)
+        return write_frontier(
+            args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+        )
     return {}

@@ -45,28 +45,51 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class DASConfig(StrategyConfig):
     """Settings of :class:`DASStrategy` (docs/algorithms.md §2-4)."""
 
-    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig, metadata={
-        "help": "Soft-masking of the accumulated importance (a SoftMaskConfig or its fields as a dict): mode, "
-                "policies for unowned parameters, mask_power."})
-    contrastive_weight: float = field(default=1.0, metadata={
-        "help": "λ in loss = LM + λ·contrast; 0 turns the contrastive term off."})
+    softmask: SoftMaskConfig = field(
+        default_factory=SoftMaskConfig,
+        metadata={
+            "help": "Soft-masking of the accumulated importance (a SoftMaskConfig or its fields as a dict): mode, "
+            "policies for unowned parameters, mask_power."
+        },
+    )
+    contrastive_weight: float = field(
+        default=1.0, metadata={"help": "λ in loss = LM + λ·contrast; 0 turns the contrastive term off."}
+    )
     temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (cosine similarity)."})
-    perturbation_dropout: float = field(default=0.1, metadata={
-        "help": "Dropout on gated unit outputs for the views of a model without dropout of its own (Llama family)."})
-    general_objective: str = field(default="kl_dropout", metadata={
-        "help": "Importance objective before the first domain.", "choices": sorted(OBJECTIVES)})
-    domain_objective: str = field(default="lm_loss", metadata={
-        "help": "Importance objective after each domain.", "choices": sorted(OBJECTIVES)})
-    importance_batches: int | None = field(default=None, metadata={
-        "help": "Cap on the batches of each importance estimate (None: the whole loader)."})
-    estimator: str = field(default=DEFAULT_ESTIMATOR, metadata={
-        "help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."})
-    normalization: str = field(default=DEFAULT_NORMALIZATION, metadata={
-        "help": "Map of raw importance into [0, 1] ('abs_tanh' = the paper's |tanh z|).",
-        "choices": sorted(NORMALIZATIONS)})
-    view_gradients: bool = field(default=VIEW_GRADIENTS_DEFAULT, metadata={
-        "help": "Whether the views z2 and z3 carry gradients (the paper's SimCSE-style loss) or are stop-gradient "
-                "targets computed without autograd (the measured default, docs/das.md)."})
+    perturbation_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Dropout on gated unit outputs for the views of a model without dropout of its own (Llama family)."
+        },
+    )
+    general_objective: str = field(
+        default="kl_dropout",
+        metadata={"help": "Importance objective before the first domain.", "choices": sorted(OBJECTIVES)},
+    )
+    domain_objective: str = field(
+        default="lm_loss", metadata={"help": "Importance objective after each domain.", "choices": sorted(OBJECTIVES)}
+    )
+    importance_batches: int | None = field(
+        default=None, metadata={"help": "Cap on the batches of each importance estimate (None: the whole loader)."}
+    )
+    estimator: str = field(
+        default=DEFAULT_ESTIMATOR,
+        metadata={"help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."},
+    )
+    normalization: str = field(
+        default=DEFAULT_NORMALIZATION,
+        metadata={
+            "help": "Map of raw importance into [0, 1] ('abs_tanh' = the paper's |tanh z|).",
+            "choices": sorted(NORMALIZATIONS),
+        },
+    )
+    view_gradients: bool = field(
+        default=VIEW_GRADIENTS_DEFAULT,
+        metadata={
+            "help": "Whether the views z2 and z3 carry gradients (the paper's SimCSE-style loss) or are stop-gradient "
+            "targets computed without autograd (the measured default, docs/das.md)."
+        },
+    )
     show_progress: bool = field(default=True, metadata={"help": "Progress bars while importance is computed."})
 
     def __post_init__(self):
@@ -120,12 +143,20 @@ class DASStrategy(ContinualStrategy):
 
     def _estimate(self, model: nn.Module, dataloader, objective: str) -> UnitImportance:
         if dataloader is None:
-            raise ValueError(f"DAS needs a dataloader to compute {objective!r} importance; pass one to before_task/after_task")
+            raise ValueError(
+                f"DAS needs a dataloader to compute {objective!r} importance; pass one to before_task/after_task"
+            )
         model = _unwrap(model)
         return compute_importance(
-            model, dataloader, objective, layout=self.layout(model), max_batches=self.cfg.importance_batches,
-            perturbation_dropout=self.cfg.perturbation_dropout, show_progress=self.cfg.show_progress,
-            estimator=self.cfg.estimator, normalization=self.cfg.normalization,
+            model,
+            dataloader,
+            objective,
+            layout=self.layout(model),
+            max_batches=self.cfg.importance_batches,
+            perturbation_dropout=self.cfg.perturbation_dropout,
+            show_progress=self.cfg.show_progress,
+            estimator=self.cfg.estimator,
+            normalization=self.cfg.normalization,
         )
 
     def compute_general_importance(self, model: nn.Module, dataloader) -> UnitImportance:
@@ -148,9 +179,13 @@ class DASStrategy(ContinualStrategy):
     # -- training hooks --------------------------------------------------------------------------
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         if self.importance is None:
-            raise RuntimeError("DASStrategy has no importance yet: call before_task(model, 0, dataloader) before training")
+            raise RuntimeError(
+                "DASStrategy has no importance yet: call before_task(model, 0, dataloader) before training"
+            )
         self.on_train_end(model, optimizer)
-        self._masker = SoftMasker(_unwrap(model), self.importance, self.cfg.softmask, layout=self.layout(model)).attach(optimizer)
+        self._masker = SoftMasker(
+            _unwrap(model), self.importance, self.cfg.softmask, layout=self.layout(model)
+        ).attach(optimizer)
 
     def on_train_end(self, model: nn.Module, optimizer) -> None:
         if self._masker is not None:
@@ -174,8 +209,16 @@ class DASStrategy(ContinualStrategy):
         if hidden is not None and torch.equal(unmasked_input_ids(inputs), inputs["input_ids"]):
             z1 = masked_mean_pool(hidden[-1], inputs.get("attention_mask"))
         with self._autocast.context():
-            loss = das_contrastive_loss(inner, inputs, self.importance, self.layout(inner), self.cfg.temperature,
-                                        self._view_dropout, z1=z1, view_gradients=self.cfg.view_gradients)
+            loss = das_contrastive_loss(
+                inner,
+                inputs,
+                self.importance,
+                self.layout(inner),
+                self.cfg.temperature,
+                self._view_dropout,
+                z1=z1,
+                view_gradients=self.cfg.view_gradients,
+            )
         self.contrastive_losses.append(float(loss.detach()))
         return self.cfg.contrastive_weight * loss
 

@@ -28,8 +28,15 @@ from ..tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
 from .base import STRATEGY_STATE_CONFIG, ContinualStrategy
 from .units import StrategyConfig
 
-__all__ = ["SubnetworkSettings", "SubnetworkStrategy", "TSSConfig", "TSSStrategy", "adapter_config_field",
-           "adapter_field", "subnetwork_backbone"]
+__all__ = [
+    "SubnetworkSettings",
+    "SubnetworkStrategy",
+    "TSSConfig",
+    "TSSStrategy",
+    "adapter_config_field",
+    "adapter_field",
+    "subnetwork_backbone",
+]
 
 
 def subnetwork_backbone(model: nn.Module) -> SubnetworkModel:
@@ -39,7 +46,9 @@ def subnetwork_backbone(model: nn.Module) -> SubnetworkModel:
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, SubnetworkModel):
         return backbone
-    raise TypeError("this strategy needs a model whose .backbone is a SubnetworkModel; call strategy.prepare_model(model) first")
+    raise TypeError(
+        "this strategy needs a model whose .backbone is a SubnetworkModel; call strategy.prepare_model(model) first"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -55,11 +64,15 @@ def adapter_field(name: str, default):
 
 def adapter_config_field():
     """The ``adapter_config`` field of a subnetwork strategy's config."""
-    return field(default=None, metadata={
-        "help": "A whole SubnetworkConfig (or its dict, as saved in strategy_config.json) for adapter settings the "
-                "other fields do not cover (exclude_modules, layers_to_transform, ...). The fields that set "
-                "adapter_config.<name> must then keep their defaults or agree with it; after construction they "
-                "mirror it."})
+    return field(
+        default=None,
+        metadata={
+            "help": "A whole SubnetworkConfig (or its dict, as saved in strategy_config.json) for adapter settings "
+            "the other fields do not cover (exclude_modules, layers_to_transform, ...). The fields that set "
+            "adapter_config.<name> must then keep their defaults or agree with it; after construction they "
+            "mirror it."
+        },
+    )
 
 
 def _comparable(value):
@@ -86,22 +99,34 @@ class SubnetworkSettings:
             if isinstance(adapter, dict):
                 adapter = SubnetworkConfig(**adapter)
             if not isinstance(adapter, SubnetworkConfig):
-                raise TypeError(f"{type(self).__name__}.adapter_config must be a SubnetworkConfig or its dict, "
-                                f"got {type(adapter).__name__}")
+                raise TypeError(
+                    f"{type(self).__name__}.adapter_config must be a SubnetworkConfig or its dict, "
+                    f"got {type(adapter).__name__}"
+                )
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            clash = [name for name, value in shortcuts.items()
-                     if _comparable(value) != _comparable(defaults[name])
-                     and _comparable(value) != _comparable(getattr(adapter, name))]
+            clash = [
+                name
+                for name, value in shortcuts.items()
+                if _comparable(value) != _comparable(defaults[name])
+                and _comparable(value) != _comparable(getattr(adapter, name))
+            ]
             if clash:
-                raise ValueError(f"{type(self).__name__}: {clash} set both as keywords and (differently) in "
-                                 "adapter_config; set each in one place")
+                raise ValueError(
+                    f"{type(self).__name__}: {clash} set both as keywords and (differently) in "
+                    "adapter_config; set each in one place"
+                )
             self.adapter_config = adapter
-        wrong = {k: getattr(self.adapter_config, k) for k, v in self.ADAPTER_FIXED.items()
-                 if getattr(self.adapter_config, k) != v}
+        wrong = {
+            k: getattr(self.adapter_config, k)
+            for k, v in self.ADAPTER_FIXED.items()
+            if getattr(self.adapter_config, k) != v
+        }
         if wrong:
-            raise ValueError(f"{type(self).__name__} needs SubnetworkConfig with "
-                             f"{', '.join(f'{k}={v!r}' for k, v in self.ADAPTER_FIXED.items())}; adapter_config has "
-                             f"{', '.join(f'{k}={v!r}' for k, v in wrong.items())}")
+            raise ValueError(
+                f"{type(self).__name__} needs SubnetworkConfig with "
+                f"{', '.join(f'{k}={v!r}' for k, v in self.ADAPTER_FIXED.items())}; adapter_config has "
+                f"{', '.join(f'{k}={v!r}' for k, v in wrong.items())}"
+            )
         for name in self.ADAPTER_FIELDS:
             setattr(self, name, _comparable(getattr(self.adapter_config, name)))
 
@@ -113,19 +138,30 @@ class TSSConfig(SubnetworkSettings, StrategyConfig):
     ADAPTER_FIELDS: ClassVar[tuple[str, ...]] = ("threshold", "init_score", "score_init", "target_modules")
     ADAPTER_FIXED: ClassVar[dict[str, object]] = {"selection": "threshold"}
 
-    mode: str = field(default="update", metadata={
-        "help": "'update': scale each score's optimizer update by 1 - I_acc (exact under AdamW); 'grad': scale its "
-                "gradient.",
-        "choices": list(MODES)})
+    mode: str = field(
+        default="update",
+        metadata={
+            "help": "'update': scale each score's optimizer update by 1 - I_acc (exact under AdamW); "
+            "'grad': scale its gradient.",
+            "choices": list(MODES),
+        },
+    )
     threshold: float = adapter_field("threshold", 0.0)
     init_score: float = adapter_field("init_score", 0.02)
     score_init: str = adapter_field("score_init", "magnitude")
     target_modules: list[str] | str | None = adapter_field("target_modules", None)
-    importance_batches: int | None = field(default=None, metadata={
-        "help": "Cap on the batches of each task's score-importance estimate (None: the whole dataloader)."})
+    importance_batches: int | None = field(
+        default=None,
+        metadata={"help": "Cap on the batches of each task's score-importance estimate (None: the whole dataloader)."},
+    )
     adapter_config: SubnetworkConfig | dict | None = adapter_config_field()
-    zero_unused_importance: bool = field(default=True, metadata={
-        "help": "Weights outside a task's subnetwork get importance 0 (docs/strategies_validation.md has the measurement)."})
+    zero_unused_importance: bool = field(
+        default=True,
+        metadata={
+            "help": "Weights outside a task's subnetwork get importance 0 "
+            "(docs/strategies_validation.md has the measurement)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -153,7 +189,9 @@ class SubnetworkStrategy(ContinualStrategy):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Replace ``model.backbone`` by a :class:`SubnetworkModel` over it (everything but the scores frozen)."""
         if not hasattr(model, "backbone"):
-            raise TypeError(f"{self.name} expects a MultiTaskClassifier-like model with a .backbone, got {type(model).__name__}")
+            raise TypeError(
+                f"{self.name} expects a MultiTaskClassifier-like model with a .backbone, got {type(model).__name__}"
+            )
         if not isinstance(model.backbone, SubnetworkModel):
             # Before the Trainer (whose train begin checks the rest): a PEFT backbone fails while being wrapped.
             check_strategy_supported(self, model=model.backbone)
@@ -170,8 +208,11 @@ class SubnetworkStrategy(ContinualStrategy):
         self.mask_density[task_id] = tuner.mask_density(task_id)
 
     def config(self) -> dict:
-        return {**super().config(), "storage_bytes": {str(k): v for k, v in self.storage_bytes.items()},
-                "mask_density": {str(k): v for k, v in self.mask_density.items()}}
+        return {
+            **super().config(),
+            "storage_bytes": {str(k): v for k, v in self.storage_bytes.items()},
+            "mask_density": {str(k): v for k, v in self.mask_density.items()},
+        }
 
     def save_model(self, model: nn.Module, directory: str | os.PathLike) -> None:
         """Write the subnetwork adapter (every finished task) and this strategy's config into ``directory``."""
@@ -197,7 +238,10 @@ class TSSStrategy(SubnetworkStrategy):
         if not tuner.finished_tasks():
             return {}
         scores = tuner.score_parameters()
-        return {scores[name]: (1.0 - imp).to(scores[name].device, scores[name].dtype) for name, imp in tuner.importance().items()}
+        return {
+            scores[name]: (1.0 - imp).to(scores[name].device, scores[name].dtype)
+            for name, imp in tuner.importance().items()
+        }
 
     def on_train_begin(self, model: nn.Module, optimizer) -> None:
         masks = self.soft_masks(model)
@@ -226,12 +270,17 @@ class TSSStrategy(SubnetworkStrategy):
         was_training = model.training
         model.eval()
         try:
+
             def loss_fn(batch):
                 return model(**move_batch(batch, device)).loss
 
-            importance = tuner.compute_score_importance(loss_fn, dataloader, max_batches=self.cfg.importance_batches,
-                                                        desc=f"TSS importance (task {task_id})",
-                                                        zero_unused=self.cfg.zero_unused_importance)
+            importance = tuner.compute_score_importance(
+                loss_fn,
+                dataloader,
+                max_batches=self.cfg.importance_batches,
+                desc=f"TSS importance (task {task_id})",
+                zero_unused=self.cfg.zero_unused_importance,
+            )
         finally:
             model.train(was_training)
         tuner.accumulate_importance(importance)

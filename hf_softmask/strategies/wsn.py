@@ -1,4 +1,5 @@
-"""WSN (winning subnetworks): per task, the top-c% scored weights of each layer; weights an earlier task uses never move.
+"""WSN (winning subnetworks): per task, the top-c% scored weights of each layer; weights an earlier task uses never
+move.
 
 Reuses the TSS scored layers (:mod:`hf_softmask.tss`) with ``selection="topk"`` and trainable base weights
 (docs/algorithms.md §6). The update of each scored weight is multiplied by ``1 - used``, ``used`` = union of the
