@@ -96,3 +96,22 @@ def push_saved_to_hub(
         save_pretrained(tmp)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
     return str(info)
+
+
+def generated_page_main(page: Path, render, script: str, description: str | None, argv: list[str] | None) -> int:
+    """The CLI of a script that generates a docs page: write it, or with ``--check`` exit 1 when it is stale."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help=f"Exit 1 if {page.name} is stale.")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not page.is_file() or page.read_text() != text:
+            print(f"{page} is stale: run python {script}", file=sys.stderr)
+            return 1
+        return 0
+    page.write_text(text)
+    print(f"wrote {page}")
+    return 0

@@ -9,7 +9,6 @@ tests that show it, or the refusal message that ``check_supported`` raises) and 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -82,19 +81,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="Exit 1 if docs/compatibility.md is stale.")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != text:
-            print(f"{PAGE} is stale: run python scripts/make_compatibility_page.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(text)
-    print(f"wrote {PAGE}")
-    return 0
+    from hf_softmask.io import generated_page_main
 
+    return generated_page_main(PAGE, render, "scripts/make_compatibility_page.py", __doc__, argv)
 
 if __name__ == "__main__":
     sys.exit(main())
