@@ -108,7 +108,8 @@ _DDP_LOCAL = (
 _COMPILE_NOTE = (
     "a model object that one Trainer has compiled stays marked as prepared by accelerate, so the next Trainer "
     "on it (the next task) trains it uncompiled; `del model._is_accelerate_prepared` before building "
-    "that Trainer compiles it again (accelerate 1.15)"
+    "that Trainer compiles it again (accelerate 1.15). The CPU tests trace with dynamo's aot_eager backend "
+    "(the graph capture hooks can break); inductor's code generation is not exercised on the CPU"
 )
 
 
