@@ -211,3 +211,24 @@ def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
         "--dynamo_backend",
         "no",
     ]
+
+
+def launch_cpu_processes(script, *args, port_offset: int = 0, timeout: int = 600):
+    """Run ``script`` with ``args`` under ``accelerate launch`` as 2 gloo processes on this CPU, with the tests and
+    the repository on ``PYTHONPATH``; asserts it exits 0 and returns the finished process."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        ACCELERATE_USE_CPU="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    port = str(29500 + (os.getpid() + port_offset) % 2000)
+    cmd = [*accelerate_launch_cmd(2), "--main_process_port", port, str(script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import launch_cpu_processes, tiny_llama
 from strategy_utils import lm_dataset, train_args
 from subnetwork_utils import batch_of, logits, task_dataset
 from test_hat import _owned_rows
@@ -312,34 +311,7 @@ def test_rows_under_two_ddp_processes(tmp_path):
     are refused at train begin on every rank with the matrix's message."""
     from safetensors.torch import load_file
 
-    here = Path(__file__).resolve().parent
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        ACCELERATE_USE_CPU="true",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--multi_gpu",
-        "--main_process_port",
-        str(29500 + (os.getpid() + 7) % 2000),
-        str(Path(__file__)),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    launch_cpu_processes(Path(__file__), tmp_path, port_offset=7)
     outcomes = [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in range(2)]
     for row in DDP_ROWS:
         cell = MATRIX[row]["ddp"]

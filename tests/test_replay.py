@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import launch_cpu_processes, tiny_gpt2
 from strategy_utils import train_args
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -246,41 +246,11 @@ def _ddp_worker(out):
 def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
     """Also: WiSE-FT of an FSDP2 model sharded over the 2 ranks equals the hand interpolation of the full weights."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    here = Path(__file__).resolve().parent
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        ACCELERATE_USE_CPU="true",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--multi_gpu",
-        "--main_process_port",
-        str(29500 + os.getpid() % 2000),
-        str(Path(__file__)),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    launch_cpu_processes(Path(__file__), tmp_path, port_offset=0)
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 6  # 3 steps x 2 micro-batches per rank
     for batches in seen:
