@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 from .callback import SoftMaskCallback
 from .compatibility import check_supported
 from .importance import IMPORTANCE_WEIGHTS, UnitImportance
+from .loss_scaling import fix_loss_kwargs
 from .masking import SoftMaskConfig
 
 __all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance"]
@@ -82,8 +83,6 @@ class SoftMaskTrainer(Trainer):
         if not isinstance(self.args, SoftMaskTrainingArguments):
             raise TypeError("SoftMaskTrainer needs SoftMaskTrainingArguments (a TrainingArguments subclass)")
         check_supported("SoftMaskTrainer", self.args, self.model)  # refused cells of docs/compatibility.md
-        from .continual.distributed import fix_loss_kwargs
-
         fix_loss_kwargs(self)  # a model averaging its own loss must not be scaled by the number of processes
         if importance is None and self.args.importance_path:
             importance = load_importance(self.args.importance_path)

@@ -55,27 +55,3 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def loss_uses_num_items(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s loss divides by the Trainer's ``num_items_in_batch`` (models built on ``loss_function``).
-
-    Why: the Trainer passes ``num_items_in_batch`` (summed over processes) to every model whose forward takes
-    ``**kwargs`` and then multiplies the loss by the number of processes. A model that takes ``**kwargs`` but
-    averages its own loss (BertForMaskedLM, the task-head classifier) then reports, and trains on, world size times
-    its loss. Such models must be treated as not accepting loss kwargs.
-    """
-    import inspect
-
-    base = getattr(model, "module", model)
-    try:
-        source = inspect.getsource(type(base).forward)
-    except (OSError, TypeError):
-        return False
-    return "loss_function" in source or "num_items_in_batch" in source
-
-
-def fix_loss_kwargs(trainer) -> None:
-    """Set ``trainer.model_accepts_loss_kwargs`` from what the model's loss really does (see loss_uses_num_items)."""
-    if trainer.model_accepts_loss_kwargs and not loss_uses_num_items(trainer.model):
-        trainer.model_accepts_loss_kwargs = False

@@ -47,6 +47,7 @@ from ..assets import check_model_source, load_smollm2, resolve_model_path
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
 from ..io import atomic_save_safetensors, atomic_write_json
+from ..loss_scaling import fix_loss_kwargs
 from ..metrics import load_metric
 from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, get_strategy, strategy_class
@@ -61,7 +62,6 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
-from .distributed import fix_loss_kwargs
 
 __all__ = [
     "ContinualFinetuneArguments",

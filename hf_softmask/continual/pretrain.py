@@ -43,6 +43,7 @@ from ..data import (
 from ..domain_training import DomainTraining
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
+from ..loss_scaling import fix_loss_kwargs
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
 from .checkpointing import (
@@ -58,7 +59,7 @@ from .checkpointing import (
 )
 from .cli import check_process_group, register_architectures
 from .config import ContinualPretrainingArguments, parse_str_list
-from .distributed import ProcessInfo, fix_loss_kwargs, full_state_dict
+from .distributed import ProcessInfo, full_state_dict
 from .evaluation import FixedEvalSet, perplexity
 from .frontier import write_frontier
 from .model_card import model_card

@@ -1,0 +1,31 @@
+"""The Trainer's loss scaling across processes, corrected for models that average their own loss."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fix_loss_kwargs", "loss_uses_num_items"]
+
+
+def loss_uses_num_items(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s loss divides by the Trainer's ``num_items_in_batch`` (models built on ``loss_function``).
+
+    Why: the Trainer passes ``num_items_in_batch`` (summed over processes) to every model whose forward takes
+    ``**kwargs`` and then multiplies the loss by the number of processes. A model that takes ``**kwargs`` but
+    averages its own loss (BertForMaskedLM, the task-head classifier) then reports, and trains on, world size times
+    its loss. Such models must be treated as not accepting loss kwargs.
+    """
+    import inspect
+
+    base = getattr(model, "module", model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
+    return "loss_function" in source or "num_items_in_batch" in source
+
+
+def fix_loss_kwargs(trainer) -> None:
+    """Set ``trainer.model_accepts_loss_kwargs`` from what the model's loss really does (see loss_uses_num_items)."""
+    if trainer.model_accepts_loss_kwargs and not loss_uses_num_items(trainer.model):
+        trainer.model_accepts_loss_kwargs = False
