@@ -180,12 +180,16 @@ def run_metrics(run: RunBlocks, indices: Sequence[np.ndarray] | None = None) -> 
 
 
 def _interval(estimate: float, samples: np.ndarray, confidence: float) -> dict:
+    """Estimate and percentile interval; a value that does not exist (a gap outside the frontier's range) is None."""
     finite = samples[np.isfinite(samples)]
     undefined = 1.0 - len(finite) / len(samples)
-    low, high = (
-        np.quantile(finite, [(1 - confidence) / 2, (1 + confidence) / 2]) if len(finite) else (math.nan, math.nan)
-    )
-    return {"estimate": estimate, "low": float(low), "high": float(high), "undefined_fraction": undefined}
+    low, high = np.quantile(finite, [(1 - confidence) / 2, (1 + confidence) / 2]) if len(finite) else (None, None)
+    return {
+        "estimate": float(estimate) if math.isfinite(estimate) else None,
+        "low": None if low is None else float(low),
+        "high": None if high is None else float(high),
+        "undefined_fraction": undefined,
+    }
 
 
 def _check_paired(runs: Sequence[RunBlocks]) -> list[int]:
@@ -258,7 +262,7 @@ def frontier_gap_ci(
 
 def frontier_verdict(ci: dict) -> str | None:
     """``"beyond"`` (interval below 0), ``"behind"`` (above 0), ``"inside"`` (contains 0), None (undecided)."""
-    if not math.isfinite(ci["estimate"]) or ci["undefined_fraction"] > UNDEFINED_LIMIT:
+    if ci["estimate"] is None or not math.isfinite(ci["estimate"]) or ci["undefined_fraction"] > UNDEFINED_LIMIT:
         return None
     if ci["high"] < 0:
         return "beyond"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,8 +47,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
 
 
+def _json_safe(obj):
+    """``obj`` with every non-finite float as None: JSON has no NaN or Infinity, and strict readers refuse them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
+    """Write ``obj`` as strict JSON (non-finite numbers become null), atomically."""
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False))
 
 
 def atomic_save_safetensors(

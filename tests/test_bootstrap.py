@@ -4,6 +4,7 @@ average back to the runner's held-out loss."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from hf_softmask.bootstrap import (
     run_metrics,
 )
 from hf_softmask.continual.evaluation import lm_eval_loss
+from hf_softmask.continual.frontier import write_frontier
 
 Z95 = 1.959963984540054
 
@@ -199,3 +201,45 @@ def test_block_losses_average_back_to_the_held_out_loss(causal):
     assert len(losses) == 12 and sum(tokens) == sum(int((b["labels"][:, shift:] != -100).sum()) for b in batches)
     assert all(loss == 0.0 for loss, t in zip(losses, tokens) if t == 0)  # a row without labels weighs nothing
     assert np.average(losses, weights=tokens) == pytest.approx(lm_eval_loss(model, batches, causal), rel=1e-5)
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity (what JSON readers other than Python's do)."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_frontier_json_is_strict_when_a_run_lies_outside_the_frontier(tmp_path):
+    rng = np.random.default_rng(7)
+    noise = rng.normal(0, 0.3, 20)
+    dirs = []
+    for name, x, f in [("ncl", 2.0, 0.5), ("ncl", 2.2, 0.3), ("ncl", 2.4, 0.1), ("das", 1.5, 0.0)]:
+        run = _designed_run(x, f, noise, rng)
+        point = run_metrics(run)
+        results = {
+            "strategy": name,
+            "run_name": name,
+            "learning_rate": x,
+            "complete": True,
+            "bwt": -point["forgetting"],
+            "final_mean_loss": x,
+            **point,
+            "eval_block_losses": [[list(run.domain[j][s]) for j in range(2)] for s in range(3)],
+            "general_block_losses": run.general.tolist(),
+            "eval_block_tokens": [[63] * 20, [63] * 20],
+            "general_block_tokens": [63] * 20,
+        }
+        d = tmp_path / f"{name}_{x}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(results))
+        dirs.append(d)
+    write_frontier(tmp_path, dirs, n_resamples=200)
+    payload = _strict_json((tmp_path / "frontier.json").read_text())
+    das = next(r for r in payload["runs"] if r["strategy"] == "das")
+    # in-domain loss 1.5 is left of the frontier's range (2.0-2.4): no gap exists, so no number is invented.
+    assert das["forgetting_gap"]["estimate"] is None and das["forgetting_gap"]["verdict"] is None
+    assert das["beyond_frontier"] is None
+    assert "outside the frontier's range" in (tmp_path / "frontier.md").read_text()

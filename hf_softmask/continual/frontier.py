@@ -181,7 +181,8 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
 
     def cell(r, m):
         ci = r.get("intervals", {}).get(m)
-        return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if ci else "")
+        bounds = ci and _finite(ci["low"], ci["high"])
+        return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if bounds else "")
 
     head = "vs ncl frontier" + (f" ({confidence:.0%} interval of the forgetting gap)" if confidence else "")
     lines = [
@@ -206,7 +207,7 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
             if not gap
             else (
                 f"{gap['estimate']:.4f} [{gap['low']:.4f}, {gap['high']:.4f}]"
-                if _finite(gap["estimate"])
+                if _finite(gap["estimate"], gap["low"], gap["high"])
                 else "outside the frontier's range"
             )
         )
