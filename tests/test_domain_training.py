@@ -159,7 +159,7 @@ def test_options_validated():
     assert DomainTraining().callbacks() == [] and DomainTraining().after_domain(tiny_llama()) == 0
 
 
-@pytest.mark.parametrize("name", ["cpu_small", "gpu_h100"])
+@pytest.mark.parametrize("name", ["cpu_small", "cpu_estimators", "gpu_h100"])
 def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
     """The runner's own parser reads the config (unknown keys are refused there); every run of its sweep gives
     settings that validate (strategy declares pretrain and accepts its strategy_kwargs, replay/merge overrides)."""
@@ -183,6 +183,20 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
             run.domain_training_options()
         labels.append(entry["name"])
     assert len(set(labels)) == len(labels)
+    controls = [e for e in args.runs if json.loads(args.for_entry(e, 1e-4).strategy_kwargs or "{}").get("estimator")]
+    assert any(e["name"] == "das_random" and e["strategy"] == "das" for e in controls)  # the random control
+    if name == "cpu_estimators":
+        # Its shared settings are cpu_small's, so the runs both configs name are the same runs (reused, not rerun).
+        small = parse_config(["--config", str(path.parent / "cpu_small.yaml")])
+        shared = {e["name"]: e for e in small.runs}
+        for entry in args.runs:
+            if entry["name"] in shared:
+                assert entry == shared[entry["name"]]
+                for lr in entry["learning_rates"]:
+                    assert args.for_entry(entry, lr).fingerprint() == small.for_entry(entry, lr).fingerprint()
+        estimators = {json.loads(args.for_entry(e, 1e-4).strategy_kwargs or "{}").get("estimator") for e in args.runs}
+        assert {"gate_fisher", "activation", "wanda", "random"} <= estimators
+        return
     replayed = [e for e in args.runs if e.get("replay_ratio")]
     assert {e["strategy"] for e in replayed} == {"ncl", "das"}  # replay alone, and DAS + replay
     if name == "gpu_h100":
