@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,53 +30,61 @@ __all__ = [
 
 POLICIES = ("train", "freeze", "mean")
 MODES = ("update", "grad")
+COMPILE_UPDATE = ("auto", True, False)
 
 
 @dataclass
 class SoftMaskConfig:
-    """How importance turns into masks. Every field is also a ``SoftMaskTrainingArguments`` flag."""
+    """How importance turns into masks.
+
+    The one declaration of the soft-mask settings: each field is also a ``--softmask_<field>`` flag of
+    ``SoftMaskTrainingArguments`` and of the pre-training runner (:mod:`hf_softmask.softmask_arguments`).
+    """
 
     mode: str = field(
         default="update",
         metadata={
             "help": "'update': scale the optimizer's whole change of each owned slice by 1-I "
             "(holds under Adam/AdamW, weight decay included). 'grad': scale gradients "
-            "(the DAS paper; Adam largely cancels it)."
+            "(the DAS paper; Adam largely cancels it).",
+            "choices": MODES,
         },
     )
     embeddings: str = field(
         default="train",
-        metadata={"help": "Policy for embeddings: train | freeze | mean (mask by the mean unit mask)."},
+        metadata={"help": "Policy for embeddings ('mean': mask by the mean unit mask).", "choices": POLICIES},
     )
     norms: str = field(
         default="train",
         metadata={
-            "help": "Policy for LayerNorm/RMSNorm: train | freeze | mean (mask by the mean mask of the norm's layer)."
+            "help": "Policy for LayerNorm/RMSNorm ('mean': mask by the mean mask of the norm's layer).",
+            "choices": POLICIES,
         },
     )
     task_head: str = field(
         default="train",
-        metadata={
-            "help": "Policy for parameters outside the base model (LM head, classifier): train | freeze | mean."
-        },
+        metadata={"help": "Policy for parameters outside the base model (LM head, classifier).", "choices": POLICIES},
     )
     other: str = field(
         default="train",
         metadata={
-            "help": "Policy for other unowned parameters (output-projection biases, pooler): train | freeze | mean."
+            "help": "Policy for other unowned parameters (output-projection biases, pooler).",
+            "choices": POLICIES,
         },
     )
     mask_power: float = field(
         default=1.0,
         metadata={"help": "Mask = 1 - I**p. p>1 protects only the most important units; p<1 protects more broadly."},
     )
-    compile_update: bool | str = field(
+    # A Literal, not ``bool | str``: HfArgumentParser turns ``bool | str`` into a bool flag that refuses 'auto'.
+    compile_update: Literal["auto", True, False] = field(
         default="auto",
         metadata={
             "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, "
             "one fused pass per tensor (as fast "
             "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
-            "(hf_softmask.optim.resolve_compiled)."
+            "(hf_softmask.optim.resolve_compiled).",
+            "choices": COMPILE_UPDATE,
         },
     )
 
@@ -89,7 +98,7 @@ class SoftMaskConfig:
             raise ValueError(f"mask_power must be > 0, got {self.mask_power}")
         if isinstance(self.compile_update, str) and self.compile_update.lower() in ("true", "false"):
             self.compile_update = self.compile_update.lower() == "true"  # from a command line
-        if self.compile_update not in (True, False, "auto"):
+        if self.compile_update not in COMPILE_UPDATE:
             raise ValueError(f"compile_update must be True, False or 'auto', got {self.compile_update!r}")
 
 

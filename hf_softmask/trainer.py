@@ -12,36 +12,19 @@ from .callback import SoftMaskCallback
 from .compatibility import check_supported
 from .importance import IMPORTANCE_WEIGHTS, UnitImportance
 from .loss_scaling import fix_loss_kwargs
-from .masking import SoftMaskConfig
+from .softmask_arguments import SoftMaskArguments
 
 __all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance"]
 
 
 @dataclass
-class SoftMaskTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the soft-masking settings (each also a command-line flag)."""
+class SoftMaskTrainingArguments(SoftMaskArguments, TrainingArguments):
+    """``TrainingArguments`` plus the soft-masking settings: ``importance_path`` and one ``softmask_<name>`` flag per
+    :class:`~hf_softmask.masking.SoftMaskConfig` field (:class:`~hf_softmask.softmask_arguments.SoftMaskArguments`)."""
 
     importance_path: str | None = field(
         default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}
     )
-    softmask_mode: str = field(
-        default="update", metadata={"help": SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"]}
-    )
-    softmask_embeddings: str = field(default="train", metadata={"help": "train | freeze | mean"})
-    softmask_norms: str = field(default="train", metadata={"help": "train | freeze | mean"})
-    softmask_task_head: str = field(default="train", metadata={"help": "train | freeze | mean"})
-    softmask_other: str = field(default="train", metadata={"help": "train | freeze | mean"})
-    softmask_mask_power: float = field(default=1.0, metadata={"help": "Mask = 1 - I**p."})
-
-    def softmask_config(self) -> SoftMaskConfig:
-        return SoftMaskConfig(
-            mode=self.softmask_mode,
-            embeddings=self.softmask_embeddings,
-            norms=self.softmask_norms,
-            task_head=self.softmask_task_head,
-            other=self.softmask_other,
-            mask_power=self.softmask_mask_power,
-        )
 
 
 def load_importance(path: str | os.PathLike, what: str = "--importance_path") -> UnitImportance:

@@ -34,10 +34,10 @@ def test_yaml_config_and_flag_override(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "model_name_or_path: minilm\ndomains: [business, {name: mine, path: /tmp}]\n"
-        "learning_rate: 3.0e-5\nmask_power: 2.0\n"
+        "learning_rate: 3.0e-5\nsoftmask_mask_power: 2.0\n"
     )
     args = parse_config(["--config", str(cfg), "--learning_rate", "1e-4"])
-    assert args.learning_rate == 1e-4 and args.mask_power == 2.0
+    assert args.learning_rate == 1e-4 and args.softmask_mask_power == 2.0
     assert args.domains == ["business", {"name": "mine", "path": "/tmp"}]
     assert args.softmask_config().mask_power == 2.0
     cfg.write_text("learning_rat: 1.0\n")

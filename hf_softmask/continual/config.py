@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 from ..domain_training import DomainTrainingOptions
-from ..masking import MODES, POLICIES, SoftMaskConfig
+from ..softmask_arguments import SoftMaskArguments, flag_name
 from .cli import (
     parse_with_yaml,
     refuse_unsupported_trainer_flags,
@@ -79,6 +80,8 @@ NOT_IN_FINGERPRINT = frozenset(
         "torch_compile_backend",
         "torch_compile_mode",
         "max_steps_per_domain",
+        "mask_power",
+        "softmask_compile_update",
         "include_num_input_tokens_seen",
         "enable_jit_checkpoint",
         "torch_empty_cache_steps",
@@ -101,6 +104,12 @@ NOT_IN_FINGERPRINT = frozenset(
     }
 )
 
+#: Fingerprint keys of settings renamed since runs were first saved, so that those runs still resume.
+FINGERPRINT_KEYS = {flag_name("mask_power"): "mask_power"}
+
+#: Old names of runner settings that warn (old name -> new name); the old name sets the new field.
+OLD_NAMES = {"mask_power": flag_name("mask_power")}
+
 #: Keys of one entry of the YAML ``runs`` list (besides the DomainTrainingOptions fields).
 RUN_KEYS = ("name", "strategy", "learning_rates", "strategy_kwargs")
 
@@ -114,11 +123,13 @@ def _help(text: str, choices=None) -> dict:
 
 
 @dataclass
-class ContinualPretrainingArguments(TrainingArguments):
+class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
     """Everything a continual pre-training run needs; every field is also a ``--flag`` that overrides the YAML.
 
     Trainer fields apply to each domain's Trainer: ``max_steps`` / ``num_train_epochs`` are per domain, the
     learning-rate schedule (warm-up included) restarts at every domain, ``save_steps`` checkpoints inside a domain.
+    The soft-mask settings of ``das`` are the ``softmask_<name>`` fields of
+    :class:`~hf_softmask.softmask_arguments.SoftMaskArguments`.
     """
 
     # -- Trainer fields whose defaults differ from TrainingArguments (CPU-sized, per domain) ----------------------
@@ -225,14 +236,6 @@ class ContinualPretrainingArguments(TrainingArguments):
             "e.g. '{\"ewc_lambda\": 100}'."
         ),
     )
-    softmask_mode: str = field(
-        default="update", metadata=_help(SoftMaskConfig.__dataclass_fields__["mode"].metadata["help"], MODES)
-    )
-    softmask_embeddings: str = field(default="train", metadata=_help("Embeddings policy.", POLICIES))
-    softmask_norms: str = field(default="train", metadata=_help("LayerNorm/RMSNorm policy.", POLICIES))
-    softmask_task_head: str = field(default="train", metadata=_help("LM-head policy.", POLICIES))
-    softmask_other: str = field(default="train", metadata=_help("Policy for other unowned parameters.", POLICIES))
-    mask_power: float = field(default=1.0, metadata=_help("Soft mask = 1 - I**mask_power."))
     contrastive_weight: float = field(default=1.0, metadata=_help("λ of the DAS contrastive term (0 = off)."))
     contrastive_temperature: float = field(default=0.05, metadata=_help("InfoNCE temperature (cosine similarity)."))
     perturbation_dropout: float = field(
@@ -244,6 +247,9 @@ class ContinualPretrainingArguments(TrainingArguments):
     max_steps_per_domain: int | None = field(
         default=None,
         metadata=_help("Old name of --max_steps (per domain); a value <= 0 means -1. Prefer --max_steps."),
+    )
+    mask_power: float | None = field(
+        default=None, metadata=_help("Old name of --softmask_mask_power (warns). Prefer --softmask_mask_power.")
     )
     lm_head_warmup_steps: int = field(
         default=0,
@@ -335,6 +341,11 @@ class ContinualPretrainingArguments(TrainingArguments):
         if self.max_steps_per_domain is not None:
             self.max_steps = self.max_steps_per_domain if self.max_steps_per_domain > 0 else -1
             self.max_steps_per_domain = None
+        for old, new in OLD_NAMES.items():
+            if getattr(self, old) is not None:
+                _warn_old_name(old, new)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         self.validate()
         refuse_unsupported_trainer_flags(self, "pre-training")
         use_cpu_without_cuda(self)
@@ -360,7 +371,7 @@ class ContinualPretrainingArguments(TrainingArguments):
             "importance_blocks",
             "max_eval_blocks",
             "contrastive_temperature",
-            "mask_power",
+            flag_name("mask_power"),
             "lm_head_warmup_lr",
             "save_steps",
             "logging_steps",
@@ -448,20 +459,14 @@ class ContinualPretrainingArguments(TrainingArguments):
             **over,
         )
 
-    def softmask_config(self) -> SoftMaskConfig:
-        return SoftMaskConfig(
-            mode=self.softmask_mode,
-            embeddings=self.softmask_embeddings,
-            norms=self.softmask_norms,
-            task_head=self.softmask_task_head,
-            other=self.softmask_other,
-            mask_power=self.mask_power,
-        )
-
     def fingerprint(self) -> dict:
         """The settings that decide what the run computes (a resumed run must match them)."""
         d = self.to_dict()
-        return {f.name: d[f.name] for f in fields(self) if f.init and f.name in d and f.name not in NOT_IN_FINGERPRINT}
+        return {
+            FINGERPRINT_KEYS.get(f.name, f.name): d[f.name]
+            for f in fields(self)
+            if f.init and f.name in d and f.name not in NOT_IN_FINGERPRINT
+        }
 
 
 def _check_options(values: dict, batch_size: int) -> DomainTrainingOptions:
@@ -524,7 +529,21 @@ def _yaml_values(data: dict) -> dict:
     if "max_steps_per_domain" in data and "max_steps" not in data:
         steps = data.pop("max_steps_per_domain")
         data["max_steps"] = steps if steps is not None and steps > 0 else -1
+    for old, new in OLD_NAMES.items():
+        # Renamed here, not left to __post_init__, so that the new flag on the command line overrides the YAML.
+        if old in data and new not in data:
+            _warn_old_name(old, new)
+            data[new] = data.pop(old)
     return data
+
+
+def _warn_old_name(old: str, new: str) -> None:
+    warnings.warn(
+        f"--{old} (in YAML {old}:) is the old name of --{new} (in YAML {new}:); use the new name, the old one will "
+        "be removed",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def parse_config(argv: list[str] | None = None) -> ContinualPretrainingArguments:
