@@ -12,6 +12,7 @@ from .importance_estimators import ImportanceEstimator
 from .layout import UnitLayout
 from .masking import SoftMaskConfig, SoftMasker, build_param_masks
 from .optim import MaskedAdamW, MaskedSGD, install_update_masks
+from .softmask_arguments import SoftMaskArguments
 from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
 from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
 
@@ -113,6 +114,7 @@ __all__ = [
     "MaskedSGD",
     "NORMALIZATIONS",
     "SoftMaskCallback",
+    "SoftMaskArguments",
     "SoftMaskConfig",
     "SoftMaskTrainer",
     "SoftMaskTrainingArguments",
