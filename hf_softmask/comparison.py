@@ -275,7 +275,7 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.config import ContinualPretrainingArguments
-    from .continual.pretrain import ContinualPretrainer
+    from .continual.pretrainer import ContinualPretrainer
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
     unknown = sorted(set(base) - fields_ok)
