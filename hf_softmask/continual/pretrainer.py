@@ -424,7 +424,7 @@ class ContinualPretrainer:
             self._event("state_saved", name="0_base")
 
     def _domain(self, k: int, model, tokenizer, strategy, state: RunState) -> None:
-        a = self.args
+        """Domain ``k``: the strategy's before step, training, its after step, evaluation, the published stage."""
         dom = self.data.domains[k]
         name = domain_dir_name(k + 1, dom.name)
         self.say(f"domain {k + 1}/{len(self.data.domains)}: {dom.name}")
@@ -432,9 +432,37 @@ class ContinualPretrainer:
         # The strategy's passes (importance with dropout views) draw from torch's RNG: seed them per stage so that
         # a rerun reaching this point by another path (resumed, Trainer checkpoint at the last step) draws the same.
         set_seed(self.args.seed + 7919 * (k + 1))
-        extras = self.extras
-        extras.before_domain(model)  # the WiSE-FT snapshot: the weights before the strategy's hooks
+        self.extras.before_domain(model)  # the WiSE-FT snapshot: the weights before the strategy's hooks
         strategy.before_task(model, k, loader)
+        trainer, resume, seconds = self._train(k, name, model, strategy)
+        set_seed(self.args.seed + 7919 * (k + 1) + 1)
+        strategy.after_task(model, k, loader)
+        merged = self.extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
+        self._event("importance", name=name)
+        contrast = getattr(strategy, "contrastive_losses", None)
+        losses, general, blocks = self._eval_row(model)
+        self._event("evaluated", name=name)
+        state.add_domain(
+            {
+                "dir": name,
+                "domain": dom.name,
+                "eval_loss": losses,
+                "general_loss": general,
+                **blocks,
+                "merged_parameters": merged,
+                "resumed_from": Path(resume).name if resume else None,
+                "steps": trainer.state.global_step,
+                "train_seconds": seconds,
+                "final_train_loss": _last_train_loss(trainer),
+                "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None,
+            }
+        )
+        self._publish_domain(name, model, tokenizer, strategy, state, trainer.args.output_dir)
+
+    def _train(self, k: int, name: str, model, strategy):
+        """Train domain ``k`` with a StrategyTrainer, from its newest Trainer checkpoint if there is one; returns
+        ``(trainer, checkpoint resumed from or None, seconds)``."""
+        a, extras = self.args, self.extras
         steps = a.max_steps
         # num_batches from the TrainingArguments' world size (what the Trainer shards by), see docs/baselines.md.
         train_set = extras.train_dataset(
@@ -459,47 +487,30 @@ class ContinualPretrainer:
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
+            domain = self.data.domains[k].name
             verify_readable(
                 Path(resume),
-                f"delete {resume} and rerun: {dom.name} then restarts from its previous checkpoint or its beginning",
+                f"delete {resume} and rerun: {domain} then restarts from its previous checkpoint or its beginning",
             )
             self.say(f"resuming from {resume}")
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume)
-        seconds = time.time() - t0
-        set_seed(self.args.seed + 7919 * (k + 1) + 1)
-        strategy.after_task(model, k, loader)
-        merged = extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
-        self._event("importance", name=name)
-        contrast = getattr(strategy, "contrastive_losses", None)
-        losses, general, blocks = self._eval_row(model)
-        self._event("evaluated", name=name)
-        state.add_domain(
-            {
-                "dir": name,
-                "domain": dom.name,
-                "eval_loss": losses,
-                "general_loss": general,
-                **blocks,
-                "merged_parameters": merged,
-                "resumed_from": Path(resume).name if resume else None,
-                "steps": trainer.state.global_step,
-                "train_seconds": seconds,
-                "final_train_loss": _last_train_loss(trainer),
-                "mean_contrastive_loss": (sum(contrast) / len(contrast)) if contrast else None,
-            }
-        )
+        return trainer, resume, time.time() - t0
+
+    def _publish_domain(self, name: str, model, tokenizer, strategy, state: RunState, trainer_dir: str) -> None:
+        """Save the finished domain's stage and record it; drop what is no longer a resume point; push if asked."""
         digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
-        if self.is_main:
-            state.done[-1]["files"] = digests
-            state.save()
-            self._event("state_saved", name=name)
-            self._write_results(state)
-            shutil.rmtree(targs.output_dir, ignore_errors=True)
-            if a.keep_domain_weights == "last" and len(state.done) > 1:
-                _drop_weights(self.out / state.done[-2]["dir"])
-            if a.push_to_hub:
-                self._push_pending(state)
+        if not self.is_main:
+            return
+        state.done[-1]["files"] = digests
+        state.save()
+        self._event("state_saved", name=name)
+        self._write_results(state)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        if self.args.keep_domain_weights == "last" and len(state.done) > 1:
+            _drop_weights(self.out / state.done[-2]["dir"])
+        if self.args.push_to_hub:
+            self._push_pending(state)
 
     def run(self) -> dict:
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)

@@ -1,10 +1,13 @@
-"""``strategy_kwargs`` of both runners: a JSON object on the command line, a mapping in YAML and in sweep entries."""
+"""``strategy_kwargs`` of both runners: a JSON object on the command line, a mapping in YAML and in sweep entries.
+
+The same parsing serves the other flags that hold a JSON object (``compare_strategies.py``'s overrides).
+"""
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["parse_strategy_kwargs", "strategy_kwargs_text", "build_strategy"]
+__all__ = ["parse_json_object", "parse_strategy_kwargs", "strategy_kwargs_text", "build_strategy"]
 
 
 def strategy_kwargs_text(value):
@@ -12,8 +15,8 @@ def strategy_kwargs_text(value):
     return json.dumps(value) if isinstance(value, dict) else value
 
 
-def parse_strategy_kwargs(value) -> dict:
-    """The strategy's keyword settings from ``value`` (JSON text, a mapping, or empty); ValueError naming the flag."""
+def parse_json_object(value, flag: str) -> dict:
+    """The mapping a settings flag holds (JSON text, a mapping from YAML, or empty); ValueError naming ``--flag``."""
     if not value or (isinstance(value, str) and not value.strip()):
         return {}
     parsed = value
@@ -21,10 +24,15 @@ def parse_strategy_kwargs(value) -> dict:
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--strategy_kwargs must be a JSON object, got {value!r}: {e}") from None
+            raise ValueError(f"--{flag} must be a JSON object, got {value!r}: {e}") from None
     if not isinstance(parsed, dict):
-        raise ValueError(f"--strategy_kwargs must be a JSON object, got {value!r}")
+        raise ValueError(f"--{flag} must be a JSON object, got {value!r}")
     return dict(parsed)
+
+
+def parse_strategy_kwargs(value) -> dict:
+    """The strategy's keyword settings from ``strategy_kwargs`` (JSON text, a mapping, or empty)."""
+    return parse_json_object(value, "strategy_kwargs")
 
 
 def build_strategy(cls, name: str, strategy_kwargs: dict, offered: dict | None = None):
