@@ -14,6 +14,7 @@ __all__ = [
     "register_architecture",
     "get_architecture",
     "supported_model_types",
+    "is_encoder_type",
 ]
 
 
@@ -37,6 +38,8 @@ class ArchitectureSpec:
         num_heads_attr / num_kv_heads_attr / ffn_size_attr: config attribute names.
         conv1d: weights are stored ``[in, out]`` (transformers ``Conv1D``).
         fused_qkv: q, k and v live in one projection, in thirds of its output.
+        encoder: a bidirectional encoder family pre-trained as a masked LM; its checkpoints are masked LMs even when
+            saved as the bare model (e.g. "BertModel").
     """
 
     layers: str
@@ -51,6 +54,7 @@ class ArchitectureSpec:
     ffn_size_attr: str = "intermediate_size"
     conv1d: bool = False
     fused_qkv: bool = False
+    encoder: bool = False
     extra: dict = field(default_factory=dict)
 
     def projections(self, which: str = "all") -> tuple[str, ...]:
@@ -93,6 +97,12 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_encoder_type(model_type: str | None) -> bool:
+    """True for a registered model type whose spec is an ``encoder`` (a masked-LM family)."""
+    spec = _REGISTRY.get(model_type)
+    return spec is not None and spec.encoder
+
+
 def get_architecture(model_type: str) -> ArchitectureSpec:
     try:
         return _REGISTRY[model_type]
@@ -114,6 +124,7 @@ _BERT = ArchitectureSpec(
     attn_out="attention.output.dense",
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
+    encoder=True,
 )
 _DISTILBERT = ArchitectureSpec(
     layers="transformer.layer",
@@ -125,6 +136,7 @@ _DISTILBERT = ArchitectureSpec(
     ffn_out="ffn.lin2",
     num_heads_attr="n_heads",
     ffn_size_attr="hidden_dim",
+    encoder=True,
 )
 _GPT2 = ArchitectureSpec(
     layers="h",

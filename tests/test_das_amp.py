@@ -100,7 +100,7 @@ def test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices(tmp
     """The shipped SmolLM2-135M, StrategyTrainer, bf16 autocast, gradient checkpointing: 2 DAS steps, update mode."""
     from transformers import AutoModelForCausalLM
 
-    from hf_softmask.continual.pretrain import smollm2_checkpoint
+    from hf_softmask.continual.model_loading import smollm2_checkpoint
     from hf_softmask.masking import SoftMaskConfig
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint())

@@ -139,7 +139,7 @@ def test_corrupted_file_stops_the_rerun_naming_it(tiny_mlm_dir, half_run, name, 
 
 def test_disk_full_while_saving_keeps_finished_stages_and_rerun_completes(tiny_mlm_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import hf_softmask.continual.pretrain as pretrain
+    import hf_softmask.continual.pretrainer as pretrain
 
     real = pretrain.atomic_write_text
 

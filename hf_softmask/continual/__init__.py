@@ -3,7 +3,10 @@
 from .config import ContinualPretrainingArguments, parse_config
 from .evaluation import FixedEvalSet, lm_eval_loss
 from .frontier import mark_beyond_frontier, write_frontier
-from .pretrain import ContinualPretrainer, load_model_and_tokenizer, run_continual_pretraining, run_sweep
+from .model_loading import load_model_and_tokenizer
+from .pretrain import run_continual_pretraining
+from .pretrainer import ContinualPretrainer
+from .sweep import run_sweep
 
 __all__ = [
     "ContinualPretrainer",

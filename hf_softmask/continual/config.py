@@ -24,6 +24,7 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
+from .strategy_settings import strategy_kwargs_text
 
 __all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
 
@@ -438,8 +439,8 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         from dataclasses import replace
 
         over = {k: v for k, v in entry.items() if k not in ("name", "learning_rates")}
-        if "strategy_kwargs" in over and isinstance(over["strategy_kwargs"], dict):
-            over["strategy_kwargs"] = json.dumps(over["strategy_kwargs"])
+        if "strategy_kwargs" in over:
+            over["strategy_kwargs"] = strategy_kwargs_text(over["strategy_kwargs"])
         if validate_only:
             values = {n: over.get(n, getattr(self, n)) for n in (f.name for f in fields(DomainTrainingOptions))}
             try:

@@ -30,7 +30,6 @@ Outputs in ``output_dir``: ``results.json`` (``tasks``, ``accuracy_matrix``, ``f
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -41,17 +40,28 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
-from ..assets import check_model_source, load_smollm2, resolve_model_path
+from ..assets import check_model_source
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..loss_scaling import fix_loss_kwargs
 from ..metrics import load_metric
 from ..plotting import plot_accuracy_matrix
-from ..strategies import StrategyTrainer, get_strategy, strategy_class
+from ..strategies import StrategyTrainer, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
+from .checkpointing import (
+    DamagedRunError,
+    RunState,
+    domain_dir_name,
+    file_digests,
+    last_trainer_checkpoint,
+    publish_dir,
+    stage_dir,
+    verify_readable,
+    verify_stage,
+)
 from .cli import (
     check_process_group,
     parse_with_yaml,
@@ -62,6 +72,8 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
+from .model_loading import load_backbone
+from .strategy_settings import build_strategy, parse_strategy_kwargs, strategy_kwargs_text
 
 __all__ = [
     "ContinualFinetuneArguments",
@@ -69,7 +81,6 @@ __all__ = [
     "run_continual_finetune",
     "evaluate_task",
     "build_optimizer",
-    "load_backbone",
     "parse_finetune_config",
     "DEFAULT_TASKS",
 ]
@@ -146,17 +157,7 @@ class ContinualFinetuneArguments:
         self.strategy_settings()
 
     def strategy_settings(self) -> dict:
-        if not self.strategy_kwargs:
-            return {}
-        if isinstance(self.strategy_kwargs, dict):
-            return dict(self.strategy_kwargs)
-        try:
-            value = json.loads(self.strategy_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"--strategy_kwargs must be a JSON object, got {self.strategy_kwargs!r}")
-        return value
+        return parse_strategy_kwargs(self.strategy_kwargs)
 
     def task_topics(self) -> list[list[str]]:
         tasks = [self.tasks] if isinstance(self.tasks, str) else self.tasks
@@ -232,30 +233,14 @@ def parse_finetune_config(
     """``--config file.yaml`` gives the defaults (fields of both dataclasses); other flags override the YAML."""
 
     def encode(data: dict) -> dict:
-        if isinstance(data.get("strategy_kwargs"), dict):
-            data["strategy_kwargs"] = json.dumps(data["strategy_kwargs"])
+        if "strategy_kwargs" in data:
+            data["strategy_kwargs"] = strategy_kwargs_text(data["strategy_kwargs"])
         return data
 
     args, training_args = parse_with_yaml(
         (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), argv, PROG, yaml_hook=encode
     )
     return args, training_args
-
-
-def load_backbone(name_or_path: str):
-    """(base model without its LM head, tokenizer with a pad token) for a path, Hub id, 'minilm' or 'smollm2'."""
-    if name_or_path in ("smollm2", "smollm2-135m"):
-        # The shipped SmolLM2 is a GGUF file that AutoModel cannot open directly; load it and drop the LM head.
-        lm, tokenizer = load_smollm2()
-        backbone = lm.get_decoder()
-        backbone.config = lm.config
-    else:
-        path = resolve_model_path(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return backbone, tokenizer
 
 
 # -- pieces --------------------------------------------------------------------------------------------
@@ -370,8 +355,6 @@ def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> Tr
 
 def _save_task(out_dir: Path, name: str, model, strategy, is_main: bool):
     """The resume point after a task: the whole classifier's weights and the strategy's state, published atomically."""
-    from .checkpointing import file_digests, publish_dir, stage_dir
-
     if not is_main:
         return None
     staging = stage_dir(out_dir, name)
@@ -383,8 +366,6 @@ def _save_task(out_dir: Path, name: str, model, strategy, is_main: bool):
 
 def _load_task(directory: Path, model, strategy) -> None:
     from safetensors.torch import load_file
-
-    from .checkpointing import DamagedRunError
 
     try:
         state = load_file(str(directory / "model_state.safetensors"))
@@ -418,124 +399,156 @@ def run_continual_finetune(
     """
     from accelerate import PartialState
 
-    from .checkpointing import RunState, domain_dir_name, last_trainer_checkpoint, verify_readable, verify_stage
-
     start = time.time()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    _ = training_args.world_size  # sets up the device and, under a launcher, the process group
-    check_process_group("finetuning")
-    is_main = training_args.process_index == 0
-    say = _Say(is_main)
-    event = events or (lambda *a, **k: None)
-    register_architectures(args.register_architecture)
-    check_model_source(args.model_name_or_path)
-    cls = strategy_class(args.strategy)
-    if "finetune" not in getattr(cls, "settings", ()):
-        raise ValueError(
-            f"--strategy {args.strategy}: it does not support continual finetuning (its settings: {cls.settings})"
-        )
-    out_dir = Path(training_args.output_dir)
-    state = RunState(out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
-    if is_main:
+    run = _FinetuneRun(args, training_args, callbacks, events)
+    state = RunState(run.out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
+    if run.is_main:
         state.check_writable()
     set_seed(training_args.seed)
-
-    try:
-        tasks = bbc_task_sequence(
-            args.task_topics(),
-            max_train_per_class=args.max_train_per_class,
-            max_test_per_class=args.max_test_per_class,
-            test_fraction=args.test_fraction,
-            seed=args.split_seed,
-        )
-    except ValueError as e:
-        raise ValueError(f"--tasks: {e}") from None
-    backbone, tokenizer = load_backbone(args.model_name_or_path)
-    model = MultiTaskClassifier(
-        backbone,
-        [len(t.label_names) for t in tasks],
-        [t.name for t in tasks],
-        pooling=args.pooling,
-        seed=training_args.seed,
-        label_names=[t.label_names for t in tasks],
-    )
-    try:
-        strategy = get_strategy(args.strategy, **args.strategy_settings())
-    except TypeError as e:
-        raise ValueError(
-            f"--strategy_kwargs {args.strategy_settings()}: not accepted by strategy {args.strategy!r} ({e})"
-        ) from None
-    model = strategy.prepare_model(model)
-    model.to(training_args.device)
-
-    collator = DataCollatorWithPadding(tokenizer)
-    train_sets = [
-        _with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k) for k, t in enumerate(tasks)
-    ]
-    test_loaders = [
-        DataLoader(
-            _with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
-            batch_size=args.eval_batch_size,
-            collate_fn=collator,
-        )
-        for k, t in enumerate(tasks)
-    ]
-    metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
-    if is_main:
+    run.load()
+    if run.is_main:
         state.start()  # every setting checked, the model and data loaded: now the directory is this run's
     PartialState().wait_for_everyone()
+    initial = run.evaluate_untrained(state) if state.base is None else run.resume(state)
+    for t in range(len(state.done), len(run.tasks)):
+        run.train_task(t, state)
+    results = run.results(state, initial)
+    if not run.is_main:  # evaluation ran on every process; the main one writes
+        return results
+    run.save_final(results)
+    results["total_seconds"] = time.time() - start
+    atomic_write_json(run.out_dir / "results.json", results)
+    run.say(f"done: ACC {results['acc']:.4f}, BWT {results['bwt']:+.4f}, results in {run.out_dir / 'results.json'}")
+    return results
 
-    T = len(tasks)
-    if state.base is None:
-        initial = _evaluate_all(model, strategy, test_loaders, metrics, "evaluate (untrained)")
+
+class _FinetuneRun:
+    """The steps of :func:`run_continual_finetune`, sharing the run's settings, model, data and strategy."""
+
+    def __init__(self, args: ContinualFinetuneArguments, training_args: TrainingArguments, callbacks, events):
+        """Everything checked before the output directory is touched: settings, process group, strategy."""
+        self.args, self.training_args = args, training_args
+        self.callbacks = list(callbacks or [])
+        self.event = events or (lambda *a, **k: None)
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        _ = training_args.world_size  # sets up the device and, under a launcher, the process group
+        check_process_group("finetuning")
+        self.is_main = training_args.process_index == 0
+        self.say = _Say(self.is_main)
+        register_architectures(args.register_architecture)
+        check_model_source(args.model_name_or_path)
+        self.strategy_class = strategy_class(args.strategy)
+        if "finetune" not in getattr(self.strategy_class, "settings", ()):
+            raise ValueError(
+                f"--strategy {args.strategy}: it does not support continual finetuning "
+                f"(its settings: {self.strategy_class.settings})"
+            )
+        self.out_dir = Path(training_args.output_dir)
+
+    def load(self) -> None:
+        """The task sequence, the classifier with the strategy's preparation, tokenized data and the metrics."""
+        args, training_args = self.args, self.training_args
+        try:
+            tasks = bbc_task_sequence(
+                args.task_topics(),
+                max_train_per_class=args.max_train_per_class,
+                max_test_per_class=args.max_test_per_class,
+                test_fraction=args.test_fraction,
+                seed=args.split_seed,
+            )
+        except ValueError as e:
+            raise ValueError(f"--tasks: {e}") from None
+        backbone, tokenizer = load_backbone(args.model_name_or_path)
+        model = MultiTaskClassifier(
+            backbone,
+            [len(t.label_names) for t in tasks],
+            [t.name for t in tasks],
+            pooling=args.pooling,
+            seed=training_args.seed,
+            label_names=[t.label_names for t in tasks],
+        )
+        self.strategy = build_strategy(self.strategy_class, args.strategy, args.strategy_settings())
+        self.model = self.strategy.prepare_model(model)
+        self.model.to(training_args.device)
+        self.tasks, self.tokenizer = tasks, tokenizer
+        self.collator = DataCollatorWithPadding(tokenizer)
+        self.train_sets = [
+            _with_task_ids(tokenize_classification(t.train, tokenizer, args.max_length), k)
+            for k, t in enumerate(tasks)
+        ]
+        self.test_loaders = [
+            DataLoader(
+                _with_task_ids(tokenize_classification(t.test, tokenizer, args.max_length), k),
+                batch_size=args.eval_batch_size,
+                collate_fn=self.collator,
+            )
+            for k, t in enumerate(tasks)
+        ]
+        self.metrics = {"accuracy": load_metric("accuracy"), "f1": load_metric("f1")}
+
+    def evaluate(self, desc: str) -> list[dict]:
+        return _evaluate_all(self.model, self.strategy, self.test_loaders, self.metrics, desc)
+
+    def evaluate_untrained(self, state: RunState) -> list[dict]:
+        """Row ``R`` of the untrained model (for FWT), recorded as the run's base."""
+        initial = self.evaluate("evaluate (untrained)")
         state.set_base({"dir": None, "initial": initial})
-        if is_main:
+        if self.is_main:
             state.save()
-    else:
-        initial = state.base["initial"]
+        return initial
+
+    def resume(self, state: RunState) -> list[dict]:
+        """Skip the finished tasks: reload the newest one's classifier and strategy state; the base row."""
         for d in state.done:
-            say(f"skipping finished: {d['task']}")
+            self.say(f"skipping finished: {d['task']}")
         if state.done:
             last = state.last_dir()
             verify_stage(last, state.done[-1].get("files"))
-            _load_task(last, model, strategy)
-            say(f"resuming after {last.name}")
-    for t in range(len(state.done), T):
-        task = tasks[t]
+            _load_task(last, self.model, self.strategy)
+            self.say(f"resuming after {last.name}")
+        return state.base["initial"]
+
+    def train_task(self, t: int, state: RunState) -> None:
+        """Train task ``t`` (from its newest Trainer checkpoint if any), evaluate every task, save the resume point."""
+        model, strategy, training_args, task = self.model, self.strategy, self.training_args, self.tasks[t]
         name = domain_dir_name(t + 1, task.name)
-        say(f"task {t + 1}/{T}: {task.name} ({len(train_sets[t])} training examples)")
+        self.say(f"task {t + 1}/{len(self.tasks)}: {task.name} ({len(self.train_sets[t])} training examples)")
         model.set_task(t)
         model.train_only_head(t)
         train_loader = DataLoader(
-            train_sets[t], batch_size=training_args.per_device_train_batch_size, shuffle=False, collate_fn=collator
+            self.train_sets[t],
+            batch_size=training_args.per_device_train_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
         )
         strategy.before_task(model, t, train_loader)
         optimizer = build_optimizer(
-            model, training_args.learning_rate, args.head_learning_rate, training_args.weight_decay, training_args
+            model, training_args.learning_rate, self.args.head_learning_rate, training_args.weight_decay, training_args
         )
-        targs = _task_args(training_args, out_dir, name)
+        targs = _task_args(training_args, self.out_dir, name)
         trainer = StrategyTrainer(
             model=model,
             args=targs,
-            train_dataset=train_sets[t],
-            data_collator=collator,
+            train_dataset=self.train_sets[t],
+            data_collator=self.collator,
             strategy=strategy,
             optimizers=(optimizer, None),
-            callbacks=list(callbacks or []),
+            callbacks=list(self.callbacks),
         )
         fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
             verify_readable(Path(resume), f"delete {resume} and rerun: {task.name} then restarts from its beginning")
-            say(f"resuming from {resume}")
+            self.say(f"resuming from {resume}")
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.time() - t0
-        strategy.after_task(model, t, DataLoader(train_sets[t], batch_size=args.eval_batch_size, collate_fn=collator))
-        row = _evaluate_all(model, strategy, test_loaders, metrics, f"evaluate after {task.name}")
-        event("evaluated", name=name)
-        say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
+        after_loader = DataLoader(self.train_sets[t], batch_size=self.args.eval_batch_size, collate_fn=self.collator)
+        strategy.after_task(model, t, after_loader)
+        row = self.evaluate(f"evaluate after {task.name}")
+        self.event("evaluated", name=name)
+        self.say(f"after {task.name}: accuracy {[round(r['accuracy'], 4) for r in row]}")
         state.add_domain(
             {
                 "dir": name,
@@ -547,69 +560,74 @@ def run_continual_finetune(
                 "resumed_from": Path(resume).name if resume else None,
             }
         )
-        digests = _save_task(out_dir, name, model, strategy, is_main)
-        event("published", name=name)
-        if is_main:
-            state.done[-1]["files"] = digests
-            state.save()
-            event("state_saved", name=name)
-            # Only the newest task checkpoint is a resume point; older ones and the task's Trainer checkpoints go.
-            for older in state.done[:-1]:  # a kill right after the state update may have left one behind
-                shutil.rmtree(out_dir / older["dir"], ignore_errors=True)
-            shutil.rmtree(targs.output_dir, ignore_errors=True)
+        self.save_task(name, state, targs.output_dir)
         del trainer
 
-    rows = [d["row"] for d in state.done]
-    acc_matrix = [[r["accuracy"] for r in row] for row in rows]
-    f1_matrix = [[r["f1"] for r in row] for row in rows]
-    results = {
-        "tasks": [t.name for t in tasks],
-        "label_names": [t.label_names for t in tasks],
-        "strategy": args.strategy,
-        "accuracy_matrix": acc_matrix,
-        "f1_matrix": f1_matrix,
-        "initial_accuracy": [r["accuracy"] for r in initial],
-        "initial_f1": [r["f1"] for r in initial],
-        **summarize(acc_matrix, higher_is_better=True, random_init_scores=[r["accuracy"] for r in initial]),
-        "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
-        "strategy_config": strategy.config(),
-        "storage_bytes_per_task": [d.get("storage_bytes") for d in state.done]
-        if any(d.get("storage_bytes") is not None for d in state.done)
-        else None,
-        "train_seconds_per_task": [d["train_seconds"] for d in state.done],
-        "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
-        "total_seconds": None,
-        "arguments": asdict(args),
-        "training": {
-            "learning_rate": training_args.learning_rate,
-            "num_train_epochs": training_args.num_train_epochs,
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "seed": training_args.seed,
-        },
-        "device": f"{training_args.device}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}",
-        "world_size": training_args.world_size,
-    }
+    def save_task(self, name: str, state: RunState, trainer_dir: str) -> None:
+        """Publish the task's resume point, record it in state.json, drop the older one and the Trainer checkpoints."""
+        digests = _save_task(self.out_dir, name, self.model, self.strategy, self.is_main)
+        self.event("published", name=name)
+        if not self.is_main:
+            return
+        state.done[-1]["files"] = digests
+        state.save()
+        self.event("state_saved", name=name)
+        # Only the newest task checkpoint is a resume point; older ones and the task's Trainer checkpoints go.
+        for older in state.done[:-1]:  # a kill right after the state update may have left one behind
+            shutil.rmtree(self.out_dir / older["dir"], ignore_errors=True)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
 
-    if not is_main:  # evaluation ran on every process; the main one writes
-        return results
-    final = out_dir / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    model.save_heads(final)
-    tokenizer.save_pretrained(final)
-    if hasattr(strategy, "save_model"):
-        strategy.save_model(model, final)
-    else:
-        model.backbone.save_pretrained(final)
-        strategy.save_pretrained(final)
-    plot_accuracy_matrix(
-        acc_matrix,
-        [t.name for t in tasks],
-        [t.label_names for t in tasks],
-        out_dir / "accuracy_matrix.png",
-        title=f"{args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})",
-    )
-    results["total_seconds"] = time.time() - start
-    atomic_write_json(out_dir / "results.json", results)
-    say(f"done: ACC {results['acc']:.4f}, BWT {results['bwt']:+.4f}, results in {out_dir / 'results.json'}")
-    return results
+    def results(self, state: RunState, initial: list[dict]) -> dict:
+        """The accuracy and F1 matrices with their summaries, and what the run was (``total_seconds`` set later)."""
+        args, training_args, tasks = self.args, self.training_args, self.tasks
+        rows = [d["row"] for d in state.done]
+        acc_matrix = [[r["accuracy"] for r in row] for row in rows]
+        f1_matrix = [[r["f1"] for r in row] for row in rows]
+        return {
+            "tasks": [t.name for t in tasks],
+            "label_names": [t.label_names for t in tasks],
+            "strategy": args.strategy,
+            "accuracy_matrix": acc_matrix,
+            "f1_matrix": f1_matrix,
+            "initial_accuracy": [r["accuracy"] for r in initial],
+            "initial_f1": [r["f1"] for r in initial],
+            **summarize(acc_matrix, higher_is_better=True, random_init_scores=[r["accuracy"] for r in initial]),
+            "f1_summary": summarize(f1_matrix, higher_is_better=True, random_init_scores=[r["f1"] for r in initial]),
+            "strategy_config": self.strategy.config(),
+            "storage_bytes_per_task": [d.get("storage_bytes") for d in state.done]
+            if any(d.get("storage_bytes") is not None for d in state.done)
+            else None,
+            "train_seconds_per_task": [d["train_seconds"] for d in state.done],
+            "resumed_tasks": [d["task"] for d in state.done if d.get("resumed_from")],
+            "total_seconds": None,
+            "arguments": asdict(args),
+            "training": {
+                "learning_rate": training_args.learning_rate,
+                "num_train_epochs": training_args.num_train_epochs,
+                "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                "seed": training_args.seed,
+            },
+            "device": f"{training_args.device}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}",
+            "world_size": training_args.world_size,
+        }
+
+    def save_final(self, results: dict) -> None:
+        """``final/`` (heads, tokenizer, the strategy's backbone and state) and the accuracy heatmap."""
+        model, strategy, tasks = self.model, self.strategy, self.tasks
+        final = self.out_dir / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        model.save_heads(final)
+        self.tokenizer.save_pretrained(final)
+        if hasattr(strategy, "save_model"):
+            strategy.save_model(model, final)
+        else:
+            model.backbone.save_pretrained(final)
+            strategy.save_pretrained(final)
+        plot_accuracy_matrix(
+            results["accuracy_matrix"],
+            [t.name for t in tasks],
+            [t.label_names for t in tasks],
+            self.out_dir / "accuracy_matrix.png",
+            title=f"{self.args.strategy}: accuracy (ACC {results['acc']:.3f}, BWT {results['bwt']:+.3f})",
+        )

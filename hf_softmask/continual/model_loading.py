@@ -1,0 +1,90 @@
+"""The runners' models: a model name to a loadable path, the cached conversion of the shipped GGUF, and loading.
+
+``--model_name_or_path`` is a checkpoint directory, a Hub id, or a shipped model's name
+(:data:`hf_softmask.assets.SHIPPED_MODELS`). Whether a checkpoint is a masked LM is decided by
+:func:`hf_softmask.data.is_masked_lm`, from its config before loading and from the model after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..assets import load_smollm2, minilm_path, shipped_model
+from ..data import is_masked_lm
+from .checkpointing import publish_dir, stage_dir
+
+__all__ = ["smollm2_checkpoint", "resolve_model_path", "load_model_and_tokenizer", "load_backbone"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HF_SOFTMASK_CACHE", Path.home() / ".cache" / "hf_softmask"))
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M converted once from the shipped GGUF to a plain checkpoint in the cache (~30 s the first time)."""
+    target = _cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    model, tok = load_smollm2()
+    staging = stage_dir(target.parent, target.name + f".{os.getpid()}")
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    if not (target / "config.json").is_file():
+        publish_dir(staging, target)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """A directory ``from_pretrained`` opens for a shipped model's name (SmolLM2: its cached conversion, made on first
+    use); any other name as given."""
+    shipped = shipped_model(name)
+    if shipped == "minilm":
+        return str(minilm_path())
+    if shipped == "smollm2":
+        return str(smollm2_checkpoint())
+    return name
+
+
+def wants_mlm(path: str, objective: str) -> bool:
+    """Whether the checkpoint at ``path`` trains as a masked LM: ``objective`` 'mlm' / 'clm', or 'auto' (by config)."""
+    if objective != "auto":
+        return objective == "mlm"
+    from transformers import AutoConfig
+
+    return is_masked_lm(AutoConfig.from_pretrained(path))
+
+
+def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None):
+    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    mlm = wants_mlm(path, objective)
+    model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if mlm != is_masked_lm(model):
+        raise ValueError(f"{path}: objective {objective!r} does not fit the loaded {type(model).__name__}")
+    return model, tokenizer, mlm
+
+
+def load_backbone(name_or_path: str):
+    """(base model without its LM head, tokenizer with a pad token) for a path, Hub id, 'minilm' or 'smollm2'."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if shipped_model(name_or_path) == "smollm2":
+        # Straight from the shipped GGUF (no cached conversion written): load the causal LM, keep its decoder.
+        lm, tokenizer = load_smollm2()
+        backbone = lm.get_decoder()
+        backbone.config = lm.config
+    else:
+        path = resolve_model_path(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return backbone, tokenizer

@@ -1,0 +1,61 @@
+"""Sweeps of the pre-training runner: every (strategy or runs entry, learning rate[, seed]), then the frontier."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .config import ContinualPretrainingArguments, parse_str_list
+from .frontier import write_frontier
+from .pretrainer import ContinualPretrainer
+
+__all__ = ["run_sweep", "rewrite_frontier"]
+
+
+def run_sweep(args: ContinualPretrainingArguments) -> dict:
+    """Every (entry, learning rate[, seed]) into ``output_dir/<name>_lr<lr>[_s<seed>]/``, then the frontier files.
+
+    Entries are the ``runs`` list, else one per ``--strategies`` (``--learning_rates`` each). With ``--seeds`` each
+    runs once per seed (``seed`` set, ``split_seed`` kept: every seed is evaluated on the same blocks).
+    """
+    entries = args.sweep_entries()
+    seeds = args.seed_list()
+    split_seed = args.split_seed if args.split_seed is not None else args.seed
+    if not args.runs and len(entries) == 1 and args.run_name:
+        entries = [{**entries[0], "name": args.run_name}]
+    dirs = []
+    # Learning rate outermost: a sweep cut short still holds comparable (strategy, lr) pairs.
+    lrs = list(dict.fromkeys(lr for e in entries for lr in e["learning_rates"]))
+    plan = (
+        [(lr, e) for lr in lrs for e in entries if lr in e["learning_rates"]]
+        if not args.runs
+        else [(lr, e) for e in entries for lr in e["learning_rates"]]
+    )
+    for lr, entry in plan:
+        base = entry["strategy"] if not args.runs else entry["name"]
+        for seed in seeds or [None]:
+            sub = Path(args.output_dir) / (f"{base}_lr{lr:g}" + (f"_s{seed}" if seed is not None else ""))
+            run_args = args.for_entry(entry, lr)
+            run_args = replace(
+                run_args, output_dir=str(sub), split_seed=split_seed, seed=args.seed if seed is None else seed
+            )
+            ContinualPretrainer(run_args).run()
+            dirs.append(sub)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        return write_frontier(
+            args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+        )
+    return {}
+
+
+def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
+    """The frontier of finished runs only (``--frontier_runs``: directories or globs holding results.json)."""
+    dirs = []
+    for pattern in parse_str_list(args.frontier_runs):
+        matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+        dirs.extend(d for d in matches if (d / "results.json").is_file())
+    return write_frontier(
+        args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+    )
