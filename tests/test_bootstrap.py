@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
 
 from hf_softmask.bootstrap import (
     RunBlocks,
@@ -23,6 +22,7 @@ from hf_softmask.bootstrap import (
     run_metrics,
 )
 from hf_softmask.continual.evaluation import lm_eval_loss
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_gpt2
 
 Z95 = 1.959963984540054
 

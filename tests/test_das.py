@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
 from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
@@ -23,6 +22,7 @@ from hf_softmask.layout import UnitLayout
 from hf_softmask.masking import SoftMaskConfig
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.das import DASStrategy
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
 
 def _importance(layout, value=None, seed=0):

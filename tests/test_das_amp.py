@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
 from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
@@ -16,6 +15,7 @@ from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies import StrategyTrainer
 from hf_softmask.strategies.das import DASStrategy
+from tests.testing_utils import random_lm_batches, tiny_llama
 
 
 def _dataset(n=8, seq_len=10):
