@@ -161,6 +161,7 @@ def _trainers(row: str, args, col: str):
         return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
 
     if row == "TSS/WSN runner":  # the finetuning runner's model and optimizer
+
         def finetune(name):
             strategy = get_strategy(name)
             model = strategy.prepare_model(MultiTaskClassifier(tiny(backbone=True), [2]))

@@ -107,6 +107,17 @@ def random_lm_batches(n_batches=4, batch_size=4, seq_len=16, seed=0, labels=True
     return out
 
 
+def lm_rows(n_rows=16, seq_len=12, seed=0, batch_size=4):
+    """``n_rows`` random LM rows (labels = input ids) as a ``datasets.Dataset``: the rows of
+    ``random_lm_batches(n_rows // batch_size, batch_size, seq_len, seed)``."""
+    import datasets
+
+    ids = torch.cat([b["input_ids"] for b in random_lm_batches(n_rows // batch_size, batch_size, seq_len, seed)])
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
+
+
 class ExampleDataset(Dataset):
     """Examples (dicts of 1-D tensors) cut from whole batches."""
 
