@@ -97,7 +97,7 @@ def _check_node(node: str) -> None:
     functions = {n.name for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef)}
     assert name in functions and name.startswith("test_"), f"{node}: no test function {name} in {path}"
     if case:
-        func = getattr(importlib.import_module(file.stem), name)
+        func = getattr(importlib.import_module(".".join(Path(path).with_suffix("").parts)), name)
         ids = _param_ids(func)
         assert ids is not None and case[:-1] in ids, f"{node}: no case [{case[:-1]} in {sorted(ids or ())}"
 
