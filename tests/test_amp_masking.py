@@ -7,8 +7,6 @@ AdamW driven by a GradScaler (grad_scale / found_inf), and a real Trainer whose 
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
-from test_core_masking import ListDataset, _args, _one_hot_importance, _unit_slice
 
 from hf_softmask import (
     MaskedAdamW,
@@ -18,6 +16,8 @@ from hf_softmask import (
     UnitLayout,
     install_update_masks,
 )
+from tests.test_core_masking import _args, _one_hot_importance, _unit_slice
+from tests.testing_utils import ExampleDataset, random_lm_batches, tiny_llama
 
 
 def _protected(layout):
@@ -147,7 +147,7 @@ def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
     model = tiny_llama(seed=0)
     layout = UnitLayout.from_model(model)
     before = _protected(layout)
-    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    data = ExampleDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     from transformers import Trainer
 
     trainer = Trainer(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from strategy_utils import lm_dataset, logits_of, run_task
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.kd import KDStrategy, distillation_kl
+from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_gpt2
 
 
 def _fisher_drift(model, anchor, fisher):

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
 
 from hf_softmask.bootstrap import (
     RunBlocks,
@@ -25,6 +24,7 @@ from hf_softmask.bootstrap import (
 )
 from hf_softmask.continual.evaluation import lm_eval_loss
 from hf_softmask.continual.frontier import write_frontier
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_gpt2
 
 Z95 = 1.959963984540054
 

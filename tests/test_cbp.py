@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from strategy_utils import lm_dataset, logits_of, run_task, train_args
 from transformers import Trainer
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.cbp import CBPCallback, CBPStrategy
+from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_gpt2, train_args
 
 UNIT = 3
 

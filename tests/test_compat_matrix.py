@@ -17,12 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_cpu_processes, tiny_llama
-from strategy_utils import lm_dataset, train_args
-from subnetwork_utils import batch_of, logits, task_dataset
-from test_hat import _owned_rows
-from test_peft import LLAMA_ALL, _half_importance, _moved, _protected
-from test_talos import _check_frozen_bit_identical, _snapshot
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
@@ -42,6 +36,18 @@ from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.hat import HATStrategy
 from hf_softmask.strategies.kd import KDStrategy
 from hf_softmask.strategies.talos import TaLoSStrategy
+from tests.test_hat import _owned_rows
+from tests.test_peft import LLAMA_ALL, _half_importance, _moved, _protected
+from tests.test_talos import _check_frozen_bit_identical, _snapshot
+from tests.testing_utils import (
+    batch_of,
+    launch_cpu_processes,
+    lm_dataset,
+    logits,
+    task_dataset,
+    tiny_llama,
+    train_args,
+)
 
 #: Each feature as a user turns it on: TrainingArguments flags, plus a CPU GradScaler / a PEFT wrapper where needed.
 FEATURES = {
@@ -75,9 +81,7 @@ def _args(tmp_path, feature, cls=None, **kw):
         **FEATURES[feature],
         **kw,
     }
-    if cls is None:
-        return train_args(tmp_path, **kw)
-    return cls(**{**train_args(tmp_path, **kw).to_dict(), **kw})
+    return train_args(tmp_path, cls=cls, **kw)
 
 
 def _train(trainer, feature, first=True):
@@ -215,7 +219,7 @@ def row_das(tmp_path, feature):
 
 
 def _finetune_task(model, strategy, tmp_path, feature, task_id, num_labels):
-    """What the finetuning runner does for one task (tests/subnetwork_utils.py's train_task), with the feature on."""
+    """What the finetuning runner does for one task (tests/testing_utils.py's train_task), with the feature on."""
     data = task_dataset(task_id, num_labels=num_labels)
     model.set_task(task_id)
     model.train_only_head(task_id)

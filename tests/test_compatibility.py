@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT)]
 
 from hf_softmask.compatibility import (  # noqa: E402  (after the sys.path set-up above)
     COLUMNS,
@@ -33,6 +33,7 @@ from hf_softmask.compatibility import (  # noqa: E402  (after the sys.path set-u
     check_supported,
     detect_features,
 )
+from tests.testing_utils import lm_dataset, task_dataset, tiny_llama, train_args  # noqa: E402
 
 PAGE_SCRIPT = ROOT / "scripts" / "make_compatibility_page.py"
 DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
@@ -96,7 +97,7 @@ def _check_node(node: str) -> None:
     functions = {n.name for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, ast.FunctionDef)}
     assert name in functions and name.startswith("test_"), f"{node}: no test function {name} in {path}"
     if case:
-        func = getattr(importlib.import_module(file.stem), name)
+        func = getattr(importlib.import_module(".".join(Path(path).with_suffix("").parts)), name)
         ids = _param_ids(func)
         assert ids is not None and case[:-1] in ids, f"{node}: no case [{case[:-1]} in {sorted(ids or ())}"
 
@@ -131,8 +132,6 @@ def test_a_missing_test_or_case_is_caught():
 # -- refusals ----------------------------------------------------------------------------------------------------
 def _trainers(row: str, args, col: str):
     """The row's real Trainer(s) on a tiny Llama (LoRA-wrapped for the peft column), ready to train()."""
-    from conftest import tiny_llama
-    from strategy_utils import lm_dataset
     from torch.utils.data import DataLoader
     from transformers import Trainer
 
@@ -162,7 +161,6 @@ def _trainers(row: str, args, col: str):
         return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
 
     if row == "TSS/WSN runner":  # the finetuning runner's model and optimizer
-        from subnetwork_utils import task_dataset
 
         def finetune(name):
             strategy = get_strategy(name)
@@ -206,8 +204,6 @@ def _trainers(row: str, args, col: str):
 
 def _refusal_worker(out: Path) -> None:
     """For each refused cell: build the row's Trainer with the column's flags and train; record what happened."""
-    from strategy_utils import train_args
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -238,7 +234,7 @@ def refusals(tmp_path_factory):
         os.environ,
         HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     proc = subprocess.run(
         [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
@@ -256,9 +252,7 @@ def test_refused_cell_refuses_at_train_begin(refusals, row, col):
 
 
 def test_features_are_read_from_the_trainer_flags_and_the_model():
-    from conftest import tiny_llama
     from peft import LoraConfig, get_peft_model
-    from strategy_utils import train_args
 
     assert detect_features(train_args("unused")) == {"fp32"}
     for col, flags in COLUMN_ARGS.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from subnetwork_utils import one_thread
 
 from hf_softmask.continual.finetune import (
     ContinualFinetuneArguments,
@@ -13,6 +12,7 @@ from hf_softmask.continual.finetune import (
     parse_finetune_config,
     run_continual_finetune,
 )
+from tests.testing_utils import one_thread
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

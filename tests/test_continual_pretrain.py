@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUNNER_KILL_WORKER, tiny_runner_flags
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hf_softmask.continual import (
@@ -21,6 +20,7 @@ from hf_softmask.continual import (
     run_continual_pretraining,
 )
 from hf_softmask.importance import UnitImportance
+from tests.testing_utils import RUNNER_KILL_WORKER, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 from hf_softmask import EmptyDataError, ImportanceShapeError, UnitImportance, UnitLayout, compute_importance
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _corr(a: UnitImportance, b: UnitImportance) -> float:

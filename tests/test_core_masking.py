@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_MODELS, random_lm_batches
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_softmask import (
     ImportanceShapeError,
@@ -15,41 +14,15 @@ from hf_softmask import (
     UnitLayout,
     build_param_masks,
 )
+from tests.testing_utils import TINY_MODELS, ExampleDataset, random_lm_batches, train_args
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, batches):
-        self.rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-def _args(tmp_path, cls=TrainingArguments, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
-    defaults.update(kw)
-    return cls(**defaults)
+def _args(tmp_path, cls=None, **kw):
+    return train_args(tmp_path, cls=cls, **{"max_steps": 4, "lr_scheduler_type": "constant", **kw})
 
 
 def _train(model, tmp_path, callbacks=(), n_examples=16, **kw):
-    data = ListDataset(random_lm_batches(n_examples // 4, batch_size=4, seq_len=12, seed=3))
+    data = ExampleDataset(random_lm_batches(n_examples // 4, batch_size=4, seq_len=12, seed=3))
     trainer = Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=data, callbacks=list(callbacks))
     trainer.train()
     return trainer
@@ -200,7 +173,7 @@ def test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoin
         save_steps=2,
         softmask_mode="update",
     )
-    data = ListDataset(random_lm_batches(4, seq_len=12))
+    data = ExampleDataset(random_lm_batches(4, seq_len=12))
     trainer = SoftMaskTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     for s, before in zip(layout.owned, protected):

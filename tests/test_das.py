@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
-from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
 from hf_softmask.contrastive import (
@@ -23,6 +21,7 @@ from hf_softmask.layout import UnitLayout
 from hf_softmask.masking import SoftMaskConfig
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.das import DASStrategy
+from tests.testing_utils import lm_rows, random_lm_batches, tiny_bert, tiny_llama
 
 
 def _importance(layout, value=None, seed=0):
@@ -180,14 +179,6 @@ def test_contrastive_loss_needs_no_teacher_copy_and_backpropagates():
     assert all(not m._forward_pre_hooks for m in layout.attn_out_modules + layout.ffn_out_modules)
 
 
-def _lm_dataset(n=16, seq_len=12, seed=0):
-    rows = [b for b in random_lm_batches(n // 4, batch_size=4, seq_len=seq_len, seed=seed)]
-    ids = torch.cat([b["input_ids"] for b in rows])
-    return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
-    )
-
-
 def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
     """Through StrategyTrainer: units of importance 1 do not move (update mode), others do; state round-trips."""
     model = tiny_bert(seed=1)
@@ -215,7 +206,7 @@ def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
         optim="adamw_torch",
     )
     trainer = StrategyTrainer(
-        model=model, args=args, train_dataset=_lm_dataset(), data_collator=default_data_collator, strategy=strategy
+        model=model, args=args, train_dataset=lm_rows(), data_collator=default_data_collator, strategy=strategy
     )
     trainer.train()
     assert len(strategy.contrastive_losses) == 3 and all(v > 0 for v in strategy.contrastive_losses)

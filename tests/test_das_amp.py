@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
 from datasets import Dataset
 from transformers import TrainingArguments, default_data_collator
 
@@ -16,13 +15,7 @@ from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies import StrategyTrainer
 from hf_softmask.strategies.das import DASStrategy
-
-
-def _dataset(n=8, seq_len=10):
-    ids = torch.cat([b["input_ids"] for b in random_lm_batches(n // 2, batch_size=2, seq_len=seq_len, seed=5)])
-    return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
-    )
+from tests.testing_utils import lm_rows, random_lm_batches, tiny_llama
 
 
 def _record_linear_dtypes(layout):
@@ -69,7 +62,11 @@ def test_views_run_under_the_trainers_bf16_autocast(tmp_path):
         disable_tqdm=True,
     )
     trainer = StrategyTrainer(
-        model=model, args=args, train_dataset=_dataset(), data_collator=default_data_collator, strategy=strategy
+        model=model,
+        args=args,
+        train_dataset=lm_rows(8, seq_len=10, seed=5, batch_size=2),
+        data_collator=default_data_collator,
+        strategy=strategy,
     )
     trainer.train()
     assert len(strategy.contrastive_losses) == 2 and all(torch.isfinite(torch.tensor(strategy.contrastive_losses)))

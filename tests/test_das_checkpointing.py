@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
 
 from hf_softmask.estimators import compute_importance
 from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies.das import DASStrategy
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
 MODELS = {"bert": tiny_bert, "llama": tiny_llama}
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import BertForMaskedLM
 
 from hf_softmask.importance import UnitImportance
+from tests.testing_utils import (
+    launch_cpu_processes,
+    random_lm_batches,
+    save_tiny_bert_with_minilm_tokenizer,
+    tiny_llama,
+)
 
 WORKER = """
 import json, sys
@@ -34,23 +36,7 @@ ids = torch.cat([b["input_ids"] for b in loader])
 
 @pytest.mark.distributed
 def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
-    accelerate = shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("the accelerate CLI is not on PATH")
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(
-        BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-    )
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "model", minilm_dir)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     flags = [
@@ -83,27 +69,7 @@ def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
         "--output_dir",
         str(tmp_path / "run"),
     ]
-    # `--multi_gpu` picks accelerate's torchrun launcher, which runs gloo on a CPU-only machine; `--cpu` alone
-    # selects the single-process launcher (it needs an MPI hostfile for more than one process).
-    cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(worker),
-        str(tmp_path / "out"),
-        *flags,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_cpu_processes(worker, tmp_path / "out", *flags, port_offset=11, timeout=400)
 
     out = tmp_path / "out"
     shards = [json.loads((out / f"rank{r}" / "shard.json").read_text()) for r in (0, 1)]
@@ -123,8 +89,7 @@ ESTIMATOR_WORKER = """
 import sys
 import torch
 import torch.distributed as dist
-sys.path.insert(0, sys.argv[2])
-from conftest import random_lm_batches, tiny_bert, tiny_llama
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 from hf_softmask import available_estimators, compute_importance
 
 dist.init_process_group("gloo")
@@ -148,32 +113,11 @@ dist.destroy_process_group()
 def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
     """Each rank estimates on half the batches; after the all-reduce both hold the same importance, equal to one
     process on all batches (deterministic cases: the dropout-free Llama under lm_loss)."""
-    from conftest import random_lm_batches, tiny_llama
-
     from hf_softmask import available_estimators, compute_importance
 
     worker = tmp_path / "worker.py"
     worker.write_text(ESTIMATOR_WORKER)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29500 + os.getpid() % 2000),
-        str(worker),
-        str(tmp_path),
-        tests_dir,
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([tests_dir, os.path.dirname(tests_dir), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_cpu_processes(worker, tmp_path, port_offset=13, timeout=400)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0) == 2 * len(available_estimators()) * 2
     for key, (h0, f0, t0) in r0.items():

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
+from tests.testing_utils import VOCAB, launch_cpu_processes, random_lm_batches, tiny_llama, train_args
+
 GLOBAL_BATCH = 4
 SEQ_LEN = 16
 STEPS = 4
@@ -36,8 +34,6 @@ ADAM_EPS = 1e-4
 # -- worker (runs inside each launched process) ---------------------------------------------------
 class _Blocks(torch.utils.data.Dataset):
     def __init__(self, n: int, seed: int = 0):
-        from conftest import VOCAB
-
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(1, VOCAB, (n, SEQ_LEN), generator=g)
 
@@ -66,13 +62,12 @@ def _save_params(model, path: Path, rank: int) -> list[str]:
 
 def _trainer_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     """A real transformers Trainer with SoftMaskCallback (DDP through accelerate when world > 1)."""
-    from conftest import tiny_llama
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from hf_softmask import SoftMaskCallback
 
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"),
+    args = train_args(
+        out / "trainer",
         per_device_train_batch_size=GLOBAL_BATCH // world,
         max_steps=STEPS,
         learning_rate=5e-2,
@@ -81,13 +76,6 @@ def _trainer_run(out: Path, mode: str, importance, rank: int, world: int) -> dic
         adam_epsilon=ADAM_EPS,
         lr_scheduler_type="constant",
         train_sampling_strategy="sequential",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
     )
     trainer = Trainer(
         model=tiny_llama(seed=0),
@@ -110,8 +98,6 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
     torch's own; the processes still come from ``accelerate launch``. Grad mode runs without clipping: under FSDP2 the
     grad mask is applied after clipping (ShardedGradMask).
     """
-    from conftest import tiny_llama
-
     from hf_softmask import SoftMaskConfig, SoftMasker
 
     model = tiny_llama(seed=0)
@@ -141,8 +127,6 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
         opt.zero_grad(set_to_none=True)
     masker.detach()
     if mode == "update":  # importance of the sharded model (gates hook the all-gathered modules)
-        from conftest import random_lm_batches
-
         from hf_softmask import compute_importance
 
         batches = random_lm_batches(n_batches=2, batch_size=2, seq_len=SEQ_LEN, seed=2)
@@ -154,7 +138,6 @@ def _fsdp2_run(out: Path, mode: str, importance, rank: int, world: int) -> dict:
 
 def _worker(out_dir: str) -> None:
     from accelerate import PartialState
-    from conftest import random_lm_batches, tiny_llama
 
     from hf_softmask import compute_importance
 
@@ -177,48 +160,12 @@ def _worker(out_dir: str) -> None:
 
 
 # -- tests ------------------------------------------------------------------------------------------
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "ACCELERATE_USE_CPU": "true",
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
-        }
-    )
-    return env
-
-
-def _launch(out: Path, processes: int) -> None:
-    # `--cpu` makes accelerate 1.15 run ONE process whatever --num_processes says; the torchrun-based
-    # launcher (--multi_gpu) with ACCELERATE_USE_CPU=true starts real gloo processes on a CPU.
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    cmd += ["--multi_gpu", "--main_process_port", str(29500 + os.getpid() % 2000)] if processes > 1 else ["--cpu"]
-    cmd += [str(Path(__file__).resolve()), "--out", str(out)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One single-process and one 2-process launch; each trains every configuration once."""
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("two_procs")
-    _launch(single, 1)
-    _launch(multi, 2)
+    launch_cpu_processes(Path(__file__), "--out", single, num_processes=1)
+    launch_cpu_processes(Path(__file__), "--out", multi, num_processes=2, port_offset=3)
     return single, multi
 
 
@@ -229,8 +176,6 @@ def _load_params(out: Path, run: str) -> dict:
 
 
 def _assert_same_params(ref: dict, got: dict, atol: float) -> None:
-    from conftest import tiny_llama
-
     init = dict(tiny_llama(seed=0).named_parameters())
     assert set(got) == set(ref), sorted(set(got) ^ set(ref))
     moved = 0.0
@@ -288,8 +233,6 @@ def test_fsdp2_dtensor_masking_matches_single_process(runs, mode):
 @pytest.mark.distributed
 def test_update_masking_protects_important_heads_under_ddp(runs):
     """Not vacuous: under DDP the heads with the smallest mask 1 - I moved least (update mode, AdamW)."""
-    from conftest import tiny_llama
-
     from hf_softmask import UnitImportance
 
     single, multi = runs
@@ -310,8 +253,6 @@ def test_update_masking_protects_important_heads_under_ddp(runs):
 
 def test_update_masks_for_parameters_the_optimizer_does_not_step_are_refused():
     """DeepSpeed/FSDP1 step flat copies of the parameters; masks keyed by the model's would mask nothing."""
-    from conftest import tiny_llama
-
     from hf_softmask import install_update_masks
 
     model = tiny_llama(seed=0)
@@ -324,8 +265,6 @@ def test_update_masks_for_parameters_the_optimizer_does_not_step_are_refused():
 @pytest.mark.slow
 def test_compiled_masked_adamw_equals_foreach_step():
     """``compile_update=True`` (torch.compile'd fused update) takes the same steps as the foreach path."""
-    from conftest import random_lm_batches, tiny_llama
-
     from hf_softmask import SoftMaskConfig, SoftMasker, UnitImportance, UnitLayout
 
     results = []

@@ -9,8 +9,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
-from strategy_utils import ExampleDataset, train_args
 from transformers import TrainingArguments, default_data_collator
 
 from hf_softmask.domain_training import DomainTraining, DomainTrainingOptions
@@ -18,6 +16,7 @@ from hf_softmask.importance import UnitImportance
 from hf_softmask.masking import SoftMaskConfig
 from hf_softmask.replay import ReplayMixture
 from hf_softmask.strategies import StrategyTrainer, get_strategy
+from tests.testing_utils import ExampleDataset, tiny_bert, tiny_llama, train_args
 
 
 def _band_rows(band, n, seq=12, seed=0):

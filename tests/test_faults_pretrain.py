@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_runner_flags
 from transformers import TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
+from tests.testing_utils import tiny_runner_flags
 
 
 class Killed(BaseException):

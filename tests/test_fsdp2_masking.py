@@ -2,7 +2,7 @@
 
 ``fully_shard`` replaces every ``nn.Parameter`` with a DTensor parameter. A SoftMasker or UnitLayout made
 before (as DAS makes its layout while computing importance) must resolve its masks by parameter name at
-attach (train begin). This file is also the worker the test launches with ``torch.distributed.run``.
+attach (train begin). This file is also the worker the test launches (``accelerate launch``, 2 gloo processes).
 
 Checked per configuration against an unmasked run with the same sharding, data and initialisation, one
 optimizer step: a unit of importance 1 does not move; a unit of importance 0.5 moves exactly half as far (update
@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
+from tests.test_distributed_masking import _save_params
+from tests.testing_utils import launch_cpu_processes, random_lm_batches, tiny_llama
+
 CONFIGS = {  # name -> (mode, embeddings policy, optimizer, built before sharding)
     "update_default": ("update", "train", "adamw", "masker"),
     "update_freeze": ("update", "freeze", "adamw", "masker"),
@@ -51,8 +52,6 @@ def _optimizer(model, kind: str):
 
 
 def _run(name: str, out: Path, rank: int, world: int) -> None:
-    from conftest import random_lm_batches, tiny_llama
-    from test_distributed_masking import _save_params
     from torch.distributed.fsdp import fully_shard
 
     from hf_softmask import SoftMaskCallback, SoftMaskConfig, SoftMasker, UnitLayout
@@ -106,29 +105,7 @@ def _worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    env = dict(os.environ)
-    env.update(
-        {
-            "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
-        }
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(31000 + os.getpid() % 2000),
-        str(Path(__file__).resolve()),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch_cpu_processes(Path(__file__), "--out", out, port_offset=1500)
     return out
 
 
@@ -146,8 +123,6 @@ def _unit(t: torch.Tensor, axis: int, unit: int, size: int) -> torch.Tensor:
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_masks_built_before_fully_shard_protect_after_it(runs, name):
-    from conftest import tiny_llama
-
     from hf_softmask import UnitLayout
 
     _, embeddings, opt_kind, _ = CONFIGS[name]

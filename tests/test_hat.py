@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
-from strategy_utils import lm_dataset, logits_of, run_task
 
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy, hat_scale
+from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_llama
 
 
 def _owned_rows(layout, heads_mask, ffn_mask):

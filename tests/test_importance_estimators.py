@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
 
 from hf_softmask import ImportanceEstimator, UnitLayout, available_estimators, compute_importance, register_estimator
 from hf_softmask.importance_estimators import _REGISTRY
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
 MODELS = {"bert": lambda: tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "llama": tiny_llama}
 # Module paths (written out here, not taken from the layout) of the pieces the hand computations read.

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
 
 from hf_softmask import NORMALIZATIONS, UnitImportance, compute_importance
 from hf_softmask.importance import DEFAULT_NORMALIZATION, normalize_importance
+from tests.testing_utils import random_lm_batches, tiny_llama
 
 MONOTONIC = [n for n in NORMALIZATIONS if n != "abs_tanh"]
 

@@ -3,13 +3,13 @@ logged at the Trainer's logging steps by SoftMaskCallback and by StrategyTrainer
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
-from test_core_masking import ListDataset, _args
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout
 from hf_softmask.masking import SoftMaskConfig, SoftMasker, mask_statistics
 from hf_softmask.strategies import ContinualStrategy, StrategyTrainer
+from tests.test_core_masking import _args
+from tests.testing_utils import ExampleDataset, random_lm_batches, tiny_llama
 
 
 def _hand_made_importance(layout):
@@ -45,7 +45,7 @@ def test_mask_statistics_by_hand():
 
 
 def _train_logs(trainer_cls, callbacks, tmp_path, **trainer_kw):
-    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    data = ExampleDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     trainer = trainer_cls(
         model=trainer_kw.pop("model"),
         args=_args(tmp_path, logging_strategy="steps", logging_steps=2),
@@ -98,7 +98,7 @@ def test_strategy_trainer_logs_mask_statistics_before_report_to(tmp_path):
             if "loss" in logs:
                 seen.append(dict(logs))
 
-    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    data = ExampleDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     trainer = StrategyTrainer(
         model=model,
         args=_args(tmp_path, logging_strategy="steps", logging_steps=2),
@@ -125,7 +125,7 @@ def test_softmask_trainer_hands_mask_statistics_to_report_to_integrations(tmp_pa
             if "loss" in logs:
                 seen.append(dict(logs))
 
-    data = ListDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    data = ExampleDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
     args = _args(tmp_path, cls=SoftMaskTrainingArguments, logging_strategy="steps", logging_steps=2)
     trainer = SoftMaskTrainer(model=model, args=args, train_dataset=data, importance=imp)
     trainer.callback_handler.callbacks.insert(1, Integration())

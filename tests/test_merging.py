@@ -7,11 +7,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
-from strategy_utils import lm_dataset, train_args
 from transformers import Trainer, TrainerCallback
 
 from hf_softmask.merging import WeightEMA, interpolate_weights_, snapshot_weights
+from tests.testing_utils import lm_dataset, tiny_llama, train_args
 
 
 def _trained_pair(tmp_path):

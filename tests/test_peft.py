@@ -8,15 +8,14 @@ import copy
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_llama
 from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model, inject_adapter_in_model
-from strategy_utils import lm_dataset, train_args
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout, build_param_masks, compute_importance, gated
 from hf_softmask.estimators import has_dropout
 from hf_softmask.peft_support import UnsupportedAdapterError
+from tests.testing_utils import lm_dataset, random_lm_batches, tiny_bert, tiny_llama, train_args
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_ALL = ["query", "key", "value", "dense"]  # "dense": attention output, intermediate, output (and the MLM head's)

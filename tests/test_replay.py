@@ -7,8 +7,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import launch_cpu_processes, tiny_gpt2
-from strategy_utils import train_args
 from torch.utils.data import DataLoader, SequentialSampler
 
 from hf_softmask.replay import (
@@ -18,6 +16,7 @@ from hf_softmask.replay import (
     replay_sources,
     replay_training_overrides,
 )
+from tests.testing_utils import launch_cpu_processes, tiny_gpt2, tiny_llama, train_args
 
 SEQ = 8
 BAND = 20  # source k's tokens lie in [1 + BAND * k, 1 + BAND * (k + 1)): the source of a row is read off its tokens
@@ -225,7 +224,6 @@ def _ddp_worker(out):
     save_file(params, str(out / f"params{rank}.safetensors"))
 
     # WiSE-FT on a model sharded over the 2 ranks with FSDP2: each rank merges its own shards, nothing gathered
-    from conftest import tiny_llama
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -262,7 +260,6 @@ def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
     p0, p1 = load_file(str(tmp_path / "params0.safetensors")), load_file(str(tmp_path / "params1.safetensors"))
     assert all(torch.equal(p0[n], p1[n]) for n in p0)  # EMA + WiSE-FT leave the replicas identical
     merged = load_file(str(tmp_path / "fsdp2_merged.safetensors"))
-    from conftest import tiny_llama
 
     for name, p in tiny_llama().named_parameters():
         assert torch.equal(merged[name], 0.3 * (2.0 * p.detach()) + 0.7 * p.detach()), name

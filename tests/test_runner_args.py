@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch_cmd, tiny_runner_flags
 from transformers import BertModel, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
 from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
+from tests.testing_utils import accelerate_launch_cmd, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    RUNNER_KILL_WORKER,
-    save_tiny_bert_with_minilm_tokenizer,
-    tiny_runner_flags,
-)
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.pretrain import run_continual_pretraining
 from hf_softmask.replay import replay_rows_per_batch
+from tests.testing_utils import (
+    RUNNER_KILL_WORKER,
+    save_tiny_bert_with_minilm_tokenizer,
+    tiny_runner_flags,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import BertForMaskedLM
+
+from tests.testing_utils import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from hf_softmask.importance import UnitImportance
+from tests.testing_utils import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

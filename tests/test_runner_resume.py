@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from hf_softmask.data import build_lm_dataset, lm_data_collator
+from tests.testing_utils import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

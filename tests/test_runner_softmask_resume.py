@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_llama
-from strategy_utils import ExampleDataset
 
 from hf_softmask import SoftMaskTrainer, SoftMaskTrainingArguments, UnitImportance, UnitLayout
+from tests.testing_utils import ExampleDataset, random_lm_batches, tiny_llama
 
 
 def _args(out, **kw):

@@ -7,15 +7,24 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, random_lm_batches, tiny_bert
-from strategy_utils import lm_dataset
-from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
 from torch.utils.data import DataLoader
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.cbp import CBPStrategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy
 from hf_softmask.task_heads import MultiTaskClassifier
+from tests.testing_utils import (
+    batch_of,
+    lm_dataset,
+    logits,
+    one_thread,
+    random_lm_batches,
+    run_task,
+    task_dataset,
+    tiny_bert,
+    tiny_gpt2,
+    train_task,
+)
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -127,20 +136,10 @@ def test_hat_compensation_uses_each_micro_batchs_s():
 
 # -- TaLoS: parameters with no gradient path are not candidates -------------------------------------------------
 def _bert_with_pooler_classifier():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return MultiTaskClassifier(BertModel(cfg), [2, 3])  # mean pooling: the BERT pooler never touches the loss
+    bert = tiny_bert(model_cls=BertModel, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return MultiTaskClassifier(bert, [2, 3])  # mean pooling: the BERT pooler never touches the loss
 
 
 def test_talos_excludes_parameters_without_gradient_path():
@@ -198,9 +197,6 @@ def test_finished_task_masks_stay_bit_packed_while_the_next_trains(wsn_trained):
 
 
 def test_talos_update_masks_and_task_vectors_are_bits(tmp_path):
-    from conftest import tiny_gpt2
-    from strategy_utils import run_task
-
     model = tiny_gpt2()
     talos = get_strategy(
         "talos", keep_fraction=0.2, rounds=1, examples_per_round=4, task_vector_dir=str(tmp_path / "tv")

@@ -12,8 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from subnetwork_utils import one_thread
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -23,6 +21,7 @@ from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy
 from hf_softmask.strategies.kd import distillation_kl
 from hf_softmask.tss import SubnetworkConfig, get_subnetwork_model, topk_mask
+from tests.testing_utils import one_thread, random_lm_batches, tiny_bert, tiny_gpt2
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
-from strategy_utils import lm_dataset, run_task
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.freeze_bottom import FreezeBottomStrategy
 from hf_softmask.strategies.registry import available_strategies
+from tests.testing_utils import lm_dataset, run_task, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
-from strategy_utils import lm_dataset, logits_of, run_task
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.lora import LoRAStrategy, lora_target_modules
 from hf_softmask.strategies.registry import available_strategies
+from tests.testing_utils import (
+    lm_dataset,
+    logits_of,
+    random_lm_batches,
+    run_task,
+    save_tiny_bert_with_minilm_tokenizer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    train_args,
+)
 
 
 def test_targets_are_the_registry_projections():
@@ -137,7 +146,6 @@ def test_lora_under_bf16_autocast_gradient_checkpointing_and_accumulation(tmp_pa
 
 def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
     """Killed after step 2 of 3: a fresh model + before_task + Trainer resume ends where the uninterrupted run does."""
-    from strategy_utils import train_args
     from transformers import Trainer
 
     def domain(resume=None):
@@ -166,7 +174,6 @@ def test_lora_domain_resumes_from_a_trainer_checkpoint(tmp_path):
 def test_runs_in_todays_pretraining_runner(tmp_path, minilm_dir, strategy, kwargs):
     """The runner of today, unchanged: --strategy lora / freeze_bottom with --strategy_kwargs, two BBC domains with
     mid-domain Trainer checkpoints; every domain directory is a plain checkpoint with the model's own weights."""
-    from conftest import save_tiny_bert_with_minilm_tokenizer
     from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
     from hf_softmask.continual import parse_config, run_continual_pretraining

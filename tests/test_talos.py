@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_lm_batches, tiny_bert, tiny_gpt2
-from strategy_utils import lm_dataset, logits_of, run_task
 
 from hf_softmask.optim import MaskedSGD
 from hf_softmask.strategies import get_strategy
@@ -15,6 +13,7 @@ from hf_softmask.strategies.talos import (
     scoped_parameters,
 )
 from hf_softmask.task_vectors import SparseTaskVector, apply_task_vectors
+from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_gpt2
 
 
 def _snapshot(model):

@@ -7,15 +7,23 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
 
 from hf_softmask.bitpack import pack_bits, packed_nbytes, unpack_bits
 from hf_softmask.strategies import get_strategy
 from hf_softmask.task_heads import MultiTaskClassifier
 from hf_softmask.tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model, straight_through_mask
 from hf_softmask.tss.layer import SubnetworkLinear
+from tests.testing_utils import (
+    batch_of,
+    logits,
+    one_thread,
+    task_dataset,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    train_task,
+)
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

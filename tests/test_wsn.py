@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
-from subnetwork_utils import batch_of, logits, one_thread, task_dataset, train_task
 
 from hf_softmask.strategies import get_strategy
 from hf_softmask.task_heads import MultiTaskClassifier
 from hf_softmask.tss import SubnetworkModel, straight_through_mask, topk_mask
+from tests.testing_utils import batch_of, logits, one_thread, task_dataset, tiny_bert, train_task
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
