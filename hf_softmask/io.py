@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "push_saved_to_hub",
+    "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",

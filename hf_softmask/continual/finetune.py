@@ -72,6 +72,7 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
+from .console import Console
 from .model_loading import load_backbone
 from .strategy_settings import build_strategy, parse_strategy_kwargs, strategy_kwargs_text
 
@@ -333,15 +334,6 @@ def _fingerprint(args: ContinualFinetuneArguments, training_args: TrainingArgume
     return {"runner": "continual_finetune", **mine, **trainer}
 
 
-class _Say:
-    def __init__(self, is_main: bool):
-        self.is_main = is_main
-
-    def __call__(self, message: str) -> None:
-        if self.is_main:
-            print(f"[continual_finetune] {message}", flush=True)
-
-
 def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> TrainingArguments:
     """The Trainer settings of one task: as given, with its own checkpoint directory and run name."""
     from dataclasses import replace
@@ -435,7 +427,7 @@ class _FinetuneRun:
         _ = training_args.world_size  # sets up the device and, under a launcher, the process group
         check_process_group("finetuning")
         self.is_main = training_args.process_index == 0
-        self.say = _Say(self.is_main)
+        self.say = Console("continual_finetune", self.is_main)
         register_architectures(args.register_architecture)
         check_model_source(args.model_name_or_path)
         self.strategy_class = strategy_class(args.strategy)

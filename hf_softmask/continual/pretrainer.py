@@ -46,6 +46,7 @@ from .checkpointing import (
 )
 from .cli import check_process_group, register_architectures
 from .config import ContinualPretrainingArguments
+from .console import Console
 from .distributed import ProcessInfo, full_state_dict
 from .domain_data import PretrainingData
 from .evaluation import perplexity
@@ -89,8 +90,7 @@ class ContinualPretrainer:
 
     def say(self, message: str) -> None:
         """A console line, from the main process only."""
-        if self.is_main:
-            print(f"[continual_pretrain] {message}", flush=True)
+        Console("continual_pretrain", self.is_main)(message)
 
     def _event(self, event: str, **info) -> None:
         if self.events is not None:
