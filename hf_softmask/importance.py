@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .io import atomic_save_safetensors, atomic_write_text, push_saved_to_hub
+from .io import PushToHubMixin, atomic_save_safetensors, atomic_write_text
 
 __all__ = [
     "UnitImportance",
@@ -110,11 +110,13 @@ def normalize_importance(
 
 
 @dataclass
-class UnitImportance:
+class UnitImportance(PushToHubMixin):
     """Importance of attention heads ``heads[L, H]`` and FFN neurons ``ffn[L, I]``.
 
     ``meta`` carries the layout signature (model type and shapes) and free-form provenance.
     """
+
+    hub_commit_message = "Upload unit importance"
 
     heads: torch.Tensor
     ffn: torch.Tensor
@@ -214,25 +216,6 @@ class UnitImportance:
         if layout is not None:
             imp.validate_for(layout)
         return imp
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str = "Upload unit importance",
-        private: bool | None = None,
-        token=None,
-        revision=None,
-    ) -> str:
-        """Upload to the Hub like any HF object; returns the commit URL."""
-        return push_saved_to_hub(
-            self.save_pretrained,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-        )
 
     # -- summaries -----------------------------------------------------------------------------
     def split_half(self, other: UnitImportance) -> dict[str, float]:

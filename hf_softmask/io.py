@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "PushToHubMixin",
     "push_saved_to_hub",
     "atomic_write",
     "atomic_write_text",
@@ -111,6 +112,31 @@ def push_saved_to_hub(
         save_pretrained(tmp)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
     return str(info)
+
+
+class PushToHubMixin:
+    """``push_to_hub`` for a class with ``save_pretrained``: its files uploaded like any HF object's."""
+
+    hub_commit_message = "Upload"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token=None,
+        revision=None,
+    ) -> str:
+        """Write ``save_pretrained``'s files and upload them to the Hub repo ``repo_id``; returns the commit URL."""
+        return push_saved_to_hub(
+            self.save_pretrained,
+            repo_id,
+            commit_message=commit_message or self.hub_commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+        )
 
 
 def generated_page_main(page: Path, render, script: str, description: str | None, argv: list[str] | None) -> int:

@@ -144,3 +144,40 @@ def test_kl_dropout_split_half_on_minilm_real_text(minilm_dir):
     c = compute_importance(model, batches(texts[0::2][:5]), "kl_dropout", normalize=False, show_progress=False)
     assert c.heads.abs().max() > 1e-6 and not model.training
     assert not math.isnan(_corr(a, c))
+
+
+class _RecordingHub:
+    """Stands in for ``huggingface_hub.HfApi`` (tests run offline): records what an upload would send."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+        from pathlib import Path
+
+        self.calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+def test_push_to_hub_uploads_the_saved_files(monkeypatch):
+    import huggingface_hub
+
+    from hf_softmask.tss import SubnetworkConfig, get_subnetwork_model
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _RecordingHub)
+    _RecordingHub.calls.clear()
+    imp = compute_importance(tiny_bert(), random_lm_batches(1), "lm_loss", show_progress=False)
+    assert imp.push_to_hub("me/imp", private=True).endswith("/commit/0")
+    tuner = get_subnetwork_model(tiny_bert().bert, SubnetworkConfig())
+    tuner.push_to_hub("me/tss", commit_message="task 1")
+    assert _RecordingHub.calls == [
+        ("create_repo", "me/imp", True),
+        ("upload", "me/imp", ["importance.safetensors", "importance_config.json"], "Upload unit importance"),
+        ("create_repo", "me/tss", None),
+        ("upload", "me/tss", ["adapter_config.json", "adapter_model.safetensors"], "task 1"),
+    ]

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import get_architecture, supported_model_types
-from ..io import atomic_save_safetensors, push_saved_to_hub
+from ..io import PushToHubMixin, atomic_save_safetensors
 from .config import SubnetworkConfig
 from .layer import SUPPORTED_LAYER_TYPES, SubnetworkLayer, SubnetworkLinear
 
@@ -43,13 +43,15 @@ class _ArchitectureTargets(Mapping):
 TARGET_MODULES_MAPPING: Mapping[str, list[str]] = _ArchitectureTargets()
 
 
-class SubnetworkModel(BaseTuner):
+class SubnetworkModel(PushToHubMixin, BaseTuner):
     """Per-task binary subnetworks of a pretrained model (TSS, WSN).
 
     ``set_task(t)`` selects the subnetwork every scored layer uses; ``finish_task(t)`` freezes the live scores'
     mask as task ``t``'s (bit-packed). ``save_pretrained`` writes ``adapter_config.json`` and
     ``adapter_model.safetensors`` like a LoRA adapter; ``from_pretrained(base_model, path)`` restores every task.
     """
+
+    hub_commit_message = "Upload subnetwork adapter"
 
     prefix: str = "subnet_"
     tuner_layer_cls = SubnetworkLayer
@@ -304,25 +306,6 @@ class SubnetworkModel(BaseTuner):
                 f"adapter holds entries for layers this model lacks: {sorted(unused)[:5]}...; "
                 "is it the base model the adapter was trained on?"
             )
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str = "Upload subnetwork adapter",
-        private: bool | None = None,
-        token=None,
-        revision=None,
-    ) -> str:
-        """Upload ``save_pretrained``'s files to a Hub repo; returns the commit URL."""
-        return push_saved_to_hub(
-            self.save_pretrained,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-        )
 
 
 def get_subnetwork_model(model: nn.Module, config: SubnetworkConfig, adapter_name: str = "default") -> SubnetworkModel:
