@@ -22,9 +22,10 @@ pairing (both runs were evaluated on the same blocks; block-to-block difficulty 
 percentile interval ``numpy.quantile(d, [(1-c)/2, (1+c)/2])`` (linear interpolation) of the ``R`` resampled
 differences ``d``; the estimate is the difference on the original blocks.
 
-Frontier rule: the ncl frontier is the piecewise-linear curve through the ncl runs' ``(in_domain_loss, metric)``
-points sorted by in-domain loss, recomputed in every resample; the gap of a run is its metric minus the
-frontier's value at the run's in-domain loss (undefined outside the frontier's in-domain range). A run is
+Frontier rule: the ncl frontier is the piecewise-linear curve through the non-dominated ncl runs'
+``(in_domain_loss, metric)`` points sorted by in-domain loss (a plain run worse on both is not on it), flat from
+the last of them up to the largest ncl in-domain loss, recomputed in every resample; the gap of a run is its metric
+minus the frontier's value at the run's in-domain loss (undefined outside the ncl runs' in-domain range). A run is
 **beyond** the frontier only when the whole interval of the forgetting gap lies below 0, **behind** when it lies
 above 0, and **inside** when it contains 0; undecided (None) when the gap is undefined on the original blocks or in
 more than 5% of the resamples.
@@ -220,11 +221,17 @@ def metric_ci(run: RunBlocks, n_resamples: int = 2000, confidence: float = 0.95,
 
 
 def _frontier_value(x, frontier_x: np.ndarray, frontier_y: np.ndarray) -> np.ndarray:
-    """The piecewise-linear frontier through points (frontier_x, frontier_y) [F, R] at x [R]; NaN outside its range."""
+    """The frontier at x [R], resample by resample: the piecewise-linear curve through the non-dominated points of
+    (frontier_x, frontier_y) [F, R] (lower is better on both; the point rule's ``frontier.pareto_front``), flat to
+    the right of its last point up to the largest frontier_x (a plain run with more loss there was no better);
+    NaN outside [min, max] of frontier_x."""
     out = np.full(np.shape(x), math.nan)
     for r in range(len(out)):
-        order = np.argsort(frontier_x[:, r])
-        out[r] = np.interp(x[r], frontier_x[order, r], frontier_y[order, r], left=math.nan, right=math.nan)
+        order = np.lexsort((frontier_y[:, r], frontier_x[:, r]))  # by x, ties by y
+        px, py = frontier_x[order, r], frontier_y[order, r]
+        keep = np.concatenate([[True], py[1:] < np.minimum.accumulate(py)[:-1]])  # better y than every lower x
+        if x[r] <= px[-1]:
+            out[r] = np.interp(x[r], px[keep], py[keep], left=math.nan, right=py[keep][-1])
     return out
 
 

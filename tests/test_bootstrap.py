@@ -243,3 +243,24 @@ def test_frontier_json_is_strict_when_a_run_lies_outside_the_frontier(tmp_path):
     assert das["forgetting_gap"]["estimate"] is None and das["forgetting_gap"]["verdict"] is None
     assert das["beyond_frontier"] is None
     assert "outside the frontier's range" in (tmp_path / "frontier.md").read_text()
+
+
+def test_frontier_gap_ignores_a_dominated_plain_run():
+    """The frontier is the curve through the non-dominated ncl runs (the point rule's): a plain run that is worse on
+    both axes than another one is not part of it, in the estimate and in every resample."""
+    rng = np.random.default_rng(11)
+    noise = rng.normal(0, 0.3, 20)
+    # (2.2, 0.9) is dominated by (2.0, 0.5): the frontier is the segment (2.0, 0.5) - (2.4, 0.1).
+    ncl = [_designed_run(x, f, noise, rng) for x, f in [(2.0, 0.5), (2.2, 0.9), (2.4, 0.1)]]
+    gap = frontier_gap_ci(_designed_run(2.2, 0.2, noise, rng), ncl, n_resamples=300)["forgetting"]
+    # at in-domain 2.2 the frontier is 0.3: gap 0.2 - 0.3 = -0.1 (through the dominated run it would be -0.7)
+    assert gap["estimate"] == pytest.approx(-0.1, abs=0.003)
+    assert -0.11 < gap["low"] < gap["high"] < -0.09 and gap["verdict"] == "beyond"
+    behind = frontier_gap_ci(_designed_run(2.2, 0.5, noise, rng), ncl, n_resamples=300)["forgetting"]
+    assert behind["estimate"] == pytest.approx(0.2, abs=0.003) and behind["verdict"] == "behind"
+    # (2.4, 0.3) is dominated by (2.2, 0.1): between 2.2 and 2.4 the frontier stays at 0.1 (flat), not 0.2.
+    ncl = [_designed_run(x, f, noise, rng) for x, f in [(2.0, 0.5), (2.2, 0.1), (2.4, 0.3)]]
+    flat = frontier_gap_ci(_designed_run(2.3, 0.05, noise, rng), ncl, n_resamples=300)["forgetting"]
+    assert flat["estimate"] == pytest.approx(-0.05, abs=0.003) and flat["verdict"] == "beyond"
+    outside = frontier_gap_ci(_designed_run(2.5, 0.0, noise, rng), ncl, n_resamples=300)["forgetting"]
+    assert outside["estimate"] is None and outside["verdict"] is None
