@@ -212,7 +212,9 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_frontier_json_is_strict_when_a_run_lies_outside_the_frontier(tmp_path):
+def _results_dirs(root) -> list:
+    """Run directories holding results.json with per-block losses: three ncl learning rates and one das run whose
+    in-domain loss (1.5) is left of the ncl range (2.0-2.4)."""
     rng = np.random.default_rng(7)
     noise = rng.normal(0, 0.3, 20)
     dirs = []
@@ -232,10 +234,15 @@ def test_frontier_json_is_strict_when_a_run_lies_outside_the_frontier(tmp_path):
             "eval_block_tokens": [[63] * 20, [63] * 20],
             "general_block_tokens": [63] * 20,
         }
-        d = tmp_path / f"{name}_{x}"
-        d.mkdir()
+        d = root / f"{name}_{x}"
+        d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps(results))
         dirs.append(d)
+    return dirs
+
+
+def test_frontier_json_is_strict_when_a_run_lies_outside_the_frontier(tmp_path):
+    dirs = _results_dirs(tmp_path)
     write_frontier(tmp_path, dirs, n_resamples=200)
     payload = _strict_json((tmp_path / "frontier.json").read_text())
     das = next(r for r in payload["runs"] if r["strategy"] == "das")
@@ -264,3 +271,21 @@ def test_frontier_gap_ignores_a_dominated_plain_run():
     assert flat["estimate"] == pytest.approx(-0.05, abs=0.003) and flat["verdict"] == "beyond"
     outside = frontier_gap_ci(_designed_run(2.5, 0.0, noise, rng), ncl, n_resamples=300)["forgetting"]
     assert outside["estimate"] is None and outside["verdict"] is None
+
+
+def test_frontier_of_finished_runs_from_absolute_globs(tmp_path):
+    """``--frontier_runs`` takes directories and globs, absolute or relative; a pattern that matches no finished
+    run is an error naming it (it used to be skipped, or to crash on an absolute glob)."""
+    from hf_softmask.continual import parse_config, run_continual_pretraining
+
+    _results_dirs(tmp_path / "sweep")
+    out = tmp_path / "table"
+    runs = f"{tmp_path}/sweep/ncl_*,{tmp_path}/sweep/das_1.5"
+    args = parse_config(["--frontier_runs", runs, "--output_dir", str(out)])
+    payload = run_continual_pretraining(args)
+    assert sorted(r["strategy"] for r in payload["runs"]) == ["das", "ncl", "ncl", "ncl"]
+    assert (out / "frontier.md").is_file()
+    missing = f"{tmp_path}/sweep/lora_*"
+    args = parse_config(["--frontier_runs", f"{tmp_path}/sweep/ncl_*,{missing}", "--output_dir", str(out)])
+    with pytest.raises(FileNotFoundError, match="lora_"):
+        run_continual_pretraining(args)

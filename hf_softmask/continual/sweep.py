@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,8 +56,12 @@ def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
     """The frontier of finished runs only (``--frontier_runs``: directories or globs holding results.json)."""
     dirs = []
     for pattern in parse_str_list(args.frontier_runs):
-        matches = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-        dirs.extend(d for d in matches if (d / "results.json").is_file())
+        expanded = os.path.expanduser(pattern)
+        matches = [Path(p) for p in sorted(glob.glob(expanded))] if glob.has_magic(expanded) else [Path(expanded)]
+        finished = [d for d in matches if (d / "results.json").is_file()]
+        if not finished:
+            raise FileNotFoundError(f"--frontier_runs {pattern!r}: no run directory with a results.json matches it")
+        dirs.extend(finished)
     return write_frontier(
         args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
     )
