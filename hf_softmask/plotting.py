@@ -159,11 +159,13 @@ def plot_frontier(
     group: str = "strategy",
     label: str = "lr",
     title: str = "",
+    frontier: Sequence[tuple[float, float]] | None = None,
 ) -> Path:
     """One line of points per ``group`` value in the (``x``, ``y``) plane, each point annotated with its ``label``.
 
     Points within a group are connected in order of ``label`` when it is numeric (a learning-rate sweep), else of
-    ``x``. Records whose ``x`` or ``y`` is missing or NaN are skipped.
+    ``x``. Records whose ``x`` or ``y`` is missing or NaN are skipped. ``frontier``: points of the curve runs are
+    judged against, drawn dashed behind them.
     """
 
     def usable(r):
@@ -181,6 +183,9 @@ def plot_frontier(
 
     fig = _new_figure((7, 5))
     ax = fig.add_subplot()
+    if frontier:
+        fx, fy = zip(*frontier)
+        ax.plot(fx, fy, linestyle="--", color="0.5", linewidth=3, alpha=0.5, label="frontier (non-dominated)")
     for name, members in groups.items():
         numeric = all(isinstance(m.get(label), (int, float)) for m in members)
         members = sorted(members, key=(lambda m: m[label]) if numeric else (lambda m: float(m[x])))

@@ -248,22 +248,19 @@ def write_frontier(
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, confidence if with_ci else None))
     if any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
-        plot_frontier(
-            records,
-            out / "frontier.png",
-            x="in_domain_loss",
-            y="forgetting",
-            group="strategy",
-            label="lr",
-            title="forgetting vs in-domain loss (lower-left is better)",
-        )
-        plot_frontier(
-            records,
-            out / "frontier_general.png",
-            x="in_domain_loss",
-            y="general_loss_increase",
-            group="strategy",
-            label="lr",
-            title="general-text loss increase vs in-domain loss",
-        )
+        for y, name, title in (
+            ("forgetting", "frontier.png", "forgetting vs in-domain loss (lower-left is better)"),
+            ("general_loss_increase", "frontier_general.png", "general-text loss increase vs in-domain loss"),
+        ):
+            plain = [(r["in_domain_loss"], r[y]) for r in records if r["strategy"] == BASELINE and r["complete"]]
+            plot_frontier(
+                records,
+                out / name,
+                x="in_domain_loss",
+                y=y,
+                group="strategy",
+                label="lr",
+                title=title,
+                frontier=pareto_front(plain),
+            )
     return payload
