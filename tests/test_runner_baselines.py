@@ -20,23 +20,17 @@ from hf_softmask.continual.pretrain import run_continual_pretraining
 from hf_softmask.replay import replay_rows_per_batch
 from tests.testing_utils import (
     RUNNER_KILL_WORKER,
-    save_tiny_bert_with_minilm_tokenizer,
     tiny_runner_flags,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_mlm(tmp_path_factory, minilm_dir):
-    return save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path_factory.mktemp("tiny_mlm"), minilm_dir)
-
-
 def _flags(model, out, **over):
     return tiny_runner_flags(model, out, **{"max_steps": 2, "save_steps": 100, **over})
 
 
-def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm, tmp_path):
+def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm_dir, tmp_path):
     runs = [
         {"name": "ncl", "strategy": "ncl", "learning_rates": [3e-3, 3e-4]},
         {"name": "replay_wise", "strategy": "ncl", "learning_rates": [1e-3], "replay_ratio": 0.5, "merge_alpha": 0.5},
@@ -50,7 +44,9 @@ def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm, tmp_path):
     ]
     out = tmp_path / "sweep"
     args = parse_config(
-        _flags(tiny_mlm, out, runs=json.dumps(runs), seeds="0,1", bootstrap_resamples=200, keep_domain_weights="last")
+        _flags(
+            tiny_mlm_dir, out, runs=json.dumps(runs), seeds="0,1", bootstrap_resamples=200, keep_domain_weights="last"
+        )
     )
     payload = run_continual_pretraining(args)
     dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
@@ -84,7 +80,7 @@ def test_sweep_with_baselines_seeds_and_intervals(tiny_mlm, tmp_path):
     assert "interval of the forgetting gap" in md and md.count("[") >= 3 * len(payload["runs"])
 
 
-def test_replay_batches_of_a_runner_domain_mix_sources_at_the_ratio(tiny_mlm, tmp_path):
+def test_replay_batches_of_a_runner_domain_mix_sources_at_the_ratio(tiny_mlm_dir, tmp_path):
     seen = []
 
     def hook(model):
@@ -98,7 +94,7 @@ def test_replay_batches_of_a_runner_domain_mix_sources_at_the_ratio(tiny_mlm, tm
     ratio, batch = 0.5, 4
     args = parse_config(
         _flags(
-            tiny_mlm,
+            tiny_mlm_dir,
             tmp_path / "run",
             strategy="ncl",
             replay_ratio=ratio,
@@ -143,13 +139,13 @@ class _AfterTraining(TrainerCallback):
         self.weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def test_merge_alpha_in_the_runner_gives_the_interpolated_weights(tiny_mlm, tmp_path):
+def test_merge_alpha_in_the_runner_gives_the_interpolated_weights(tiny_mlm_dir, tmp_path):
     alpha = 0.3
     grab = _AfterTraining()
     out = tmp_path / "run"
-    args = parse_config(_flags(tiny_mlm, out, strategy="ncl", merge_alpha=alpha, learning_rate=1e-2))
+    args = parse_config(_flags(tiny_mlm_dir, out, strategy="ncl", merge_alpha=alpha, learning_rate=1e-2))
     ContinualPretrainer(args, callbacks=[grab]).run()
-    before = [dict(BertForMaskedLM.from_pretrained(tiny_mlm).named_parameters())]
+    before = [dict(BertForMaskedLM.from_pretrained(tiny_mlm_dir).named_parameters())]
     saved = [
         dict(AutoModelForMaskedLM.from_pretrained(out / d).named_parameters()) for d in ("1_business", "2_sports")
     ]
@@ -161,10 +157,10 @@ def test_merge_alpha_in_the_runner_gives_the_interpolated_weights(tiny_mlm, tmp_
         torch.testing.assert_close(saved[k][name], alpha * new + (1 - alpha) * prev[name], rtol=0, atol=1e-6)
 
 
-def test_learning_rate_rewarms_in_every_runner_domain(tiny_mlm, tmp_path):
+def test_learning_rate_rewarms_in_every_runner_domain(tiny_mlm_dir, tmp_path):
     args = parse_config(
         _flags(
-            tiny_mlm,
+            tiny_mlm_dir,
             tmp_path / "run",
             strategy="ncl",
             max_steps=4,
@@ -187,7 +183,7 @@ def test_learning_rate_rewarms_in_every_runner_domain(tiny_mlm, tmp_path):
     assert lrs[0] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
 
 
-def test_baseline_settings_refused_before_anything_is_written(tiny_mlm, tmp_path):
+def test_baseline_settings_refused_before_anything_is_written(tiny_mlm_dir, tmp_path):
     for over, msg in [
         ({"replay_ratio": 0.05}, "rounds to 0 replay rows"),
         ({"merge_alpha": 1.5}, "merge_alpha"),
@@ -198,18 +194,18 @@ def test_baseline_settings_refused_before_anything_is_written(tiny_mlm, tmp_path
         ({"strategies": "ncl", "runs": '[{"strategy": "ncl", "learning_rates": [1e-3]}]'}, "drop --strategies"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            parse_config(_flags(tiny_mlm, tmp_path / "x", **over))
+            parse_config(_flags(tiny_mlm_dir, tmp_path / "x", **over))
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
-def test_replay_merge_ema_run_killed_and_resumed_equals_uninterrupted(tiny_mlm, tmp_path):
+def test_replay_merge_ema_run_killed_and_resumed_equals_uninterrupted(tiny_mlm_dir, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(RUNNER_KILL_WORKER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
     def run(out, kill):
-        flags = tiny_runner_flags(tiny_mlm, out, strategy="ncl", replay_ratio=0.5, merge_alpha=0.5, ema_decay=0.5)
+        flags = tiny_runner_flags(tiny_mlm_dir, out, strategy="ncl", replay_ratio=0.5, merge_alpha=0.5, ema_decay=0.5)
         return subprocess.run(
             [sys.executable, str(worker), kill, *flags],
             env=env,
