@@ -103,3 +103,31 @@ def test_fresh_correction_skips_a_step_that_did_not_happen():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cbp.after_optimizer_step(model, opt)  # e.g. a GradScaler skipped the step on inf: Adam's step count did not move
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def _cbp_trainer(model, cbp, out, **args):
+    from hf_softmask.strategies import StrategyTrainer
+
+    dataset = lm_dataset(n_batches=6)
+    cbp.before_task(model, 0, torch.utils.data.DataLoader(dataset, batch_size=4))
+    kw = dict(learning_rate=1e-3, weight_decay=0.0, save_strategy="steps", save_steps=1, max_steps=6, **args)
+    return StrategyTrainer(model=model, args=train_args(out, **kw), train_dataset=dataset, strategy=cbp)
+
+
+def test_resume_right_after_a_replacement_equals_the_uninterrupted_run(tmp_path):
+    """The per-entry Adam bias correction of freshly replaced units is saved in each checkpoint: a run resumed
+    from one taken right after a replacement ends with the uninterrupted run's weights (before, the resumed run
+    fell back to the shared correction for those entries and drifted)."""
+    settings = dict(replacement_rate=0.05, maturity_threshold=1, decay_rate=0.0)
+    whole = tiny_gpt2()
+    cbp = get_strategy("cbp", **settings)
+    _cbp_trainer(whole, cbp, tmp_path / "whole").train()
+    assert cbp.num_replaced.sum() > 0
+    checkpoint = tmp_path / "whole" / "checkpoint-2"  # the first replacements: step 2 (age > maturity 1)
+
+    resumed = tiny_gpt2()
+    again = get_strategy("cbp", **settings)
+    again.load_pretrained(checkpoint)
+    _cbp_trainer(resumed, again, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)

@@ -96,6 +96,9 @@ class CBPStrategy(ContinualStrategy):
         self.steps = 0
         # id(param) -> (param, axis, reset step per index along axis (NaN: not fresh), last corrected step)
         self._fresh: dict[int, list] = {}
+        # parameter name -> (axis, reset steps, last corrected step): loaded from a checkpoint, until training begins
+        self._fresh_saved: dict[str, tuple] = {}
+        self._fresh_reset_steps: dict[str, torch.Tensor] = {}
 
     # -- setup ------------------------------------------------------------------------------------
     def _ensure(self, model: nn.Module) -> None:
@@ -110,7 +113,8 @@ class CBPStrategy(ContinualStrategy):
             self.pending, self.num_replaced = torch.zeros(L), torch.zeros(L)
         elif tuple(self.utility.shape) != (L, I):
             raise ValueError(f"CBP state is for {tuple(self.utility.shape)} FFN neurons but the model has {(L, I)}")
-        self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         self._ensure(model)
@@ -149,11 +153,20 @@ class CBPStrategy(ContinualStrategy):
         self._ensure(model)
         if optimizer is not None:
             _check_optimizer(optimizer)
-        self._fresh = {}
+        # Entries reset before a checkpoint this run resumes from keep their own bias correction; a new
+        # optimizer (a new task) starts with none.
+        params = dict(self.layout.model.named_parameters())
+        self._fresh = {
+            id(params[name]): [params[name], axis, reset_at, last]
+            for name, (axis, reset_at, last) in self._fresh_saved.items()
+            if name in params
+        }
+        self._fresh_saved = {}
         self._install_hooks()
 
     def on_train_end(self, model: nn.Module, optimizer) -> None:
         self._remove_hooks()
+        self._fresh = {}  # they belong to this run's optimizer: a finished task's saved state carries none
 
     def after_optimizer_step(self, model: nn.Module, optimizer) -> None:
         if not self._handles:  # used outside a Trainer run: start listening now, count from the next batch
@@ -326,13 +339,21 @@ class CBPStrategy(ContinualStrategy):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.utility is None:
             return {}
-        return {
+        state = {
             "utility": self.utility,
             "mean_act": self.mean_act,
             "age": self.age,
             "pending": self.pending,
             "num_replaced": self.num_replaced,
         }
+        if self._generator is not None:  # so that a resumed run draws the fresh weights the uninterrupted one did
+            state["generator_state"] = self._generator.get_state()
+        state.update({f"fresh.{name}": reset_at for name, (_, reset_at, _) in self._fresh_by_name().items()})
+        return state
+
+    def _fresh_by_name(self) -> dict[str, tuple]:
+        names = {id(p): n for n, p in self.layout.model.named_parameters()} if self.layout is not None else {}
+        return {names[k]: (axis, reset_at, last) for k, (_, axis, reset_at, last) in self._fresh.items() if k in names}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
@@ -343,14 +364,27 @@ class CBPStrategy(ContinualStrategy):
             state["age"].clone(),
         )
         self.pending, self.num_replaced = state["pending"].clone(), state["num_replaced"].clone()
+        if "generator_state" in state:  # absent in checkpoints written before it was saved
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator_state"].clone())
+        self._fresh_reset_steps = {k[len("fresh.") :]: v.clone() for k, v in state.items() if k.startswith("fresh.")}
 
     def config(self) -> dict:
-        return {**super().config(), "steps": self.steps}
+        fresh = {name: {"axis": axis, "last": last} for name, (axis, _, last) in self._fresh_by_name().items()}
+        return {**super().config(), "steps": self.steps, "fresh": fresh}
 
     def load_pretrained(self, directory) -> None:
+        self._fresh_reset_steps, self._generator = {}, None
         super().load_pretrained(directory)
-        self.steps = int((self.saved_config(directory) or {}).get("steps", 0))
-        self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
+        saved = self.saved_config(directory) or {}
+        self.steps = int(saved.get("steps", 0))
+        if self._generator is None:  # a checkpoint without its state (older): seeded by the step count
+            self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
+        self._fresh_saved = {
+            name: (int(v["axis"]), self._fresh_reset_steps[name], float(v["last"]))
+            for name, v in saved.get("fresh", {}).items()
+            if name in self._fresh_reset_steps
+        }
 
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
