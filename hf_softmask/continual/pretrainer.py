@@ -80,6 +80,7 @@ class ContinualPretrainer:
         self.proc = ProcessInfo.current(cpu=bool(args.use_cpu) or not torch.cuda.is_available())
         self.out = Path(args.output_dir)
         self.is_main = self.proc.is_main
+        self.say = Console("continual_pretrain", self.is_main)  # a console line, from the main process only
         self.rank = self.proc.rank
         self.world = self.proc.world
         self.extras = DomainTraining(args.domain_training_options())
@@ -87,10 +88,6 @@ class ContinualPretrainer:
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         return {"runner": "continual_pretrain", **self.args.fingerprint()}
-
-    def say(self, message: str) -> None:
-        """A console line, from the main process only."""
-        Console("continual_pretrain", self.is_main)(message)
 
     def _event(self, event: str, **info) -> None:
         if self.events is not None:

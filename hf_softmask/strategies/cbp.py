@@ -98,7 +98,6 @@ class CBPStrategy(ContinualStrategy):
         self._fresh: dict[int, list] = {}
         # parameter name -> (axis, reset steps, last corrected step): loaded from a checkpoint, until training begins
         self._fresh_saved: dict[str, tuple] = {}
-        self._fresh_reset_steps: dict[str, torch.Tensor] = {}
 
     # -- setup ------------------------------------------------------------------------------------
     def _ensure(self, model: nn.Module) -> None:
@@ -348,12 +347,13 @@ class CBPStrategy(ContinualStrategy):
         }
         if self._generator is not None:  # so that a resumed run draws the fresh weights the uninterrupted one did
             state["generator_state"] = self._generator.get_state()
-        state.update({f"fresh.{name}": reset_at for name, (_, reset_at, _) in self._fresh_by_name().items()})
-        return state
-
-    def _fresh_by_name(self) -> dict[str, tuple]:
+        # Adam-reset entries of the running optimizer: reset steps, and (axis, last corrected step), by parameter name
         names = {id(p): n for n, p in self.layout.model.named_parameters()} if self.layout is not None else {}
-        return {names[k]: (axis, reset_at, last) for k, (_, axis, reset_at, last) in self._fresh.items() if k in names}
+        for key, (_, axis, reset_at, last) in self._fresh.items():
+            if key in names:
+                state[f"fresh.{names[key]}"] = reset_at
+                state[f"fresh_at.{names[key]}"] = torch.tensor([float(axis), float(last)], dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
@@ -367,24 +367,22 @@ class CBPStrategy(ContinualStrategy):
         if "generator_state" in state:  # absent in checkpoints written before it was saved
             self._generator = torch.Generator()
             self._generator.set_state(state["generator_state"].clone())
-        self._fresh_reset_steps = {k[len("fresh.") :]: v.clone() for k, v in state.items() if k.startswith("fresh.")}
+        self._fresh_saved = {}
+        for key, reset_at in state.items():
+            if key.startswith("fresh."):
+                name = key[len("fresh.") :]
+                axis, last = state[f"fresh_at.{name}"].tolist()
+                self._fresh_saved[name] = (int(axis), reset_at.clone(), last)
 
     def config(self) -> dict:
-        fresh = {name: {"axis": axis, "last": last} for name, (axis, _, last) in self._fresh_by_name().items()}
-        return {**super().config(), "steps": self.steps, "fresh": fresh}
+        return {**super().config(), "steps": self.steps}
 
     def load_pretrained(self, directory) -> None:
-        self._fresh_reset_steps, self._generator = {}, None
+        self._generator = None
         super().load_pretrained(directory)
-        saved = self.saved_config(directory) or {}
-        self.steps = int(saved.get("steps", 0))
+        self.steps = int((self.saved_config(directory) or {}).get("steps", 0))
         if self._generator is None:  # a checkpoint without its state (older): seeded by the step count
             self._generator = torch.Generator().manual_seed(self.cfg.seed + self.steps)
-        self._fresh_saved = {
-            name: (int(v["axis"]), self._fresh_reset_steps[name], float(v["last"]))
-            for name, v in saved.get("fresh", {}).items()
-            if name in self._fresh_reset_steps
-        }
 
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
