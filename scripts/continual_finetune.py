@@ -19,12 +19,14 @@ if {"-h", "--help"} & set(sys.argv[1:]) and _HELP.is_file():
 
 
 def main(argv=None):
+    from hf_softmask.continual import end_processes
     from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
 
     args, training_args = parse_finetune_config(argv)
     results = run_continual_finetune(args, training_args)
     if training_args.process_index == 0:
         print({k: results[k] for k in ("acc", "bwt", "fwt", "forgetting")})
+    end_processes()
 
 
 if __name__ == "__main__":

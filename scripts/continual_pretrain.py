@@ -26,13 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None):
-    from hf_softmask.continual import parse_config, run_continual_pretraining
+    from hf_softmask.continual import end_processes, parse_config, run_continual_pretraining
 
     args = parse_config(argv)
     result = run_continual_pretraining(args)
     keys = ("in_domain_loss", "forgetting", "bwt", "general_loss_increase")
     if result and "runs" not in result and int(os.environ.get("RANK", "0") or 0) == 0:
         print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+    end_processes()
 
 
 if __name__ == "__main__":

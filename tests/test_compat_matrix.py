@@ -332,3 +332,6 @@ def test_rows_under_two_ddp_processes(tmp_path):
 
 if __name__ == "__main__":
     _ddp_worker(Path(sys.argv[1]))
+    from hf_softmask.continual import end_processes
+
+    end_processes()

@@ -266,3 +266,6 @@ def test_features_are_read_from_the_trainer_flags_and_the_model():
 
 if __name__ == "__main__":
     _refusal_worker(Path(sys.argv[1]))
+    from hf_softmask.continual import end_processes
+
+    end_processes()

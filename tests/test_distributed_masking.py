@@ -301,3 +301,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     torch.set_num_threads(1)
     _worker(parser.parse_args().out)
+    from hf_softmask.continual import end_processes
+
+    end_processes()

@@ -270,3 +270,6 @@ if __name__ == "__main__":
     from pathlib import Path
 
     _ddp_worker(Path(sys.argv[1]))
+    from hf_softmask.continual import end_processes
+
+    end_processes()

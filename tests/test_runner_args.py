@@ -17,7 +17,7 @@ from transformers import BertModel, TrainerCallback
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
 from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
-from tests.testing_utils import accelerate_launch_cmd, tiny_runner_flags
+from tests.testing_utils import MAIN_THEN_REPORT_PROCESS_GROUP, accelerate_launch_cmd, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,15 +196,21 @@ def test_unjoined_processes_are_refused(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_finetune_under_accelerate_launch_on_cpu_trains_one_model(tiny_bert_dir, tmp_path):
-    """Two processes without ACCELERATE_USE_CPU used to train two independent copies into one directory."""
+    """Two processes without ACCELERATE_USE_CPU used to train two independent copies into one directory. Also: the
+    script's main ends the process group (left to interpreter teardown, gloo aborts a finished run now and then)."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    worker = tmp_path / "worker.py"
+    worker.write_text(MAIN_THEN_REPORT_PROCESS_GROUP)
     cmd = [
         *accelerate_launch_cmd(2),
+        str(worker),
         str(ROOT / "scripts" / "continual_finetune.py"),
+        str(tmp_path / "group"),
         *finetune_flags(tiny_bert_dir, tmp_path / "ddp"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2
     assert proc.stdout.count("'acc'") == 1  # the summary comes from the main process only
+    assert [(tmp_path / f"group.{r}").read_text() for r in range(2)] == ["ended", "ended"]

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from transformers import BertForMaskedLM
 
-from tests.testing_utils import accelerate_launch_cmd, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
+from tests.testing_utils import (
+    MAIN_THEN_REPORT_PROCESS_GROUP,
+    accelerate_launch_cmd,
+    save_tiny_bert_with_minilm_tokenizer,
+    tiny_runner_flags,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +47,13 @@ def test_logged_loss_and_results_do_not_depend_on_world_size(tmp_path, minilm_di
         [sys.executable, script, *flags(tmp_path / "one", 4)], env=env, capture_output=True, text=True, timeout=300
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = accelerate_launch_cmd(2)
-    two = subprocess.run(
-        [*launch, script, *flags(tmp_path / "two", 2)], env=env, capture_output=True, text=True, timeout=400
-    )
+    worker = tmp_path / "worker.py"  # runs the script's main, then reports whether the process group is still up
+    worker.write_text(MAIN_THEN_REPORT_PROCESS_GROUP)
+    launch = [*accelerate_launch_cmd(2), str(worker), script, str(tmp_path / "group")]
+    two = subprocess.run([*launch, *flags(tmp_path / "two", 2)], env=env, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, two.stderr[-3000:]
+    # left to interpreter teardown, gloo aborts a finished run now and then (SIGABRT): main must end the group
+    assert [(tmp_path / f"group.{r}").read_text() for r in range(2)] == ["ended", "ended"]
     a = json.loads((tmp_path / "one" / "state.json").read_text())["domains"][0]
     b = json.loads((tmp_path / "two" / "state.json").read_text())["domains"][0]
     # BERT averages its loss per process (mean of the two ranks' means vs one mean over all masked tokens: 1e-4

@@ -300,6 +300,20 @@ ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run(
 """
 
 
+#: A launcher's script that runs ``main(flags)`` of the runner script ``sys.argv[1]``, then writes to
+#: ``<sys.argv[2]>.<rank>`` whether a process group is still up: ``python worker.py SCRIPT REPORT <flags>``.
+#: A group left to interpreter teardown aborts a finished run now and then (gloo: SIGABRT, "terminate called
+#: without an active exception"), so a runner's main must end it.
+MAIN_THEN_REPORT_PROCESS_GROUP = """
+import os, runpy, sys
+import torch.distributed as dist
+
+runpy.run_path(sys.argv[1])["main"](sys.argv[3:])
+with open(f"{sys.argv[2]}.{os.environ.get('RANK', '0')}", "w") as f:
+    f.write("up" if dist.is_initialized() else "ended")
+"""
+
+
 # -- several processes --------------------------------------------------------------------------------------------
 def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``num_processes`` processes on this machine. Several use the torchrun launcher

@@ -1,6 +1,7 @@
 """Continual pre-training over a sequence of domains: configuration, runner, evaluation and the LR frontier."""
 
 from .config import ContinualPretrainingArguments, parse_config
+from .distributed import end_processes
 from .evaluation import FixedEvalSet, lm_eval_loss
 from .frontier import mark_beyond_frontier, write_frontier
 from .model_loading import load_model_and_tokenizer
@@ -11,6 +12,7 @@ from .sweep import run_sweep
 __all__ = [
     "ContinualPretrainer",
     "ContinualPretrainingArguments",
+    "end_processes",
     "FixedEvalSet",
     "lm_eval_loss",
     "load_model_and_tokenizer",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ProcessInfo", "full_state_dict", "is_sharded"]
+__all__ = ["ProcessInfo", "end_processes", "full_state_dict", "is_sharded"]
 
 
 @dataclass
@@ -55,3 +55,17 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def end_processes() -> None:
+    """End a launched run: wait for every process, then destroy the process group (no-op in one process).
+
+    Call it last in a script's ``main``. Without it the gloo/NCCL worker threads are torn down during interpreter
+    finalization while still holding Python objects, which aborts a run that finished (SIGABRT, "terminate
+    called without an active exception"), so the launcher reports a failure after all results were written.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
