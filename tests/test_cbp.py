@@ -126,8 +126,7 @@ def test_resume_right_after_a_replacement_equals_the_uninterrupted_run(tmp_path)
     checkpoint = tmp_path / "whole" / "checkpoint-2"  # the first replacements: step 2 (age > maturity 1)
 
     resumed = tiny_gpt2()
-    again = get_strategy("cbp", **settings)
-    again.load_pretrained(checkpoint)
+    again = get_strategy("cbp", **settings)  # its state comes from the checkpoint (StrategyTrainer.train)
     _cbp_trainer(resumed, again, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)

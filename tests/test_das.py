@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from hf_softmask.contrastive import (
     das_contrastive_loss,
@@ -21,7 +21,7 @@ from hf_softmask.layout import UnitLayout
 from hf_softmask.masking import SoftMaskConfig
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.das import DASStrategy
-from tests.testing_utils import lm_rows, random_lm_batches, tiny_bert, tiny_llama
+from tests.testing_utils import lm_rows, random_lm_batches, tiny_bert, tiny_llama, train_args
 
 
 def _importance(layout, value=None, seed=0):
@@ -194,17 +194,7 @@ def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
     strategy.importance = UnitImportance(heads, ffn)
     q0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     q1 = model.bert.encoder.layer[1].attention.self.query.weight.detach().clone()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "t"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        optim="adamw_torch",
-    )
+    args = train_args(tmp_path / "t", max_steps=3, weight_decay=0.0, optim="adamw_torch")
     trainer = StrategyTrainer(
         model=model, args=args, train_dataset=lm_rows(), data_collator=default_data_collator, strategy=strategy
     )

@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies import StrategyTrainer
 from hf_softmask.strategies.das import DASStrategy
-from tests.testing_utils import lm_rows, random_lm_batches, tiny_llama
+from tests.testing_utils import lm_rows, random_lm_batches, tiny_llama, train_args
 
 
 def _record_linear_dtypes(layout):
@@ -50,16 +50,8 @@ def test_views_run_under_the_trainers_bf16_autocast(tmp_path):
             view_dtypes.extend(seen)
 
     strategy.extra_loss = extra_loss
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        bf16=True,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+    args = train_args(
+        tmp_path, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3, weight_decay=0.0, bf16=True
     )
     trainer = StrategyTrainer(
         model=model,
@@ -118,17 +110,14 @@ def test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices(tmp
     data = Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = train_args(
+        tmp_path,
         max_steps=2,
         per_device_train_batch_size=2,
         learning_rate=1e-3,
+        weight_decay=0.0,
         bf16=True,
-        use_cpu=True,
         gradient_checkpointing=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
         optim="adamw_torch",
     )
     trainer = StrategyTrainer(

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import TrainingArguments, default_data_collator
+from transformers import default_data_collator
 
 from hf_softmask.domain_training import DomainTraining, DomainTrainingOptions
 from hf_softmask.importance import UnitImportance
@@ -105,16 +105,8 @@ def test_das_with_replay_keeps_protected_units_and_mixes_batches(tmp_path):
     q0 = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     seen = []
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        **extras.training_overrides(train_set),
+    args = train_args(
+        tmp_path, max_steps=3, per_device_train_batch_size=8, weight_decay=0.0, **extras.training_overrides(train_set)
     )
     StrategyTrainer(model=model, args=args, train_dataset=train_set, strategy=strategy).train()
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, q0)

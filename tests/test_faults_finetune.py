@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
 from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
@@ -79,6 +81,44 @@ def test_killed_sequence_resumes_after_the_last_finished_task(tiny_bert_dir, tmp
     heads = MultiTaskClassifier.saved_heads_config(out / "final")
     assert heads["label_names"] == [["business", "entertainment"], ["politics", "sports"], ["tech", "entertainment"]]
     assert res["label_names"] == heads["label_names"]
+
+
+class KillAfterSave(TrainerCallback):
+    """Kills the run once the Trainer checkpoint of ``step`` of task directory ``name`` is written."""
+
+    def __init__(self, name: str, step: int):
+        self.name, self.step = name, step
+
+    def on_save(self, args, state, control, **kw):
+        if args.output_dir.endswith(self.name) and state.global_step >= self.step:
+            raise Killed(f"after checkpoint-{self.step} of {self.name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["hat", "cbp"])
+def test_killed_inside_a_task_resumes_with_the_checkpoints_strategy_state(tiny_bert_dir, tmp_path, strategy):
+    """HAT's embeddings and annealing position and CBP's utilities move every step: a rerun that resumed inside a
+    task from the Trainer checkpoint continued from the task's starting state (other accuracies) before
+    StrategyTrainer restored the state saved in the checkpoint."""
+    from safetensors.torch import load_file
+
+    extra = ["--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
+    if strategy == "cbp":
+        extra += ["--strategy_kwargs", '{"maturity_threshold": 1, "replacement_rate": 0.2}']
+    ref = run_continual_finetune(*_parse(tiny_bert_dir, tmp_path / "ref", strategy, *extra))
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run_continual_finetune(
+            *_parse(tiny_bert_dir, out, strategy, *extra), callbacks=[KillAfterSave("2_politics_vs_sports", 2)]
+        )
+    res = run_continual_finetune(*_parse(tiny_bert_dir, out, strategy, *extra))
+    state = json.loads((out / "state.json").read_text())
+    assert state["domains"][1]["resumed_from"] == "checkpoint-2"
+    assert res["accuracy_matrix"] == ref["accuracy_matrix"]
+    a, b = (
+        load_file(str(d / "3_tech_vs_entertainment" / "strategy_state.safetensors")) for d in (tmp_path / "ref", out)
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetuning_owns_its_directory(tiny_bert_dir, tmp_path):

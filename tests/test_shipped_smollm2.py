@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout, compute_importance
+from tests.testing_utils import train_args
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +62,7 @@ def test_smollm2_importance_and_exact_protection_of_a_gqa_head(smollm2, tmp_path
     k = model.model.layers[3].self_attn.k_proj.weight
     o = model.model.layers[3].self_attn.o_proj.weight
     before = (q[256:320].clone(), k[64:128].clone(), o[:, 256:320].clone(), q[0:64].clone())
-    args = TrainingArguments(
-        str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        weight_decay=0.1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-    )
+    args = train_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3)
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[SoftMaskCallback(protect)]).train()
     assert (
         torch.equal(q[256:320], before[0])

@@ -8,6 +8,7 @@ import math
 import typing
 
 import pytest
+import torch
 
 from hf_softmask.strategies import ContinualStrategy, available_strategies, get_strategy, strategy_class
 
@@ -255,3 +256,42 @@ def test_the_comparison_defaults_are_valid_settings():
         for name, settings in defaults.items():
             strategy = get_strategy(name, **settings)
             assert all(getattr(strategy.cfg, k) == v for k, v in settings.items()), name
+
+
+def test_resume_refuses_a_checkpoint_without_this_strategys_state(tmp_path):
+    """``StrategyTrainer.train(resume_from_checkpoint=...)`` restores the strategy's state from the checkpoint; one
+    that has none (a plain Trainer's) or another strategy's is refused, naming the file, before any step."""
+    from transformers import Trainer
+
+    from hf_softmask.strategies import StrategyTrainer
+    from tests.testing_utils import lm_dataset, tiny_gpt2, train_args
+
+    data = lm_dataset(n_batches=2)
+    plain = Trainer(model=tiny_gpt2(), args=train_args(tmp_path / "plain", save_strategy="steps", save_steps=1))
+    plain.train_dataset = data
+    plain.train()
+    hat = StrategyTrainer(
+        model=tiny_gpt2(),
+        args=train_args(tmp_path / "hat", save_strategy="steps", save_steps=1),
+        train_dataset=data,
+        strategy=get_strategy("hat", batches_per_epoch=2),
+    )
+    hat.strategy.before_task(hat.model, 0)
+    hat.train()
+
+    def resume(checkpoint, strategy):
+        model = tiny_gpt2()
+        strategy.before_task(model, 0) if strategy.name == "hat" else None
+        StrategyTrainer(model=model, args=train_args(tmp_path / "again"), train_dataset=data, strategy=strategy).train(
+            resume_from_checkpoint=str(checkpoint)
+        )
+        return model
+
+    with pytest.raises(FileNotFoundError, match=r"plain/checkpoint-1/strategy_config\.json is missing"):
+        resume(tmp_path / "plain" / "checkpoint-1", get_strategy("hat", batches_per_epoch=2))
+    with pytest.raises(ValueError, match=r"strategy 'hat', not 'cbp'"):
+        resume(tmp_path / "hat" / "checkpoint-1", get_strategy("cbp"))
+    again = get_strategy("hat", batches_per_epoch=2)
+    model = resume(tmp_path / "hat" / "checkpoint-1", again)  # its own: embeddings and annealing position restored
+    assert torch.equal(again.e_heads, hat.strategy.e_heads) and torch.equal(again.e_ffn, hat.strategy.e_ffn)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), hat.model.parameters()))

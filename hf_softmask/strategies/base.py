@@ -163,6 +163,24 @@ class ContinualStrategy:
         if path.is_file():
             self.load_state_dict(load_file(str(path)))
 
+    def load_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the state a :class:`StrategyTrainer` saved in ``checkpoint`` (a Trainer checkpoint of the task
+        being trained): the state that moves every step (CBP's utilities, HAT's embeddings and annealing) continues
+        where the checkpoint left it. Called after ``before_task``, before training resumes."""
+        saved = self.saved_config(checkpoint)
+        if saved is None:
+            raise FileNotFoundError(
+                f"{Path(checkpoint) / STRATEGY_STATE_CONFIG} is missing: {checkpoint} was not written by a "
+                f"StrategyTrainer, so the {self.name} state of the steps it holds cannot be restored; resume from "
+                "a checkpoint of this run, or start the task from its beginning"
+            )
+        if saved.get("name") != self.name:
+            raise ValueError(
+                f"{Path(checkpoint) / STRATEGY_STATE_CONFIG} holds the state of strategy {saved.get('name')!r}, "
+                f"not {self.name!r}: resume with the strategy that wrote it"
+            )
+        self.load_pretrained(checkpoint)
+
     @staticmethod
     def saved_config(directory: str | os.PathLike) -> dict | None:
         path = Path(directory) / STRATEGY_STATE_CONFIG
@@ -238,6 +256,17 @@ class StrategyTrainer(Trainer):
         if "loss" in logs:
             logs.update(self.strategy.log_metrics())
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; resuming from a checkpoint also restores the strategy's state saved in it."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
+        if checkpoint:
+            self.strategy.load_checkpoint(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)

@@ -79,9 +79,7 @@ class KDStrategy(ContinualStrategy):
         self.task_id = task_id
         if self._pending_teacher_state is not None:  # resumed: rebuild the teacher from the saved weights
             self.teacher = self._snapshot(model)
-            missing, unexpected = self.teacher.load_state_dict(self._pending_teacher_state, strict=False)
-            if unexpected:
-                raise ValueError(f"saved KD teacher does not fit this model: unexpected keys {unexpected[:5]}")
+            self._load_teacher(self._pending_teacher_state)
             self._pending_teacher_state = None
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
@@ -124,7 +122,15 @@ class KDStrategy(ContinualStrategy):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         teacher = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
-        self._pending_teacher_state = teacher or None
+        if teacher and self.teacher is not None:  # within a task (a Trainer checkpoint): the teacher exists
+            self._load_teacher(teacher)
+            return
+        self._pending_teacher_state = teacher or None  # built from the model in before_task
+
+    def _load_teacher(self, weights: dict[str, torch.Tensor]) -> None:
+        _, unexpected = self.teacher.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"saved KD teacher does not fit this model: unexpected keys {unexpected[:5]}")
 
     def config(self) -> dict:
         return {**super().config(), "task_id": self.task_id, "has_teacher": self.teacher is not None}
