@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
+from hf_softmask.continual.hub_push import HubPusher
 from tests.testing_utils import tiny_runner_flags
 
 
@@ -258,7 +259,7 @@ def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypa
     assert json.loads((out / "results.json").read_text())["complete"]  # training and saving went on
 
     pushed = []
-    monkeypatch.setattr(ContinualPretrainer, "_push", lambda self, directory, name: pushed.append(name))
+    monkeypatch.setattr(HubPusher, "push", lambda self, directory, name: pushed.append(name))
     ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()  # the rerun pushes what is missing
     assert pushed == ["1_business", "2_sports"]
     ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()

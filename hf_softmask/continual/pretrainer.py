@@ -26,7 +26,6 @@ from transformers import set_seed
 
 from ..assets import check_model_source
 from ..bootstrap import block_losses
-from ..continual_metrics import summarize
 from ..domain_training import DomainTraining
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
@@ -50,9 +49,11 @@ from .console import Console
 from .distributed import ProcessInfo, full_state_dict
 from .domain_data import PretrainingData
 from .evaluation import perplexity
+from .hub_push import HubPusher
 from .lm_head_warmup import fit_lm_head
 from .model_card import model_card
 from .model_loading import load_model_and_tokenizer, resolve_model_path
+from .pretraining_results import results, write_results
 from .strategy_settings import build_strategy, parse_strategy_kwargs
 
 __all__ = ["ContinualPretrainer"]
@@ -84,6 +85,7 @@ class ContinualPretrainer:
         self.rank = self.proc.rank
         self.world = self.proc.world
         self.extras = DomainTraining(args.domain_training_options())
+        self.hub = HubPusher(args, self.say)  # finished domains to <hub_model_id>-<k>-<domain>
 
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -175,77 +177,6 @@ class ContinualPretrainer:
         imp = getattr(strategy, "importance", None)
         return imp if isinstance(imp, UnitImportance) else None
 
-    # results -----------------------------------------------------------------------------------------------
-    def results(self, state: RunState) -> dict:
-        names = self.data.names
-        rows = [r["eval_loss"] for r in state.done]
-        base = state.base
-        loss_matrix = rows
-        general_loss = [base["general_loss"]] + [r["general_loss"] for r in state.done]
-        r = len(rows)
-        res = {
-            "domains": names,
-            "strategy": self.args.strategy,
-            "run_name": self.args.run_name or self.args.strategy,
-            "learning_rate": self.args.learning_rate,
-            "objective": "mlm" if self.data.mlm else "clm",
-            "complete": r == len(names),
-            "loss_matrix": loss_matrix,
-            "perplexity_matrix": [[perplexity(v) for v in row] for row in rows],
-            "initial_loss": base["eval_loss"],
-            "initial_perplexity": [perplexity(v) for v in base["eval_loss"]],
-            "general_loss": general_loss,
-            "general_perplexity": [perplexity(v) for v in general_loss],
-            "general_loss_increase": general_loss[-1] - general_loss[0],
-        }
-        if r:
-            square = [row[:r] for row in rows]
-            summary = summarize(square, higher_is_better=False, random_init_scores=base["eval_loss"][:r])
-            res.update(
-                {
-                    "in_domain_loss": sum(rows[i][i] for i in range(r)) / r,
-                    "final_mean_loss": sum(rows[-1][:r]) / r,
-                    "forgetting": summary["forgetting"],
-                    "bwt": summary["bwt"],
-                    "fwt": summary["fwt"],
-                }
-            )
-        res["train_seconds"] = [d.get("train_seconds") for d in state.done]
-        # Per-block held-out losses [stage][domain][block] (stage 0: before training), read by
-        # hf_softmask.bootstrap.RunBlocks.from_results for the frontier's intervals.
-        stages = [base] + list(state.done)
-        if all("eval_blocks" in d for d in stages):
-            res.update(
-                eval_block_losses=[d["eval_blocks"] for d in stages],
-                general_block_losses=[d["general_blocks"] for d in stages],
-                eval_block_tokens=base["eval_tokens"],
-                general_block_tokens=base["general_tokens"],
-            )
-        res["seed"] = self.args.seed
-        res["settings"] = {
-            k: getattr(self.args, k)
-            for k in ("replay_ratio", "replay_general", "merge_alpha", "ema_decay", "strategy_kwargs")
-        }
-        res["merged_parameters"] = [d.get("merged_parameters") for d in state.done]
-        return res
-
-    def _write_results(self, state: RunState) -> dict:
-        from ..plotting import plot_matrix
-
-        res = self.results(state)
-        atomic_write_json(self.out / "results.json", res)
-        if state.done and self.args.plots:
-            labels = ["before"] + [d["dir"] for d in state.done]
-            ppl = [res["initial_perplexity"]] + res["perplexity_matrix"]
-            plot_matrix(
-                ppl,
-                labels,
-                self.data.names,
-                self.out / "perplexity_matrix.png",
-                title=f"held-out perplexity ({res['run_name']}, lr={self.args.learning_rate:g})",
-            )
-        return res
-
     # stages ------------------------------------------------------------------------------------------------
     def _save_stage(self, name: str, model, tokenizer, strategy, state: RunState, with_weights: bool, title: str):
         """Write stage ``name`` into a staging directory, then rename it into place (main process writes; every
@@ -292,38 +223,6 @@ class ContinualPretrainer:
         publish_dir(staging, self.out / name)
         self._event("published", name=name, directory=self.out / name)
         return file_digests(self.out / name)
-
-    def _push(self, directory: Path, name: str) -> None:
-        """Upload a finished stage directory to ``<hub_model_id>-<k>-<domain>``."""
-        from huggingface_hub import HfApi
-
-        a = self.args
-        if not list(directory.glob("model*.safetensors")):
-            raise FileNotFoundError(f"{directory} has no weights any more (keep_domain_weights=last deleted them)")
-        repo = f"{a.hub_model_id}-{name}".replace("_", "-")
-        api = HfApi(token=a.hub_token)
-        api.create_repo(repo, private=a.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message=f"hf_softmask: {name}")
-
-    def _push_pending(self, state: RunState) -> list[str]:
-        """Push every finished domain not pushed yet; record the outcome in state.json; return what is missing."""
-        missing = []
-        for record in state.done:
-            if record.get("pushed"):
-                continue
-            try:
-                self._push(self.out / record["dir"], record["dir"])
-                record["pushed"], record["push_error"] = True, None
-                self.say(f"pushed {record['dir']}")
-            except Exception as e:  # offline, no token, no space: recorded and retried by the next run
-                record["pushed"], record["push_error"] = False, f"{type(e).__name__}: {e}"
-                missing.append(record["dir"])
-                self.say(
-                    f"push of {record['dir']} failed ({record['push_error']}); it stays saved and the next run "
-                    "of the same command retries it"
-                )
-            state.save()
-        return missing
 
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
         """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
@@ -502,12 +401,12 @@ class ContinualPretrainer:
         state.done[-1]["files"] = digests
         state.save()
         self._event("state_saved", name=name)
-        self._write_results(state)
+        write_results(self.args, self.data, state)
         shutil.rmtree(trainer_dir, ignore_errors=True)
         if self.args.keep_domain_weights == "last" and len(state.done) > 1:
             _drop_weights(self.out / state.done[-2]["dir"])
         if self.args.push_to_hub:
-            self._push_pending(state)
+            self.hub.push_pending(state)
 
     def run(self) -> dict:
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
@@ -550,8 +449,8 @@ class ContinualPretrainer:
 
     def _finish(self, state: RunState) -> dict:
         """The results (written by the main process); a failed Hub push is an error once everything is saved."""
-        res = self._write_results(state) if self.is_main else self.results(state)
-        unpushed = self._check_pushes(state) if self.is_main else []
+        res = write_results(self.args, self.data, state) if self.is_main else results(self.args, self.data, state)
+        unpushed = self.hub.check(state) if self.is_main else []
         self.proc.barrier()
         if unpushed:
             raise RuntimeError(
@@ -559,16 +458,6 @@ class ContinualPretrainer:
                 "see push_error in state.json and rerun the same command to retry"
             )
         return res
-
-    def _check_pushes(self, state: RunState) -> list[str]:
-        if self.args.push_to_hub:
-            return self._push_pending(state)
-        failed = [d["dir"] for d in state.done if d.get("pushed") is False]
-        if failed:
-            self.say(
-                f"never pushed: {', '.join(failed)} (an earlier push failed); rerun with --push_to_hub to push them"
-            )
-        return []
 
 
 def _token_mean(losses: list[float], tokens: list[int], name: str) -> float:
