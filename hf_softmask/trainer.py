@@ -14,7 +14,7 @@ from .importance import IMPORTANCE_WEIGHTS, UnitImportance
 from .loss_scaling import fix_loss_kwargs
 from .softmask_arguments import SoftMaskArguments
 
-__all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance"]
+__all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance", "resume_checkpoint"]
 
 
 @dataclass
@@ -53,6 +53,16 @@ def load_importance(path: str | os.PathLike, what: str = "--importance_path") ->
         ) from None
 
 
+def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=...)`` resumes from: ``True`` means the newest one in
+    ``output_dir`` (None when there is none: the Trainer then says so); None or False: no resume."""
+    if resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir)
+    return resume_from_checkpoint or None
+
+
 class SoftMaskTrainer(Trainer):
     """A Trainer that soft-masks by ``importance`` and saves it with every checkpoint.
 
@@ -81,11 +91,7 @@ class SoftMaskTrainer(Trainer):
         self.callback_handler.callbacks.insert(0, self.softmask_callback)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+        checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint and self.importance is None and UnitImportance.exists(checkpoint):
             self._use_importance(load_importance(checkpoint, what="resume_from_checkpoint"))
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -7,6 +7,7 @@ frontier's bootstrap intervals (:class:`hf_softmask.bootstrap.RunBlocks`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..continual_metrics import summarize
@@ -77,8 +78,6 @@ def results(args: ContinualPretrainingArguments, data: PretrainingData, state: R
 
 def write_results(args: ContinualPretrainingArguments, data: PretrainingData, state: RunState) -> dict:
     """Write ``results.json`` (and, with ``args.plots``, ``perplexity_matrix.png``) into ``args.output_dir``."""
-    from pathlib import Path
-
     from ..plotting import plot_matrix
 
     out = Path(args.output_dir)

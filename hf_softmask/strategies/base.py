@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from ..callback import merge_log_metrics
 from ..compatibility import check_strategy_supported
 from ..io import atomic_save_safetensors, atomic_write_json
+from ..trainer import resume_checkpoint
 from .units import build_config, config_dict, config_signature
 
 __all__ = [
@@ -259,11 +260,7 @@ class StrategyTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """``Trainer.train``; resuming from a checkpoint also restores the strategy's state saved in it."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says there is none
+        checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint:
             self.strategy.load_checkpoint(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
