@@ -23,7 +23,8 @@ What varies, and how each source enters an interval (:class:`Study`):
   ``numpy.random.default_rng(seed).integers(0, D_g, size=(R, D_g))`` per group, domains in order, general text
   last -- and a block counts as often as its document was drawn (times its label tokens). The SAME draw serves every
   stage, every seed and every run, so differences keep the pairing. ``V_doc`` = variance of the ``R`` resampled
-  statistics (ddof 1), with ``D - 1`` degrees of freedom, ``D`` the fewest documents of a group;
+  statistics (ddof 1); its degrees of freedom are Satterthwaite's over the groups, ``(sum_g V_g)^2 / sum_g (V_g^2 /
+  (D_g - 1))``, ``V_g`` the variance when the same draws resample group ``g`` alone, ``D_g`` its documents;
 - **training noise** (the seed): the runs of one row (strategy, learning rate) differ in seed only, and seed ``k``
   of every row is one replicate of the whole study (same data order), so the seeds are a paired level. With the
   seeds ``k = 1..K`` that every row has (``K >= 2``), the jackknife drops seed ``k`` from every row at once:
@@ -187,11 +188,14 @@ class RunBlocks:
 def _check_paired(runs: Sequence[RunBlocks]) -> None:
     first = runs[0]
     for r in runs[1:]:
-        if r.block_counts != first.block_counts or r.docs != first.docs:
+        same_tokens = r.block_counts == first.block_counts and all(
+            np.array_equal(x, y) for x, y in zip(r.block_weights, first.block_weights)
+        )
+        if not same_tokens or r.docs != first.docs:
             raise ValueError(
                 "paired intervals need the same evaluation blocks and documents in every run: block counts "
                 f"{first.block_counts} vs {r.block_counts}"
-                + ("" if r.block_counts != first.block_counts else " (same counts, other documents)")
+                + ("" if r.block_counts != first.block_counts else " (same counts, other documents or label tokens)")
             )
 
 
@@ -343,6 +347,15 @@ class Study:
             )
         self.unit, self.n_resamples, self.confidence, self.seed = unit, n_resamples, confidence, seed
         self.weights = _cluster_weights(first, n_resamples, seed)
+        # The same draws, one group at a time (the others at their original weights): each group's share of the
+        # document variance, for the degrees of freedom.
+        self.group_weights = [
+            [
+                w if h == g else np.broadcast_to(o, w.shape)
+                for h, (w, o) in enumerate(zip(self.weights, first.block_weights))
+            ]
+            for g in range(len(self.weights))
+        ]
         self.units = [len(set(d)) for d in first.docs]
         seed_sets = [{r.seed for r in v} for v in self.rows.values()]
         common = set.intersection(*seed_sets) if all(None not in s for s in seed_sets) else set()
@@ -350,11 +363,18 @@ class Study:
         self._cache: dict = {}
 
     # -- metrics of a row, cached -------------------------------------------------------------------------------
-    def metrics(self, label: str, resampled: bool = False, drop_seed: int | None = None) -> dict:
-        key = (label, resampled, drop_seed)
+    def metrics(self, label: str, resampled: bool | int = False, drop_seed: int | None = None) -> dict:
+        """Row ``label``'s metrics: on the original data, on the document resamples (``resampled=True``), on the
+        resamples of group ``resampled`` alone (an int), or without seed ``drop_seed``."""
+        key = (label, repr(resampled), drop_seed)  # repr: False == 0 as dict keys, group 0 is not the original
         if key not in self._cache:
             runs = [r for r in self.rows[label] if drop_seed is None or r.seed != drop_seed] or self.rows[label]
-            self._cache[key] = run_metrics(RunBlocks.mean(runs), self.weights if resampled else None)
+            weights = None
+            if resampled is True:
+                weights = self.weights
+            elif resampled is not False:
+                weights = self.group_weights[resampled]
+            self._cache[key] = run_metrics(RunBlocks.mean(runs), weights)
         return self._cache[key]
 
     # -- inference ------------------------------------------------------------------------------------------------
@@ -391,12 +411,26 @@ class Study:
         if not math.isfinite(est) or not math.isfinite(v_doc):
             return out
         var = v_doc + v_seed
-        df = _degrees_of_freedom(v_doc, max(min(self.units) - 1, 1), v_seed, k - 1 if k >= 2 else 0)
+        df = _degrees_of_freedom(v_doc, self._document_df(statistic), v_seed, k - 1 if k >= 2 else 0)
         se = math.sqrt(var)
         q = _t_quantile((1 + self.confidence) / 2, df)
         p = _t_pvalue(est / se, df) if se > 0 else (0.0 if est != 0 else 1.0)
         out.update(low=est - q * se, high=est + q * se, p=p, se=se, df=df)
         return out
+
+    def _document_df(self, statistic) -> float:
+        """Satterthwaite's degrees of freedom of the document variance, a sum over the independently resampled
+        groups: ``(sum_g V_g)^2 / sum_g V_g^2 / (D_g - 1)``, ``V_g`` the variance with group ``g`` alone resampled
+        (a statistic of one domain gets that domain's ``D - 1``; general text's few documents do not limit it)."""
+        parts = []
+        for g, units in enumerate(self.units):
+            values = np.asarray(statistic(lambda k, g=g: self.metrics(k, resampled=g)), dtype=np.float64)
+            values = values[np.isfinite(values)]
+            if len(values) > 1 and units > 1:
+                parts.append((float(np.var(values, ddof=1)), units - 1))
+        total = sum(v for v, _ in parts)
+        denom = sum(v * v / d for v, d in parts)
+        return total * total / denom if denom > 0 else float(max(min(self.units) - 1, 1))
 
     def metric_intervals(self, label: str) -> dict[str, dict]:
         """Per metric, the row's estimate and interval."""
