@@ -1,5 +1,6 @@
-"""LM heads under the unowned-parameter policies: a head tied to the input embeddings is one tensor under two names
-(the more protective policy holds it, and a warning names both)."""
+"""LM heads under the unowned-parameter policies and under TaLoS: a head tied to the input embeddings is one tensor
+under two names (the more protective policy holds it, and a warning names both); TaLoS keeps an untied LM head and
+BERT's MLM transform frozen, so its sparse task vector is everything the task changed."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, SoftMaskConfig, UnitImportance, UnitLayout
 from hf_softmask.masking import build_named_masks
+from hf_softmask.strategies.talos import TaLoSStrategy, lm_head_parameters, scoped_parameters
 from tests.testing_utils import (
     ExampleDataset,
+    lm_dataset,
     random_lm_batches,
+    run_task,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
@@ -93,3 +97,65 @@ def test_untied_head_keeps_its_own_policy_without_a_warning(tmp_path, caplog):
         masks = build_named_masks(layout, imp, SoftMaskConfig(task_head="freeze"))
     assert set(masks) >= {"lm_head.weight"} and "model.embed_tokens.weight" not in masks
     assert "tied" not in caplog.text
+
+
+# -- TaLoS: the LM head stays frozen ------------------------------------------------------------------------------
+def _check_task_vector_is_the_change(model, before, talos):
+    """Every parameter's change is exactly the task vector's dense difference (zero where it holds nothing)."""
+    tv = talos.task_vectors[0]
+    for name, p in model.named_parameters():
+        change = p.detach() - before[name]
+        expected = tv.dense(name) if name in tv.masks else torch.zeros_like(change)
+        assert torch.equal(change, expected.to(change.dtype)), f"{name} changed outside the task vector"
+    assert tv.num_entries() > 0
+
+
+UNTIED = {
+    "llama": (lambda: tiny_llama(tie_word_embeddings=False), ["lm_head.weight"]),
+    "bert": (
+        tiny_bert,
+        [
+            "cls.predictions.bias",
+            "cls.predictions.transform.dense.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+            "cls.predictions.transform.LayerNorm.bias",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNTIED))
+def test_talos_keeps_the_lm_head_frozen_and_its_task_vector_covers_every_change(family, tmp_path):
+    build, head_names = UNTIED[family]
+    model = build()
+    assert set(head_names) <= set(lm_head_parameters(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    talos = TaLoSStrategy(keep_fraction=0.2, rounds=1, examples_per_round=8)
+    run_task(model, talos, lm_dataset(n_batches=3), tmp_path, 0, learning_rate=1e-2, weight_decay=0.1)
+    params = dict(model.named_parameters())
+    for name in head_names:
+        assert name not in talos.trainable
+        assert torch.equal(params[name].detach(), before[name]), f"LM head {name} moved under TaLoS"
+    _check_task_vector_is_the_change(model, before, talos)
+
+
+def test_talos_scope_all_keeps_a_tied_head_frozen_with_its_embedding(tmp_path):
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.warns(RuntimeWarning, match=r"model\.embed_tokens\.weight.*lm_head\.weight"):
+        scoped = scoped_parameters(model, "all")
+    assert "model.embed_tokens.weight" not in scoped and "model.norm.weight" in scoped
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    talos = TaLoSStrategy(keep_fraction=0.2, rounds=1, examples_per_round=8, scope="all")
+    with pytest.warns(RuntimeWarning, match="lm_head.weight"):
+        run_task(model, talos, lm_dataset(n_batches=3), tmp_path, 0, learning_rate=1e-2, weight_decay=0.1)
+    assert torch.equal(model.lm_head.weight.detach(), before["model.embed_tokens.weight"])
+    _check_task_vector_is_the_change(model, before, talos)
+
+
+def test_a_classifier_is_not_an_lm_head():
+    """A sequence classifier (no output embeddings) keeps its head trainable under TaLoS's train_task_head."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    assert lm_head_parameters(tiny_bert(model_cls=BertForSequenceClassification)) == {}
+    assert lm_head_parameters(tiny_bert(model_cls=BertModel)) == {}
