@@ -51,6 +51,17 @@ def _features(module: nn.Module, conv1d: bool) -> tuple[int, int]:
     return (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
 
 
+def _alias_category(model: nn.Module, name: str, base_modules: set[int]) -> str:
+    """The unowned category of parameter ``name`` judged by the module holding it under that name."""
+    holder = model.get_submodule(name.rpartition(".")[0])
+    if id(holder) not in base_modules:
+        return "task_head"
+    typed = category_module(holder)
+    if isinstance(typed, nn.Embedding) or "Embedding" in type(typed).__name__:
+        return "embeddings"
+    return "norms" if "Norm" in type(typed).__name__ else "other"
+
+
 class UnitLayout:
     """Heads and FFN neurons of ``model``, found through the architecture registry.
 
@@ -206,6 +217,29 @@ class UnitLayout:
                 cat = kind_of.get(id(p), "other")
             out[cat].append((name, p))
         return out
+
+    def tied_unowned(self, model: nn.Module | None = None) -> dict[str, dict[str, str]]:
+        """Unowned tensors reachable under several names (an LM head tied to the input embeddings): for each, its
+        name in :meth:`unowned_parameters` -> ``{every name: the category that name alone would put it in}``.
+
+        ``named_parameters()`` lists a shared tensor once, under its first name (``model.embed_tokens.weight``);
+        ``lm_head.weight``, the same tensor, is an alias in the ``task_head`` category.
+        """
+        model = model if model is not None else self._model
+        category = {}  # canonical name -> its category
+        canonical = {}  # id -> canonical name
+        for cat, params in self.unowned_parameters(model).items():
+            for name, p in params:
+                category[name], canonical[id(p)] = cat, name
+        base_modules = {id(m) for m in self.base_model.modules()}
+        names: dict[str, dict[str, str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            first = canonical.get(id(p))
+            if first is not None:
+                names.setdefault(first, {first: category[first]})
+                if name != first:
+                    names[first][name] = _alias_category(model, name, base_modules)
+        return {first: aliases for first, aliases in names.items() if len(aliases) > 1}
 
     def __repr__(self) -> str:
         return (
