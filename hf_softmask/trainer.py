@@ -28,24 +28,14 @@ class SoftMaskTrainingArguments(SoftMaskArguments, TrainingArguments):
 
 
 def load_importance(path: str | os.PathLike, what: str = "--importance_path") -> UnitImportance:
-    """``UnitImportance.from_pretrained`` whose errors name ``what``, the file and the fix.
-
-    A path that is not a local directory is looked up on the Hub only when it looks like a repo id
-    (``owner/name``) and the Hub is reachable; otherwise the error says that the directory does not exist.
-    """
+    """``UnitImportance.from_pretrained`` whose errors name ``what``, the path or file and the fix (a missing path
+    is named by ``from_pretrained`` itself: a local directory, or an ``owner/name`` repo id the Hub does not
+    provide)."""
     p = Path(path)
-    local_looking = p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not p.is_dir() and (local_looking or offline):
-        raise FileNotFoundError(
-            f"{what} {path}: no such directory (and not looked up on the Hub: "
-            f"{'offline' if offline else 'not an owner/name repo id'}); give the directory holding "
-            f"{IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or a Trainer checkpoint"
-        )
     try:
         return UnitImportance.from_pretrained(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what} {path}: {e}") from None
+        raise FileNotFoundError(f"{what} {e}") from None
     except Exception as e:  # truncated or corrupted files: name them
         raise ValueError(
             f"{what} {path}: cannot read {p / IMPORTANCE_WEIGHTS if p.is_dir() else path} "
