@@ -25,6 +25,13 @@ class SoftMaskTrainingArguments(SoftMaskArguments, TrainingArguments):
     importance_path: str | None = field(
         default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}
     )
+    allow_softmask_settings_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint with other --softmask_* settings than it was trained with (a warning lists "
+            "them); without it such a resume is refused naming each setting."
+        },
+    )
 
 
 def load_importance(path: str | os.PathLike, what: str = "--importance_path") -> UnitImportance:
@@ -76,7 +83,11 @@ class SoftMaskTrainer(Trainer):
 
     def _use_importance(self, importance: UnitImportance) -> None:
         self.importance = importance
-        self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
+        self.softmask_callback = SoftMaskCallback(
+            importance,
+            config=self.args.softmask_config(),
+            allow_settings_change=self.args.allow_softmask_settings_change,
+        )
         # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
         self.callback_handler.callbacks.insert(0, self.softmask_callback)
 
@@ -84,6 +95,8 @@ class SoftMaskTrainer(Trainer):
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint and self.importance is None and UnitImportance.exists(checkpoint):
             self._use_importance(load_importance(checkpoint, what="resume_from_checkpoint"))
+        if checkpoint and self.softmask_callback is not None:
+            self.softmask_callback.check_resume(checkpoint)  # before the checkpoint is loaded
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
