@@ -8,6 +8,7 @@ the domain's LM-loss importance, accumulated into ``I_acc`` by elementwise max.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,9 @@ from .base import ContinualStrategy
 from .units import StrategyConfig
 
 __all__ = ["DASConfig", "DASStrategy"]
+
+#: The key of ``strategy_state.safetensors``'s header that holds the meta of each saved importance.
+IMPORTANCE_META_KEY = "importance_meta"
 
 # Measured choice, see docs/das.md ("Do z2 and z3 need gradients?").
 VIEW_GRADIENTS_DEFAULT = False
@@ -223,15 +227,24 @@ class DASStrategy(ContinualStrategy):
         return self.cfg.contrastive_weight * loss
 
     # -- state -----------------------------------------------------------------------------------
+    def _importances(self) -> dict[str, UnitImportance]:
+        """The importances of the state by key: the accumulated one, the general one, one per finished domain."""
+        named = {"accumulated": self.importance, "general": self.general_importance}
+        named.update({f"domain_{k}": imp for k, imp in enumerate(self.domain_importances)})
+        return {key: imp for key, imp in named.items() if imp is not None}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
-        for key, imp in (("accumulated", self.importance), ("general", self.general_importance)):
-            if imp is not None:
-                state[f"{key}.heads"], state[f"{key}.ffn"] = imp.heads, imp.ffn
-        for k, imp in enumerate(self.domain_importances):
-            state[f"domain_{k}.heads"], state[f"domain_{k}.ffn"] = imp.heads, imp.ffn
+        for key, imp in self._importances().items():
+            state[f"{key}.heads"], state[f"{key}.ffn"] = imp.heads, imp.ffn
         # The accumulated importance may be the very tensor of another entry; safetensors refuses shared storage.
         return {k: v.clone() for k, v in state.items()}
+
+    def state_metadata(self) -> dict[str, str]:
+        # Each importance's meta (layout signature, estimator, normalization): a resumed run writes the same
+        # importance_config.json into its later stages as an uninterrupted one.
+        metas = {key: imp.meta for key, imp in self._importances().items()}
+        return {IMPORTANCE_META_KEY: json.dumps(metas, sort_keys=True, default=str)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         def get(key):
@@ -242,6 +255,11 @@ class DASStrategy(ContinualStrategy):
         self.domain_importances = []
         while f"domain_{len(self.domain_importances)}.heads" in state:
             self.domain_importances.append(get(f"domain_{len(self.domain_importances)}"))
+
+    def load_state_metadata(self, metadata: dict[str, str]) -> None:
+        metas = json.loads(metadata.get(IMPORTANCE_META_KEY, "{}"))  # {} in a state saved before metas travelled
+        for key, imp in self._importances().items():
+            imp.meta = dict(metas.get(key, {}))
 
     def config(self) -> dict:
         return {**super().config(), "domains_done": len(self.domain_importances)}
