@@ -32,6 +32,7 @@ __all__ = [
     "available_estimators",
     "get_estimator",
     "DEFAULT_ESTIMATOR",
+    "GRADIENT_ABS",
 ]
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, int]"]
@@ -90,6 +91,11 @@ class ImportanceEstimator:
 
 
 # -- gradients to unit gates ---------------------------------------------------------------------------------
+#: Where ``gate_gradient`` takes ``|.|`` of the gate gradient (docs/algorithms.md §2): of each batch's gradient
+#: (the default), of each sequence's (the DAS paper's equation), or nowhere (the published code: signed sums).
+GRADIENT_ABS = ("batch", "example", "none")
+
+
 class _GateEstimator(ImportanceEstimator):
     per_example = False
 
@@ -124,10 +130,24 @@ class _GateEstimator(ImportanceEstimator):
 
 
 class GateGradient(_GateEstimator):
-    """``sum over batches |dL/dg| / tokens``: the DAS estimator (L = the batch's summed objective)."""
+    """``sum over batches |dL/dg| / tokens``: the DAS estimator (L = the batch's summed objective).
+
+    Option ``gradient_abs`` (:data:`GRADIENT_ABS`): ``"batch"`` (default) as above; ``"example"``: ``sum over
+    sequences |dL_i/dg| / tokens``, from per-example gates (one backward a batch); ``"none"``: ``sum over batches
+    dL/dg / tokens``, signed.
+    """
+
+    def __init__(self, model, layout, device, dropout: float = 0.0, gradient_abs: str = "batch", **options):
+        if gradient_abs not in GRADIENT_ABS:
+            raise ValueError(f"gate_gradient: gradient_abs must be one of {list(GRADIENT_ABS)}, got {gradient_abs!r}")
+        self.gradient_abs = gradient_abs
+        self.per_example = gradient_abs == "example"
+        super().__init__(model, layout, device, dropout, **options)
 
     def _score(self, grad):
-        return grad.abs()
+        if self.gradient_abs == "none":
+            return grad
+        return grad.abs().sum(0) if self.per_example else grad.abs()
 
 
 class GateFisher(_GateEstimator):

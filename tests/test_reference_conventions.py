@@ -20,6 +20,9 @@ import pytest
 import torch
 
 from hf_softmask import compute_importance
+from hf_softmask.gates import gated
+from hf_softmask.layout import UnitLayout
+from hf_softmask.strategies.das import DASConfig, DASStrategy
 from tests.testing_utils import random_lm_batches, tiny_bert
 
 
@@ -47,3 +50,61 @@ def test_abs_tanh_is_the_reference_impt_norm():
     got = raw.normalized("abs_tanh")
     torch.testing.assert_close(got.heads, _reference_impt_norm(raw.heads), rtol=0, atol=1e-6)
     torch.testing.assert_close(got.ffn, _reference_impt_norm(raw.ffn), rtol=0, atol=1e-6)
+
+
+# -- |.| of the gate gradient --------------------------------------------------------------------------------------
+def _no_dropout_bert():
+    # Deterministic forwards, so the per-sequence gradients computed here are those the estimator sees.
+    return tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _per_sequence_gate_gradients(model, batches):
+    """``[(dL_i/dg_head, dL_i/dg_ffn)]`` for every sequence ``i`` alone, ``L_i`` its summed MLM loss."""
+    layout = UnitLayout.from_model(model)
+    out = []
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            one = {k: v[i : i + 1] for k, v in b.items()}
+            h = torch.ones(layout.num_layers, layout.num_heads, requires_grad=True)
+            f = torch.ones(layout.num_layers, layout.ffn_size, requires_grad=True)
+            with gated(model, h, f, layout=layout):
+                loss = model(**one).loss * one["labels"].numel()
+            out.append(torch.autograd.grad(loss, [h, f]))
+    return out
+
+
+@pytest.mark.parametrize("gradient_abs", ["batch", "example", "none"])
+def test_gradient_abs_by_hand(gradient_abs):
+    """Default ``batch``: sum over batches of |sum of the batch's sequence gradients|; ``example`` (the paper's
+    equation): sum over sequences of |gradient|; ``none`` (the reference code): the signed sum. All / tokens."""
+    model = _no_dropout_bert()
+    batches = random_lm_batches(2, batch_size=3, seq_len=8)
+    options = {} if gradient_abs == "batch" else {"estimator_options": {"gradient_abs": gradient_abs}}
+    got = compute_importance(model, batches, "lm_loss", normalize=False, show_progress=False, **options)
+    grads = _per_sequence_gate_gradients(model, batches)
+    tokens = sum(b["attention_mask"].sum() for b in batches)
+    want = []
+    for kind in (0, 1):
+        g = torch.stack([gr[kind] for gr in grads]).double()  # [sequences, L, units]
+        if gradient_abs == "batch":
+            w = sum(part.sum(0).abs() for part in g.split(3))
+        elif gradient_abs == "example":
+            w = g.abs().sum(0)
+        else:
+            w = g.sum(0)
+        want.append((w / tokens).float())
+    torch.testing.assert_close(got.heads, want[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.ffn, want[1], rtol=1e-4, atol=1e-7)
+    if gradient_abs == "none":
+        assert (got.heads < 0).any() or (got.ffn < 0).any()  # the case is strong enough to tell signed sums apart
+
+
+def test_das_passes_gradient_abs_to_gate_gradient_and_refuses_it_elsewhere():
+    das = DASStrategy(gradient_abs="example", show_progress=False)
+    imp = das.compute_general_importance(tiny_bert(), random_lm_batches(1))
+    assert imp.meta["estimator_options"] == {"gradient_abs": "example"}
+    assert DASConfig().gradient_abs == "batch"
+    with pytest.raises(ValueError, match="gradient_abs"):
+        DASConfig(gradient_abs="sometimes")
+    with pytest.raises(ValueError, match="gradient_abs='none' applies to estimator='gate_gradient' only"):
+        DASConfig(gradient_abs="none", estimator="wanda")

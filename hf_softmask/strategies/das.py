@@ -21,7 +21,7 @@ from ..contrastive import (
 )
 from ..estimators import OBJECTIVES, compute_importance, has_dropout
 from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
-from ..importance_estimators import DEFAULT_ESTIMATOR, get_estimator
+from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
 from ..layout import UnitLayout
 from ..masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
@@ -76,6 +76,15 @@ class DASConfig(StrategyConfig):
         default=DEFAULT_ESTIMATOR,
         metadata={"help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."},
     )
+    gradient_abs: str = field(
+        default="batch",
+        metadata={
+            "help": "Where gate_gradient takes |.| of the gate gradient: 'batch' (each batch's gradient), 'example' "
+            "(each sequence's: the paper's equation) or 'none' (signed sums: the published code). Only with "
+            "estimator='gate_gradient' (docs/algorithms.md §2).",
+            "choices": list(GRADIENT_ABS),
+        },
+    )
     normalization: str = field(
         default=DEFAULT_NORMALIZATION,
         metadata={
@@ -107,6 +116,14 @@ class DASConfig(StrategyConfig):
         if self.importance_batches is not None and self.importance_batches < 1:
             raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
         get_estimator(self.estimator)  # unknown names fail at construction, not after a domain of training
+        if self.gradient_abs != "batch" and self.estimator != "gate_gradient":
+            raise ValueError(
+                f"gradient_abs={self.gradient_abs!r} applies to estimator='gate_gradient' only, not {self.estimator!r}"
+            )
+
+    def estimator_options(self) -> dict:
+        """The options this config gives its estimator."""
+        return {"gradient_abs": self.gradient_abs} if self.estimator == "gate_gradient" else {}
 
 
 class DASStrategy(ContinualStrategy):
@@ -156,6 +173,7 @@ class DASStrategy(ContinualStrategy):
             perturbation_dropout=self.cfg.perturbation_dropout,
             show_progress=self.cfg.show_progress,
             estimator=self.cfg.estimator,
+            estimator_options=self.cfg.estimator_options(),
             normalization=self.cfg.normalization,
         )
 
