@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from hf_softmask import compute_importance
+from hf_softmask.estimators import OBJECTIVES
 from hf_softmask.gates import gated
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies.das import DASConfig, DASStrategy
@@ -108,3 +109,45 @@ def test_das_passes_gradient_abs_to_gate_gradient_and_refuses_it_elsewhere():
         DASConfig(gradient_abs="sometimes")
     with pytest.raises(ValueError, match="gradient_abs='none' applies to estimator='gate_gradient' only"):
         DASConfig(gradient_abs="none", estimator="wanda")
+
+
+# -- the KL proxy's softmax axis -----------------------------------------------------------------------------------
+def _padded_batch():
+    (b,) = random_lm_batches(1, batch_size=3, seq_len=8, labels=False)
+    b["attention_mask"][1, 5:] = 0
+    b["attention_mask"][2, 3:] = 0
+    return b
+
+
+def _kl_by_hand(h1, h2, mask, axis):
+    """Sum over the distributions of ``sum p log(p / q)``: one per (sequence, token) over the hidden features for
+    ``axis="hidden"``, one per (sequence, feature) over the real tokens for ``axis="sequence"``."""
+    total = 0.0
+    for b in range(h1.shape[0]):
+        real = mask[b].bool()
+        x1, x2 = h1[b, real].double(), h2[b, real].double()  # [tokens, D]
+        dim = -1 if axis == "hidden" else 0
+        p, q = torch.softmax(x1, dim=dim), torch.softmax(x2, dim=dim)
+        total += (p * (p.log() - q.log())).sum().item()
+    return total
+
+
+@pytest.mark.parametrize("objective,axis", [("kl_dropout", "hidden"), ("kl_dropout_sequence", "sequence")])
+def test_kl_proxy_softmax_axis_by_hand(objective, axis):
+    """Default ``kl_dropout``: softmax over the hidden features of each token; ``kl_dropout_sequence``: the reference's
+    softmax over the sequence (``DistillKL``, ``dim=1`` of ``[B, T, D]``), padding left out."""
+    model = tiny_bert()
+    model.train()
+    batch = _padded_batch()
+    torch.manual_seed(1)
+    loss, n = OBJECTIVES[objective](model, batch)
+    torch.manual_seed(1)  # the same two dropout draws
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    h1 = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    h2 = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    assert n == int(batch["attention_mask"].sum())
+    assert loss.item() == pytest.approx(_kl_by_hand(h1, h2, batch["attention_mask"], axis), rel=1e-4)
+    assert DASConfig().general_objective == "kl_dropout"
+    DASConfig(general_objective="kl_dropout_sequence")  # the reference's axis is a choice
+    raw = _raw_importance(objective=objective)
+    assert raw.meta["objective"] == objective and raw.heads.abs().sum() > 0
