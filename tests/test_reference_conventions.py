@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from hf_softmask import compute_importance
+from hf_softmask.contrastive import sentence_views
 from hf_softmask.estimators import OBJECTIVES
 from hf_softmask.gates import gated
+from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies.das import DASConfig, DASStrategy
 from tests.testing_utils import random_lm_batches, tiny_bert
@@ -151,3 +153,44 @@ def test_kl_proxy_softmax_axis_by_hand(objective, axis):
     DASConfig(general_objective="kl_dropout_sequence")  # the reference's axis is a choice
     raw = _raw_importance(objective=objective)
     assert raw.meta["objective"] == objective and raw.heads.abs().sum() > 0
+
+
+# -- unit kinds ----------------------------------------------------------------------------------------------------
+def test_no_third_unit_kind_output_dense_rows_and_bias_belong_to_no_unit():
+    """The reference also masks FFN *output* units (``output.dense`` rows and bias, by an importance of the hidden
+    size); hf_softmask has heads and FFN neurons only: ``output.dense`` is owned by its columns (neurons), its bias
+    by no unit (the unowned-parameter policy applies)."""
+    model = tiny_bert()
+    layout = UnitLayout.from_model(model)
+    assert {s.kind for s in layout.owned} == {"head", "ffn"}
+    for l in range(layout.num_layers):
+        out = f"bert.encoder.layer.{l}.output.dense"
+        slices = [s for s in layout.owned if s.name.startswith(out)]
+        assert [(s.name, s.kind, s.axis) for s in slices] == [(f"{out}.weight", "ffn", 1)]
+        assert f"{out}.bias" in [n for n, _ in layout.unowned_parameters()["other"]]
+    imp = _raw_importance(model)
+    assert (tuple(imp.heads.shape), tuple(imp.ffn.shape)) == ((2, 4), (2, 64))  # no [L, hidden] output importance
+
+
+# -- the contrastive views ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("view_gradients", [True, False])
+def test_contrastive_views_pair_each_sequence_with_itself(view_gradients):
+    """``z1[i]``, ``z2[i]``, ``z3[i]`` are views of sequence ``i`` (the reference pairs rows ``2i`` and ``2i + 1`` of
+    ``ids.repeat(2, 1)``, i.e. different sequences). Without dropout z1 = z2 = the sequence's own pooled state."""
+    model = _no_dropout_bert()
+    model.train()
+    batch = _padded_batch()
+    layout = UnitLayout.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    imp = UnitImportance(torch.rand(2, 4, generator=g), torch.rand(2, 64, generator=g))
+    z1, z2, z3 = sentence_views(model, batch, imp, layout, view_gradients=view_gradients)
+    for i in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][i].bool()
+        ids = batch["input_ids"][i, real].unsqueeze(0)
+        own = model.bert(input_ids=ids).last_hidden_state.mean(1)[0]
+        with gated(model, imp.heads, imp.ffn, layout=layout):
+            own_gated = model.bert(input_ids=ids).last_hidden_state.mean(1)[0]
+        torch.testing.assert_close(z1[i], own, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z2[i], own, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z3[i], own_gated, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(z1[0], z1[1], atol=1e-3)  # the sequences differ, so a mispairing would show
