@@ -62,6 +62,8 @@ class ImportanceEstimator:
     """
 
     uses_loss: bool = True
+    #: Whether it reads gradients of :class:`UnitGates` (and takes the option ``ffn_gate_site``).
+    uses_gates: bool = False
 
     def __init__(self, model: nn.Module, layout: UnitLayout, device, dropout: float = 0.0, **options):
         if options:
@@ -97,11 +99,17 @@ GRADIENT_ABS = ("batch", "example", "none")
 
 
 class _GateEstimator(ImportanceEstimator):
-    per_example = False
+    """Gradients of the objective to unit gates. Option ``ffn_gate_site`` (:data:`~hf_softmask.gates.FFN_GATE_SITES`):
+    where the FFN gates multiply, after the activation (default) or before it."""
 
-    def __init__(self, model, layout, device, dropout: float = 0.0, **options):
+    per_example = False
+    uses_gates = True
+
+    def __init__(
+        self, model, layout, device, dropout: float = 0.0, ffn_gate_site: str = "after_activation", **options
+    ):
         super().__init__(model, layout, device, dropout, **options)
-        self.gates = UnitGates(layout, dropout=dropout, per_example=self.per_example)
+        self.gates = UnitGates(layout, dropout=dropout, per_example=self.per_example, ffn_site=ffn_gate_site)
 
     def _fresh_gates(self, batch: dict) -> None:
         lead = (_batch_size(batch),) if self.per_example else ()

@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from hf_softmask import compute_importance
-from hf_softmask.contrastive import sentence_views
+from hf_softmask.contrastive import masked_mean_pool, sentence_views
 from hf_softmask.estimators import OBJECTIVES
 from hf_softmask.gates import gated
 from hf_softmask.importance import UnitImportance
 from hf_softmask.layout import UnitLayout
 from hf_softmask.strategies.das import DASConfig, DASStrategy
-from tests.testing_utils import random_lm_batches, tiny_bert
+from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
 
 def _reference_impt_norm(impt: torch.Tensor) -> torch.Tensor:
@@ -194,3 +194,73 @@ def test_contrastive_views_pair_each_sequence_with_itself(view_gradients):
         torch.testing.assert_close(z2[i], own, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(z3[i], own_gated, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(z1[0], z1[1], atol=1e-3)  # the sequences differ, so a mispairing would show
+
+
+# -- where the FFN gate multiplies ---------------------------------------------------------------------------------
+def _ffn_gate_hooks(model, gate, site):
+    """FFN gates placed by hand: ``gate[l]`` on the input of ``output.dense`` (after the activation) or on the output
+    of ``intermediate.dense`` (before it, as the reference's ``MyRobertaIntermediate``)."""
+    handles = []
+    for l, layer in enumerate(model.bert.encoder.layer):
+        if site == "after_activation":
+            handles.append(layer.output.dense.register_forward_pre_hook(lambda m, a, l=l: (a[0] * gate[l],)))
+        else:
+            handles.append(layer.intermediate.dense.register_forward_hook(lambda m, a, out, l=l: out * gate[l]))
+    return handles
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ffn_gate_site_by_hand(checkpointing):
+    """Default: the FFN gate scales the activation's output; ``ffn_gate_site="before_activation"``: the
+    pre-activation (the reference). Importance = |dL/dg| / tokens with the gate where each says."""
+    model = _no_dropout_bert()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    (batch,) = random_lm_batches(1, batch_size=3, seq_len=8)
+    tokens = batch["attention_mask"].sum()
+    got, want = {}, {}
+    for site in ("after_activation", "before_activation"):
+        options = {} if site == "after_activation" else {"estimator_options": {"ffn_gate_site": site}}
+        got[site] = compute_importance(model, [batch], "lm_loss", normalize=False, show_progress=False, **options)
+        model.train()
+        g = torch.ones(2, 64, requires_grad=True)
+        handles = _ffn_gate_hooks(model, g, site)
+        try:
+            (grad,) = torch.autograd.grad(model(**batch).loss * batch["labels"].numel(), [g])
+        finally:
+            for h in handles:
+                h.remove()
+        want[site] = grad.abs() / tokens
+        torch.testing.assert_close(got[site].ffn, want[site], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(want["after_activation"], want["before_activation"], rtol=0.05)
+    torch.testing.assert_close(got["after_activation"].heads, got["before_activation"].heads)
+
+
+def test_ffn_gate_site_of_the_z3_view_and_refusals():
+    model = _no_dropout_bert()
+    model.train()
+    batch = _padded_batch()
+    layout = UnitLayout.from_model(model)
+    ffn = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
+    imp = UnitImportance(torch.ones(2, 4), ffn)
+    _, _, z3 = sentence_views(model, batch, imp, layout, ffn_gate_site="before_activation")
+    handles = _ffn_gate_hooks(model, ffn, "before_activation")
+    try:
+        want = masked_mean_pool(model.bert(**batch).last_hidden_state, batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(z3, want, rtol=1e-4, atol=1e-5)
+
+    das = DASStrategy(ffn_gate_site="before_activation", show_progress=False)
+    assert das.compute_general_importance(tiny_bert(), random_lm_batches(1)).meta["estimator_options"] == {
+        "gradient_abs": "batch",
+        "ffn_gate_site": "before_activation",
+    }
+    assert DASConfig().ffn_gate_site == "after_activation"
+    with pytest.raises(ValueError, match="ffn_gate_site='before_activation' applies to the gate estimators"):
+        DASConfig(ffn_gate_site="before_activation", estimator="activation")
+    with pytest.raises(ValueError, match="ffn_gate_site='before_activation' needs the FFN activation module"):
+        compute_importance(
+            tiny_llama(), random_lm_batches(1), estimator_options={"ffn_gate_site": "before_activation"}
+        )

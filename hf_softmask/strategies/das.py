@@ -20,6 +20,7 @@ from ..contrastive import (
     unmasked_input_ids,
 )
 from ..estimators import OBJECTIVES, compute_importance, has_dropout
+from ..gates import FFN_GATE_SITES
 from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
 from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
 from ..layout import UnitLayout
@@ -85,6 +86,15 @@ class DASConfig(StrategyConfig):
             "choices": list(GRADIENT_ABS),
         },
     )
+    ffn_gate_site: str = field(
+        default="after_activation",
+        metadata={
+            "help": "Where FFN gates multiply, for importance and the z3 view: 'after_activation' (the neuron's "
+            "output) or 'before_activation' (its pre-activation: the published code; BERT, DistilBERT and GPT-2 "
+            "families). Only with a gate estimator (gate_gradient, gate_fisher) (docs/algorithms.md §1).",
+            "choices": list(FFN_GATE_SITES),
+        },
+    )
     normalization: str = field(
         default=DEFAULT_NORMALIZATION,
         metadata={
@@ -120,10 +130,18 @@ class DASConfig(StrategyConfig):
             raise ValueError(
                 f"gradient_abs={self.gradient_abs!r} applies to estimator='gate_gradient' only, not {self.estimator!r}"
             )
+        if self.ffn_gate_site != "after_activation" and not get_estimator(self.estimator).uses_gates:
+            raise ValueError(
+                f"ffn_gate_site={self.ffn_gate_site!r} applies to the gate estimators (gate_gradient, gate_fisher) "
+                f"only, not {self.estimator!r}"
+            )
 
     def estimator_options(self) -> dict:
         """The options this config gives its estimator."""
-        return {"gradient_abs": self.gradient_abs} if self.estimator == "gate_gradient" else {}
+        options = {"gradient_abs": self.gradient_abs} if self.estimator == "gate_gradient" else {}
+        if get_estimator(self.estimator).uses_gates:
+            options["ffn_gate_site"] = self.ffn_gate_site
+        return options
 
 
 class DASStrategy(ContinualStrategy):
@@ -236,6 +254,7 @@ class DASStrategy(ContinualStrategy):
                 self._view_dropout,
                 z1=z1,
                 view_gradients=self.cfg.view_gradients,
+                ffn_gate_site=self.cfg.ffn_gate_site,
             )
         self.contrastive_losses.append(float(loss.detach()))
         return self.cfg.contrastive_weight * loss
