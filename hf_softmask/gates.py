@@ -24,7 +24,7 @@ from torch import nn
 
 from .layout import UnitLayout
 
-__all__ = ["UnitGates", "gated", "FFN_GATE_SITES"]
+__all__ = ["UnitGates", "gated", "FFN_GATE_SITES", "ffn_gate_modules"]
 
 #: Where an FFN neuron's gate multiplies (docs/algorithms.md §1): its activation's output (the input of the FFN
 #: output projection, the default), or its pre-activation (the input of the activation, as the published DAS code).
@@ -115,7 +115,7 @@ class UnitGates:
         self.per_example = per_example
         self.enabled = True
         self._sites = [(m, "head", l) for l, m in enumerate(layout.attn_out_modules)]
-        self._sites += [(m, "ffn", l) for l, m in enumerate(_ffn_sites(layout, ffn_site))]
+        self._sites += [(m, "ffn", l) for l, m in enumerate(ffn_gate_modules(layout, ffn_site))]
         self._handles = [m.register_forward_pre_hook(self._make_hook(kind, l)) for m, kind, l in self._sites]
         self._ckpt_modules = _checkpointable_modules(layout, {id(m) for m, _, _ in self._sites})
         for module, inside in self._ckpt_modules:
@@ -171,8 +171,9 @@ class UnitGates:
         self.remove()
 
 
-def _ffn_sites(layout: UnitLayout, ffn_site: str) -> list[nn.Module]:
-    """The modules whose input the FFN gates scale, one per layer."""
+def ffn_gate_modules(layout: UnitLayout, ffn_site: str) -> list[nn.Module]:
+    """The modules whose input the FFN gates at ``ffn_site`` scale, one per layer; a site the family lacks is
+    refused (ValueError)."""
     if ffn_site not in FFN_GATE_SITES:
         raise ValueError(f"ffn_gate_site must be one of {list(FFN_GATE_SITES)}, got {ffn_site!r}")
     if ffn_site == "after_activation":

@@ -261,6 +261,8 @@ def test_ffn_gate_site_of_the_z3_view_and_refusals():
     with pytest.raises(ValueError, match="ffn_gate_site='before_activation' applies to the gate estimators"):
         DASConfig(ffn_gate_site="before_activation", estimator="activation")
     with pytest.raises(ValueError, match="ffn_gate_site='before_activation' needs the FFN activation module"):
+        DASStrategy(ffn_gate_site="before_activation").layout(tiny_llama())  # on_train_begin builds it
+    with pytest.raises(ValueError, match="ffn_gate_site='before_activation' needs the FFN activation module"):
         compute_importance(
             tiny_llama(), random_lm_batches(1), estimator_options={"ffn_gate_site": "before_activation"}
         )

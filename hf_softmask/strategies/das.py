@@ -20,7 +20,7 @@ from ..contrastive import (
     unmasked_input_ids,
 )
 from ..estimators import OBJECTIVES, compute_importance, has_dropout
-from ..gates import FFN_GATE_SITES
+from ..gates import FFN_GATE_SITES, ffn_gate_modules
 from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
 from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
 from ..layout import UnitLayout
@@ -174,6 +174,7 @@ class DASStrategy(ContinualStrategy):
         if self._layout is None or self._layout.model is not model:
             self._layout = UnitLayout.from_model(model)
             self._view_dropout = 0.0 if has_dropout(model) else self.cfg.perturbation_dropout
+            ffn_gate_modules(self._layout, self.cfg.ffn_gate_site)  # a site this family lacks: refused before a step
         return self._layout
 
     def _estimate(self, model: nn.Module, dataloader, objective: str) -> UnitImportance:
