@@ -1,19 +1,19 @@
 """Where hf_softmask follows the published DAS code (ContinualLM) exactly, and where it departs on purpose.
 
-Reference read (UIC-Liu-Lab/ContinualLM, via the code search of this project):
-- ``networks/baselines/softmask.py`` @ 26b4083a: ``impt_norm`` -- for each layer ``(x - x.mean()) / x.std()``
+Reference read 2026-12-06 (github.com/UIC-Liu-Lab/ContinualLM, files at the commits named):
+- ``networks/baselines/softmask.py`` @ 26b4083a7842: ``impt_norm`` -- for each layer ``(x - x.mean()) / x.std()``
   (``torch.std``: unbiased), then ``tanh``, then ``abs``; ``compute_impt`` adds ``head_mask.grad`` (signed, no
   ``abs``) per batch and divides by the tokens; ``soft_mask_gradient`` masks heads, intermediate units and output
   units (``output.dense`` rows and bias).
-- ``networks/transformers/roberta.py`` @ 26b4083a: ``MyRobertaIntermediate`` multiplies ``dense(x)`` by
+- ``networks/transformers/roberta.py`` @ 26b4083a7842: ``MyRobertaIntermediate`` multiplies ``dense(x)`` by
   ``intermediate_mask`` BEFORE the activation; ``MyRobertaOutput`` multiplies ``output.dense``'s output by
   ``output_mask``.
-- ``utils/model.py`` @ 3b2c44bb: ``DistillKL`` takes ``softmax(dim=1)`` of ``[B, T, D]`` hidden states (the sequence
-  axis).
-- ``networks/posttrain/model.py`` @ 3b2c44bb: DAS views ``inputs_ori_ids.repeat(2, 1)`` then
+- ``utils/model.py`` @ 3b2c44bb7550: ``DistillKL`` takes ``softmax(dim=1)`` of ``[B, T, D]`` hidden states (the
+  sequence axis).
+- ``networks/posttrain/model.py`` @ 3b2c44bb7550: DAS views ``inputs_ori_ids.repeat(2, 1)`` then
   ``.view(-1, 2, T, D)``, so ``z1[i]``/``z2[i]`` are rows ``2i``/``2i+1``: different sequences.
 
-Each test pins one convention on a tiny BERT (docs/algorithms.md §2-4 states each one and its reason).
+Each test pins one convention on a tiny BERT (docs/algorithms.md §9 lists each, its reason and its setting).
 """
 
 import pytest
