@@ -50,22 +50,24 @@ def _warn_flat(flat: torch.Tensor, name: str, what: str) -> None:
         )
 
 
-def _zscore(x: torch.Tensor, dim: int | None, name: str) -> torch.Tensor:
-    """``(x - mean) / std`` along ``dim`` (None: over all entries); constant rows give zeros, with a warning."""
+def _zscore(x: torch.Tensor, dim: int | None, name: str, unbiased: bool = False) -> torch.Tensor:
+    """``(x - mean) / std`` along ``dim`` (None: over all entries), ``std`` with ``n - 1`` if ``unbiased`` else
+    ``n``; constant rows give zeros, with a warning."""
     x = _check_finite(x, name)
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     mean = x.mean(dim=dims, keepdim=True)
     n = x.numel() if dim is None else x.shape[dim]
-    std = x.std(dim=dims, keepdim=True, unbiased=False) if n > 1 else torch.zeros_like(mean)
+    std = x.std(dim=dims, keepdim=True, unbiased=unbiased) if n > 1 else torch.zeros_like(mean)
     flat = (std <= 0) | ~torch.isfinite(std)
     _warn_flat(flat, name, "row(s) have" if dim is not None else "tensor has only")
     z = (x - mean) / torch.where(flat, torch.ones_like(std), std)
     return z.masked_fill(flat.expand_as(z), 0.0)
 
 
-def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance") -> torch.Tensor:
-    """``|tanh((x - mean) / std)|`` along ``dim``; rows with zero or non-finite std give 0 (with a warning)."""
-    return torch.tanh(_zscore(x, dim, name)).abs()
+def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance", unbiased: bool = False) -> torch.Tensor:
+    """``|tanh((x - mean) / std)|`` along ``dim`` (``std`` unbiased if ``unbiased``); rows with zero or non-finite
+    std give 0 (with a warning)."""
+    return torch.tanh(_zscore(x, dim, name, unbiased)).abs()
 
 
 def _quantile(x: torch.Tensor, pooled: bool, name: str) -> torch.Tensor:
@@ -83,8 +85,9 @@ def _quantile(x: torch.Tensor, pooled: bool, name: str) -> torch.Tensor:
 
 
 NORMALIZATIONS: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {
-    # The published DAS map: per layer |tanh z|. Not monotonic: a unit far BELOW its layer's mean gets ~1.
-    "abs_tanh": lambda x, name: tanh_zscore(x, -1, name),
+    # The published DAS map: per layer |tanh z|, z with torch.std's unbiased std as ContinualLM's impt_norm has it
+    # (docs/algorithms.md §2). Not monotonic: a unit far BELOW its layer's mean gets ~1.
+    "abs_tanh": lambda x, name: tanh_zscore(x, -1, name, unbiased=True),
     # One-sided: per layer tanh(z) clipped at 0; units at or below their layer's mean get 0.
     "tanh": lambda x, name: torch.tanh(_zscore(x, -1, name)).clamp_min(0.0),
     # The default. One-sided tanh of z-scores over all layers of a kind (heads, or FFN neurons) together: a unit

@@ -66,8 +66,8 @@ class UnitLayout:
     """Heads and FFN neurons of ``model``, found through the architecture registry.
 
     Attributes: ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``ffn_size``,
-    ``attn_out_modules`` / ``ffn_out_modules`` (where gates hook in), ``owned`` (list of
-    :class:`OwnedSlice`).
+    ``attn_out_modules`` / ``ffn_out_modules`` (where gates hook in), ``ffn_act_modules`` (the FFN activations,
+    for gates before them; None if the spec names none), ``owned`` (list of :class:`OwnedSlice`).
 
     ``model`` may be wrapped by PEFT (``get_peft_model``, or adapters added with ``add_adapter``): the layout is
     found in the transformers model under the wrapper. Gates hook the module at each path, i.e. the adapter
@@ -93,6 +93,8 @@ class UnitLayout:
 
         self.attn_out_modules: list[nn.Module] = []
         self.ffn_out_modules: list[nn.Module] = []
+        # The FFN activation of every layer (spec.ffn_act), where FFN gates before the activation hook in.
+        self.ffn_act_modules: list[nn.Module] | None = [] if spec.ffn_act else None
         self.owned: list[OwnedSlice] = []
         names = {id(p): n for n, p in model.named_parameters()}
         conv = spec.conv1d
@@ -103,6 +105,8 @@ class UnitLayout:
             ffn_out = _get_submodule(block, spec.ffn_out)
             self.attn_out_modules.append(attn_out)
             self.ffn_out_modules.append(ffn_out)
+            if self.ffn_act_modules is not None:
+                self.ffn_act_modules.append(_get_submodule(block, spec.ffn_act))
             attn_in_features, _ = _features(attn_out, conv)
             ffn_in_features, _ = _features(ffn_out, conv)
             if attn_in_features % self.num_heads:

@@ -21,8 +21,9 @@ from ..contrastive import (
     unmasked_input_ids,
 )
 from ..estimators import OBJECTIVES, compute_importance, has_dropout
+from ..gates import FFN_GATE_SITES, ffn_gate_modules
 from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
-from ..importance_estimators import DEFAULT_ESTIMATOR, get_estimator
+from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
 from ..layout import UnitLayout
 from ..masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
@@ -80,6 +81,24 @@ class DASConfig(StrategyConfig):
         default=DEFAULT_ESTIMATOR,
         metadata={"help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."},
     )
+    gradient_abs: str = field(
+        default="batch",
+        metadata={
+            "help": "Where gate_gradient takes |.| of the gate gradient: 'batch' (each batch's gradient), 'example' "
+            "(each sequence's: the paper's equation) or 'none' (signed sums: the published code). Only with "
+            "estimator='gate_gradient' (docs/algorithms.md §2).",
+            "choices": list(GRADIENT_ABS),
+        },
+    )
+    ffn_gate_site: str = field(
+        default="after_activation",
+        metadata={
+            "help": "Where FFN gates multiply, for importance and the z3 view: 'after_activation' (the neuron's "
+            "output) or 'before_activation' (its pre-activation: the published code; BERT, DistilBERT and GPT-2 "
+            "families). Only with a gate estimator (gate_gradient, gate_fisher) (docs/algorithms.md §1).",
+            "choices": list(FFN_GATE_SITES),
+        },
+    )
     normalization: str = field(
         default=DEFAULT_NORMALIZATION,
         metadata={
@@ -111,6 +130,22 @@ class DASConfig(StrategyConfig):
         if self.importance_batches is not None and self.importance_batches < 1:
             raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
         get_estimator(self.estimator)  # unknown names fail at construction, not after a domain of training
+        if self.gradient_abs != "batch" and self.estimator != "gate_gradient":
+            raise ValueError(
+                f"gradient_abs={self.gradient_abs!r} applies to estimator='gate_gradient' only, not {self.estimator!r}"
+            )
+        if self.ffn_gate_site != "after_activation" and not get_estimator(self.estimator).uses_gates:
+            raise ValueError(
+                f"ffn_gate_site={self.ffn_gate_site!r} applies to the gate estimators (gate_gradient, gate_fisher) "
+                f"only, not {self.estimator!r}"
+            )
+
+    def estimator_options(self) -> dict:
+        """The options this config gives its estimator."""
+        options = {"gradient_abs": self.gradient_abs} if self.estimator == "gate_gradient" else {}
+        if get_estimator(self.estimator).uses_gates:
+            options["ffn_gate_site"] = self.ffn_gate_site
+        return options
 
 
 class DASStrategy(ContinualStrategy):
@@ -143,6 +178,7 @@ class DASStrategy(ContinualStrategy):
         if self._layout is None or self._layout.model is not model:
             self._layout = UnitLayout.from_model(model)
             self._view_dropout = 0.0 if has_dropout(model) else self.cfg.perturbation_dropout
+            ffn_gate_modules(self._layout, self.cfg.ffn_gate_site)  # a site this family lacks: refused before a step
         return self._layout
 
     def _estimate(self, model: nn.Module, dataloader, objective: str) -> UnitImportance:
@@ -160,6 +196,7 @@ class DASStrategy(ContinualStrategy):
             perturbation_dropout=self.cfg.perturbation_dropout,
             show_progress=self.cfg.show_progress,
             estimator=self.cfg.estimator,
+            estimator_options=self.cfg.estimator_options(),
             normalization=self.cfg.normalization,
         )
 
@@ -222,6 +259,7 @@ class DASStrategy(ContinualStrategy):
                 self._view_dropout,
                 z1=z1,
                 view_gradients=self.cfg.view_gradients,
+                ffn_gate_site=self.cfg.ffn_gate_site,
             )
         self.contrastive_losses.append(float(loss.detach()))
         return self.cfg.contrastive_weight * loss
