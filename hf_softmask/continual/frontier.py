@@ -295,7 +295,7 @@ def _markdown(records: list[dict], design: dict | None = None) -> str:
 def _design_text(records: list[dict], d: dict) -> str:
     """What the table's intervals resample and decide, under it (frontier.md)."""
     ratio = d.get("max_adjacent_lr_ratio")
-    dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-6)
+    dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-3)  # rates written to 5 digits
     control = [r for r in records if r.get("control")]
     lines = [
         f"Design: resampling unit **{d['resampling_unit']}** (held-out units per group: "
