@@ -6,7 +6,7 @@ import os
 
 from transformers import TrainerCallback
 
-from .compatibility import check_supported
+from .compatibility import check_supported, live_accelerator_state
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
 
@@ -63,7 +63,9 @@ class SoftMaskCallback(TrainerCallback):
         self.masker: SoftMasker | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        check_supported("SoftMaskCallback", args, model)  # refused cells of docs/compatibility.md
+        check_supported(
+            "SoftMaskCallback", args, model, live_accelerator_state()
+        )  # refused cells of docs/compatibility.md
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)

@@ -47,6 +47,7 @@ COLUMN_ARGS = {
     "accumulation": {"gradient_accumulation_steps": 2},
     "checkpointing": {"gradient_checkpointing": True},
     "compile": {"torch_compile": True},
+    "fsdp1": {"fsdp": "full_shard", "fsdp_config": {"version": 1}},
     "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}},
 }
 
