@@ -108,24 +108,23 @@ _FSDP2_STATE = (
     "keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
     "sharded DTensor parameters; train it without --fsdp"
 )
-#: why FSDP1 cannot work for any row; the refusal of each row adds what to use instead
-FSDP1_REASON = (
-    "FSDP1 (torch's FullyShardedDataParallel, accelerate's fsdp_version 1, transformers' fsdp_config "
-    "version 1) flattens each wrapped block's weights into one 1-D FlatParameter, in which the weight slices "
-    "of heads and neurons no longer exist"
+#: what FSDP1 does that no row follows; each row's refusal adds its own state and what to use instead
+FSDP1_WHAT = (
+    "torch's FullyShardedDataParallel (FSDP1: accelerate's fsdp_version 1, transformers' fsdp_config "
+    "version 1) replaces the model's weights by flat 1-D FlatParameters (sharded across processes)"
 )
 USE_FSDP2 = (
     "use FSDP2: --fsdp full_shard with fsdp_config version 2 (transformers' default), or fsdp_version: 2 "
     "in the accelerate config (configs/accelerate/fsdp.yaml)"
 )
+_NO_FSDP2 = "this row refuses FSDP2 too: train it with DDP"
+_NO_FSDP2_DDP = "this row refuses FSDP2 and DDP too: train it in one process"
 
 
-def _fsdp1(instead: str) -> Cell:
-    return _refused(f"{FSDP1_REASON}; {instead}")
+def _fsdp1(state: str, instead: str) -> Cell:
+    return _refused(f"{FSDP1_WHAT}, which {state} cannot follow; {instead}")
 
 
-_FSDP1_DDP = _fsdp1("this row refuses FSDP2 too: train it with DDP")
-_FSDP1_ONE = _fsdp1("this row refuses FSDP2 and DDP too: train it in one process")
 _DDP_LOCAL = (
     "updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
     "diverge; train it in one process"
@@ -158,7 +157,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             "tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
             "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp",
         ),
-        "fsdp1": _fsdp1(USE_FSDP2),
+        "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _gpu(
             "fsdp2",
             "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
@@ -181,7 +180,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "accumulation": _tested(f"{_M}[SoftMaskTrainer-accumulation]"),
         "ddp": _tested(_DDP),
         # SoftMaskTrainer masks through the SoftMaskCallback the fsdp2 GPU cell runs.
-        "fsdp1": _fsdp1(USE_FSDP2),
+        "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
         "peft": _tested(
             "tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
@@ -214,7 +213,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
             "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size",
         ),
-        "fsdp1": _fsdp1(USE_FSDP2),
+        "fsdp1": _fsdp1("the importance and masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _tested(
             "tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
             "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
@@ -240,7 +239,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
         "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
         "ddp": _tested(_DDP),
-        "fsdp1": _FSDP1_DDP,
+        "fsdp1": _fsdp1("the per-weight subnetwork scores and masks", _NO_FSDP2),
         "fsdp2": _refused(
             "TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
             "task's mask is bit-packed from the full score tensor; the update masks on scores and "
@@ -266,7 +265,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             f"{_M}[HAT-accumulation]", "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"
         ),
         "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
-        "fsdp1": _FSDP1_ONE,
+        "fsdp1": _fsdp1("the unit gates and the masks of the units' weight slices", _NO_FSDP2_DDP),
         "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
         "peft": _tested(f"{_M}[HAT-peft]"),
         "compile": _tested(f"{_M}[HAT-compile]", note=_COMPILE_NOTE),
@@ -278,7 +277,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[CBP-checkpointing]"),
         "accumulation": _tested(f"{_M}[CBP-accumulation]"),
         "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units"), _DDP),
-        "fsdp1": _FSDP1_ONE,
+        "fsdp1": _fsdp1("the unit utilities and row-wise weight resets", _NO_FSDP2_DDP),
         "fsdp2": _refused("CBP " + _FSDP2_STATE.format(what="per-unit utilities, ages, row-wise weight resets")),
         "peft": _tested(f"{_M}[CBP-peft]"),
         "compile": _tested(f"{_M}[CBP-compile]", note=_COMPILE_NOTE),
@@ -294,7 +293,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             note="every rank must pass before_task the same selection data (the Fisher "
             "scores are not all-reduced); the test does",
         ),
-        "fsdp1": _FSDP1_DDP,
+        "fsdp1": _fsdp1("the per-entry masks of named weights", _NO_FSDP2),
         "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
         "peft": _tested(f"{_M}[TaLoS-peft]"),
         "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
@@ -309,7 +308,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[EWC/KD-checkpointing]"),
         "accumulation": _tested(f"{_M}[EWC/KD-accumulation]"),
         "ddp": _tested(_DDP),
-        "fsdp1": _FSDP1_DDP,
+        "fsdp1": _fsdp1("EWC's Fisher and anchor of named weights (KD: its teacher copy)", _NO_FSDP2),
         "fsdp2": _refused(
             "EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")
         ),
@@ -400,8 +399,8 @@ def refuse_fsdp1(model, what: str) -> None:
     name = fsdp1_parameter(model)
     if name is not None:
         raise UnsupportedSettingError(
-            f"{what} cannot work on a model wrapped by FSDP1 (it holds the parameter {name!r}): {FSDP1_REASON}; "
-            f"{USE_FSDP2}, or DDP (see docs/compatibility.md)"
+            f"{what} cannot work on a model wrapped by FSDP1 (it holds the parameter {name!r}): {FSDP1_WHAT}, in "
+            f"which the weight slices of heads and neurons do not exist; {USE_FSDP2}, or DDP (docs/compatibility.md)"
         )
 
 
