@@ -116,3 +116,26 @@ def test_fsdp_version_follows_the_arguments_and_the_accelerate_environment(monke
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert fsdp_version(train_args(tmp_path)) == 2
     assert fsdp_version() is None  # no run to read it from: only a model would say
+
+
+@pytest.mark.parametrize("runner", ["pretrain", "finetune"])
+def test_both_runners_refuse_fsdp1_at_parse_time_and_take_fsdp2(runner, monkeypatch, tmp_path):
+    from hf_softmask.continual import parse_config
+    from hf_softmask.continual.finetune import parse_finetune_config
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+
+    def parse(*flags):
+        argv = ["--output_dir", str(tmp_path / runner), *flags]
+        return parse_config(argv) if runner == "pretrain" else parse_finetune_config(argv)
+
+    with pytest.raises(ValueError, match="FSDP1") as e:
+        parse("--fsdp", "full_shard", "--fsdp_config", '{"version": 1}')
+    assert USE_FSDP2 in str(e.value)
+    parse("--fsdp", "full_shard", "--fsdp_config", '{"version": 2}')  # FSDP2: accepted
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp, no --fsdp_version 2
+    with pytest.raises(ValueError, match="FSDP1"):
+        parse()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    parse()
