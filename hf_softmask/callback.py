@@ -63,9 +63,8 @@ class SoftMaskCallback(TrainerCallback):
         self.masker: SoftMasker | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        check_supported(
-            "SoftMaskCallback", args, model, live_accelerator_state()
-        )  # refused cells of docs/compatibility.md
+        # refused cells of docs/compatibility.md, with the precision and FSDP version the accelerator uses
+        check_supported("SoftMaskCallback", args, model, live_accelerator_state())
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)

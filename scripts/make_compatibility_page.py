@@ -93,5 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return generated_page_main(PAGE, render, "scripts/make_compatibility_page.py", __doc__, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

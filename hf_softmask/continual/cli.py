@@ -18,7 +18,7 @@ __all__ = [
     "build_parser",
     "parse_with_yaml",
     "refuse_unsupported_trainer_flags",
-    "refuse_fsdp1",
+    "refuse_fsdp1_flags",
     "help_text",
     "check_process_group",
     "use_cpu_without_cuda",
@@ -188,7 +188,7 @@ def refuse_unsupported_trainer_flags(args, runner: str) -> None:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo id prefix, e.g. 'me/minilm-das')")
 
 
-def refuse_fsdp1(args, runner: str) -> None:
+def refuse_fsdp1_flags(args, runner: str) -> None:
     """Refuse FSDP1 (``--fsdp`` with fsdp_config version 1, ``accelerate launch --use_fsdp`` without version 2).
 
     After ``TrainingArguments.__post_init__``: the version is the one transformers hands accelerate's plugin."""

@@ -196,9 +196,8 @@ class StrategyCallback(TrainerCallback):
         self._optimizer = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        check_strategy_supported(
-            self.strategy, args, model, live_accelerator_state()
-        )  # refused cells of docs/compatibility.md
+        # refused cells of docs/compatibility.md, with the precision and FSDP version the accelerator uses
+        check_strategy_supported(self.strategy, args, model, live_accelerator_state())
         self._optimizer = optimizer
         per_epoch = (
             len(train_dataloader) if train_dataloader is not None and hasattr(train_dataloader, "__len__") else None
