@@ -429,7 +429,7 @@ def fsdp_version(args=None, model=None, accelerator=None) -> int | None:
         config = getattr(args, "fsdp_config", None) or {}
         version = plugin_args.get("fsdp_version") or config.get("version") or config.get("fsdp_version")
         return int(version or 1)  # transformers without a version in its plugin arguments: accelerate's default
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
         return int(os.environ.get("FSDP_VERSION", "1") or 1)
     return None
 
