@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .compatibility import check_supported
+from .compatibility import check_supported, live_accelerator_state
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
 from .softmask_resume import check_resume_settings, save_settings
@@ -82,7 +82,8 @@ class SoftMaskCallback(TrainerCallback):
         self._resume_checked = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        check_supported("SoftMaskCallback", args, model)  # refused cells of docs/compatibility.md
+        # refused cells of docs/compatibility.md, with the precision and FSDP version the accelerator uses
+        check_supported("SoftMaskCallback", args, model, live_accelerator_state())
         if state.global_step > 0 and not self._resume_checked:  # resumed: the state came from a checkpoint
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if checkpoint.is_dir():

@@ -17,6 +17,7 @@ A cell is one of:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -29,6 +30,11 @@ __all__ = [
     "check_strategy_supported",
     "check_supported",
     "detect_features",
+    "fsdp1_parameter",
+    "fsdp_version",
+    "live_accelerator_state",
+    "refuse_fsdp1",
+    "training_precision",
 ]
 
 ROWS = ("SoftMaskCallback", "SoftMaskTrainer", "DAS runner", "TSS/WSN runner", "HAT", "CBP", "TaLoS", "EWC/KD")
@@ -41,6 +47,7 @@ COLUMNS = {
     "checkpointing": "gradient checkpointing",
     "accumulation": "gradient accumulation",
     "ddp": "DDP",
+    "fsdp1": "FSDP1 (flat parameters)",
     "fsdp2": "FSDP2",
     "peft": "PEFT-wrapped model",
     "compile": "torch.compile",
@@ -101,6 +108,23 @@ _FSDP2_STATE = (
     "keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
     "sharded DTensor parameters; train it without --fsdp"
 )
+#: what FSDP1 does that no row follows; each row's refusal adds its own state and what to use instead
+FSDP1_WHAT = (
+    "torch's FullyShardedDataParallel (FSDP1: accelerate's fsdp_version 1, transformers' fsdp_config "
+    "version 1) replaces the model's weights by flat 1-D FlatParameters (sharded across processes)"
+)
+USE_FSDP2 = (
+    "use FSDP2: --fsdp full_shard with fsdp_config version 2 (transformers' default), or fsdp_version: 2 "
+    "in the accelerate config (configs/accelerate/fsdp.yaml)"
+)
+_NO_FSDP2 = "this row refuses FSDP2 too: train it with DDP"
+_NO_FSDP2_DDP = "this row refuses FSDP2 and DDP too: train it in one process"
+
+
+def _fsdp1(state: str, instead: str) -> Cell:
+    return _refused(f"{FSDP1_WHAT}, which {state} cannot follow; {instead}")
+
+
 _DDP_LOCAL = (
     "updates {what} from this rank's batches only (nothing is all-reduced), so the DDP replicas "
     "diverge; train it in one process"
@@ -133,6 +157,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             "tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
             "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp",
         ),
+        "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _gpu(
             "fsdp2",
             "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
@@ -155,6 +180,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "accumulation": _tested(f"{_M}[SoftMaskTrainer-accumulation]"),
         "ddp": _tested(_DDP),
         # SoftMaskTrainer masks through the SoftMaskCallback the fsdp2 GPU cell runs.
+        "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
         "peft": _tested(
             "tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
@@ -187,6 +213,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
             "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size",
         ),
+        "fsdp1": _fsdp1("the importance and masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _tested(
             "tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
             "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
@@ -212,6 +239,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
         "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
         "ddp": _tested(_DDP),
+        "fsdp1": _fsdp1("the per-weight subnetwork scores and masks", _NO_FSDP2),
         "fsdp2": _refused(
             "TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
             "task's mask is bit-packed from the full score tensor; the update masks on scores and "
@@ -237,6 +265,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             f"{_M}[HAT-accumulation]", "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"
         ),
         "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
+        "fsdp1": _fsdp1("the unit gates and the masks of the units' weight slices", _NO_FSDP2_DDP),
         "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
         "peft": _tested(f"{_M}[HAT-peft]"),
         "compile": _tested(f"{_M}[HAT-compile]", note=_COMPILE_NOTE),
@@ -248,6 +277,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[CBP-checkpointing]"),
         "accumulation": _tested(f"{_M}[CBP-accumulation]"),
         "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units"), _DDP),
+        "fsdp1": _fsdp1("the unit utilities and row-wise weight resets", _NO_FSDP2_DDP),
         "fsdp2": _refused("CBP " + _FSDP2_STATE.format(what="per-unit utilities, ages, row-wise weight resets")),
         "peft": _tested(f"{_M}[CBP-peft]"),
         "compile": _tested(f"{_M}[CBP-compile]", note=_COMPILE_NOTE),
@@ -263,6 +293,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
             note="every rank must pass before_task the same selection data (the Fisher "
             "scores are not all-reduced); the test does",
         ),
+        "fsdp1": _fsdp1("the per-entry masks of named weights", _NO_FSDP2),
         "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
         "peft": _tested(f"{_M}[TaLoS-peft]"),
         "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
@@ -277,6 +308,7 @@ MATRIX: dict[str, dict[str, Cell]] = {
         "checkpointing": _tested(f"{_M}[EWC/KD-checkpointing]"),
         "accumulation": _tested(f"{_M}[EWC/KD-accumulation]"),
         "ddp": _tested(_DDP),
+        "fsdp1": _fsdp1("EWC's Fisher and anchor of named weights (KD: its teacher copy)", _NO_FSDP2),
         "fsdp2": _refused(
             "EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")
         ),
@@ -313,33 +345,127 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def detect_features(args=None, model=None) -> set[str]:
-    """The matrix columns a run uses, read from its ``TrainingArguments`` and its model (fp32 is implied)."""
+def live_accelerator_state():
+    """The ``AcceleratorState`` all Accelerators of this process share, or None when no Accelerator was made.
+
+    Inside ``Trainer.train`` (a callback's ``on_train_begin``) it is the running Trainer's accelerator state."""
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+    except ImportError:
+        return None
+    if not is_initialized():
+        return None
+    try:
+        return AcceleratorState()
+    except ValueError:  # the shared state was reset (only a PartialState is left)
+        return None
+
+
+def training_precision(args=None, accelerator=None) -> str | None:
+    """The mixed precision (``"no"``, ``"fp16"``, ``"bf16"``, ...) the Trainer's accelerator uses; None if unknown.
+
+    ``accelerator`` (an ``Accelerator`` or ``AcceleratorState``) decides when given. Else the ``TrainingArguments``:
+    ``fp16`` / ``bf16``, then ``mixed_precision``, which transformers reads from ``ACCELERATE_MIXED_PRECISION``
+    (set by ``accelerate launch --mixed_precision`` or an accelerate config) and hands the accelerator; without
+    that field (older transformers) the variable itself, which the Accelerator then reads.
+    """
+    if accelerator is not None and getattr(accelerator, "mixed_precision", None):
+        return str(accelerator.mixed_precision).lower()
+    if args is None:
+        return None
+    if getattr(args, "fp16", False):
+        return "fp16"
+    if getattr(args, "bf16", False):
+        return "bf16"
+    if getattr(args, "mixed_precision", None):
+        return str(args.mixed_precision).lower()
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def fsdp1_parameter(model) -> str | None:
+    """The name of a parameter FSDP1 has flattened (or wrapped) in ``model``, else None.
+
+    By name, so that it can be asked before anything indexes the model's weights: FSDP1 registers its flat
+    parameters as ``..._flat_param`` under ``_fsdp_wrapped_module`` (``use_orig_params=True`` keeps the original
+    names under that prefix, as views into the flat shard); FSDP2's ``fully_shard`` renames nothing."""
+    for name, _ in model.named_parameters():
+        if "_flat_param" in name or "_fsdp_wrapped_module" in name:
+            return name
+    return None
+
+
+def refuse_fsdp1(model, what: str) -> None:
+    """Raise :class:`UnsupportedSettingError` if FSDP1 wraps ``model`` (``what`` names the component refusing)."""
+    name = fsdp1_parameter(model)
+    if name is not None:
+        raise UnsupportedSettingError(
+            f"{what} cannot work on a model wrapped by FSDP1 (it holds the parameter {name!r}): {FSDP1_WHAT}, in "
+            f"which the weight slices of heads and neurons do not exist; {USE_FSDP2}, or DDP (docs/compatibility.md)"
+        )
+
+
+def fsdp_version(args=None, model=None, accelerator=None) -> int | None:
+    """The FSDP version a run uses (1: flat parameters, 2: ``fully_shard``'s DTensors), or None without FSDP.
+
+    The model decides when it is already wrapped (FSDP1 names, DTensor parameters); else the accelerator's FSDP
+    plugin; else the ``TrainingArguments`` (``--fsdp`` with the version transformers gives accelerate's plugin);
+    else ``ACCELERATE_USE_FSDP`` / ``FSDP_VERSION`` (``accelerate launch --use_fsdp``, version 1 unless given),
+    which the Trainer's accelerator reads when ``--fsdp`` is not set. The run's sources (accelerator, arguments,
+    environment) are read only when ``args`` or ``accelerator`` is given.
+    """
+    if model is not None:
+        if fsdp1_parameter(model) is not None:
+            return 1
+        if _has_dtensor(model):
+            return 2
+    if args is None and accelerator is None:
+        return None
+    state = getattr(accelerator, "state", accelerator)
+    plugin = getattr(state, "fsdp_plugin", None) if state is not None else None
+    if plugin is not None and getattr(plugin, "fsdp_version", None):
+        return int(plugin.fsdp_version)
+    if args is not None and getattr(args, "fsdp", None):
+        plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+        config = getattr(args, "fsdp_config", None) or {}
+        version = plugin_args.get("fsdp_version") or config.get("version") or config.get("fsdp_version")
+        return int(version or 1)  # transformers without a version in its plugin arguments: accelerate's default
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return int(os.environ.get("FSDP_VERSION", "1") or 1)
+    return None
+
+
+def detect_features(args=None, model=None, accelerator=None) -> set[str]:
+    """The matrix columns a run uses, read from its ``TrainingArguments``, its model and its accelerator (an
+    ``Accelerator`` or ``AcceleratorState``; fp32 is implied). Precision: :func:`training_precision`; FSDP:
+    :func:`fsdp_version`."""
     found = {"fp32"}
+    precision = training_precision(args, accelerator)
+    if precision in ("fp16", "bf16"):
+        found.add(precision)
+    version = fsdp_version(args, model, accelerator)
+    if version is not None:
+        found.add("fsdp1" if version == 1 else "fsdp2")
     if args is not None:
         flags = {
-            "bf16": args.bf16,
-            "fp16": args.fp16,
             "compile": args.torch_compile,
             "checkpointing": getattr(args, "activation_checkpointing", False)
             or getattr(args, "gradient_checkpointing", False),
             "accumulation": args.gradient_accumulation_steps > 1,
-            "fsdp2": bool(args.fsdp),
         }
         found |= {col for col, on in flags.items() if on}
-    if model is not None:
-        if _has_dtensor(model):
-            found.add("fsdp2")
-        if _is_peft(model):
-            found.add("peft")
-    if _world_size() > 1 and "fsdp2" not in found:
+    if model is not None and _is_peft(model):
+        found.add("peft")
+    if _world_size() > 1 and not found & {"fsdp1", "fsdp2"}:
         found.add("ddp")
     return found
 
 
-def check_supported(row: str, args=None, model=None) -> None:
-    """Raise :class:`UnsupportedSettingError` naming every refused cell of ``row`` this run would use."""
-    cells, used = MATRIX[row], detect_features(args, model)
+def check_supported(row: str, args=None, model=None, accelerator=None) -> None:
+    """Raise :class:`UnsupportedSettingError` naming every refused cell of ``row`` this run would use.
+
+    Pass the Trainer's ``accelerator`` where there is one (callbacks: :func:`live_accelerator_state`), so that the
+    precision and FSDP version are those it really uses."""
+    cells, used = MATRIX[row], detect_features(args, model, accelerator)
     refused = [
         f"{COLUMNS[col]}: {cells[col].message}" for col in COLUMNS if col in used and cells[col].status == "refused"
     ]
@@ -349,8 +475,8 @@ def check_supported(row: str, args=None, model=None) -> None:
         )
 
 
-def check_strategy_supported(strategy, args=None, model=None) -> None:
+def check_strategy_supported(strategy, args=None, model=None, accelerator=None) -> None:
     """:func:`check_supported` for a strategy's row; strategies without a row refuse nothing."""
     row = STRATEGY_ROWS.get(getattr(strategy, "name", None))
     if row is not None:
-        check_supported(row, args, model)
+        check_supported(row, args, model, accelerator)

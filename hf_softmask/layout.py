@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
+from .compatibility import refuse_fsdp1
 from .peft_support import adapter_tensors, category_module, is_tuner_layer, plain_modules, unwrap_peft
 
 __all__ = ["UnitLayout", "OwnedSlice", "UNOWNED_CATEGORIES"]
@@ -77,6 +78,8 @@ class UnitLayout:
     """
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec, model_type: str):
+        # Before anything is indexed: FSDP1's flat parameters would fail below as a KeyError on a weight.
+        refuse_fsdp1(model, "UnitLayout")
         self.model_type = model_type
         self.spec = spec
         inner = unwrap_peft(model)

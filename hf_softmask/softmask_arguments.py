@@ -12,12 +12,13 @@ inherits the mixin (``SoftMaskTrainingArguments``, the pre-training runner's arg
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 
 from .masking import SoftMaskConfig
 
-__all__ = ["FLAG_PREFIX", "SoftMaskArguments", "flag_name"]
+__all__ = ["FLAG_PREFIX", "SoftMaskArguments", "choice_or_bool", "flag_name"]
 
 FLAG_PREFIX = "softmask_"
 
@@ -42,12 +43,49 @@ class _BuildsSoftMaskConfig:
             parent()
 
 
+def choice_or_bool(choices: tuple) -> type:
+    """The flag type of a ``Literal`` with ``True``/``False`` among its choices (``Literal["auto", True, False]``).
+
+    HfArgumentParser maps a Literal's value only by ``str(choice)``, so ``true`` or ``1`` would be refused where
+    every bool flag takes them; this type reads the bools as its ``string_to_bool`` does (yes/no, true/false,
+    t/f, y/n, 1/0, any case) and the other choices by their exact text. Any other text comes back unchanged:
+    argparse's ``choices`` refuse it on the command line, ``SoftMaskConfig`` where it came from YAML.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    texts = {str(c): c for c in choices if not isinstance(c, bool)}
+
+    class ChoiceOrBool:
+        def __new__(cls, text):
+            if not isinstance(text, str) or text in texts:
+                return texts.get(text, text)
+            try:
+                return string_to_bool(text)
+            except argparse.ArgumentTypeError:
+                return text
+
+    ChoiceOrBool.__name__ = ChoiceOrBool.__qualname__ = "|".join(str(c) for c in choices)
+    return ChoiceOrBool
+
+
+def _flag_annotation(annotation):
+    """The flag's annotation: HfArgumentParser calls a non-Literal one on the text (see :func:`choice_or_bool`)."""
+    choices = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal and any(isinstance(c, bool) for c in choices):
+        return choice_or_bool(choices)
+    return annotation
+
+
 def _flag_field(setting: dataclasses.Field, annotation) -> tuple[str, object, dataclasses.Field]:
     if setting.default is not dataclasses.MISSING:
         default = {"default": setting.default}
     else:
         default = {"default_factory": setting.default_factory}
-    return flag_name(setting.name), annotation, dataclasses.field(metadata=dict(setting.metadata), **default)
+    return (
+        flag_name(setting.name),
+        _flag_annotation(annotation),
+        dataclasses.field(metadata=dict(setting.metadata), **default),
+    )
 
 
 SoftMaskArguments = dataclasses.make_dataclass(

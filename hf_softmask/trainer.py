@@ -72,7 +72,9 @@ class SoftMaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, SoftMaskTrainingArguments):
             raise TypeError("SoftMaskTrainer needs SoftMaskTrainingArguments (a TrainingArguments subclass)")
-        check_supported("SoftMaskTrainer", self.args, self.model)  # refused cells of docs/compatibility.md
+        check_supported(
+            "SoftMaskTrainer", self.args, self.model, self.accelerator
+        )  # refused cells of docs/compatibility.md
         fix_loss_kwargs(self)  # a model averaging its own loss must not be scaled by the number of processes
         if importance is None and self.args.importance_path:
             importance = load_importance(self.args.importance_path)

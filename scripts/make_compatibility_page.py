@@ -67,6 +67,14 @@ def render() -> str:
         "finite; TaLoS: frozen entries unchanged; EWC/KD: finite losses, penalty / distillation term > 0 on the",
         "second task. Under DDP, the replicas must also stay identical.",
         "",
+        "How a run's columns are read (`hf_softmask.compatibility.detect_features`): the precision is the one the",
+        "Trainer's accelerator uses (`training_precision`: `--fp16` / `--bf16`, else `ACCELERATE_MIXED_PRECISION`, which",
+        "`accelerate launch --mixed_precision` or an accelerate config sets; inside training the accelerator's own);",
+        "FSDP1 or FSDP2 by the version really used (`fsdp_version`: the model's FSDP1 flat parameters or FSDP2",
+        "DTensors, accelerate's FSDP plugin, `--fsdp` with `fsdp_config` version, `ACCELERATE_USE_FSDP` with",
+        "`FSDP_VERSION`); DDP: more than one process without FSDP. `UnitLayout` also refuses an FSDP1-wrapped model",
+        "before it reads a weight, so every component that builds one (strategies without a row too) stops there.",
+        "",
         "| | " + " | ".join(COLUMNS.values()) + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
@@ -84,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_softmask.io import generated_page_main
 
     return generated_page_main(PAGE, render, "scripts/make_compatibility_page.py", __doc__, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

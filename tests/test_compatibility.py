@@ -40,13 +40,15 @@ DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
 #: refused cells checked here (one process); DDP cells are checked by DDP_TEST inside its 2-process launch
 REFUSED = [(row, col) for row in ROWS for col in COLUMNS if MATRIX[row][col].status == "refused" and col != "ddp"]
 #: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied);
-#: "peft" is a LoRA-wrapped model instead (see _trainers)
+#: "peft" is a LoRA-wrapped model instead, "fsdp1" a model wrapped by torch's FSDP1 (see _trainers)
 COLUMN_ARGS = {
     "bf16": {"bf16": True},
     "fp16": {"fp16": True},
     "accumulation": {"gradient_accumulation_steps": 2},
     "checkpointing": {"gradient_checkpointing": True},
     "compile": {"torch_compile": True},
+    # the model arrives wrapped (see fsdp1_wrapped): the Trainer cannot read the columns from FSDP1's forward(*args)
+    "fsdp1": {"remove_unused_columns": False},
     "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}},
 }
 
@@ -130,8 +132,25 @@ def test_a_missing_test_or_case_is_caught():
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
+def fsdp1_wrapped(model):
+    """``model`` wrapped by torch's FSDP1 (flat parameters), as accelerate's FSDP1 plugin wraps it in ``train()``.
+
+    accelerate refuses an FSDP1 plugin on a CPU (``sync_module_states`` needs a device) before the Trainer exists,
+    so the CPU test wraps the model itself, in a one-process gloo group (the worker's environment names it).
+    ``use_orig_params`` as FSDP1 needs it for a model with frozen parameters (TSS/WSN), else flat parameters only."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mixed = len({p.requires_grad for p in model.parameters()}) > 1
+    return FullyShardedDataParallel(model, use_orig_params=mixed, device_id=torch.device("cpu"))
+
+
 def _trainers(row: str, args, col: str):
-    """The row's real Trainer(s) on a tiny Llama (LoRA-wrapped for the peft column), ready to train()."""
+    """The row's real Trainer(s) on a tiny Llama (LoRA-wrapped for the peft column, FSDP1-wrapped after the
+    strategy prepared it for the fsdp1 column), ready to train()."""
     from torch.utils.data import DataLoader
     from transformers import Trainer
 
@@ -160,6 +179,9 @@ def _trainers(row: str, args, col: str):
 
         return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
 
+    def placed(model):  # what the Trainer trains: for fsdp1 the model as accelerate's FSDP1 plugin wraps it
+        return fsdp1_wrapped(model) if col == "fsdp1" else model
+
     if row == "TSS/WSN runner":  # the finetuning runner's model and optimizer
 
         def finetune(name):
@@ -167,6 +189,7 @@ def _trainers(row: str, args, col: str):
             model = strategy.prepare_model(MultiTaskClassifier(tiny(backbone=True), [2]))
             model.train_only_head(0)
             strategy.before_task(model, 0)
+            model = placed(model)
             opt = build_optimizer(model, args.learning_rate, 1e-2, args.weight_decay)
             return StrategyTrainer(
                 model=model, args=args, train_dataset=task_dataset(0), strategy=strategy, optimizers=(opt, None)
@@ -178,11 +201,13 @@ def _trainers(row: str, args, col: str):
     model, data = tiny(), lm_dataset(n_batches=2, seq_len=12)
     importance = UnitImportance.zeros_like_layout(UnitLayout.from_model(model))
     if row == "SoftMaskCallback":
-        yield lambda: Trainer(model=model, args=args, train_dataset=data, callbacks=[SoftMaskCallback(importance)])
+        yield lambda: Trainer(
+            model=placed(model), args=args, train_dataset=data, callbacks=[SoftMaskCallback(importance)]
+        )
         return
     if row == "SoftMaskTrainer":
         cls_args = SoftMaskTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in args.__dict__})
-        yield lambda: SoftMaskTrainer(model=model, args=cls_args, train_dataset=data, importance=importance)
+        yield lambda: SoftMaskTrainer(model=placed(model), args=cls_args, train_dataset=data, importance=importance)
         return
     strategies = {
         "DAS runner": [DASStrategy],
@@ -196,7 +221,7 @@ def _trainers(row: str, args, col: str):
         strategy = cls()
         prepared = strategy.prepare_model(tiny())
         strategy.before_task(prepared, 0, DataLoader(data, batch_size=4))  # ready to train, as the runners do
-        return StrategyTrainer(model=prepared, args=args, train_dataset=data, strategy=strategy)
+        return StrategyTrainer(model=placed(prepared), args=args, train_dataset=data, strategy=strategy)
 
     for cls in strategies:
         yield lambda cls=cls: build(cls)
@@ -256,7 +281,10 @@ def test_features_are_read_from_the_trainer_flags_and_the_model():
 
     assert detect_features(train_args("unused")) == {"fp32"}
     for col, flags in COLUMN_ARGS.items():
-        assert col in detect_features(train_args("unused", **flags)), col
+        if col != "fsdp1":  # a model column here (the --fsdp route: below)
+            assert col in detect_features(train_args("unused", **flags)), col
+    fsdp1 = train_args("unused", fsdp="full_shard", fsdp_config={"version": 1})
+    assert {"fsdp1", "fsdp2"} & detect_features(fsdp1) == {"fsdp1"}
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     assert detect_features(model=lora) == {"fp32", "peft"}
     check_supported("HAT", train_args("unused", bf16=True), lora)  # supported: no error

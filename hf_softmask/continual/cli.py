@@ -18,6 +18,7 @@ __all__ = [
     "build_parser",
     "parse_with_yaml",
     "refuse_unsupported_trainer_flags",
+    "refuse_fsdp1_flags",
     "help_text",
     "check_process_group",
     "use_cpu_without_cuda",
@@ -185,6 +186,20 @@ def refuse_unsupported_trainer_flags(args, runner: str) -> None:
         )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repo id prefix, e.g. 'me/minilm-das')")
+
+
+def refuse_fsdp1_flags(args, runner: str) -> None:
+    """Refuse FSDP1 (``--fsdp`` with fsdp_config version 1, ``accelerate launch --use_fsdp`` without version 2).
+
+    After ``TrainingArguments.__post_init__``: the version is the one transformers hands accelerate's plugin."""
+    from ..compatibility import FSDP1_WHAT, USE_FSDP2, fsdp_version
+
+    if fsdp_version(args) == 1:
+        raise ValueError(
+            f"FSDP1 (--fsdp with fsdp_config version 1, or an accelerate config / ACCELERATE_USE_FSDP without "
+            f"fsdp_version 2): {FSDP1_WHAT}, which the {runner} runner's masks, importance and sharded "
+            f"evaluation and saving do not follow; {USE_FSDP2}"
+        )
 
 
 def use_cpu_without_cuda(args) -> None:

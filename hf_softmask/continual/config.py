@@ -18,6 +18,7 @@ from ..domain_training import DomainTrainingOptions
 from ..softmask_arguments import SoftMaskArguments, flag_name
 from .cli import (
     parse_with_yaml,
+    refuse_fsdp1_flags,
     refuse_unsupported_trainer_flags,
     require_choice,
     require_positive,
@@ -398,6 +399,7 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         refuse_unsupported_trainer_flags(self, "pre-training")
         use_cpu_without_cuda(self)
         super().__post_init__()
+        refuse_fsdp1_flags(self, "pre-training")  # after the Trainer's own settings: their FSDP version
 
     def validate(self) -> None:
         """Every setting checked before anything is written; each error names the flag."""

@@ -65,6 +65,7 @@ from .checkpointing import (
 from .cli import (
     check_process_group,
     parse_with_yaml,
+    refuse_fsdp1_flags,
     refuse_unsupported_trainer_flags,
     register_architectures,
     require_choice,
@@ -226,6 +227,7 @@ class ContinualFinetuneTrainingArguments(TrainingArguments):
         refuse_unsupported_trainer_flags(self, "finetuning")
         use_cpu_without_cuda(self)
         super().__post_init__()
+        refuse_fsdp1_flags(self, "finetuning")  # after the Trainer's own settings: their FSDP version
 
 
 def parse_finetune_config(

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..callback import merge_log_metrics
-from ..compatibility import check_strategy_supported
+from ..compatibility import check_strategy_supported, live_accelerator_state
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..trainer import resume_checkpoint
 from .units import build_config, config_dict, config_signature
@@ -207,7 +207,8 @@ class StrategyCallback(TrainerCallback):
         self._optimizer = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        check_strategy_supported(self.strategy, args, model)  # refused cells of docs/compatibility.md
+        # refused cells of docs/compatibility.md, with the precision and FSDP version the accelerator uses
+        check_strategy_supported(self.strategy, args, model, live_accelerator_state())
         self._optimizer = optimizer
         per_epoch = (
             len(train_dataloader) if train_dataloader is not None and hasattr(train_dataloader, "__len__") else None

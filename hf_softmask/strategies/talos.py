@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..bitpack import pack_bits, unpack_bits
+from ..compatibility import check_strategy_supported
 from ..fisher import fisher_diagonal
 from ..optim import install_update_masks
 from ..peft_support import unwrap_peft
@@ -235,6 +236,8 @@ class TaLoSStrategy(ContinualStrategy):
         return trainable
 
     def before_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
+        # Before the selection, which would fail on FSDP1's flat parameters with a misleading scope error.
+        check_strategy_supported(self, model=model)
         self.task_id = task_id
         self._model = model
         self.trainable = self.select(model, dataloader)
