@@ -227,11 +227,11 @@ def write_frontier(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    plots: bool = True,
 ) -> dict:
-    """Write ``frontier.json``, ``frontier.md`` and ``frontier.png`` (+ ``frontier_general.png``) into ``output_dir``;
-    with per-block losses in the runs, bootstrap intervals too (``n_resamples``, ``confidence``, ``seed``)."""
-    from ..plotting import plot_frontier
-
+    """Write ``frontier.json``, ``frontier.md`` and (``plots``) ``frontier.png`` + ``frontier_general.png`` into
+    ``output_dir``; with per-block losses in the runs, bootstrap intervals too (``n_resamples``, ``confidence``,
+    ``seed``)."""
     out = Path(output_dir)
     records = mark_beyond_frontier(frontier_records(run_dirs), tolerance=tolerance)
     if not records:
@@ -247,7 +247,9 @@ def write_frontier(
     }
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, confidence if with_ci else None))
-    if any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
+    if plots and any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
+        from ..plotting import plot_frontier
+
         for y, name, title in (
             ("forgetting", "frontier.png", "forgetting vs in-domain loss (lower-left is better)"),
             ("general_loss_increase", "frontier_general.png", "general-text loss increase vs in-domain loss"),

@@ -47,7 +47,11 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
 
     if PartialState().is_main_process:
         return write_frontier(
-            args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+            args.output_dir,
+            dirs,
+            n_resamples=args.bootstrap_resamples,
+            confidence=args.bootstrap_confidence,
+            plots=args.plots,
         )
     return {}
 
@@ -63,5 +67,9 @@ def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
             raise FileNotFoundError(f"--frontier_runs {pattern!r}: no run directory with a results.json matches it")
         dirs.extend(finished)
     return write_frontier(
-        args.output_dir, dirs, n_resamples=args.bootstrap_resamples, confidence=args.bootstrap_confidence
+        args.output_dir,
+        dirs,
+        n_resamples=args.bootstrap_resamples,
+        confidence=args.bootstrap_confidence,
+        plots=args.plots,
     )
