@@ -35,6 +35,8 @@ class ArchitectureSpec:
         attn_out: projection whose INPUT features are split by head (gated by a pre-hook).
         ffn_in: projections whose OUTPUT features are the FFN neurons (up/gate).
         ffn_out: projection whose INPUT features are the FFN neurons (gated by a pre-hook).
+        ffn_act: the activation module applied to the one ``ffn_in`` projection's output, for FFN gates before the
+            activation (``ffn_gate="before_activation"``); None where there is none to gate (gated MLPs).
         num_heads_attr / num_kv_heads_attr / ffn_size_attr: config attribute names.
         conv1d: weights are stored ``[in, out]`` (transformers ``Conv1D``).
         fused_qkv: q, k and v live in one projection, in thirds of its output.
@@ -55,6 +57,7 @@ class ArchitectureSpec:
     conv1d: bool = False
     fused_qkv: bool = False
     encoder: bool = False
+    ffn_act: str | None = None
     extra: dict = field(default_factory=dict)
 
     def projections(self, which: str = "all") -> tuple[str, ...]:
@@ -125,6 +128,7 @@ _BERT = ArchitectureSpec(
     ffn_in=("intermediate.dense",),
     ffn_out="output.dense",
     encoder=True,
+    ffn_act="intermediate.intermediate_act_fn",
 )
 _DISTILBERT = ArchitectureSpec(
     layers="transformer.layer",
@@ -137,6 +141,7 @@ _DISTILBERT = ArchitectureSpec(
     num_heads_attr="n_heads",
     ffn_size_attr="hidden_dim",
     encoder=True,
+    ffn_act="ffn.activation",
 )
 _GPT2 = ArchitectureSpec(
     layers="h",
@@ -150,6 +155,7 @@ _GPT2 = ArchitectureSpec(
     ffn_size_attr="n_inner",
     conv1d=True,
     fused_qkv=True,
+    ffn_act="mlp.act",
 )
 _LLAMA = ArchitectureSpec(
     layers="layers",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .compatibility import check_supported
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
+from .softmask_resume import check_resume_settings, save_settings
 
 __all__ = ["SoftMaskCallback", "merge_log_metrics"]
 
@@ -32,6 +36,11 @@ class SoftMaskCallback(TrainerCallback):
         mode: ``"update"`` (default) scales the optimizer's whole change of each owned slice by
             ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step).
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
+        allow_settings_change: allow resuming a checkpoint with other settings than it was trained with (a
+            warning lists them); without it such a resume is refused naming each setting.
+
+    Every Trainer checkpoint gets the settings as ``softmask_config.json``; a resume compares them with this
+    callback's (:mod:`hf_softmask.softmask_resume`; ``compile_update``, which changes only the speed, may differ).
 
     At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask per layer
     for heads and FFN, fraction of units with importance > 0.5) join the training log and
@@ -50,6 +59,7 @@ class SoftMaskCallback(TrainerCallback):
         importance: UnitImportance | str | os.PathLike,
         mode: str | None = None,
         config: SoftMaskConfig | None = None,
+        allow_settings_change: bool = False,
         **policies,
     ):
         if not isinstance(importance, UnitImportance):
@@ -60,13 +70,39 @@ class SoftMaskCallback(TrainerCallback):
         if mode is not None:
             fields["mode"] = mode
         self.config = SoftMaskConfig(**fields)
+        self.allow_settings_change = allow_settings_change
         self.masker: SoftMasker | None = None
+        self._resume_checked = False
+
+    def check_resume(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse resuming ``checkpoint`` with other settings than it was trained with (unless
+        ``allow_settings_change``). :class:`~hf_softmask.SoftMaskTrainer` calls it before loading the checkpoint;
+        under a plain Trainer, ``on_train_begin`` checks ``output_dir/checkpoint-<step>``."""
+        check_resume_settings(checkpoint, self.config, self.allow_settings_change)
+        self._resume_checked = True
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         check_supported("SoftMaskCallback", args, model)  # refused cells of docs/compatibility.md
+        if state.global_step > 0 and not self._resume_checked:  # resumed: the state came from a checkpoint
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if checkpoint.is_dir():
+                self.check_resume(checkpoint)
+            else:
+                warnings.warn(
+                    f"resumed at step {state.global_step} from a checkpoint outside {args.output_dir}: its "
+                    "soft-mask settings are not checked (SoftMaskTrainer checks them wherever it is)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        self._resume_checked = False  # the next train() call checks its own checkpoint
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"  # where the Trainer saved
+        if state.is_world_process_zero and checkpoint.is_dir():
+            save_settings(self.config, checkpoint)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masker is not None and logs is not None:

@@ -83,7 +83,7 @@ def _last_hidden(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
 
 
 def _pooled_views(
-    model, ids, mask, layout, dropout, plain: int, importance: UnitImportance | None
+    model, ids, mask, layout, dropout, plain: int, importance: UnitImportance | None, ffn_site: str
 ) -> list[torch.Tensor]:
     """One forward of ``plain`` ungated copies of the batch, then (if ``importance``) one importance-gated copy.
 
@@ -98,7 +98,7 @@ def _pooled_views(
         h, f = importance.heads.to(ids.device), importance.ffn.to(ids.device)
         heads = torch.cat([h.new_ones(plain * B, *h.shape), h.expand(B, *h.shape)])
         ffn = torch.cat([f.new_ones(plain * B, *f.shape), f.expand(B, *f.shape)])
-    with UnitGates(layout, heads, ffn, dropout=dropout, per_example=importance is not None):
+    with UnitGates(layout, heads, ffn, dropout=dropout, per_example=importance is not None, ffn_site=ffn_site):
         pooled = masked_mean_pool(_last_hidden(model, rows_ids, rows_mask), rows_mask)
     return list(pooled.split(B))
 
@@ -111,12 +111,15 @@ def sentence_views(
     perturbation_dropout: float = 0.0,
     z1: torch.Tensor | None = None,
     view_gradients: bool = True,
+    ffn_gate_site: str = "after_activation",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled ``(z1, z2, z3)`` for one batch; ``model`` must be in train mode so its dropout is on.
 
     ``perturbation_dropout`` > 0 puts dropout on every gated unit output for the views (for models without
     dropout of their own, e.g. Llama). ``z1`` may be given (already pooled) to reuse the LM forward pass.
     ``view_gradients``: whether ``z2`` and ``z3`` carry gradients (False: computed under ``torch.no_grad``).
+    ``ffn_gate_site``: where the importance gates of ``z3`` scale FFN neurons
+    (:data:`~hf_softmask.gates.FFN_GATE_SITES`).
     The views run under the autocast in force where this is called.
     """
     layout = layout or UnitLayout.from_model(model)
@@ -124,7 +127,7 @@ def sentence_views(
     mask = inputs.get("attention_mask")
 
     def run(plain, imp):
-        return _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp)
+        return _pooled_views(model, ids, mask, layout, perturbation_dropout, plain, imp, ffn_gate_site)
 
     if view_gradients:
         if z1 is None:
@@ -148,10 +151,18 @@ def das_contrastive_loss(
     perturbation_dropout: float = 0.0,
     z1: torch.Tensor | None = None,
     view_gradients: bool = True,
+    ffn_gate_site: str = "after_activation",
 ) -> torch.Tensor:
     """InfoNCE(anchor z1, positive z2, negatives = other samples' z2 + every z3) for one batch."""
     z1, z2, z3 = sentence_views(
-        model, inputs, importance, layout, perturbation_dropout, z1=z1, view_gradients=view_gradients
+        model,
+        inputs,
+        importance,
+        layout,
+        perturbation_dropout,
+        z1=z1,
+        view_gradients=view_gradients,
+        ffn_gate_site=ffn_gate_site,
     )
     return info_nce(z1, z2, z3, temperature)
 

@@ -21,8 +21,10 @@ __all__ = [
     "DomainCorpus",
     "bbc_corpus_dir",
     "bbc_task_sequence",
+    "build_document_blocks",
     "build_lm_dataset",
     "general_text_documents",
+    "general_text_keys",
     "is_masked_lm",
     "lm_data_collator",
     "load_bbc_topics",
@@ -56,14 +58,16 @@ def bbc_corpus_dir() -> Path:
     return root
 
 
-def load_text_files(directory: str | os.PathLike, pattern: str = "*.txt") -> list[str]:
-    """Contents of the files matching ``pattern`` in ``directory``, in sorted file-name order."""
+def load_text_files(directory: str | os.PathLike, pattern: str = "*.txt", with_names: bool = False):
+    """Contents of the files matching ``pattern`` in ``directory``, in sorted file-name order; with ``with_names``
+    a pair ``(names, texts)``, the names relative to ``directory``."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"not a directory: {directory}")
     files = sorted(p for p in directory.glob(pattern) if p.is_file())
     # errors="ignore": a stray undecodable byte in one article should not abort loading a whole corpus.
-    return [p.read_text(encoding="utf-8", errors="ignore") for p in files]
+    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in files]
+    return ([p.relative_to(directory).as_posix() for p in files], texts) if with_names else texts
 
 
 def load_bbc_topics(topics: Iterable[str] | None = None) -> dict[str, list[str]]:
@@ -95,6 +99,14 @@ def _dedupe(docs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(docs))
 
 
+def _dedupe_named(names: Sequence[str], docs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """:func:`_dedupe` keeping each kept text's name (the first occurrence's)."""
+    first: dict[str, str] = {}
+    for name, doc in zip(names, docs):
+        first.setdefault(doc, name)
+    return list(first.values()), list(first)
+
+
 def split_documents(
     docs: Sequence[str], test_fraction: float = 0.1, seed: int = 0, dedupe: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -118,8 +130,15 @@ def general_text_documents(max_docs: int | None = None) -> list[str]:
     """
     from pydoc_data.topics import topics
 
-    docs = [topics[k] for k in sorted(topics)]
+    docs = [topics[k] for k in general_text_keys()]
     return docs if max_docs is None else docs[:max_docs]
+
+
+def general_text_keys() -> list[str]:
+    """The names of :func:`general_text_documents`' documents (pydoc topic keys), in the same order."""
+    from pydoc_data.topics import topics
+
+    return sorted(topics)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,6 +152,8 @@ class DomainCorpus:
     name: str
     train_texts: list[str]
     eval_texts: list[str]
+    #: One id per held-out text (``<domain>/<file name>`` or ``<domain>/row<index>``): the evaluation's documents.
+    eval_ids: list[str] | None = None
 
 
 _DOMAIN_KEYS = {
@@ -154,19 +175,22 @@ _DOMAIN_KEYS = {
 }
 
 
-def _texts_from_files(source: str | os.PathLike, pattern: str) -> list[str]:
+def _texts_from_files(source: str | os.PathLike, pattern: str) -> tuple[list[str], list[str]]:
+    """``(names, texts)`` of a directory's ``pattern`` files or of a glob's files."""
     source = os.fspath(source)
     if os.path.isdir(source):
-        texts = load_text_files(source, pattern)
+        names, texts = load_text_files(source, pattern, with_names=True)
     else:
         files = sorted(f for f in _glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(f))
+        names = [Path(f).name for f in files]
         texts = [Path(f).read_text(encoding="utf-8", errors="ignore") for f in files]
     if not texts:
         raise FileNotFoundError(f"no text files found at {source!r} (a directory of {pattern} files or a glob)")
-    return texts
+    return names, texts
 
 
-def _texts_from_hf(source, config: str | None, split: str, text_column: str | None) -> list[str]:
+def _texts_from_hf(source, config: str | None, split: str, text_column: str | None) -> tuple[list[str], list[str]]:
+    """``(names, texts)`` of a dataset's non-empty ``text_column`` rows (names: ``row<index>``)."""
     if isinstance(source, datasets.DatasetDict):
         source = source[split]
     if isinstance(source, datasets.Dataset):
@@ -182,7 +206,7 @@ def _texts_from_hf(source, config: str | None, split: str, text_column: str | No
         text_column = "text"
     if text_column not in ds.column_names:
         raise ValueError(f"text_column {text_column!r} not in dataset columns {ds.column_names}")
-    return [t for t in ds[text_column] if t]
+    return [f"row{i}" for i, t in enumerate(ds[text_column]) if t], [t for t in ds[text_column] if t]
 
 
 def load_domains(
@@ -222,16 +246,20 @@ def load_domains(
         n_eval = entry.get("max_eval_docs", max_eval_docs)
 
         file_source = entry.get("train_files", entry.get("path"))
-        eval_texts = None
+        eval_names = eval_texts = None
         if file_source is not None:
-            texts = _texts_from_files(file_source, pattern)
+            names, texts = _texts_from_files(file_source, pattern)
         elif entry.get("hf_dataset") is not None:
             hf = entry["hf_dataset"]
-            texts = _texts_from_hf(hf, entry.get("hf_config"), entry.get("split", "train"), entry.get("text_column"))
+            names, texts = _texts_from_hf(
+                hf, entry.get("hf_config"), entry.get("split", "train"), entry.get("text_column")
+            )
             if entry.get("eval_split"):
-                eval_texts = _texts_from_hf(hf, entry.get("hf_config"), entry["eval_split"], entry.get("text_column"))
+                eval_names, eval_texts = _texts_from_hf(
+                    hf, entry.get("hf_config"), entry["eval_split"], entry.get("text_column")
+                )
         elif name in BBC_TOPICS:
-            texts = load_bbc_topics([name])[name]
+            names, texts = load_text_files(bbc_corpus_dir() / name, with_names=True)
         else:
             raise ValueError(
                 f"domain {name!r} is not a BBC topic ({', '.join(BBC_TOPICS)}) and names no source; "
@@ -240,20 +268,28 @@ def load_domains(
 
         eval_source = entry.get("eval_files", entry.get("eval_path"))
         if eval_source is not None:
-            eval_texts = _texts_from_files(eval_source, pattern)
-        texts = _dedupe(texts)
+            eval_names, eval_texts = _texts_from_files(eval_source, pattern)
+        names, texts = _dedupe_named(names, texts)
         if eval_texts is None:
             # Seed by domain name too, so two domains of equal size do not get the same split positions.
             train_idx, eval_idx = _split_indices(len(texts), frac, random.Random(f"{dseed}:{name}"))
             train_texts, eval_texts = [texts[i] for i in train_idx], [texts[i] for i in eval_idx]
+            eval_names = [names[i] for i in eval_idx]
         else:
-            eval_texts = _dedupe(eval_texts)
+            eval_names, eval_texts = _dedupe_named(eval_names, eval_texts)
             train_texts = texts
         if n_train is not None:
             train_texts = train_texts[:n_train]
         if n_eval is not None:
-            eval_texts = eval_texts[:n_eval]
-        domains.append(DomainCorpus(name=name, train_texts=list(train_texts), eval_texts=list(eval_texts)))
+            eval_texts, eval_names = eval_texts[:n_eval], eval_names[:n_eval]
+        domains.append(
+            DomainCorpus(
+                name=name,
+                train_texts=list(train_texts),
+                eval_texts=list(eval_texts),
+                eval_ids=[f"{name}/{n}" for n in eval_names],
+            )
+        )
     return domains
 
 
@@ -301,6 +337,51 @@ def build_lm_dataset(
         raise ValueError(f"got {len(ids)} tokens, fewer than block_size={block_size}; lower block_size or add text")
     blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks]})
+
+
+def build_document_blocks(
+    texts: Sequence[str],
+    ids: Sequence[str],
+    tokenizer,
+    block_size: int = 128,
+    blocks_per_document: int = 2,
+    max_documents: int | None = None,
+) -> datasets.Dataset:
+    """Evaluation blocks cut document by document (columns ``input_ids``, ``attention_mask``, ``doc``).
+
+    Each document is tokenized alone and gives its first ``blocks_per_document`` full blocks of ``block_size``
+    tokens; a document shorter than one block gives one block of its tokens, right-padded with the pad token
+    (attention mask 0, so the LM collators give those positions no label). No block mixes two documents, so the
+    documents are the independent units a bootstrap resamples (a document's blocks share its topic and style), and
+    no document weighs more than ``blocks_per_document`` blocks. Documents without a token are skipped; the first
+    ``max_documents`` documents that have one are used.
+    """
+    if block_size < 1 or blocks_per_document < 1:
+        raise ValueError(f"block_size and blocks_per_document must be >= 1, got {block_size}, {blocks_per_document}")
+    if len(ids) != len(texts):
+        raise ValueError(f"one id per document: {len(ids)} ids for {len(texts)} texts")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad a short document's block with")
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "doc": []}
+    kept = 0
+    for start in range(0, len(texts), 64):
+        enc = tokenizer(list(texts[start : start + 64]), add_special_tokens=False, verbose=False)["input_ids"]
+        for doc_id, tokens in zip(ids[start : start + 64], enc):
+            if not tokens or (max_documents is not None and kept >= max_documents):
+                continue
+            kept += 1
+            n_full = min(len(tokens) // block_size, blocks_per_document)
+            blocks = [tokens[i * block_size : (i + 1) * block_size] for i in range(n_full)] or [tokens]
+            for block in blocks:
+                rows["input_ids"].append(block + [pad] * (block_size - len(block)))
+                rows["attention_mask"].append([1] * len(block) + [0] * (block_size - len(block)))
+                rows["doc"].append(str(doc_id))
+        if max_documents is not None and kept >= max_documents:
+            break
+    if not rows["doc"]:
+        raise ValueError("no held-out document has a token; add evaluation text")
+    return datasets.Dataset.from_dict(rows)
 
 
 def lm_data_collator(

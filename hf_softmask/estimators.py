@@ -30,6 +30,7 @@ __all__ = [
     "register_estimator",
     "OBJECTIVES",
     "kl_dropout_loss",
+    "kl_dropout_sequence_loss",
     "lm_loss",
     "has_dropout",
     "EmptyDataError",
@@ -56,15 +57,20 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def _two_views(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Last hidden states ``[B, T, D]`` of two forwards of the batch (two dropout draws, fp32) and its token mask."""
+    inputs = _model_inputs(batch)
+    h1 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+    h2 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
+    return h1, h2, _token_mask(batch, h1)
+
+
 def kl_dropout_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed KL between the last hidden states of two dropout views of the same input (fp32).
 
     Returns (loss summed over non-padding tokens, number of tokens).
     """
-    inputs = _model_inputs(batch)
-    h1 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
-    h2 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
-    mask = _token_mask(batch, h1)
+    h1, h2, mask = _two_views(model, batch)
     # KL(softmax(h1) || softmax(h2)) over the hidden dimension, per token.
     kl = F.kl_div(F.log_softmax(h2, -1), F.log_softmax(h1, -1), log_target=True, reduction="none").sum(-1)
     n = int(mask.sum())
@@ -87,7 +93,24 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return out.loss.float() * max(n, 1), n
 
 
-OBJECTIVES: dict[str, Callable] = {"kl_dropout": kl_dropout_loss, "lm_loss": lm_loss}
+def kl_dropout_sequence_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """:func:`kl_dropout_loss` with the published code's softmax axis: over the SEQUENCE (each hidden feature a
+    distribution over the tokens), padding left out. Returns (KL summed over features and sequences, tokens)."""
+    h1, h2, mask = _two_views(model, batch)
+    real = mask.unsqueeze(-1)
+    logp1 = F.log_softmax(h1.masked_fill(~real, float("-inf")), dim=1)
+    logp2 = F.log_softmax(h2.masked_fill(~real, float("-inf")), dim=1)
+    kl = torch.where(real, logp1.exp() * (logp1 - logp2), torch.zeros_like(logp1))
+    return kl.sum(), int(mask.sum())
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "kl_dropout": kl_dropout_loss,
+    "kl_dropout_sequence": kl_dropout_sequence_loss,
+    "lm_loss": lm_loss,
+}
+#: Objectives that compare two dropout draws: a model without dropout gets ``perturbation_dropout`` for them.
+DROPOUT_OBJECTIVES = ("kl_dropout", "kl_dropout_sequence")
 
 
 @contextmanager
@@ -157,11 +180,11 @@ def importance_snapshots(
         device = next(model.parameters()).device
     spec = get_estimator(estimator)
     dropout = 0.0
-    if name == "kl_dropout" and not has_dropout(model):
+    if name in DROPOUT_OBJECTIVES and not has_dropout(model):
         dropout = perturbation_dropout
         if dropout <= 0:
             raise ValueError(
-                "kl_dropout on a model without dropout needs perturbation_dropout > 0 (both views would be identical)"
+                f"{name} on a model without dropout needs perturbation_dropout > 0 (both views would be identical)"
             )
     at = sorted(set(at or ()))
     tokens = torch.zeros((), device=device, dtype=torch.float64)
@@ -232,7 +255,8 @@ def compute_importance(
 
     Args:
         objective: ``"kl_dropout"`` (general-knowledge proxy: two dropout views, KL of last hidden
-            states), ``"lm_loss"`` (the model's own MLM/causal LM loss), or a callable
+            states, softmax over the hidden features), ``"kl_dropout_sequence"`` (the same with the published
+            code's softmax over the sequence), ``"lm_loss"`` (the model's own MLM/causal LM loss), or a callable
             ``(model, batch) -> (summed_loss, n_tokens)``. Estimators without a loss (``activation``,
             ``wanda``) run one forward on the batch's inputs (for MLM batches the masked inputs) and do not
             use it.
@@ -241,8 +265,8 @@ def compute_importance(
             ``wanda``, ``random`` (the control); see :mod:`hf_softmask.importance_estimators`.
         estimator_options: keyword options of the estimator (``random``: ``seed``, ``base``).
         max_batches: stop after this many batches.
-        perturbation_dropout: for ``kl_dropout`` on a model without dropout, the dropout put on
-            gated unit outputs so the two views differ.
+        perturbation_dropout: for ``kl_dropout``/``kl_dropout_sequence`` on a model without dropout, the
+            dropout put on gated unit outputs so the two views differ.
         normalize: map into [0, 1] with ``normalization``; False returns the raw estimate.
         normalization: a key of :data:`hf_softmask.importance.NORMALIZATIONS`; the default ``"pooled_tanh"``
             is monotonic in the raw estimate across all layers, ``"abs_tanh"`` is the published DAS per-layer

@@ -24,7 +24,11 @@ from torch import nn
 
 from .layout import UnitLayout
 
-__all__ = ["UnitGates", "gated"]
+__all__ = ["UnitGates", "gated", "FFN_GATE_SITES", "ffn_gate_modules"]
+
+#: Where an FFN neuron's gate multiplies (docs/algorithms.md §1): its activation's output (the input of the FFN
+#: output projection, the default), or its pre-activation (the input of the activation, as the published DAS code).
+FFN_GATE_SITES = ("after_activation", "before_activation")
 
 # Installed gates, in hook-registration order (the order their hooks run on a shared module).
 _INSTALLED: list[UnitGates] = []
@@ -87,6 +91,9 @@ class UnitGates:
     through ``per_example=True``) scales each example separately. ``dropout`` adds a stochastic
     perturbation to the gated outputs (for models that have no dropout of their own).
 
+    ``ffn_site`` (:data:`FFN_GATE_SITES`): ``"before_activation"`` gates the FFN pre-activations instead, with a
+    pre-hook on each layer's activation module (``ArchitectureSpec.ffn_act``); a family without one is refused.
+
     Use as a context manager or call :meth:`remove`; after removal the model is exactly as before.
     Under gradient checkpointing the recomputation of a layer applies the gates as they were at its
     forward, even after :meth:`remove` or a change of ``head_gate``/``ffn_gate``/``enabled``.
@@ -99,6 +106,7 @@ class UnitGates:
         ffn_gate: torch.Tensor | None = None,
         dropout: float = 0.0,
         per_example: bool = False,
+        ffn_site: str = "after_activation",
     ):
         self.layout = layout
         self.head_gate = head_gate
@@ -107,7 +115,7 @@ class UnitGates:
         self.per_example = per_example
         self.enabled = True
         self._sites = [(m, "head", l) for l, m in enumerate(layout.attn_out_modules)]
-        self._sites += [(m, "ffn", l) for l, m in enumerate(layout.ffn_out_modules)]
+        self._sites += [(m, "ffn", l) for l, m in enumerate(ffn_gate_modules(layout, ffn_site))]
         self._handles = [m.register_forward_pre_hook(self._make_hook(kind, l)) for m, kind, l in self._sites]
         self._ckpt_modules = _checkpointable_modules(layout, {id(m) for m, _, _ in self._sites})
         for module, inside in self._ckpt_modules:
@@ -161,6 +169,28 @@ class UnitGates:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def ffn_gate_modules(layout: UnitLayout, ffn_site: str) -> list[nn.Module]:
+    """The modules whose input the FFN gates at ``ffn_site`` scale, one per layer; a site the family lacks is
+    refused (ValueError)."""
+    if ffn_site not in FFN_GATE_SITES:
+        raise ValueError(f"ffn_gate_site must be one of {list(FFN_GATE_SITES)}, got {ffn_site!r}")
+    if ffn_site == "after_activation":
+        return layout.ffn_out_modules
+    acts = layout.ffn_act_modules
+    if acts is None:
+        raise ValueError(
+            f"ffn_gate_site='before_activation' needs the FFN activation module, which the {layout.model_type!r} "
+            "architecture does not name (ArchitectureSpec.ffn_act; a gated MLP has none to gate); use "
+            "'after_activation'"
+        )
+    if len({id(m) for m in acts}) != len(acts):
+        # A pre-hook on a module that several layers share would gate every layer with each layer's gates.
+        raise ValueError(
+            "ffn_gate_site='before_activation' needs one FFN activation module per layer; layers share one"
+        )
+    return acts
 
 
 @contextmanager

@@ -50,22 +50,24 @@ def _warn_flat(flat: torch.Tensor, name: str, what: str) -> None:
         )
 
 
-def _zscore(x: torch.Tensor, dim: int | None, name: str) -> torch.Tensor:
-    """``(x - mean) / std`` along ``dim`` (None: over all entries); constant rows give zeros, with a warning."""
+def _zscore(x: torch.Tensor, dim: int | None, name: str, unbiased: bool = False) -> torch.Tensor:
+    """``(x - mean) / std`` along ``dim`` (None: over all entries), ``std`` with ``n - 1`` if ``unbiased`` else
+    ``n``; constant rows give zeros, with a warning."""
     x = _check_finite(x, name)
     dims = tuple(range(x.dim())) if dim is None else (dim,)
     mean = x.mean(dim=dims, keepdim=True)
     n = x.numel() if dim is None else x.shape[dim]
-    std = x.std(dim=dims, keepdim=True, unbiased=False) if n > 1 else torch.zeros_like(mean)
+    std = x.std(dim=dims, keepdim=True, unbiased=unbiased) if n > 1 else torch.zeros_like(mean)
     flat = (std <= 0) | ~torch.isfinite(std)
     _warn_flat(flat, name, "row(s) have" if dim is not None else "tensor has only")
     z = (x - mean) / torch.where(flat, torch.ones_like(std), std)
     return z.masked_fill(flat.expand_as(z), 0.0)
 
 
-def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance") -> torch.Tensor:
-    """``|tanh((x - mean) / std)|`` along ``dim``; rows with zero or non-finite std give 0 (with a warning)."""
-    return torch.tanh(_zscore(x, dim, name)).abs()
+def tanh_zscore(x: torch.Tensor, dim: int = -1, name: str = "importance", unbiased: bool = False) -> torch.Tensor:
+    """``|tanh((x - mean) / std)|`` along ``dim`` (``std`` unbiased if ``unbiased``); rows with zero or non-finite
+    std give 0 (with a warning)."""
+    return torch.tanh(_zscore(x, dim, name, unbiased)).abs()
 
 
 def _quantile(x: torch.Tensor, pooled: bool, name: str) -> torch.Tensor:
@@ -83,8 +85,9 @@ def _quantile(x: torch.Tensor, pooled: bool, name: str) -> torch.Tensor:
 
 
 NORMALIZATIONS: dict[str, Callable[[torch.Tensor, str], torch.Tensor]] = {
-    # The published DAS map: per layer |tanh z|. Not monotonic: a unit far BELOW its layer's mean gets ~1.
-    "abs_tanh": lambda x, name: tanh_zscore(x, -1, name),
+    # The published DAS map: per layer |tanh z|, z with torch.std's unbiased std as ContinualLM's impt_norm has it
+    # (docs/algorithms.md §2). Not monotonic: a unit far BELOW its layer's mean gets ~1.
+    "abs_tanh": lambda x, name: tanh_zscore(x, -1, name, unbiased=True),
     # One-sided: per layer tanh(z) clipped at 0; units at or below their layer's mean get 0.
     "tanh": lambda x, name: torch.tanh(_zscore(x, -1, name)).clamp_min(0.0),
     # The default. One-sided tanh of z-scores over all layers of a kind (heads, or FFN neurons) together: a unit
@@ -199,17 +202,25 @@ class UnitImportance(PushToHubMixin):
     def from_pretrained(
         cls, path_or_repo: str | os.PathLike, *, layout=None, revision: str | None = None, **hub_kwargs
     ) -> UnitImportance:
-        """Load from a local directory or a Hub repo id; with ``layout``, check the shapes fit."""
-        path = Path(path_or_repo)
+        """Load from a local directory or a Hub repo id; with ``layout``, check the shapes fit.
+
+        A name that is not a directory is looked up on the Hub only when it reads as ``owner/name``; anything else
+        (a single name, ``./``, ``~``, an absolute path, an invalid repo id) that does not exist raises
+        FileNotFoundError naming it, as does a repo the Hub (or, offline, its cache) does not provide.
+        """
+        path = Path(path_or_repo).expanduser()
         if path.is_dir():
             weights, config = path / IMPORTANCE_WEIGHTS, path / IMPORTANCE_CONFIG
             if not weights.is_file():
-                raise FileNotFoundError(f"{weights} not found: {path} holds no saved UnitImportance")
+                raise FileNotFoundError(f"{path_or_repo}: holds no saved UnitImportance ({weights} not found)")
+        elif _hub_repo_id(str(path_or_repo)):
+            weights, config = _hub_files(str(path_or_repo), revision, hub_kwargs)
         else:
-            from huggingface_hub import hf_hub_download
-
-            weights = hf_hub_download(str(path_or_repo), IMPORTANCE_WEIGHTS, revision=revision, **hub_kwargs)
-            config = hf_hub_download(str(path_or_repo), IMPORTANCE_CONFIG, revision=revision, **hub_kwargs)
+            raise FileNotFoundError(
+                f"{path_or_repo}: no such directory (and not looked up on the Hub: not an owner/name repo id); "
+                f"give the directory holding {IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or "
+                "a Trainer checkpoint"
+            )
         tensors = load_file(str(weights))
         meta = json.loads(Path(config).read_text()) if Path(config).is_file() else {}
         imp = cls(tensors["heads"], tensors["ffn"], meta)
@@ -233,3 +244,46 @@ class UnitImportance(PushToHubMixin):
             f"UnitImportance(heads={tuple(self.heads.shape)}, ffn={tuple(self.ffn.shape)}, "
             f"mean={self.heads.mean():.3f}/{self.ffn.mean():.3f})"
         )
+
+
+def _hub_repo_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id ``owner/name`` rather than a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "~")) or os.path.isabs(name) or "\\" in name or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_files(repo_id: str, revision: str | None, hub_kwargs: dict) -> tuple[str, str]:
+    """The weights and config files of a UnitImportance on the Hub; FileNotFoundError naming ``repo_id`` when neither
+    the Hub nor its cache provides them."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return tuple(
+            hf_hub_download(repo_id, name, revision=revision, **hub_kwargs)
+            for name in (IMPORTANCE_WEIGHTS, IMPORTANCE_CONFIG)
+        )
+    except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
+        why = (
+            "neither a local directory nor available offline (HF_HUB_OFFLINE=1 and the Hub cache does not hold it)"
+            if constants.HF_HUB_OFFLINE
+            else f"neither a local directory nor reachable on the Hub ({e})"
+        )
+        raise FileNotFoundError(f"{repo_id}: {why}") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+        raise FileNotFoundError(
+            f"{repo_id}: neither a local directory nor a Hub repo holding {IMPORTANCE_WEIGHTS} "
+            f"({type(e).__name__}: {e})"
+        ) from None

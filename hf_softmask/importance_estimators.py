@@ -32,6 +32,7 @@ __all__ = [
     "available_estimators",
     "get_estimator",
     "DEFAULT_ESTIMATOR",
+    "GRADIENT_ABS",
 ]
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, int]"]
@@ -61,6 +62,8 @@ class ImportanceEstimator:
     """
 
     uses_loss: bool = True
+    #: Whether it reads gradients of :class:`UnitGates` (and takes the option ``ffn_gate_site``).
+    uses_gates: bool = False
 
     def __init__(self, model: nn.Module, layout: UnitLayout, device, dropout: float = 0.0, **options):
         if options:
@@ -90,12 +93,23 @@ class ImportanceEstimator:
 
 
 # -- gradients to unit gates ---------------------------------------------------------------------------------
-class _GateEstimator(ImportanceEstimator):
-    per_example = False
+#: Where ``gate_gradient`` takes ``|.|`` of the gate gradient (docs/algorithms.md §2): of each batch's gradient
+#: (the default), of each sequence's (the DAS paper's equation), or nowhere (the published code: signed sums).
+GRADIENT_ABS = ("batch", "example", "none")
 
-    def __init__(self, model, layout, device, dropout: float = 0.0, **options):
+
+class _GateEstimator(ImportanceEstimator):
+    """Gradients of the objective to unit gates. Option ``ffn_gate_site`` (:data:`~hf_softmask.gates.FFN_GATE_SITES`):
+    where the FFN gates multiply, after the activation (default) or before it."""
+
+    per_example = False
+    uses_gates = True
+
+    def __init__(
+        self, model, layout, device, dropout: float = 0.0, ffn_gate_site: str = "after_activation", **options
+    ):
         super().__init__(model, layout, device, dropout, **options)
-        self.gates = UnitGates(layout, dropout=dropout, per_example=self.per_example)
+        self.gates = UnitGates(layout, dropout=dropout, per_example=self.per_example, ffn_site=ffn_gate_site)
 
     def _fresh_gates(self, batch: dict) -> None:
         lead = (_batch_size(batch),) if self.per_example else ()
@@ -124,10 +138,24 @@ class _GateEstimator(ImportanceEstimator):
 
 
 class GateGradient(_GateEstimator):
-    """``sum over batches |dL/dg| / tokens``: the DAS estimator (L = the batch's summed objective)."""
+    """``sum over batches |dL/dg| / tokens``: the DAS estimator (L = the batch's summed objective).
+
+    Option ``gradient_abs`` (:data:`GRADIENT_ABS`): ``"batch"`` (default) as above; ``"example"``: ``sum over
+    sequences |dL_i/dg| / tokens``, from per-example gates (one backward a batch); ``"none"``: ``sum over batches
+    dL/dg / tokens``, signed.
+    """
+
+    def __init__(self, model, layout, device, dropout: float = 0.0, gradient_abs: str = "batch", **options):
+        if gradient_abs not in GRADIENT_ABS:
+            raise ValueError(f"gate_gradient: gradient_abs must be one of {list(GRADIENT_ABS)}, got {gradient_abs!r}")
+        self.gradient_abs = gradient_abs
+        self.per_example = gradient_abs == "example"
+        super().__init__(model, layout, device, dropout, **options)
 
     def _score(self, grad):
-        return grad.abs()
+        if self.gradient_abs == "none":
+            return grad
+        return grad.abs().sum(0) if self.per_example else grad.abs()
 
 
 class GateFisher(_GateEstimator):

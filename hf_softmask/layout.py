@@ -51,12 +51,23 @@ def _features(module: nn.Module, conv1d: bool) -> tuple[int, int]:
     return (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
 
 
+def _alias_category(model: nn.Module, name: str, base_modules: set[int]) -> str:
+    """The unowned category of parameter ``name`` judged by the module holding it under that name."""
+    holder = model.get_submodule(name.rpartition(".")[0])
+    if id(holder) not in base_modules:
+        return "task_head"
+    typed = category_module(holder)
+    if isinstance(typed, nn.Embedding) or "Embedding" in type(typed).__name__:
+        return "embeddings"
+    return "norms" if "Norm" in type(typed).__name__ else "other"
+
+
 class UnitLayout:
     """Heads and FFN neurons of ``model``, found through the architecture registry.
 
     Attributes: ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``ffn_size``,
-    ``attn_out_modules`` / ``ffn_out_modules`` (where gates hook in), ``owned`` (list of
-    :class:`OwnedSlice`).
+    ``attn_out_modules`` / ``ffn_out_modules`` (where gates hook in), ``ffn_act_modules`` (the FFN activations,
+    for gates before them; None if the spec names none), ``owned`` (list of :class:`OwnedSlice`).
 
     ``model`` may be wrapped by PEFT (``get_peft_model``, or adapters added with ``add_adapter``): the layout is
     found in the transformers model under the wrapper. Gates hook the module at each path, i.e. the adapter
@@ -82,6 +93,8 @@ class UnitLayout:
 
         self.attn_out_modules: list[nn.Module] = []
         self.ffn_out_modules: list[nn.Module] = []
+        # The FFN activation of every layer (spec.ffn_act), where FFN gates before the activation hook in.
+        self.ffn_act_modules: list[nn.Module] | None = [] if spec.ffn_act else None
         self.owned: list[OwnedSlice] = []
         names = {id(p): n for n, p in model.named_parameters()}
         conv = spec.conv1d
@@ -92,6 +105,8 @@ class UnitLayout:
             ffn_out = _get_submodule(block, spec.ffn_out)
             self.attn_out_modules.append(attn_out)
             self.ffn_out_modules.append(ffn_out)
+            if self.ffn_act_modules is not None:
+                self.ffn_act_modules.append(_get_submodule(block, spec.ffn_act))
             attn_in_features, _ = _features(attn_out, conv)
             ffn_in_features, _ = _features(ffn_out, conv)
             if attn_in_features % self.num_heads:
@@ -206,6 +221,29 @@ class UnitLayout:
                 cat = kind_of.get(id(p), "other")
             out[cat].append((name, p))
         return out
+
+    def tied_unowned(self, model: nn.Module | None = None) -> dict[str, dict[str, str]]:
+        """Unowned tensors reachable under several names (an LM head tied to the input embeddings): for each, its
+        name in :meth:`unowned_parameters` -> ``{every name: the category that name alone would put it in}``.
+
+        ``named_parameters()`` lists a shared tensor once, under its first name (``model.embed_tokens.weight``);
+        ``lm_head.weight``, the same tensor, is an alias in the ``task_head`` category.
+        """
+        model = model if model is not None else self._model
+        category = {}  # canonical name -> its category
+        canonical = {}  # id -> canonical name
+        for cat, params in self.unowned_parameters(model).items():
+            for name, p in params:
+                category[name], canonical[id(p)] = cat, name
+        base_modules = {id(m) for m in self.base_model.modules()}
+        names: dict[str, dict[str, str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            first = canonical.get(id(p))
+            if first is not None:
+                names.setdefault(first, {first: category[first]})
+                if name != first:
+                    names[first][name] = _alias_category(model, name, base_modules)
+        return {first: aliases for first, aliases in names.items() if len(aliases) > 1}
 
     def __repr__(self) -> str:
         return (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +65,11 @@ class SoftMaskConfig:
     )
     task_head: str = field(
         default="train",
-        metadata={"help": "Policy for parameters outside the base model (LM head, classifier).", "choices": POLICIES},
+        metadata={
+            "help": "Policy for parameters outside the base model (LM head, classifier). A head tied to the input "
+            "embeddings is one tensor: it follows the more protective of this and 'embeddings' (a warning says so).",
+            "choices": POLICIES,
+        },
     )
     other: str = field(
         default="train",
@@ -102,6 +108,8 @@ class SoftMaskConfig:
             raise ValueError(f"compile_update must be True, False or 'auto', got {self.compile_update!r}")
 
 
+logger = logging.getLogger(__name__)
+
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
@@ -123,21 +131,57 @@ def build_named_masks(
         masks[s.name] = unit_mask[s.index].view(s.broadcast_shape())
 
     layer_mean = torch.cat([1 - imp_h, 1 - imp_f], dim=1).mean(1)
-    global_mean = float(layer_mean.mean())
-    for cat, params in layout.unowned_parameters().items():
+
+    def policy_mask(cat: str, name: str) -> torch.Tensor | None:
+        """The mask of unowned parameter ``name`` in category ``cat`` under its policy (None: trained as is)."""
         policy = getattr(config, cat)
+        if policy == "freeze":
+            return torch.zeros(())
+        if policy == "mean":
+            m = _LAYER_RE.search(name)
+            layer = int(m.group(1)) if m and cat == "norms" else layout.num_layers
+            return torch.tensor(float(layer_mean[layer] if layer < layout.num_layers else layer_mean.mean()))
+        return None
+
+    for cat, params in layout.unowned_parameters().items():
         for name, _ in params:
-            if policy == "freeze":
-                masks[name] = torch.zeros(())
-            elif policy == "mean":
-                m = _LAYER_RE.search(name)
-                value = (
-                    float(layer_mean[int(m.group(1))])
-                    if (m and cat == "norms" and int(m.group(1)) < layout.num_layers)
-                    else global_mean
-                )
-                masks[name] = torch.tensor(value)
+            mask = policy_mask(cat, name)
+            if mask is not None:
+                masks[name] = mask
+    for first, aliases in layout.tied_unowned().items():
+        _hold_tied(masks, first, {n: (c, getattr(config, c), policy_mask(c, n)) for n, c in aliases.items()}, layout)
     return masks
+
+
+_STRICTNESS = ("freeze", "mean", "train")  # the most protective policy first
+
+# Models already told how a tied tensor's policies were settled (once per model and message, not per domain).
+_TIE_TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hold_tied(masks: dict, first: str, asked: dict[str, tuple], layout: UnitLayout) -> None:
+    """One tensor under several names (``asked``: name -> (category, policy, mask)) takes the most protective mask,
+    the smallest (freeze 0 < mean < train 1; at equal masks the stricter policy is named); a warning names every name
+    and policy when the policies differ."""
+    strongest = min(
+        asked, key=lambda n: (1.0 if asked[n][2] is None else float(asked[n][2]), _STRICTNESS.index(asked[n][1]))
+    )
+    mask = asked[strongest][2]
+    if mask is None:
+        masks.pop(first, None)
+    else:
+        masks[first] = mask
+    if len({policy for _, policy, _ in asked.values()}) == 1:
+        return
+    names = ", ".join(f"{n} ({cat}={policy!r})" for n, (cat, policy, _) in asked.items())
+    message = (
+        f"tied parameters: {names} are one tensor; it follows {asked[strongest][0]}={asked[strongest][1]!r}, "
+        "the more protective policy"
+    )
+    told = _TIE_TOLD.setdefault(layout.model, set())
+    if message not in told:
+        told.add(message)
+        logger.warning(message)
 
 
 def resolve_masks(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:

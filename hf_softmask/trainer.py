@@ -25,27 +25,24 @@ class SoftMaskTrainingArguments(SoftMaskArguments, TrainingArguments):
     importance_path: str | None = field(
         default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}
     )
+    allow_softmask_settings_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint with other --softmask_* settings than it was trained with (a warning lists "
+            "them); without it such a resume is refused naming each setting."
+        },
+    )
 
 
 def load_importance(path: str | os.PathLike, what: str = "--importance_path") -> UnitImportance:
-    """``UnitImportance.from_pretrained`` whose errors name ``what``, the file and the fix.
-
-    A path that is not a local directory is looked up on the Hub only when it looks like a repo id
-    (``owner/name``) and the Hub is reachable; otherwise the error says that the directory does not exist.
-    """
+    """``UnitImportance.from_pretrained`` whose errors name ``what``, the path or file and the fix (a missing path
+    is named by ``from_pretrained`` itself: a local directory, or an ``owner/name`` repo id the Hub does not
+    provide)."""
     p = Path(path)
-    local_looking = p.is_absolute() or str(path).startswith((".", "~")) or str(path).count("/") != 1
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not p.is_dir() and (local_looking or offline):
-        raise FileNotFoundError(
-            f"{what} {path}: no such directory (and not looked up on the Hub: "
-            f"{'offline' if offline else 'not an owner/name repo id'}); give the directory holding "
-            f"{IMPORTANCE_WEIGHTS}, e.g. a pre-training run's <k>_<domain>/ or a Trainer checkpoint"
-        )
     try:
         return UnitImportance.from_pretrained(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what} {path}: {e}") from None
+        raise FileNotFoundError(f"{what} {e}") from None
     except Exception as e:  # truncated or corrupted files: name them
         raise ValueError(
             f"{what} {path}: cannot read {p / IMPORTANCE_WEIGHTS if p.is_dir() else path} "
@@ -86,7 +83,11 @@ class SoftMaskTrainer(Trainer):
 
     def _use_importance(self, importance: UnitImportance) -> None:
         self.importance = importance
-        self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
+        self.softmask_callback = SoftMaskCallback(
+            importance,
+            config=self.args.softmask_config(),
+            allow_settings_change=self.args.allow_softmask_settings_change,
+        )
         # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
         self.callback_handler.callbacks.insert(0, self.softmask_callback)
 
@@ -94,6 +95,8 @@ class SoftMaskTrainer(Trainer):
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint and self.importance is None and UnitImportance.exists(checkpoint):
             self._use_importance(load_importance(checkpoint, what="resume_from_checkpoint"))
+        if checkpoint and self.softmask_callback is not None:
+            self.softmask_callback.check_resume(checkpoint)  # before the checkpoint is loaded
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):

@@ -60,7 +60,7 @@ def _digest(directory: Path) -> dict:
 def reference(tiny_mlm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
     ContinualPretrainer(_args(tiny_mlm_dir, out)).run()
-    return _rows(out)
+    return out
 
 
 KILLS = [
@@ -85,7 +85,10 @@ def test_kill_at_each_stage_boundary_then_rerun_continues_exactly(tiny_mlm_dir, 
         if (out / d).is_dir() and d in json.dumps(json.loads((out / "state.json").read_text()))
     }
     ContinualPretrainer(_args(tiny_mlm_dir, out)).run()
-    assert _rows(out) == reference, where  # bit-identical to the uninterrupted run
+    assert _rows(out) == _rows(reference), where  # bit-identical to the uninterrupted run
+    for d in ("0_base", "1_business", "2_sports"):  # and the importance's provenance (layout, estimator, ...)
+        saved = [json.loads((run / d / "importance_config.json").read_text()) for run in (out, reference)]
+        assert saved[0] == saved[1] and saved[1]["layout"], (where, d)
     for d, digest in finished.items():
         assert _digest(out / d) == digest  # nothing finished was lost or redone
     assert not list(out.glob(".staging_*")) and not list(out.glob("*.old"))

@@ -69,8 +69,11 @@ class RunState:
     old state or the new one and every stage the state lists is complete on disk.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, fingerprint: dict, overwrite: bool = False):
+    def __init__(self, output_dir: str | os.PathLike, fingerprint: dict, overwrite: bool = False, added_settings=None):
+        """``added_settings``: settings added since runs were first saved, with the value that reproduces them; a
+        saved fingerprint without one of these keys is compared as holding that value."""
         self.output_dir = Path(output_dir)
+        self.added_settings = _normalised(dict(added_settings or {}))
         self.path = self.output_dir / STATE_FILE
         self.fingerprint = _normalised(fingerprint)
         self.data = {"fingerprint": self.fingerprint, "base": None, "domains": []}
@@ -100,6 +103,8 @@ class RunState:
         if self.path.is_file():
             try:
                 saved = self._read().get("fingerprint", {})
+                if saved:
+                    saved = {**{k: v for k, v in self.added_settings.items() if k in self.fingerprint}, **saved}
             except DamagedRunError as e:
                 self._damage = e
                 return str(e)

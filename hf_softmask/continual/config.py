@@ -102,9 +102,16 @@ NOT_IN_FINGERPRINT = frozenset(
         "runs",
         "bootstrap_resamples",
         "bootstrap_confidence",
+        "primary_comparison",
+        "control_run",
         "merge_snapshot_device",
     }
 )
+
+#: Settings added after runs were first saved, with the value that reproduces those runs: a saved fingerprint
+#: without the key is read as holding that value (so an old run resumes with the old evaluation, or is refused
+#: naming the setting).
+ADDED_SETTINGS = {"eval_blocks_per_document": 0, "general_eval_fraction": 0.3}
 
 #: Fingerprint keys of settings renamed since runs were first saved, so that those runs still resume.
 FINGERPRINT_KEYS = {flag_name("mask_power"): "mask_power"}
@@ -188,7 +195,11 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         default=None, metadata=_help("Cap on training documents per domain (default: all).")
     )
     max_eval_docs: int | None = field(
-        default=None, metadata=_help("Cap on held-out documents per domain (default: all).")
+        default=None,
+        metadata=_help(
+            "Cap on held-out documents per domain and for general text (default: all). Studies need >= 32: the "
+            "frontier's intervals resample documents."
+        ),
     )
     eval_fraction: float = field(
         default=0.1, metadata=_help("Fraction of each domain's documents held out for evaluation.")
@@ -197,7 +208,28 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
     max_train_blocks: int | None = field(
         default=None, metadata=_help("Cap on training blocks per domain (default: all).")
     )
-    max_eval_blocks: int = field(default=16, metadata=_help("Evaluation blocks per domain (and for general text)."))
+    eval_blocks_per_document: int = field(
+        default=2,
+        metadata=_help(
+            "Evaluation blocks cut from the start of each held-out document (a shorter document gives one padded "
+            "block); the frontier's intervals resample documents. 0: the old evaluation, one token stream of all "
+            "held-out documents cut into --max_eval_blocks blocks (runs made before this setting existed)."
+        ),
+    )
+    max_eval_blocks: int | None = field(
+        default=None,
+        metadata=_help(
+            "Cap on evaluation blocks per domain (and for general text), taken document by document (default: no "
+            "cap; the old evaluation, --eval_blocks_per_document 0: 16)."
+        ),
+    )
+    general_eval_fraction: float = field(
+        default=0.5,
+        metadata=_help(
+            "Fraction of the general-text documents (the Python language reference topics) held out for evaluation; "
+            "the rest feeds the LM-head warm-up, 'general' importance and general replay."
+        ),
+    )
     importance_blocks: int = field(
         default=128,
         metadata=_help(
@@ -327,6 +359,21 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         default=2000, metadata=_help("Bootstrap resamples of the frontier's confidence intervals.")
     )
     bootstrap_confidence: float = field(default=0.95, metadata=_help("Level of the frontier's intervals."))
+    primary_comparison: str | None = field(
+        default=None,
+        metadata=_help(
+            "The study's one question, named before running: a runs entry name (its learning rates form the primary "
+            "family, Holm within it) or one row 'name@lr'. It is tested at 1 - bootstrap_confidence; every other "
+            "row's verdict is Holm-adjusted over the other rows (docs/statistics.md)."
+        ),
+    )
+    control_run: str | None = field(
+        default=None,
+        metadata=_help(
+            "A runs entry of plain training (strategy ncl) at learning rates left out of the frontier, judged like "
+            "any method: it must not read beyond (a frontier that flatters is caught)."
+        ),
+    )
 
     # -- baselines (hf_softmask.domain_training; docs/baselines.md) -------------------------------------------
     replay_ratio: float = field(default=0.0, metadata=_help(_option_help("replay_ratio")))
@@ -376,7 +423,6 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "importance_blocks",
-            "max_eval_blocks",
             "contrastive_temperature",
             flag_name("mask_power"),
             "lm_head_warmup_lr",
@@ -386,9 +432,10 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             require_positive(name, getattr(self, name))
         for name in ("weight_decay", "max_grad_norm", "warmup_steps", "contrastive_weight", "lm_head_warmup_steps"):
             require_positive(name, getattr(self, name), allow_zero=True)
-        for name in ("max_train_docs", "max_eval_docs", "max_train_blocks", "num_threads"):
+        for name in ("max_train_docs", "max_eval_docs", "max_train_blocks", "max_eval_blocks", "num_threads"):
             require_positive(name, getattr(self, name), allow_none=True)
-        for name in ("eval_fraction", "mlm_probability"):
+        require_positive("eval_blocks_per_document", self.eval_blocks_per_document, allow_zero=True)
+        for name in ("eval_fraction", "general_eval_fraction", "mlm_probability"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
                 raise ValueError(f"--{name} must lie strictly between 0 and 1, got {value!r}")
@@ -418,6 +465,37 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             )
         for run in self.sweep_entries():
             self.for_entry(run, run["learning_rates"][0], validate_only=True)
+        self._check_study_rows()
+
+    def _check_study_rows(self) -> None:
+        """``primary_comparison`` and ``control_run`` name rows this sweep makes (a pure --frontier_runs rewrite
+        is checked when the frontier is written); the control is plain training off the frontier's grid."""
+        if not self.runs:
+            return
+        entries = {e["name"]: e for e in self.runs}
+        frontier_lrs = entries.get("ncl", {}).get("learning_rates", [])
+        if self.primary_comparison:
+            name, _, lr = self.primary_comparison.partition("@")
+            if name not in entries or name == "ncl":
+                raise ValueError(
+                    f"--primary_comparison {self.primary_comparison!r}: names no runs entry other than the frontier "
+                    f"(entries: {sorted(entries)})"
+                )
+            if lr and not any(math.isclose(float(lr.removeprefix("lr")), x) for x in entries[name]["learning_rates"]):
+                raise ValueError(
+                    f"--primary_comparison {self.primary_comparison!r}: {name} runs at "
+                    f"{entries[name]['learning_rates']}"
+                )
+        if self.control_run:
+            entry = entries.get(self.control_run)
+            if entry is None or entry.get("strategy") != "ncl" or self.control_run == "ncl":
+                raise ValueError(
+                    f"--control_run {self.control_run!r}: must name a runs entry of strategy ncl other than 'ncl' "
+                    "(the frontier)"
+                )
+            shared = [x for x in entry["learning_rates"] if any(math.isclose(x, f) for f in frontier_lrs)]
+            if shared:
+                raise ValueError(f"--control_run {self.control_run!r}: learning rates {shared} are on the frontier")
 
     def domain_training_options(self) -> DomainTrainingOptions:
         """Replay / WiSE-FT / EMA settings, validated by :class:`DomainTrainingOptions` (errors name the flag)."""

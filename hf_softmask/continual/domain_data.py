@@ -6,7 +6,15 @@ import random
 
 from torch.utils.data import DataLoader
 
-from ..data import build_lm_dataset, general_text_documents, lm_data_collator, load_domains, split_documents
+from ..data import (
+    build_document_blocks,
+    build_lm_dataset,
+    general_text_documents,
+    general_text_keys,
+    lm_data_collator,
+    load_domains,
+    split_documents,
+)
 from .config import ContinualPretrainingArguments
 from .evaluation import FixedEvalSet
 
@@ -78,16 +86,18 @@ class PretrainingData:
         self.eval = [
             FixedEvalSet(
                 d.name,
-                _blocks(
-                    d.eval_texts, tokenizer, bs, args.max_eval_blocks, f"domain {d.name!r} ({src}), held-out text"
-                ),
+                self._eval_blocks(d.eval_texts, d.eval_ids, tokenizer, f"domain {d.name!r} ({src}), held-out text"),
                 self.collator,
                 args.per_device_eval_batch_size,
                 seed=split_seed + 1,
             )
             for d, src in zip(self.domains, sources)
         ]
-        general_train, general_eval = split_documents(general_text_documents(), test_fraction=0.3, seed=split_seed)
+        # Documents keep their names (pydoc topic keys) so the held-out general documents are identifiable.
+        general = general_text_documents()
+        general_train, general_eval = split_documents(
+            general, test_fraction=args.general_eval_fraction, seed=split_seed
+        )
         # The LM-head warm-up, a 'general' importance source and general-text replay read it: tokenize no more than
         # they use (replay: every batch's share of one domain; fewer blocks are reused in new orders).
         needed = max(args.lm_head_warmup_steps * args.per_device_train_batch_size, args.importance_blocks, 1)
@@ -100,13 +110,29 @@ class PretrainingData:
                 * args.world_size,
             )
         self.general_train = build_lm_dataset(general_train, tokenizer, bs, max_blocks=needed)
+        topic = {text: key for key, text in zip(general_text_keys(), general)}
         self.general_eval = FixedEvalSet(
             "general",
-            build_lm_dataset(general_eval, tokenizer, bs, args.max_eval_blocks),
+            self._eval_blocks(
+                general_eval, [f"general/{topic[t]}" for t in general_eval], tokenizer, "general text, held out"
+            ),
             self.collator,
             args.per_device_eval_batch_size,
             seed=split_seed + 2,
         )
+
+    def _eval_blocks(self, texts, ids, tokenizer, what: str):
+        """Held-out blocks by document (``eval_blocks_per_document``), or the old token stream when it is 0."""
+        a = self.args
+        if not a.eval_blocks_per_document:
+            return _blocks(texts, tokenizer, a.block_size, a.max_eval_blocks or 16, what)
+        try:
+            blocks = build_document_blocks(
+                texts, ids, tokenizer, a.block_size, a.eval_blocks_per_document, a.max_eval_docs
+            )
+            return blocks.select(range(min(len(blocks), a.max_eval_blocks))) if a.max_eval_blocks else blocks
+        except ValueError as e:
+            raise ValueError(f"{what}: {e} (from {len(texts)} document(s))") from None
 
     def importance_loader(self, dataset, salt: int, rank: int, world: int) -> DataLoader:
         """``importance_blocks`` blocks of ``dataset`` (a fixed random sample), this process's share of them."""

@@ -22,6 +22,8 @@ class FixedEvalSet:
     ``collator`` is applied to ``dataset`` in order, ``batch_size`` rows at a time, under a fixed torch seed
     (DataCollatorForLanguageModeling draws its MLM mask from torch's global RNG or its own seeded generator);
     the global RNG state is restored afterwards so building an eval set does not change training randomness.
+    A ``doc`` column (:func:`~hf_softmask.data.build_document_blocks`) is kept aside as ``docs``, one id per block;
+    without it every block is its own document.
     """
 
     def __init__(self, name: str, dataset, collator, batch_size: int = 16, seed: int = 0):
@@ -31,6 +33,9 @@ class FixedEvalSet:
             )
         self.name = name
         rows = [dataset[i] for i in range(len(dataset))]
+        self.docs: list[str] = [str(r.pop("doc")) if "doc" in r else f"{name}/block{i}" for i, r in enumerate(rows)]
+        #: True when ``docs`` names real documents (the bootstrap's resampling unit), False for the legacy stream.
+        self.by_document = "doc" in dataset.column_names
         state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)

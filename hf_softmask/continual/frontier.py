@@ -31,7 +31,7 @@ import os
 from itertools import pairwise
 from pathlib import Path
 
-from ..bootstrap import METRICS, RunBlocks, frontier_intervals
+from ..bootstrap import GAP_METRICS, RunBlocks, Study, beyond_frontier, frontier_verdicts
 from ..io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -151,30 +151,88 @@ def _label(record: dict) -> str:
     return f"{record['strategy']}@lr{record['lr']:g}"
 
 
-def add_intervals(records: list[dict], n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> bool:
-    """Bootstrap intervals on every complete record whose runs kept per-block losses (module docstring).
+def _matches(record: dict, name: str) -> bool:
+    """``name`` is a row label (``das@lr0.0001``), ``name@lr`` in any float spelling, or a runs entry name."""
+    if "@" not in name:
+        return record["strategy"] == name
+    label, _, lr = name.partition("@")
+    try:
+        return record["strategy"] == label and math.isclose(float(lr.removeprefix("lr")), record["lr"], rel_tol=1e-9)
+    except ValueError:
+        return False
 
-    Sets ``intervals`` (metric -> estimate/low/high), and on non-ncl records ``forgetting_gap``, ``general_gap``
-    and ``beyond_frontier`` from the interval. Returns False (nothing set) without per-block losses or with fewer
-    than 2 complete ncl learning rates.
+
+def add_intervals(
+    records: list[dict],
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    primary: str | None = None,
+    control: str | None = None,
+) -> dict | None:
+    """Intervals and verdicts (:mod:`hf_softmask.bootstrap`) on every complete record whose runs kept per-block
+    losses; returns the statistical part of the design, or None (nothing set) without per-block losses or with
+    fewer than 2 complete ncl learning rates.
+
+    Sets ``intervals`` (metric -> estimate/low/high), and on non-ncl records ``forgetting_gap`` and ``general_gap``
+    (raw interval, p, Holm-adjusted p and verdict, fragility) and ``beyond_frontier`` from the adjusted verdict of
+    the forgetting gap. ``primary``: the comparison named in advance (a row label ``name@lr`` or a runs entry name,
+    whose rates then form the primary family); ``control``: a plain-training row left out of the frontier.
     """
     usable = [r for r in records if r["complete"] and all("eval_block_losses" in x for x in r["_results"])]
     frontier = [_label(r) for r in usable if r["strategy"] == BASELINE]
     if len(frontier) < 2:
-        return False
-    blocks = {_label(r): RunBlocks.mean([RunBlocks.from_results(x) for x in r["_results"]]) for r in usable}
-    cis = frontier_intervals(blocks, frontier, n_resamples, confidence, seed)
+        return None
+    by_doc = all(all("eval_block_docs" in x for x in r["_results"]) for r in usable)
+    rows = {_label(r): [RunBlocks.from_results(x) for x in r["_results"]] for r in usable}
+    study = Study(rows, n_resamples, confidence, seed, unit="document" if by_doc else "block")
+    judged = [_label(r) for r in usable if r["strategy"] != BASELINE]
+    primary_rows = [_label(r) for r in usable if primary and r["strategy"] != BASELINE and _matches(r, primary)]
+    if primary and not primary_rows:
+        raise ValueError(f"primary comparison {primary!r} names no complete row among {judged}")
+    verdicts = {m: frontier_verdicts(study, frontier, judged, primary_rows, metric=m) for m in GAP_METRICS}
     for r in usable:
-        ci = cis[_label(r)]
-        r["intervals"] = {m: {k: ci["metrics"][m][k] for k in ("estimate", "low", "high")} for m in METRICS}
-        if "forgetting_gap" in ci:
-            r["forgetting_gap"], r["general_gap"] = ci["forgetting_gap"], ci["general_gap"]
-            r["beyond_frontier"] = ci["beyond_frontier"]
-    return True
+        label = _label(r)
+        r["intervals"] = {
+            m: {k: v for k, v in ci.items() if k in ("estimate", "low", "high")}
+            for m, ci in study.metric_intervals(label).items()
+        }
+        if label in judged:
+            r["forgetting_gap"], r["general_gap"] = (verdicts[m][label] for m in GAP_METRICS)
+            r["beyond_frontier"] = beyond_frontier(r["forgetting_gap"]["adjusted_verdict"])
+            r["primary"] = label in primary_rows
+            r["control"] = bool(control) and _matches(r, control)
+    first = next(iter(rows.values()))[0]
+    lrs = sorted(r["lr"] for r in usable if r["strategy"] == BASELINE)
+    return {
+        "resampling_unit": study.unit,
+        "held_out_documents": dict(zip([*(f"domain {j}" for j in range(first.num_domains)), "general"], study.units)),
+        "blocks": first.block_counts,
+        "seeds": study.seeds or sorted({s for v in rows.values() for s in (x.seed for x in v) if s is not None}),
+        "training_noise": (
+            f"in the intervals (seed jackknife over {len(study.seeds)} seeds paired across rows)"
+            if study.seeds
+            else "NOT in the intervals (fewer than 2 seeds shared by every row)"
+        ),
+        "resamples": n_resamples,
+        "confidence": confidence,
+        "bootstrap_seed": seed,
+        "interval": "t with Welch-Satterthwaite df over document-resampling + seed-jackknife variance",
+        "primary_comparison": primary,
+        "primary_rows": primary_rows,
+        "adjustment": "holm (primary rows one family; all other rows another)",
+        "control_row": control,
+        "frontier_rows": frontier,
+        "frontier_learning_rates": lrs,
+        "max_adjacent_lr_ratio": max((b / a for a, b in pairwise(lrs)), default=None),
+        "evaluation_documents": (
+            {"domains": first.docs[:-1], "general": first.docs[-1]} if first.by_document else None
+        ),
+    }
 
 
-def _markdown(records: list[dict], confidence: float | None = None) -> str:
-    """The table; with intervals each metric reads ``estimate [low, high]`` and the verdict is the interval's."""
+def _markdown(records: list[dict], design: dict | None = None) -> str:
+    """The table; with intervals each metric reads ``estimate [low, high]`` and the verdicts are the intervals'."""
 
     def fmt(v):
         return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -184,23 +242,32 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
         bounds = ci and _finite(ci["low"], ci["high"])
         return fmt(r.get(m)) + (f" [{ci['low']:.4f}, {ci['high']:.4f}]" if bounds else "")
 
-    head = "vs ncl frontier" + (f" ({confidence:.0%} interval of the forgetting gap)" if confidence else "")
+    def verdict(r):
+        if r["strategy"] == BASELINE:
+            return "frontier row", ""
+        gap = r.get("forgetting_gap")
+        if design and gap:
+            adj = gap.get("adjusted_verdict") or "undecided"
+            if adj == "fragile":
+                w = gap["fragile_without"]
+                adj = f"fragile ({gap['verdict']}; {w['verdict'] or 'undecided'} without {w['row']})"
+            p = gap.get("p_adjusted")
+            return gap.get("verdict") or "undecided", f"**{adj}**" if adj.startswith("beyond") else adj + (
+                f" (p_adj {p:.3f})" if p is not None else ""
+            )
+        pos = r.get("frontier_position")
+        return ("**beyond**" if pos == "beyond" else (pos or "–")), ""
+
+    conf = design["confidence"] if design else None
+    head = f"raw {conf:.0%} interval" if conf else "vs ncl frontier (point rule)"
     lines = [
         (
-            "| strategy | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
-            f"forgetting gap to frontier | {head} |"
+            "| row | lr | seeds | in-domain loss | forgetting (nats) | BWT | general-text loss increase | "
+            f"forgetting gap to frontier | {head} | adjusted verdict |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(records, key=lambda r: (r["strategy"], -(r["lr"] or 0))):
-        pos = r.get("frontier_position")
-        if r["strategy"] == BASELINE:
-            mark = "frontier run"
-        elif confidence and "forgetting_gap" in r:
-            verdict = r["forgetting_gap"].get("verdict")
-            mark = "**beyond**" if verdict == "beyond" else (verdict or "undecided")
-        else:
-            mark = "**beyond**" if pos == "beyond" else (pos or "–")
+    for r in sorted(records, key=lambda r: (r["strategy"] != BASELINE, r["strategy"], r["lr"] or 0)):
         gap = r.get("forgetting_gap")
         gap_cell = (
             ""
@@ -212,11 +279,52 @@ def _markdown(records: list[dict], confidence: float | None = None) -> str:
             )
         )
         seeds = ",".join(str(s) for s in r.get("seeds") or [] if s is not None)
+        name = r["strategy"] + (" (primary)" if r.get("primary") else "") + (" (control)" if r.get("control") else "")
+        raw, adjusted = verdict(r)
         lines.append(
-            f"| {r['strategy']} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
+            f"| {name} | {r['lr']:g} | {seeds} | {cell(r, 'in_domain_loss')} | "
             f"{cell(r, 'forgetting')} | {fmt(r['bwt'])} | {cell(r, 'general_loss_increase')} | "
-            f"{gap_cell} | {mark} |"
+            f"{gap_cell} | {raw} | {adjusted} |"
         )
+    out = "\n".join(lines) + "\n"
+    if design:
+        out += "\n" + _design_text(records, design)
+    return out
+
+
+def _design_text(records: list[dict], d: dict) -> str:
+    """What the table's intervals resample and decide, under it (frontier.md)."""
+    ratio = d.get("max_adjacent_lr_ratio")
+    dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-6)
+    control = [r for r in records if r.get("control")]
+    lines = [
+        f"Design: resampling unit **{d['resampling_unit']}** (held-out units per group: "
+        + ", ".join(f"{k} {v}" for k, v in d["held_out_documents"].items())
+        + f"); training noise {d['training_noise']}; {d['resamples']} resamples; {d['interval']}.",
+        f"Primary comparison (named in advance): {d['primary_comparison'] or 'none named'}"
+        + (f" -> rows {', '.join(d['primary_rows'])}" if d.get("primary_rows") else "")
+        + f"; adjustment: {d['adjustment']}.",
+        f"Frontier learning rates: {', '.join(f'{lr:g}' for lr in d['frontier_learning_rates'])} (largest step "
+        + (f"{ratio:.2f}x: " if ratio else "")
+        + ("dense, <= sqrt(2))." if dense else "**sparser than sqrt(2)**: the frontier may flatter the rows)."),
+    ]
+    if d["resampling_unit"] != "document":
+        lines.append(
+            "**These runs kept no document ids: blocks were resampled as if independent, so the intervals are too "
+            "narrow wherever blocks share a document. Do not read verdicts from this table.**"
+        )
+    if d.get("control_row"):
+        bad = [r for r in control if (r.get("forgetting_gap") or {}).get("adjusted_verdict") == "beyond"]
+        lines.append(
+            f"Control row {d['control_row']} (plain training left out of the frontier): "
+            + (
+                "**reads beyond: the frontier flatters, and no beyond verdict here can be believed.**"
+                if bad
+                else "not beyond, as it must be."
+            )
+        )
+    if d.get("command"):
+        lines.append(f"\nCommand:\n\n```\n{d['command']}\n```")
     return "\n".join(lines) + "\n"
 
 
@@ -227,26 +335,27 @@ def write_frontier(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    primary: str | None = None,
+    control: str | None = None,
+    command: str | None = None,
     plots: bool = True,
 ) -> dict:
     """Write ``frontier.json``, ``frontier.md`` and (``plots``) ``frontier.png`` + ``frontier_general.png`` into
-    ``output_dir``; with per-block losses in the runs, bootstrap intervals too (``n_resamples``, ``confidence``,
-    ``seed``)."""
+    ``output_dir``; with per-block losses in the runs, intervals and adjusted verdicts too, and the study's
+    ``design`` (what was resampled, seeds, primary comparison, adjustment, ``command``) at the top of frontier.json
+    and under the table."""
     out = Path(output_dir)
     records = mark_beyond_frontier(frontier_records(run_dirs), tolerance=tolerance)
     if not records:
         raise ValueError(f"no run directory with a results.json among {list(map(str, run_dirs))}")
-    with_ci = add_intervals(records, n_resamples, confidence, seed)
+    design = add_intervals(records, n_resamples, confidence, seed, primary, control)
+    if design is not None:
+        design["command"] = command
     for r in records:
         r.pop("_results")
-    payload = {
-        "baseline": BASELINE,
-        "tolerance": tolerance,
-        "runs": records,
-        "intervals": {"resamples": n_resamples, "confidence": confidence, "seed": seed} if with_ci else None,
-    }
+    payload = {"design": design, "baseline": BASELINE, "tolerance": tolerance, "runs": records}
     atomic_write_json(out / "frontier.json", payload)
-    atomic_write_text(out / "frontier.md", _markdown(records, confidence if with_ci else None))
+    atomic_write_text(out / "frontier.md", _markdown(records, design))
     if plots and any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
         from ..plotting import plot_frontier
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from .checkpointing import (
     verify_stage,
 )
 from .cli import check_process_group, register_architectures
-from .config import ContinualPretrainingArguments
+from .config import ADDED_SETTINGS, ContinualPretrainingArguments
 from .console import Console
 from .distributed import ProcessInfo, full_state_dict
 from .domain_data import PretrainingData
@@ -86,6 +87,7 @@ class ContinualPretrainer:
         self.world = self.proc.world
         self.extras = DomainTraining(args.domain_training_options())
         self.hub = HubPusher(args, self.say)  # finished domains to <hub_model_id>-<k>-<domain>
+        self.clock = StageClock()  # wall time of the current stage by kind (train / importance / evaluation / saving)
 
     # small helpers -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -283,23 +285,29 @@ class ContinualPretrainer:
     def _stage0(self, model, tokenizer, strategy, state: RunState) -> None:
         a = self.args
         warm = []
+        self.clock.start()
         if a.lm_head_warmup_steps > 0:
             self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
-            warm = fit_lm_head(
-                model,
-                self.data.general_train,
-                self.data.collator,
-                a.lm_head_warmup_steps,
-                a.lm_head_warmup_lr,
-                a.per_device_train_batch_size,
-                a.seed,
-            )
+            with self.clock("train"):
+                warm = fit_lm_head(
+                    model,
+                    self.data.general_train,
+                    self.data.collator,
+                    a.lm_head_warmup_steps,
+                    a.lm_head_warmup_lr,
+                    a.per_device_train_batch_size,
+                    a.seed,
+                )
         if hasattr(strategy, "compute_general_importance"):
             self.say("general-knowledge importance")
             source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
-            strategy.compute_general_importance(model, self.data.importance_loader(source, 0, self.rank, self.world))
+            with self.clock("importance"):
+                strategy.compute_general_importance(
+                    model, self.data.importance_loader(source, 0, self.rank, self.world)
+                )
             self._event("importance", name="0_base")
-        losses, general, blocks = self._eval_row(model)
+        with self.clock("evaluation"):
+            losses, general, blocks = self._eval_row(model)
         self._event("evaluated", name="0_base")
         state.set_base(
             {
@@ -311,11 +319,13 @@ class ContinualPretrainer:
                 "lm_head_warmup_loss": warm[-1] if warm else None,
             }
         )
-        digests = self._save_stage(
-            "0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)"
-        )
+        with self.clock("saving"):
+            digests = self._save_stage(
+                "0_base", model, tokenizer, strategy, state, bool(warm), "0_base (general-knowledge proxy)"
+            )
         if self.is_main:
             state.base["files"] = digests
+            state.base["seconds"] = self.clock.seconds()
             state.save()
             self._event("state_saved", name="0_base")
 
@@ -324,19 +334,24 @@ class ContinualPretrainer:
         dom = self.data.domains[k]
         name = domain_dir_name(k + 1, dom.name)
         self.say(f"domain {k + 1}/{len(self.data.domains)}: {dom.name}")
+        self.clock.start()
         loader = self.data.importance_loader(self.data.train[k], k + 1, self.rank, self.world)
         # The strategy's passes (importance with dropout views) draw from torch's RNG: seed them per stage so that
         # a rerun reaching this point by another path (resumed, Trainer checkpoint at the last step) draws the same.
         set_seed(self.args.seed + 7919 * (k + 1))
         self.extras.before_domain(model)  # the WiSE-FT snapshot: the weights before the strategy's hooks
-        strategy.before_task(model, k, loader)
-        trainer, resume, seconds = self._train(k, name, model, strategy)
+        with self.clock("importance"):
+            strategy.before_task(model, k, loader)
+        with self.clock("train"):
+            trainer, resume, seconds = self._train(k, name, model, strategy)
         set_seed(self.args.seed + 7919 * (k + 1) + 1)
-        strategy.after_task(model, k, loader)
-        merged = self.extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
+        with self.clock("importance"):
+            strategy.after_task(model, k, loader)
+            merged = self.extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
         self._event("importance", name=name)
         contrast = getattr(strategy, "contrastive_losses", None)
-        losses, general, blocks = self._eval_row(model)
+        with self.clock("evaluation"):
+            losses, general, blocks = self._eval_row(model)
         self._event("evaluated", name=name)
         state.add_domain(
             {
@@ -395,10 +410,12 @@ class ContinualPretrainer:
 
     def _publish_domain(self, name: str, model, tokenizer, strategy, state: RunState, trainer_dir: str) -> None:
         """Save the finished domain's stage and record it; drop what is no longer a resume point; push if asked."""
-        digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
+        with self.clock("saving"):
+            digests = self._save_stage(name, model, tokenizer, strategy, state, True, name)
         if not self.is_main:
             return
         state.done[-1]["files"] = digests
+        state.done[-1]["seconds"] = self.clock.seconds()
         state.save()
         self._event("state_saved", name=name)
         write_results(self.args, self.data, state)
@@ -409,7 +426,9 @@ class ContinualPretrainer:
             self.hub.push_pending(state)
 
     def run(self) -> dict:
-        state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
+        state = RunState(
+            self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir, added_settings=ADDED_SETTINGS
+        )
         if self.is_main:
             state.check_writable()
         model, tokenizer, strategy = self._start()
@@ -450,6 +469,9 @@ class ContinualPretrainer:
     def _finish(self, state: RunState) -> dict:
         """The results (written by the main process); a failed Hub push is an error once everything is saved."""
         res = write_results(self.args, self.data, state) if self.is_main else results(self.args, self.data, state)
+        totals = res.get("stage_seconds_total") or {}
+        if totals:
+            self.say("wall time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()))
         unpushed = self.hub.check(state) if self.is_main else []
         self.proc.barrier()
         if unpushed:
@@ -458,6 +480,26 @@ class ContinualPretrainer:
                 "see push_error in state.json and rerun the same command to retry"
             )
         return res
+
+
+class StageClock:
+    """Wall seconds of one stage by kind: ``with clock("train"): ...``; :meth:`seconds` reads them."""
+
+    KINDS = ("train", "importance", "evaluation", "saving")
+
+    def start(self) -> None:
+        self._seconds = dict.fromkeys(self.KINDS, 0.0)
+
+    @contextmanager
+    def __call__(self, kind: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[kind] += time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self._seconds.items()}
 
 
 def _token_mean(losses: list[float], tokens: list[int], name: str) -> float:

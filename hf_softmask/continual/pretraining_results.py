@@ -70,6 +70,15 @@ def results(args: ContinualPretrainingArguments, data: PretrainingData, state: R
             eval_block_tokens=base["eval_tokens"],
             general_block_tokens=base["general_tokens"],
         )
+        if data.general_eval.by_document:
+            # The document each block was cut from: the bootstrap's resampling unit (the old evaluation has none).
+            res.update(eval_block_docs=[ev.docs for ev in data.eval], general_block_docs=data.general_eval.docs)
+    # Wall seconds by kind of work, per stage (0_base first) and in total; a stage resumed mid-domain counts only
+    # the time of the process that finished it.
+    per_stage = [d.get("seconds") for d in stages]
+    res["stage_seconds"] = per_stage
+    if all(per_stage):
+        res["stage_seconds_total"] = {k: round(sum(d[k] for d in per_stage), 1) for k in per_stage[0]}
     res["seed"] = args.seed
     res["settings"] = {k: getattr(args, k) for k in RESULT_SETTINGS}
     res["merged_parameters"] = [d.get("merged_parameters") for d in state.done]

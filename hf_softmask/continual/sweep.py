@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,14 +48,33 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        return write_frontier(
-            args.output_dir,
-            dirs,
-            n_resamples=args.bootstrap_resamples,
-            confidence=args.bootstrap_confidence,
-            plots=args.plots,
-        )
+        return write_frontier(args.output_dir, dirs, **frontier_settings(args))
     return {}
+
+
+def frontier_settings(args: ContinualPretrainingArguments) -> dict:
+    """``write_frontier``'s keyword settings from the run's arguments, the command that made it included."""
+    return dict(
+        n_resamples=args.bootstrap_resamples,
+        confidence=args.bootstrap_confidence,
+        primary=args.primary_comparison,
+        control=args.control_run,
+        command=invocation(),
+        plots=args.plots,
+    )
+
+
+def invocation() -> str:
+    """The command line of this process, as a user would retype it (``python -m`` or the script path as given)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[:1] = ["-m", Path(argv[0]).parent.name]
+    elif argv:
+        try:
+            argv[0] = os.path.relpath(argv[0])
+        except ValueError:
+            pass
+    return "python " + shlex.join(argv)
 
 
 def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
@@ -66,10 +87,4 @@ def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
         if not finished:
             raise FileNotFoundError(f"--frontier_runs {pattern!r}: no run directory with a results.json matches it")
         dirs.extend(finished)
-    return write_frontier(
-        args.output_dir,
-        dirs,
-        n_resamples=args.bootstrap_resamples,
-        confidence=args.bootstrap_confidence,
-        plots=args.plots,
-    )
+    return write_frontier(args.output_dir, dirs, **frontier_settings(args))

@@ -143,8 +143,16 @@ class ContinualStrategy:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def state_metadata(self) -> dict[str, str]:
+        """Strings saved in the header of ``strategy_state.safetensors``, beside ``state_dict()``'s tensors: what
+        describes them (e.g. an importance's provenance), so that it travels with them into every checkpoint."""
+        return {}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+    def load_state_metadata(self, metadata: dict[str, str]) -> None:
+        """Restore what :meth:`state_metadata` saved (called after :meth:`load_state_dict`)."""
 
     def config(self) -> dict:
         """``name`` and the settings (``self.cfg``'s fields); a subclass adds the scalars of its progress."""
@@ -154,15 +162,18 @@ class ContinualStrategy:
         directory = Path(directory)
         state = self.state_dict()
         if state:
-            atomic_save_safetensors(state, directory / STRATEGY_STATE_WEIGHTS)
+            atomic_save_safetensors(state, directory / STRATEGY_STATE_WEIGHTS, metadata=self.state_metadata() or None)
         atomic_write_json(directory / STRATEGY_STATE_CONFIG, self.config())
 
     def load_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         path = Path(directory) / STRATEGY_STATE_WEIGHTS
         if path.is_file():
-            self.load_state_dict(load_file(str(path)))
+            with safe_open(str(path), framework="pt") as f:
+                state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            self.load_state_dict(state)
+            self.load_state_metadata(metadata)
 
     def load_checkpoint(self, checkpoint: str | os.PathLike) -> None:
         """Restore the state a :class:`StrategyTrainer` saved in ``checkpoint`` (a Trainer checkpoint of the task

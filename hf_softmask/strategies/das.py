@@ -8,6 +8,7 @@ the domain's LM-loss importance, accumulated into ``I_acc`` by elementwise max.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -20,14 +21,18 @@ from ..contrastive import (
     unmasked_input_ids,
 )
 from ..estimators import OBJECTIVES, compute_importance, has_dropout
+from ..gates import FFN_GATE_SITES, ffn_gate_modules
 from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
-from ..importance_estimators import DEFAULT_ESTIMATOR, get_estimator
+from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
 from ..layout import UnitLayout
 from ..masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
 from .units import StrategyConfig
 
 __all__ = ["DASConfig", "DASStrategy"]
+
+#: The key of ``strategy_state.safetensors``'s header that holds the meta of each saved importance.
+IMPORTANCE_META_KEY = "importance_meta"
 
 # Measured choice, see docs/das.md ("Do z2 and z3 need gradients?").
 VIEW_GRADIENTS_DEFAULT = False
@@ -76,6 +81,24 @@ class DASConfig(StrategyConfig):
         default=DEFAULT_ESTIMATOR,
         metadata={"help": "Importance estimator (hf_softmask.available_estimators(); 'random' is the control)."},
     )
+    gradient_abs: str = field(
+        default="batch",
+        metadata={
+            "help": "Where gate_gradient takes |.| of the gate gradient: 'batch' (each batch's gradient), 'example' "
+            "(each sequence's: the paper's equation) or 'none' (signed sums: the published code). Only with "
+            "estimator='gate_gradient' (docs/algorithms.md §2).",
+            "choices": list(GRADIENT_ABS),
+        },
+    )
+    ffn_gate_site: str = field(
+        default="after_activation",
+        metadata={
+            "help": "Where FFN gates multiply, for importance and the z3 view: 'after_activation' (the neuron's "
+            "output) or 'before_activation' (its pre-activation: the published code; BERT, DistilBERT and GPT-2 "
+            "families). Only with a gate estimator (gate_gradient, gate_fisher) (docs/algorithms.md §1).",
+            "choices": list(FFN_GATE_SITES),
+        },
+    )
     normalization: str = field(
         default=DEFAULT_NORMALIZATION,
         metadata={
@@ -107,6 +130,22 @@ class DASConfig(StrategyConfig):
         if self.importance_batches is not None and self.importance_batches < 1:
             raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
         get_estimator(self.estimator)  # unknown names fail at construction, not after a domain of training
+        if self.gradient_abs != "batch" and self.estimator != "gate_gradient":
+            raise ValueError(
+                f"gradient_abs={self.gradient_abs!r} applies to estimator='gate_gradient' only, not {self.estimator!r}"
+            )
+        if self.ffn_gate_site != "after_activation" and not get_estimator(self.estimator).uses_gates:
+            raise ValueError(
+                f"ffn_gate_site={self.ffn_gate_site!r} applies to the gate estimators (gate_gradient, gate_fisher) "
+                f"only, not {self.estimator!r}"
+            )
+
+    def estimator_options(self) -> dict:
+        """The options this config gives its estimator."""
+        options = {"gradient_abs": self.gradient_abs} if self.estimator == "gate_gradient" else {}
+        if get_estimator(self.estimator).uses_gates:
+            options["ffn_gate_site"] = self.ffn_gate_site
+        return options
 
 
 class DASStrategy(ContinualStrategy):
@@ -139,6 +178,7 @@ class DASStrategy(ContinualStrategy):
         if self._layout is None or self._layout.model is not model:
             self._layout = UnitLayout.from_model(model)
             self._view_dropout = 0.0 if has_dropout(model) else self.cfg.perturbation_dropout
+            ffn_gate_modules(self._layout, self.cfg.ffn_gate_site)  # a site this family lacks: refused before a step
         return self._layout
 
     def _estimate(self, model: nn.Module, dataloader, objective: str) -> UnitImportance:
@@ -156,6 +196,7 @@ class DASStrategy(ContinualStrategy):
             perturbation_dropout=self.cfg.perturbation_dropout,
             show_progress=self.cfg.show_progress,
             estimator=self.cfg.estimator,
+            estimator_options=self.cfg.estimator_options(),
             normalization=self.cfg.normalization,
         )
 
@@ -218,20 +259,30 @@ class DASStrategy(ContinualStrategy):
                 self._view_dropout,
                 z1=z1,
                 view_gradients=self.cfg.view_gradients,
+                ffn_gate_site=self.cfg.ffn_gate_site,
             )
         self.contrastive_losses.append(float(loss.detach()))
         return self.cfg.contrastive_weight * loss
 
     # -- state -----------------------------------------------------------------------------------
+    def _importances(self) -> dict[str, UnitImportance]:
+        """The importances of the state by key: the accumulated one, the general one, one per finished domain."""
+        named = {"accumulated": self.importance, "general": self.general_importance}
+        named.update({f"domain_{k}": imp for k, imp in enumerate(self.domain_importances)})
+        return {key: imp for key, imp in named.items() if imp is not None}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
-        for key, imp in (("accumulated", self.importance), ("general", self.general_importance)):
-            if imp is not None:
-                state[f"{key}.heads"], state[f"{key}.ffn"] = imp.heads, imp.ffn
-        for k, imp in enumerate(self.domain_importances):
-            state[f"domain_{k}.heads"], state[f"domain_{k}.ffn"] = imp.heads, imp.ffn
+        for key, imp in self._importances().items():
+            state[f"{key}.heads"], state[f"{key}.ffn"] = imp.heads, imp.ffn
         # The accumulated importance may be the very tensor of another entry; safetensors refuses shared storage.
         return {k: v.clone() for k, v in state.items()}
+
+    def state_metadata(self) -> dict[str, str]:
+        # Each importance's meta (layout signature, estimator, normalization): a resumed run writes the same
+        # importance_config.json into its later stages as an uninterrupted one.
+        metas = {key: imp.meta for key, imp in self._importances().items()}
+        return {IMPORTANCE_META_KEY: json.dumps(metas, sort_keys=True, default=str)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         def get(key):
@@ -242,6 +293,11 @@ class DASStrategy(ContinualStrategy):
         self.domain_importances = []
         while f"domain_{len(self.domain_importances)}.heads" in state:
             self.domain_importances.append(get(f"domain_{len(self.domain_importances)}"))
+
+    def load_state_metadata(self, metadata: dict[str, str]) -> None:
+        metas = json.loads(metadata.get(IMPORTANCE_META_KEY, "{}"))  # {} in a state saved before metas travelled
+        for key, imp in self._importances().items():
+            imp.meta = dict(metas.get(key, {}))
 
     def config(self) -> dict:
         return {**super().config(), "domains_done": len(self.domain_importances)}

@@ -27,11 +27,12 @@ from torch import nn
 from ..bitpack import pack_bits, unpack_bits
 from ..fisher import fisher_diagonal
 from ..optim import install_update_masks
+from ..peft_support import unwrap_peft
 from ..task_vectors import SparseTaskVector
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 
-__all__ = ["TaLoSConfig", "TaLoSStrategy", "lowest_fraction_masks", "scoped_parameters"]
+__all__ = ["TaLoSConfig", "TaLoSStrategy", "lm_head_parameters", "lowest_fraction_masks", "scoped_parameters"]
 
 SCOPES = ("linear", "all")
 
@@ -51,12 +52,15 @@ class TaLoSConfig(StrategyConfig):
         default="linear",
         metadata={
             "help": "'linear': weight matrices of the base model (not embeddings); 'all': every parameter of the base "
-            "model. Out-of-scope base parameters are frozen.",
+            "model. Out-of-scope base parameters and the LM head (with an embedding tied to it) are frozen.",
             "choices": list(SCOPES),
         },
     )
     train_task_head: bool = field(
-        default=True, metadata={"help": "Train parameters outside the base model (a classifier head) fully."}
+        default=True,
+        metadata={
+            "help": "Train parameters outside the base model (a classifier head) fully; an LM head stays frozen."
+        },
     )
     task_vector_dir: str | None = field(
         default=None,
@@ -74,8 +78,32 @@ class TaLoSConfig(StrategyConfig):
             raise ValueError(f"examples_per_round must be >= 1, got {self.examples_per_round}")
 
 
+def lm_head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LM head under every name it has in ``model`` (``lm_head``, BERT's ``cls.*`` with its MLM transform).
+
+    The parameters held by modules outside the base model of a transformers model that has output embeddings
+    (a tied head is listed under its own name, e.g. ``lm_head.weight``, though it is the embedding tensor). A
+    classifier (no output embeddings) and the finetuning runner's task heads (outside the transformers model) are
+    no LM head.
+    """
+    lm = unwrap_peft(unit_model(model))
+    get_output_embeddings = getattr(lm, "get_output_embeddings", None)
+    base = getattr(lm, "base_model", lm)
+    if base is lm or not callable(get_output_embeddings) or get_output_embeddings() is None:
+        return {}
+    inside = {id(m) for m in base.modules()}
+    head_modules = {id(m) for m in lm.modules() if id(m) not in inside}
+    return {
+        name: p
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if id(model.get_submodule(name.rpartition(".")[0])) in head_modules
+    }
+
+
 def scoped_parameters(model: nn.Module, scope: str = "linear") -> dict[str, nn.Parameter]:
-    """Parameters TaLoS scores: base-model weight matrices (``"linear"``) or all base-model parameters (``"all"``)."""
+    """Parameters TaLoS scores: base-model weight matrices (``"linear"``) or all base-model parameters (``"all"``),
+    never the LM head: a scoped tensor the LM head shares (tied embeddings under ``"all"``) is left out, and a
+    warning names it and its head name."""
     base = unit_model(model)
     base = getattr(base, "base_model", base)
     base_ids = {id(p) for p in base.parameters()}
@@ -85,13 +113,25 @@ def scoped_parameters(model: nn.Module, scope: str = "linear") -> dict[str, nn.P
         if isinstance(m, nn.Embedding) or "Embedding" in type(m).__name__
         for p in m.parameters(recurse=False)
     }
-    out = {}
+    head_names: dict[int, str] = {}
+    for name, p in lm_head_parameters(model).items():
+        head_names.setdefault(id(p), name)
+    out, left_out = {}, []
     for name, p in model.named_parameters():
         if id(p) not in base_ids or not p.requires_grad:
             continue
         if scope == "linear" and (p.dim() != 2 or id(p) in embedding_ids):
             continue
+        if id(p) in head_names:  # the LM head stays frozen, and a tensor tied to it with it
+            left_out.append(name if head_names[id(p)] == name else f"{name} (the LM head's {head_names[id(p)]})")
+            continue
         out[name] = p
+    if left_out:
+        warnings.warn(
+            f"TaLoS keeps the LM head frozen: {', '.join(left_out)} left out of scope {scope!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out
 
 
@@ -202,18 +242,20 @@ class TaLoSStrategy(ContinualStrategy):
         self.base_values = {n: params[n].detach()[m.to(params[n].device)].cpu() for n, m in self.trainable.items()}
 
     def update_masks(self, model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
-        """Update masks for the optimizer: trainable entries 1, frozen 0; out-of-scope base parameters frozen."""
+        """Update masks for the optimizer: trainable entries 1, frozen 0; out-of-scope base parameters and the LM head
+        frozen; other parameters outside the base model (task heads) trained as ``train_task_head`` says."""
         if not self.trainable:
             raise RuntimeError(
                 "TaLoS has no trainable set: call before_task(model, task_id, dataloader) before training"
             )
         base = unit_model(model)
         base_ids = {id(p) for p in getattr(base, "base_model", base).parameters()}
+        head_ids = {id(p) for p in lm_head_parameters(model).values()}
         masks = {}
         for name, p in model.named_parameters():
             if name in self.trainable:
                 masks[p] = self.trainable[name].to(device=p.device)  # bool: 1 byte per entry, no dtype-sized copy
-            elif id(p) in base_ids or not self.cfg.train_task_head:
+            elif id(p) in base_ids or id(p) in head_ids or not self.cfg.train_task_head:
                 masks[p] = torch.zeros((), device=p.device, dtype=p.dtype)
         return masks
 
