@@ -150,7 +150,7 @@ def test_options_validated():
     assert DomainTraining().callbacks() == [] and DomainTraining().after_domain(tiny_llama()) == 0
 
 
-@pytest.mark.parametrize("name", ["cpu_small", "cpu_estimators", "gpu_h100"])
+@pytest.mark.parametrize("name", ["cpu_study", "cpu_small", "cpu_estimators", "gpu_h100"])
 def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
     """The runner's own parser reads the config (unknown keys are refused there); every run of its sweep gives
     settings that validate (strategy declares pretrain and accepts its strategy_kwargs, replay/merge overrides)."""
@@ -161,7 +161,17 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
 
     path = Path(__file__).parent.parent / "configs" / "experiments" / f"{name}.yaml"
     args = parse_config(["--config", str(path)])
-    assert args.runs and args.runs[0]["name"] == "ncl" and args.seed_list() == [0]
+    study = name in ("cpu_study", "gpu_h100")  # the calibrated design (docs/statistics.md); the others superseded
+    assert args.runs and args.runs[0]["name"] == "ncl" and args.seed_list() == ([0, 1, 2] if study else [0])
+    if study:
+        grid = args.runs[0]["learning_rates"]
+        assert max(b / a for a, b in zip(grid, grid[1:])) <= 2**0.5 * 1.001  # a dense frontier
+        assert args.primary_comparison == "das" and args.control_run == "ncl_control"
+        assert args.eval_blocks_per_document == 2 and args.max_eval_docs >= 32 and args.max_eval_blocks is None
+        control = next(e for e in args.runs if e["name"] == "ncl_control")["learning_rates"]
+        assert grid[0] < min(control) and max(control) < grid[-1]  # off the grid, inside its range
+    else:
+        assert args.eval_blocks_per_document == 0 and args.general_eval_fraction == 0.3  # reproduce old numbers
     labels = []
     for entry in args.sweep_entries():
         for lr in entry["learning_rates"]:
@@ -175,7 +185,7 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
         labels.append(entry["name"])
     assert len(set(labels)) == len(labels)
     controls = [e for e in args.runs if json.loads(args.for_entry(e, 1e-4).strategy_kwargs or "{}").get("estimator")]
-    if name != "cpu_small":  # the CPU baselines' control row is in cpu_estimators (the 30-minute budget)
+    if name != "cpu_small":  # the old CPU baselines' control row is in cpu_estimators (the 30-minute budget)
         assert any(e["name"] == "das_random" and e["strategy"] == "das" for e in controls)
     if name == "cpu_estimators":
         # Its shared settings are cpu_small's, so the runs both configs name are the same runs (reused, not rerun).
@@ -192,6 +202,5 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
     replayed = [e for e in args.runs if e.get("replay_ratio")]
     assert {e["strategy"] for e in replayed} == {"ncl", "das"}  # replay alone, and DAS + replay
     if name == "gpu_h100":
-        assert len(args.domains) == 5 and args.block_size == 256 and args.per_device_train_batch_size == 16
-        assert args.bf16 and args.max_steps == 150
-        assert len(args.runs[0]["learning_rates"]) == 5 and len(args.runs[1]["learning_rates"]) == 3
+        assert len(args.domains) == 3 and args.block_size == 256 and args.per_device_train_batch_size == 16
+        assert args.bf16 and args.max_steps == 60

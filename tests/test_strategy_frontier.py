@@ -127,7 +127,9 @@ def test_frontier_intervals_decide_beyond_and_seeds_form_one_row(tmp_path):
         dirs.append(tmp_path / name)
     payload = write_frontier(tmp_path / "out", dirs, n_resamples=500)
     by = {r["strategy"]: r for r in payload["runs"]}
-    assert payload["intervals"] == {"resamples": 500, "confidence": 0.95, "seed": 0}
+    design = payload["design"]
+    assert (design["resamples"], design["confidence"], design["bootstrap_seed"]) == (500, 0.95, 0)
+    assert design["resampling_unit"] == "block"  # these results name no documents
     assert len(payload["runs"]) == 4 and by["x"]["seeds"] == [0, 1] and len(by["x"]["run"]) == 2
     assert by["x"]["forgetting_per_seed"] == [pytest.approx(0.05)] * 2
     gx, gy = by["x"]["forgetting_gap"], by["y"]["forgetting_gap"]

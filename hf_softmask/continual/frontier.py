@@ -17,10 +17,10 @@ plain runs (sorted by ``x``; ``y`` then decreases). A point is
 ``tolerance`` is in the units of both axes (nats for losses, accuracy points for finetuning).
 
 Pre-training runs that kept their per-block held-out losses (``eval_block_losses`` in results.json) also get
-paired bootstrap intervals (:func:`hf_softmask.bootstrap.frontier_intervals`): the seeds of one (strategy, lr)
-are one row (metrics averaged over seeds, blocks averaged over seeds for the intervals), and then
-``beyond_frontier`` is the interval's verdict -- True only when the interval of the forgetting gap to the ncl
-frontier lies entirely below 0 -- while ``frontier_position`` stays the point rule above.
+intervals and verdicts (:class:`hf_softmask.bootstrap.Study`, :func:`hf_softmask.bootstrap.frontier_verdicts`): the
+seeds of one (strategy, lr) are one row, documents are resampled (blocks, for runs made before the evaluation by
+document, flagged as such), seeds enter through the jackknife, and ``beyond_frontier`` is the multiplicity-adjusted
+verdict of the forgetting gap -- while ``frontier_position`` stays the point rule above. docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def _markdown(records: list[dict], design: dict | None = None) -> str:
 def _design_text(records: list[dict], d: dict) -> str:
     """What the table's intervals resample and decide, under it (frontier.md)."""
     ratio = d.get("max_adjacent_lr_ratio")
-    dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-6)
+    dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-3)  # rates written to 5 digits
     control = [r for r in records if r.get("control")]
     lines = [
         f"Design: resampling unit **{d['resampling_unit']}** (held-out units per group: "
