@@ -104,6 +104,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_commands(tmp_path, tiny_mlm_di
         assert time.perf_counter() - t0 < 5, f"hf-softmask {name} --help took {time.perf_counter() - t0:.1f} s"
         assert out == (ROOT / "hf_softmask" / "continual" / "help" / f"{stored}.txt").read_text()
         assert out.startswith(f"usage: hf-softmask {name} ")
+    assert "already satisfied" in _run([command, "assets", "--install"], work, env).stdout  # pins met: no download
     code = "from hf_softmask.package_data import config_file; print(config_file('configs/default.yaml'))"
     shipped = _run([python, "-c", code], work, env)
     assert Path(shipped.stdout.strip()).resolve().is_relative_to(venv.resolve())
