@@ -1,25 +1,22 @@
-"""hf_softmask: continual pre-training and finetuning without forgetting for Hugging Face Transformers."""
+"""hf_softmask: continual pre-training and finetuning without forgetting for Hugging Face Transformers.
+
+Every public name loads its module on first use, so ``import hf_softmask`` (and ``hf-softmask <command> --help``)
+imports neither torch nor transformers.
+"""
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
-from .callback import SoftMaskCallback
-from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
-from .gates import UnitGates, gated
-from .importance import NORMALIZATIONS, ImportanceShapeError, UnitImportance
-from .importance_estimators import ImportanceEstimator
-from .layout import UnitLayout
-from .masking import SoftMaskConfig, SoftMasker, build_param_masks
-from .optim import MaskedAdamW, MaskedSGD, install_update_masks
-from .softmask_arguments import SoftMaskArguments
-from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
-from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
-
-__version__ = "0.1.0"
+try:
+    __version__ = version("hf_softmask")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
     from .bitpack import pack_bits, unpack_bits
+    from .callback import SoftMaskCallback
     from .comparison import CompareArguments, run_comparison
     from .continual import ContinualPretrainingArguments, run_continual_pretraining
     from .continual.finetune import (
@@ -28,7 +25,16 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         run_continual_finetune,
     )
     from .contrastive import das_contrastive_loss
+    from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
     from .fisher import fisher_diagonal
+    from .gates import UnitGates, gated
+    from .importance import NORMALIZATIONS, ImportanceShapeError, UnitImportance
+    from .importance_estimators import ImportanceEstimator
+    from .layout import UnitLayout
+    from .masking import SoftMaskConfig, SoftMasker, build_param_masks
+    from .optim import MaskedAdamW, MaskedSGD, install_update_masks
+    from .softmask_arguments import SoftMaskArguments
+    from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
     from .strategies.cbp import CBPCallback, CBPConfig, CBPStrategy
     from .strategies.das import DASConfig, DASStrategy
     from .strategies.ewc import EWCConfig, EWCStrategy
@@ -42,10 +48,40 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .strategies.wsn import WSNConfig, WSNStrategy
     from .task_heads import MultiTaskClassifier
     from .task_vectors import SparseTaskVector, apply_task_vectors
+    from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
     from .tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
 
-# Heavier pieces (PEFT tuners, strategies, runners) load on first use: name -> module.
+# name -> module that defines it, loaded on first use.
 _LAZY = {
+    "ArchitectureSpec": "architectures",
+    "UnsupportedModelError": "architectures",
+    "register_architecture": "architectures",
+    "supported_model_types": "architectures",
+    "SoftMaskCallback": "callback",
+    "EmptyDataError": "estimators",
+    "available_estimators": "estimators",
+    "compute_importance": "estimators",
+    "register_estimator": "estimators",
+    "UnitGates": "gates",
+    "gated": "gates",
+    "NORMALIZATIONS": "importance",
+    "ImportanceShapeError": "importance",
+    "UnitImportance": "importance",
+    "ImportanceEstimator": "importance_estimators",
+    "UnitLayout": "layout",
+    "SoftMaskConfig": "masking",
+    "SoftMasker": "masking",
+    "build_param_masks": "masking",
+    "MaskedAdamW": "optim",
+    "MaskedSGD": "optim",
+    "install_update_masks": "optim",
+    "SoftMaskArguments": "softmask_arguments",
+    "ContinualStrategy": "strategies",
+    "StrategyTrainer": "strategies",
+    "available_strategies": "strategies",
+    "get_strategy": "strategies",
+    "SoftMaskTrainer": "trainer",
+    "SoftMaskTrainingArguments": "trainer",
     "SubnetworkConfig": "tss",
     "SubnetworkModel": "tss",
     "get_subnetwork_model": "tss",
@@ -104,35 +140,4 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = [
-    "ArchitectureSpec",
-    "ContinualStrategy",
-    "EmptyDataError",
-    "ImportanceEstimator",
-    "ImportanceShapeError",
-    "MaskedAdamW",
-    "MaskedSGD",
-    "NORMALIZATIONS",
-    "SoftMaskCallback",
-    "SoftMaskArguments",
-    "SoftMaskConfig",
-    "SoftMaskTrainer",
-    "SoftMaskTrainingArguments",
-    "SoftMasker",
-    "StrategyTrainer",
-    "UnitGates",
-    "UnitImportance",
-    "UnitLayout",
-    "UnsupportedModelError",
-    "available_estimators",
-    "available_strategies",
-    "build_param_masks",
-    "compute_importance",
-    "gated",
-    "get_strategy",
-    "install_update_masks",
-    "register_architecture",
-    "register_estimator",
-    "supported_model_types",
-    *_LAZY,
-]
+__all__ = list(_LAZY)

@@ -30,6 +30,8 @@ from .io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "CompareArguments",
+    "compare_parser",
+    "parse_compare_args",
     "run_comparison",
     "frontier_position",
     "peak_memory",
@@ -38,6 +40,8 @@ __all__ = [
     "DEFAULT_STRATEGIES",
     "FRONTIER",
 ]
+
+PROG = "hf-softmask compare"
 
 DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
 
@@ -141,6 +145,20 @@ class CompareArguments:
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
 
 
+def compare_parser():
+    """The command line of :class:`CompareArguments` (its --help is stored as package data)."""
+    from transformers import HfArgumentParser
+
+    from .continual.cli import HelpFormatter
+
+    return HfArgumentParser(CompareArguments, prog=PROG, allow_abbrev=False, formatter_class=HelpFormatter)
+
+
+def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
+    (args,) = compare_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
 # -- memory --------------------------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where not possible."""
@@ -183,16 +201,17 @@ class peak_memory:
 
 
 # -- runs ----------------------------------------------------------------------------------------------------
-def _load_yaml(path: str | None) -> dict:
+def _load_yaml(path: str | None, flag: str) -> dict:
     if not path:
         return {}
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; pass --pretrain_config/--finetune_config '' to use the runners' defaults"
-        )
+    from .package_data import config_file
+
+    try:
+        p = config_file(path, flag)  # a file, or a shipped config by name
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; pass {flag} '' to use the runner's defaults") from None
     return yaml.safe_load(p.read_text()) or {}
 
 
@@ -401,8 +420,11 @@ def run_comparison(args: CompareArguments) -> dict:
     for n in names:
         strategy_class(n)  # fails early, listing the available names
     user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
-    pre = {**_load_yaml(args.pretrain_config), **parse_json_object(args.pretrain_overrides, "pretrain_overrides")}
-    fine_yaml = _load_yaml(args.finetune_config)
+    pre = {
+        **_load_yaml(args.pretrain_config, "--pretrain_config"),
+        **parse_json_object(args.pretrain_overrides, "pretrain_overrides"),
+    }
+    fine_yaml = _load_yaml(args.finetune_config, "--finetune_config")
     # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
     yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
     fine_yaml.pop("learning_rate", None)

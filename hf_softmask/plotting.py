@@ -11,13 +11,20 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
+from .extras import missing_extra
 from .io import atomic_write
+
+try:
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+except ModuleNotFoundError as e:  # matplotlib is the optional 'plots' extra
+    if e.name != "matplotlib":
+        raise
+    raise missing_extra("matplotlib", "hf_softmask.plotting (PNG plots)") from None
 
 __all__ = ["plot_accuracy_matrix", "plot_frontier", "plot_importance", "plot_matrix", "importance_figure"]
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Every strategy on the same domain sequence (continual pre-training) and task sequence (continual finetuning).
+"""Every strategy on the same domain sequence (continual pre-training) and task sequence (continual finetuning):
+``hf-softmask compare``, from a checkout.
 
     python scripts/compare_strategies.py --output_dir runs/compare
     python scripts/compare_strategies.py --output_dir /tmp/cmp --quick --strategies ncl,hat,talos
@@ -10,24 +11,14 @@ Writes DIR/comparison.json (one record per strategy and setting) and DIR/compari
 under DIR/<setting>/<strategy>/. Every field of hf_softmask.comparison.CompareArguments is a flag.
 """
 
-import os
+import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from transformers import HfArgumentParser
-
-from hf_softmask.comparison import CompareArguments, run_comparison
+from hf_softmask.command_line import main as _command
 
 
-def main():
-    (args,) = HfArgumentParser(CompareArguments).parse_args_into_dataclasses()
-    payload = run_comparison(args)
-    print(open(os.path.join(args.output_dir, "comparison.md")).read())
-    failed = [r for r in payload["records"] if r["error"]]
-    if failed:
-        print(f"{len(failed)} run(s) failed; see {args.output_dir}/<setting>/<strategy>.error.txt")
+def main(argv=None):
+    return _command(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

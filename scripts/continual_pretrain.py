@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Continual pre-training over a domain sequence (DAS by default).
+"""Continual pre-training over a domain sequence (DAS by default): ``hf-softmask pretrain``, from a checkout.
 
     python scripts/continual_pretrain.py --config configs/default.yaml
     python scripts/continual_pretrain.py --model_name_or_path smollm2 --bf16 --gradient_checkpointing --max_steps 4
@@ -11,30 +11,14 @@ Every field of hf_softmask.continual.ContinualPretrainingArguments (TrainingArgu
 overrides the YAML value; docs/runners.md says what the Trainer flags mean per domain.
 """
 
-import json
-import os
 import sys
-from pathlib import Path
 
-# --help is answered from the stored text (kept current by a test), without importing torch or transformers.
-_HELP = Path(__file__).resolve().parents[1] / "hf_softmask" / "continual" / "help" / "continual_pretrain.txt"
-if {"-h", "--help"} & set(sys.argv[1:]) and _HELP.is_file():
-    sys.stdout.write(_HELP.read_text())
-    sys.exit(0)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from hf_softmask.command_line import main as _command
 
 
 def main(argv=None):
-    from hf_softmask.continual import end_processes, parse_config, run_continual_pretraining
-
-    args = parse_config(argv)
-    result = run_continual_pretraining(args)
-    keys = ("in_domain_loss", "forgetting", "bwt", "general_loss_increase")
-    if result and "runs" not in result and int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps({k: result.get(k) for k in keys}, indent=2))
-    end_processes()
+    return _command(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

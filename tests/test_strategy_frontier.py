@@ -83,6 +83,9 @@ def test_mark_records_and_write_frontier(tmp_path):
     assert [r["frontier_position"] for r in payload["runs"]] == [None, None, "beyond", "behind", "undecided"]
     md = (tmp_path / "out" / "frontier.md").read_text()
     assert md.count("**beyond**") == 1 and "undecided" in md
+    assert (tmp_path / "out" / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    write_frontier(tmp_path / "bare", dirs, plots=False)  # --plots false: no PNG
+    assert (tmp_path / "bare" / "frontier.json").is_file() and not (tmp_path / "bare" / "frontier.png").exists()
 
 
 def _blocks_results(label, lr, in_domain, after, noise, seed=0, n=8):

@@ -13,6 +13,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ..package_data import HELP_DIR, config_file
+
 __all__ = [
     "HelpFormatter",
     "build_parser",
@@ -65,7 +67,10 @@ def build_parser(dataclass_types, prog: str):
 
     parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
     parser.add_argument(
-        "--config", default=None, help="YAML file of field: value pairs; flags given after it override it."
+        "--config",
+        default=None,
+        help="YAML file of field: value pairs, or a shipped config's name (default, smollm2_bbc, ...); "
+        "flags given after it override it.",
     )
     for action in parser._actions:
         flag = next((s for s in action.option_strings if s.startswith("--no_")), None)
@@ -90,9 +95,7 @@ def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hoo
     parser = build_parser(dataclass_types, prog)
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
+        path = config_file(known.config)  # a file, or a shipped config by name
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -248,9 +251,6 @@ def register_architectures(specs: str | None) -> None:
 
 
 # -- stored --help text -------------------------------------------------------------------------------------------
-HELP_DIR = Path(__file__).resolve().parent / "help"
-
-
 def runner_parsers() -> dict:
     """``{script name: (dataclass types, prog)}`` of both runners (imports them: slow, so only for writing)."""
     from .config import PROG as PRETRAIN_PROG
@@ -264,13 +264,22 @@ def runner_parsers() -> dict:
     }
 
 
+def help_texts() -> dict[str, str]:
+    """``{script name: --help text}`` of the commands whose help is stored (both runners and the comparison)."""
+    from ..comparison import compare_parser
+
+    texts = {name: help_text(types, prog) for name, (types, prog) in runner_parsers().items()}
+    texts["compare_strategies"] = compare_parser().format_help()
+    return texts
+
+
 def write_help_files() -> list[Path]:
     """Regenerate ``help/<script>.txt``: ``python -m hf_softmask.continual.cli``."""
     paths = []
-    for name, (types, prog) in runner_parsers().items():
+    for name, text in help_texts().items():
         path = HELP_DIR / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(help_text(types, prog))
+        path.write_text(text)
         paths.append(path)
     return paths
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from ..domain_training import DomainTrainingOptions
+from ..extras import require
 from ..softmask_arguments import SoftMaskArguments, flag_name
 from .cli import (
     parse_with_yaml,
@@ -29,7 +30,7 @@ from .strategy_settings import strategy_kwargs_text
 
 __all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
 
-PROG = "continual_pretrain.py"
+PROG = "hf-softmask pretrain"
 
 #: Settings that do not change what a run computes: they may differ when a run is resumed.
 NOT_IN_FINGERPRINT = frozenset(
@@ -296,7 +297,10 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
     num_threads: int | None = field(
         default=None, metadata=_help("torch.set_num_threads for CPU runs (default: torch's own choice).")
     )
-    plots: bool = field(default=True, metadata=_help("Write PNG plots (perplexity matrix, importance)."))
+    plots: bool = field(
+        default=True,
+        metadata=_help("Write PNG plots (perplexity matrix, importance, frontier); needs the 'plots' extra."),
+    )
     keep_domain_weights: str = field(
         default="all",
         metadata=_help(
@@ -408,6 +412,8 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         require_choice("objective", self.objective, ("auto", "mlm", "clm"))
         require_choice("general_importance_source", self.general_importance_source, ("domain", "general"))
         require_choice("keep_domain_weights", self.keep_domain_weights, ("all", "last"))
+        if self.plots:
+            require("matplotlib", "--plots (PNG plots)", "or pass --no_plots")
         if not self.output_dir:
             raise ValueError("--output_dir is required")
         if self.block_size is None or self.block_size < 2:

@@ -45,10 +45,10 @@ from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 from ..assets import check_model_source
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
+from ..extras import require
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..loss_scaling import fix_loss_kwargs
 from ..metrics import load_metric
-from ..plotting import plot_accuracy_matrix
 from ..strategies import StrategyTrainer, strategy_class
 from ..task_heads import POOLINGS, MultiTaskClassifier
 from .checkpointing import (
@@ -90,7 +90,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ["business,entertainment", "politics,sports", "tech,entertainment"]
-PROG = "continual_finetune.py"
+PROG = "hf-softmask finetune"
 
 
 @dataclass
@@ -146,9 +146,14 @@ class ContinualFinetuneArguments:
             "model is loaded, to register a model type hf_softmask does not know."
         },
     )
+    plots: bool = field(
+        default=True, metadata={"help": "Write accuracy_matrix.png; needs the 'plots' extra (matplotlib)."}
+    )
 
     def __post_init__(self):
         require_choice("pooling", self.pooling, POOLINGS)
+        if self.plots:
+            require("matplotlib", "--plots (accuracy_matrix.png)", "or pass --no_plots")
         for name in ("max_length", "eval_batch_size"):
             require_positive(name, getattr(self, name))
         for name in ("max_train_per_class", "max_test_per_class", "head_learning_rate", "num_threads"):
@@ -607,7 +612,7 @@ class _FinetuneRun:
         }
 
     def save_final(self, results: dict) -> None:
-        """``final/`` (heads, tokenizer, the strategy's backbone and state) and the accuracy heatmap."""
+        """``final/`` (heads, tokenizer, the strategy's backbone and state) and (``plots``) the accuracy heatmap."""
         model, strategy, tasks = self.model, self.strategy, self.tasks
         final = self.out_dir / "final"
         final.mkdir(parents=True, exist_ok=True)
@@ -618,6 +623,10 @@ class _FinetuneRun:
         else:
             model.backbone.save_pretrained(final)
             strategy.save_pretrained(final)
+        if not self.args.plots:
+            return
+        from ..plotting import plot_accuracy_matrix
+
         plot_accuracy_matrix(
             results["accuracy_matrix"],
             [t.name for t in tasks],

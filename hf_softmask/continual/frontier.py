@@ -338,13 +338,12 @@ def write_frontier(
     primary: str | None = None,
     control: str | None = None,
     command: str | None = None,
+    plots: bool = True,
 ) -> dict:
-    """Write ``frontier.json``, ``frontier.md`` and ``frontier.png`` (+ ``frontier_general.png``) into ``output_dir``;
-    with per-block losses in the runs, intervals and adjusted verdicts too, and the study's ``design`` (what was
-    resampled, seeds, primary comparison, adjustment, ``command``) at the top of frontier.json and under the
-    table."""
-    from ..plotting import plot_frontier
-
+    """Write ``frontier.json``, ``frontier.md`` and (``plots``) ``frontier.png`` + ``frontier_general.png`` into
+    ``output_dir``; with per-block losses in the runs, intervals and adjusted verdicts too, and the study's
+    ``design`` (what was resampled, seeds, primary comparison, adjustment, ``command``) at the top of frontier.json
+    and under the table."""
     out = Path(output_dir)
     records = mark_beyond_frontier(frontier_records(run_dirs), tolerance=tolerance)
     if not records:
@@ -357,7 +356,9 @@ def write_frontier(
     payload = {"design": design, "baseline": BASELINE, "tolerance": tolerance, "runs": records}
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, design))
-    if any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
+    if plots and any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
+        from ..plotting import plot_frontier
+
         for y, name, title in (
             ("forgetting", "frontier.png", "forgetting vs in-domain loss (lower-left is better)"),
             ("general_loss_increase", "frontier_general.png", "general-text loss increase vs in-domain loss"),

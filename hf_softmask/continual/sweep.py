@@ -60,6 +60,7 @@ def frontier_settings(args: ContinualPretrainingArguments) -> dict:
         primary=args.primary_comparison,
         control=args.control_run,
         command=invocation(),
+        plots=args.plots,
     )
 
 
