@@ -68,7 +68,8 @@ def render() -> str:
         "second task. Under DDP, the replicas must also stay identical.",
         "",
         "How a run's columns are read (`hf_softmask.compatibility.detect_features`): the precision is the one the",
-        "Trainer's accelerator uses (`training_precision`: `--fp16` / `--bf16`, else `ACCELERATE_MIXED_PRECISION`, which",
+        "Trainer's accelerator uses (`training_precision`: `--fp16` / `--bf16`, else "
+        "`ACCELERATE_MIXED_PRECISION`, which",
         "`accelerate launch --mixed_precision` or an accelerate config sets; inside training the accelerator's own);",
         "FSDP1 or FSDP2 by the version really used (`fsdp_version`: the model's FSDP1 flat parameters or FSDP2",
         "DTensors, accelerate's FSDP plugin, `--fsdp` with `fsdp_config` version, `ACCELERATE_USE_FSDP` with",
