@@ -119,3 +119,17 @@ def test_invocation_is_the_command_a_user_retypes(monkeypatch, tmp_path):
     assert invocation() == "python scripts/continual_pretrain.py --config 'a b.yaml'"
     monkeypatch.setattr("sys.argv", ["/x/site-packages/hf_softmask/__main__.py", "pretrain", "--seeds", "0,1"])
     assert invocation() == "python -m hf_softmask pretrain --seeds 0,1"
+
+
+def test_sweep_shards_split_the_runs_and_the_last_writes_the_frontier(tiny_mlm_dir, tmp_path):
+    """Two shards of one sweep (as two processes would run them): each trains every other run; the first to end
+    writes no frontier (the other's runs are unfinished), the last writes it over all runs."""
+    out = tmp_path / "sharded"
+    flags = _flags(tiny_mlm_dir, out, strategies="ncl", learning_rates="5e-4,1e-3", seeds="0")
+    first = run_continual_pretraining(parse_config([*flags, "--sweep_shard", "1/2"]))
+    assert first == {} and not (out / "frontier.json").exists()
+    assert sorted(p.name for p in out.iterdir() if (p / "results.json").is_file()) == ["ncl_lr0.001_s0"]
+    last = run_continual_pretraining(parse_config([*flags, "--sweep_shard", "0/2"]))
+    assert sorted(r["lr"] for r in last["runs"]) == [5e-4, 1e-3] and (out / "frontier.json").is_file()
+    with pytest.raises(ValueError, match="--sweep_shard"):
+        parse_config([*flags, "--sweep_shard", "2/2"])

@@ -105,6 +105,7 @@ NOT_IN_FINGERPRINT = frozenset(
         "bootstrap_confidence",
         "primary_comparison",
         "control_run",
+        "sweep_shard",
         "merge_snapshot_device",
     }
 )
@@ -360,6 +361,14 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         default=2000, metadata=_help("Bootstrap resamples of the frontier's confidence intervals.")
     )
     bootstrap_confidence: float = field(default=0.95, metadata=_help("Level of the frontier's intervals."))
+    sweep_shard: str | None = field(
+        default=None,
+        metadata=_help(
+            "'i/n': run only every n-th run of the sweep, starting at the i-th (0-based), so n processes share a "
+            "machine (on 2 cores two processes at --num_threads 1 finish a study sooner than one at 2: "
+            "docs/statistics.md); the shard that finishes the last run writes the frontier."
+        ),
+    )
     primary_comparison: str | None = field(
         default=None,
         metadata=_help(
@@ -468,6 +477,19 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
         for run in self.sweep_entries():
             self.for_entry(run, run["learning_rates"][0], validate_only=True)
         self._check_study_rows()
+        self.shard()
+
+    def shard(self) -> tuple[int, int]:
+        """``(i, n)`` of ``sweep_shard`` (``(0, 1)`` when unset), checked."""
+        if not self.sweep_shard:
+            return 0, 1
+        try:
+            i, n = (int(x) for x in str(self.sweep_shard).split("/"))
+        except ValueError:
+            raise ValueError(f"--sweep_shard must read i/n (e.g. 0/2), got {self.sweep_shard!r}") from None
+        if not 0 <= i < n:
+            raise ValueError(f"--sweep_shard {self.sweep_shard!r}: need 0 <= i < n")
+        return i, n
 
     def _check_study_rows(self) -> None:
         """``primary_comparison`` and ``control_run`` name rows this sweep makes (a pure --frontier_runs rewrite

@@ -35,21 +35,47 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
         if not args.runs
         else [(lr, e) for e in entries for lr in e["learning_rates"]]
     )
-    for lr, entry in plan:
-        base = entry["strategy"] if not args.runs else entry["name"]
-        for seed in seeds or [None]:
-            sub = Path(args.output_dir) / (f"{base}_lr{lr:g}" + (f"_s{seed}" if seed is not None else ""))
-            run_args = args.for_entry(entry, lr)
-            run_args = replace(
-                run_args, output_dir=str(sub), split_seed=split_seed, seed=args.seed if seed is None else seed
-            )
-            ContinualPretrainer(run_args).run()
-            dirs.append(sub)
+    runs = [
+        (lr, entry, seed, Path(args.output_dir) / (f"{base}_lr{lr:g}" + (f"_s{seed}" if seed is not None else "")))
+        for lr, entry in plan
+        for base in [entry["strategy"] if not args.runs else entry["name"]]
+        for seed in seeds or [None]
+    ]
+    shard, shards = args.shard()
+    for k, (lr, entry, seed, sub) in enumerate(runs):
+        if k % shards != shard:
+            continue
+        run_args = replace(
+            args.for_entry(entry, lr),
+            output_dir=str(sub),
+            split_seed=split_seed,
+            seed=args.seed if seed is None else seed,
+        )
+        ContinualPretrainer(run_args).run()
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        return write_frontier(args.output_dir, dirs, **frontier_settings(args))
-    return {}
+    dirs = [sub for *_, sub in runs]
+    if not PartialState().is_main_process:
+        return {}
+    waiting = [d.name for d in dirs if not _finished(d)]
+    if waiting:  # another shard still runs these: the one that finishes last writes the frontier
+        print(
+            f"[continual_pretrain] shard {shard}/{shards} done; {len(waiting)} run(s) of other shards unfinished "
+            f"(e.g. {waiting[0]}): the frontier is written when the last one finishes",
+            flush=True,
+        )
+        return {}
+    return write_frontier(args.output_dir, dirs, **frontier_settings(args))
+
+
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    path = run_dir / "results.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("complete") is True
+    except ValueError:
+        return False
 
 
 def frontier_settings(args: ContinualPretrainingArguments) -> dict:
