@@ -7,6 +7,7 @@ subprocesses, and prints the runner's own wall time by stage (``stage_seconds_to
 throughput ratio. Also times the evaluation alone at two evaluation batch sizes. Run it on a quiet machine:
 
     python benchmarks/bench_study_cost.py [--strategy das] [--lr 1.4142e-4] [--max_steps 16]
+    python benchmarks/bench_study_cost.py --quick     # only the threads question, on the bare work (~2 min)
 """
 
 from __future__ import annotations
@@ -90,13 +91,65 @@ def _eval_seconds(batch_sizes: list[int]) -> dict[int, float]:
     return out
 
 
+def _work(threads: int, steps: int) -> float:
+    """Seconds for ``steps`` AdamW steps of SmolLM2 on 4 x 64-token blocks plus one evaluation of 80 held-out
+    blocks: the study's two kinds of work, in the proportion of one domain."""
+    import torch
+
+    from hf_softmask.continual.model_loading import load_model_and_tokenizer, resolve_model_path
+
+    torch.set_num_threads(threads)
+    model, _, _ = load_model_and_tokenizer(resolve_model_path("smollm2"), "clm")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 49152, (4, 64), generator=g)
+    held_out = torch.randint(0, 49152, (80, 64), generator=g)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for i in range(0, 80, 32):
+            model(input_ids=held_out[i : i + 32]).logits.float().sum()
+    return time.perf_counter() - t0
+
+
+def quick(steps: int) -> None:
+    """One worker at 2 threads, then two side by side at 1 thread each (subprocesses); throughput ratio."""
+
+    def spawn(threads):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, __file__, "--worker", str(threads), "--steps", str(steps)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    alone = float(spawn(2).communicate()[0].split()[-1])
+    pair = [spawn(1), spawn(1)]
+    both = [float(p.communicate()[0].split()[-1]) for p in pair]
+    print(f"{steps} SmolLM2 train steps (4 x 64 tokens) + evaluation of 80 blocks:")
+    print(
+        f"  one process, 2 threads: {alone:.1f} s; two processes side by side, 1 thread each: "
+        f"{both[0]:.1f} s and {both[1]:.1f} s"
+    )
+    print(f"  throughput two-side-by-side / one-at-2-threads: {2 * alone / max(both):.2f}x")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", default="das")
     p.add_argument("--lr", type=float, default=1.4142e-4)
     p.add_argument("--max_steps", type=int, default=16)
     p.add_argument("--skip_eval_batching", action="store_true")
+    p.add_argument("--quick", action="store_true", help="only the 2x1-thread vs 1x2-thread throughput of the work")
+    p.add_argument("--steps", type=int, default=8, help="train steps of --quick")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.worker is not None:
+        print(_work(a.worker, a.steps))
+        return
+    if a.quick:
+        quick(a.steps)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
