@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from transformers import TrainerCallback
 
+from .clipping import clips_masked
 from .compatibility import check_supported
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
@@ -30,7 +32,9 @@ class SoftMaskCallback(TrainerCallback):
     Args:
         importance: a :class:`UnitImportance` (values in [0, 1]) or a directory/Hub id holding one.
         mode: ``"update"`` (default) scales the optimizer's whole change of each owned slice by
-            ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step).
+            ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step). In update mode a
+            plain Trainer's ``max_grad_norm`` clips the unmasked gradients (a warning says so at train begin);
+            :class:`~hf_softmask.SoftMaskTrainer` clips the masked ones, like grad mode.
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
 
     At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask per layer
@@ -67,6 +71,16 @@ class SoftMaskCallback(TrainerCallback):
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)
+        if self.config.mode == "update" and (args.max_grad_norm or 0) > 0 and not clips_masked(optimizer):
+            warnings.warn(
+                "SoftMaskCallback in update mode on a Trainer without MaskedClipMixin: "
+                f"max_grad_norm={args.max_grad_norm} clips by the norm of the unmasked gradients, "
+                "so protected units' gradients shorten the free units' steps. Use SoftMaskTrainer (or "
+                "class MyTrainer(hf_softmask.clipping.MaskedClipMixin, Trainer)) to clip the masked gradients, "
+                "or max_grad_norm=0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masker is not None and logs is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "masked_adamw_step",
     "masked_sgd_step",
     "resolve_compiled",
+    "update_masks_of",
 ]
 
 MaskDict = dict  # Parameter -> Tensor (broadcastable); keyed by the parameter object
@@ -684,6 +685,16 @@ def _fusable(opt: Optimizer) -> str | None:
     if type(opt) is SGD and not any(d.get(k) for k in ("maximize", "differentiable")):
         return "sgd"
     return None
+
+
+def update_masks_of(optimizer) -> MaskDict | None:
+    """The update masks ``optimizer`` (torch or accelerate-wrapped) applies: those of :func:`install_update_masks`
+    or of a :class:`MaskedAdamW`/:class:`MaskedSGD`; None when it has none."""
+    opt = _unwrap(optimizer)
+    handle = opt.__dict__.get(_HANDLE_ATTR)
+    if handle is not None:
+        return handle.masks
+    return getattr(opt, "update_masks", None) if isinstance(opt, _MaskMixin) else None
 
 
 def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "auto") -> UpdateMaskHandle:
