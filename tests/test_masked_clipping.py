@@ -1,6 +1,9 @@
 """Gradient clipping in update mode clips the gradients the masked optimizer applies (hf_softmask.clipping)."""
 
+import argparse
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, SoftMaskTrainer, SoftMaskTrainingArguments, UnitImportance, UnitLayout
 from hf_softmask.clipping import clip_masked_grad_norm_, masked_grad_norm
-from tests.testing_utils import ExampleDataset, random_lm_batches, tiny_llama, train_args
+from tests.testing_utils import ExampleDataset, launch_cpu_processes, random_lm_batches, tiny_llama, train_args
 
 
 def _params_with_grads():
@@ -120,3 +123,51 @@ def test_plain_trainer_warns_that_it_clips_unmasked_gradients(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         SoftMaskTrainer(model=model, args=args, train_dataset=data, importance=imp).train()
+
+
+# -- FSDP2: DTensor gradients, each rank holding a dim-0 shard -------------------------------------------------------
+def _fsdp2_worker(out: str) -> None:
+    """Per rank: the masked norm and the clipped gradients of a fully_shard'ed model, against the same computed by
+    hand on the full gradients (full_tensor)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_softmask.masking import SoftMaskConfig, build_named_masks, resolve_masks
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = tiny_llama(seed=0)
+    layout = UnitLayout.from_model(model)
+    named = build_named_masks(layout, _importance(layout), SoftMaskConfig(embeddings="mean"))
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    masks = resolve_masks(model, named)  # per-unit [out, 1] / [1, in] masks, scalar for the embeddings
+    batch = {k: v[rank::2] for k, v in random_lm_batches(1, batch_size=4, seq_len=12, seed=7)[0].items()}
+    model(**batch).loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    full = {p: p.grad.full_tensor() for p in params}
+    by_hand = torch.cat([(full[p] * masks.get(p, torch.tensor(1.0))).flatten() for p in params]).norm()
+    norm = clip_masked_grad_norm_(params, masks, max_norm=0.5 * float(by_hand))
+    factor = 0.5 * float(by_hand) / (float(by_hand) + 1e-6)
+    worst = max(float((p.grad.full_tensor() - full[p] * factor).abs().max()) for p in params)
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"norm": float(norm), "by_hand": float(by_hand), "worst": worst})
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_masked_norm_of_fsdp2_shards_equals_the_full_one(tmp_path):
+    launch_cpu_processes(Path(__file__), "--out", tmp_path, port_offset=1700)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["norm"] == pytest.approx(got["by_hand"], rel=1e-5)
+        assert got["worst"] < 1e-7
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    _fsdp2_worker(parser.parse_args().out)
