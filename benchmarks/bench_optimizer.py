@@ -61,7 +61,8 @@ def run(env: Env, shape: str) -> list[Row]:
         "snapshot fallback": snapshot.step,
         "masked fused AdamW (default)": fused_masked.step,  # the first (warm-up) step compiles, outside the timing
     }
-    warmup, rounds = (1, 5) if env.quick else (3, 20)
+    # A step is milliseconds: 15 rounds cost seconds, and a median of 5 moved the ratios by up to 50 % under load.
+    warmup, rounds = (1, 15) if env.quick else (3, 20)
     t = interleaved(variants, env, warmup=warmup, rounds=rounds)
     base = t["torch AdamW foreach"].ms
     fused_ms = t["torch AdamW fused"].ms
@@ -78,7 +79,8 @@ def run(env: Env, shape: str) -> list[Row]:
             "torch AdamW fused",
             t["masked fused AdamW (default)"].ms,
             fused_ms,
-            note=f"{note}; {how}; the 1.05x target is on the training step (bench step)",
+            target="<=1.10x",
+            note=f"{note}; {how}",
         ),
         Row(
             "optimizer",

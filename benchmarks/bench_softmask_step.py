@@ -128,7 +128,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
             nothing,
         )
 
-    warmup, rounds, iters = (1, 3, 2) if env.quick else (1, 4, 3)
+    warmup, rounds, iters = (1, 5, 2) if env.quick else (1, 5, 3)  # 10+ samples each: ratios near 1 need them
     t = blocks(variants, env, warmup, rounds, iters)
     tokens = batch_size * seq_len
     base_ms, _, base_peak = t["plain (AdamW foreach)"]

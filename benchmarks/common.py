@@ -13,7 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+# Kineto (the torch profiler used for CPU peak memory) logs "USDT: ... profiler_start/stop" lines on stderr at
+# every profile; level 6 keeps them (and its warm-up STAGE lines) out of the benchmark output. Read at first use.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
 
 # Llama shapes: (hidden, layers, heads, kv heads, FFN width, vocab).
 SHAPES: dict[str, dict] = {

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .clipping import clips_masked
 from .compatibility import check_supported, live_accelerator_state
 from .importance import UnitImportance
 from .masking import SoftMaskConfig, SoftMasker
@@ -34,7 +35,9 @@ class SoftMaskCallback(TrainerCallback):
     Args:
         importance: a :class:`UnitImportance` (values in [0, 1]) or a directory/Hub id holding one.
         mode: ``"update"`` (default) scales the optimizer's whole change of each owned slice by
-            ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step).
+            ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step). In update mode a
+            plain Trainer's ``max_grad_norm`` clips the unmasked gradients (a warning says so at train begin);
+            :class:`~hf_softmask.SoftMaskTrainer` clips the masked ones, like grad mode.
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
         allow_settings_change: allow resuming a checkpoint with other settings than it was trained with (a
             warning lists them); without it such a resume is refused naming each setting.
@@ -99,6 +102,16 @@ class SoftMaskCallback(TrainerCallback):
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)
+        if self.config.mode == "update" and (args.max_grad_norm or 0) > 0 and not clips_masked(optimizer):
+            warnings.warn(
+                "SoftMaskCallback in update mode on a Trainer without MaskedClipMixin: "
+                f"max_grad_norm={args.max_grad_norm} clips by the norm of the unmasked gradients, "
+                "so protected units' gradients shorten the free units' steps. Use SoftMaskTrainer (or "
+                "class MyTrainer(hf_softmask.clipping.MaskedClipMixin, Trainer)) to clip the masked gradients, "
+                "or max_grad_norm=0",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"  # where the Trainer saved

@@ -34,6 +34,7 @@ __all__ = [
     "masked_adamw_step",
     "masked_sgd_step",
     "resolve_compiled",
+    "update_masks_of",
 ]
 
 MaskDict = dict  # Parameter -> Tensor (broadcastable); keyed by the parameter object
@@ -173,27 +174,32 @@ def _new_step(optimizer: Optimizer, p: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, decoupled: bool):
+def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, decoupled: bool, steps=None):
     """The whole masked Adam(W) update of lists of tensors, written per element for torch.compile to fuse.
 
-    ``hyper[i]`` = [lr/bias_correction1, beta1, beta2, eps, weight decay (times lr when decoupled),
-    1/sqrt(bias_correction2), 1/grad_scale] of tensor ``i``: a tensor, so a new learning rate or step does not
-    recompile; the per-step scalars are folded on the host so each element costs one division, as in torch's
-    fused kernel. Math in fp32, results cast back to each tensor's dtype.
+    ``hyper[i]`` = [1 - beta1, beta2, 1 - beta2, lr * sqrt(bc2) / bc1, eps * sqrt(bc2), weight decay (times lr
+    when decoupled), 1/grad_scale] of tensor ``i`` (bc = bias correction): a tensor, so a new learning rate or
+    step does not recompile. The scalars are folded on the host so that each element costs one square root, one
+    division and a few multiply-adds, as in torch's fused kernel; the per-unit mask ``k`` enters only through
+    per-unit factors. Math in fp32, results cast back to each tensor's dtype. ``steps`` (optional): step counts
+    to advance by one in the same call.
     """
     for i, (p, g, m, v, k) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, masks)):
-        step_size, b1, b2, eps, wd, inv_bc2_sqrt, inv_scale = (hyper[i, j] for j in range(7))
+        c1, b2, c2, step_size, eps, wd, inv_scale = (hyper[i, j] for j in range(7))
         pf, gf = p.float(), g.float() * inv_scale
         if not decoupled:
-            gf = gf + wd * pf
-        mf = m.float().lerp(gf, 1 - b1)
-        vf = v.float() * b2 + (1 - b2) * gf * gf
-        upd = step_size * mf / (vf.sqrt() * inv_bc2_sqrt + eps)
+            gf = gf + wd * pf  # L2-regularised Adam
+        # lerp, not m*b1 + g*(1-b1): with the latter inductor materialises the moments in a loop of its own
+        # (flat, while the masked update loops per unit) and the step takes two passes instead of one.
+        mf = m.float().lerp(gf, c1)
+        vf = v.float() * b2 + c2 * gf * gf
         if decoupled:
-            upd = upd + wd * pf
+            pf = pf * (1 - k * wd)  # masked decay: 1 - lr*wd*k per unit
         m.copy_(mf)
         v.copy_(vf)
-        p.copy_(pf - k * upd)
+        p.copy_(pf - (k * step_size) * mf / (vf.sqrt() + eps))
+    for s in steps or ():
+        s.add_(1)
 
 
 _COMPILED_UPDATE = None
@@ -203,7 +209,11 @@ _COMPILE_WARNED: set[str] = set()
 def _compiled_update():
     global _COMPILED_UPDATE
     if _COMPILED_UPDATE is None:
-        _COMPILED_UPDATE = torch.compile(_adamw_update_lists, dynamic=False)
+        # No size/stride asserts in the compiled wrapper: ~5 us per tensor per step, and dynamo's guards already
+        # recompile for other shapes or strides.
+        _COMPILED_UPDATE = torch.compile(
+            _adamw_update_lists, dynamic=False, options={"size_asserts": False, "alignment_asserts": False}
+        )
     return _COMPILED_UPDATE
 
 
@@ -292,19 +302,26 @@ def masked_adamw_step(
     for group in optimizer.param_groups:
         params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks = [], [], [], [], [], []
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError("masked Adam does not support sparse gradients")
             state = optimizer.state[p]
             if len(state) == 0:
                 state["step"] = _new_step(optimizer, p)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(_local(p))
-            grads.append(_local(p.grad))
-            exp_avgs.append(_local(state["exp_avg"]))
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            if _is_dtensor(p):
+                params.append(p.to_local())
+                grads.append(_local(g))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+            else:
+                params.append(p)
+                grads.append(g)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
             step_ts.append(state["step"])
             pmasks.append(p)
         if params:
@@ -404,25 +421,35 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
         steps = [r[4] for r in rows]
         inv = 1.0 if inv_scale is None else inv_scale
         if all(s.device.type == "cpu" for s in steps):  # torch's default: fold on the host, in float64 like torch
-            hyper_rows = []
-            for r, s in zip(rows, steps):
-                lr, b1, b2, eps, wd = r[6]
-                n = float(s) + 1
-                hyper_rows.append(
-                    [lr / (1 - b1**n), b1, b2, eps, wd * lr if decoupled else wd, (1 - b2**n) ** -0.5, inv]
-                )
+            hyper_rows, folded = [], {}
+            for r, s in zip(rows, torch.stack(steps).tolist()):
+                row = folded.get((id(r[6]), s))
+                if row is None:
+                    lr, b1, b2, eps, wd = r[6]
+                    bc2_sqrt = math.sqrt(1 - b2 ** (s + 1))
+                    row = folded[id(r[6]), s] = [
+                        1 - b1,
+                        b2,
+                        1 - b2,
+                        lr * bc2_sqrt / (1 - b1 ** (s + 1)),
+                        eps * bc2_sqrt,
+                        wd * lr if decoupled else wd,
+                        inv,
+                    ]
+                hyper_rows.append(row)
             hyper = torch.tensor(hyper_rows, dtype=torch.float32)
         else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
             lr, b1, b2, eps, wd = _to_device(torch.tensor([r[6] for r in rows], dtype=torch.float64), device).unbind(1)
             n = torch.stack([s.to(device) for s in steps]).double() + 1
+            bc2_sqrt = (1 - b2**n).sqrt()
             hyper = torch.stack(
                 [
-                    lr / (1 - b1**n),
-                    b1,
+                    1 - b1,
                     b2,
-                    eps,
+                    1 - b2,
+                    lr * bc2_sqrt / (1 - b1**n),
+                    eps * bc2_sqrt,
                     wd * lr if decoupled else wd,
-                    (1 - b2**n).rsqrt(),
                     torch.full_like(lr, inv),
                 ],
                 1,
@@ -430,6 +457,9 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
         hyper = _to_device(hyper, device)
         ones = torch.ones((), dtype=torch.float32, device=device)
         kmasks = [local_masks.get_kernel(masks, r[5]) for r in rows]
+        # Step counts on the parameters' device advance inside the compiled call (one launch fewer); CPU step
+        # counts of device parameters (a non-fused optimizer) after it.
+        inside = all(s.device == device for s in steps)
         _compiled_update()(
             [r[0] for r in rows],
             [r[1] for r in rows],
@@ -438,8 +468,10 @@ def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: 
             [ones if k is None else k for k in kmasks],
             hyper,
             decoupled,
+            steps if inside else None,
         )
-        torch._foreach_add_(steps, 1)
+        if not inside:
+            torch._foreach_add_(steps, 1)
 
 
 @torch.no_grad()
@@ -684,6 +716,16 @@ def _fusable(opt: Optimizer) -> str | None:
     if type(opt) is SGD and not any(d.get(k) for k in ("maximize", "differentiable")):
         return "sgd"
     return None
+
+
+def update_masks_of(optimizer) -> MaskDict | None:
+    """The update masks ``optimizer`` (torch or accelerate-wrapped) applies: those of :func:`install_update_masks`
+    or of a :class:`MaskedAdamW`/:class:`MaskedSGD`; None when it has none."""
+    opt = _unwrap(optimizer)
+    handle = opt.__dict__.get(_HANDLE_ATTR)
+    if handle is not None:
+        return handle.masks
+    return getattr(opt, "update_masks", None) if isinstance(opt, _MaskMixin) else None
 
 
 def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "auto") -> UpdateMaskHandle:

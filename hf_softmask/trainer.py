@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from .callback import SoftMaskCallback
+from .clipping import MaskedClipMixin
 from .compatibility import check_supported
 from .importance import IMPORTANCE_WEIGHTS, UnitImportance
 from .loss_scaling import fix_loss_kwargs
@@ -60,8 +61,10 @@ def resume_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str
     return resume_from_checkpoint or None
 
 
-class SoftMaskTrainer(Trainer):
+class SoftMaskTrainer(MaskedClipMixin, Trainer):
     """A Trainer that soft-masks by ``importance`` and saves it with every checkpoint.
+
+    In update mode ``max_grad_norm`` clips the masked gradients, as grad mode does (:class:`MaskedClipMixin`).
 
     ``importance`` may be given directly or through ``args.importance_path``. Without either, it trains like a
     plain Trainer, except when resumed from one of its own checkpoints: ``train(resume_from_checkpoint=...)``

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..callback import merge_log_metrics
+from ..clipping import MaskedClipMixin
 from ..compatibility import check_strategy_supported, live_accelerator_state
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..trainer import resume_checkpoint
@@ -236,8 +237,9 @@ class StrategyCallback(TrainerCallback):
         self.strategy.on_train_end(model, optimizer or self._optimizer)
 
 
-class StrategyTrainer(Trainer):
-    """A Trainer whose loss and steps are extended by a :class:`ContinualStrategy`."""
+class StrategyTrainer(MaskedClipMixin, Trainer):
+    """A Trainer whose loss and steps are extended by a :class:`ContinualStrategy`; with update masks on its
+    optimizer, ``max_grad_norm`` clips the masked gradients (:class:`~hf_softmask.clipping.MaskedClipMixin`)."""
 
     def __init__(self, *args, strategy: ContinualStrategy | None = None, **kwargs):
         super().__init__(*args, **kwargs)
