@@ -156,8 +156,9 @@ class DASStrategy(ContinualStrategy):
     """
 
     name = "das"
-    settings = ("pretrain",)
+    runners = ("pretrain",)
     changes_effective_lr = True
+    uses_general_importance = True
     config_class = DASConfig
 
     def __init__(self, config=None, **settings):
