@@ -107,9 +107,7 @@ class ContinualPretrainer:
             )
         offered = dict(
             softmask=a.softmask_config(),
-            contrastive_weight=a.contrastive_weight,
-            temperature=a.contrastive_temperature,
-            perturbation_dropout=a.perturbation_dropout,
+            **a.das_settings(),
             show_progress=self.is_main,
         )
         # Runner-level settings go to the strategies that name them; strategy_kwargs go through as given.
