@@ -34,7 +34,13 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .masking import SoftMaskConfig, SoftMasker, build_param_masks
     from .optim import MaskedAdamW, MaskedSGD, install_update_masks
     from .softmask_arguments import SoftMaskArguments
-    from .strategies import ContinualStrategy, StrategyTrainer, available_strategies, get_strategy
+    from .strategies import (
+        ContinualStrategy,
+        StrategyTrainer,
+        available_strategies,
+        get_strategy,
+        register_strategy,
+    )
     from .strategies.cbp import CBPCallback, CBPConfig, CBPStrategy
     from .strategies.das import DASConfig, DASStrategy
     from .strategies.ewc import EWCConfig, EWCStrategy
@@ -80,6 +86,7 @@ _LAZY = {
     "StrategyTrainer": "strategies",
     "available_strategies": "strategies",
     "get_strategy": "strategies",
+    "register_strategy": "strategies",
     "SoftMaskTrainer": "trainer",
     "SoftMaskTrainingArguments": "trainer",
     "SubnetworkConfig": "tss",

@@ -344,7 +344,7 @@ def _record(
         "setting": setting,
         "strategy": name,
         "learning_rate": lr,
-        "changes_effective_lr": bool(getattr(cls, "changes_effective_lr", False)),
+        "changes_effective_lr": bool(cls.changes_effective_lr),
         "strategy_settings": kwargs,
         "wall_seconds": round(seconds, 2),
         "peak_rss_mb": round(mem.peak_rss_mb, 1),
@@ -447,7 +447,7 @@ def run_comparison(args: CompareArguments) -> dict:
     for setting in settings:
         for name in names:
             run_name = "ft" if (setting == "finetune" and name == "ncl") else name
-            if setting not in getattr(strategy_class(run_name), "settings", ()):
+            if setting not in strategy_class(run_name).runners:
                 continue
             kwargs = _strategy_settings(run_name, setting, user, args.quick)
             print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)

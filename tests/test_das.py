@@ -183,7 +183,7 @@ def test_das_strategy_trains_with_soft_mask_and_contrast(tmp_path):
     """Through StrategyTrainer: units of importance 1 do not move (update mode), others do; state round-trips."""
     model = tiny_bert(seed=1)
     strategy = get_strategy("das", softmask=SoftMaskConfig(mode="update"), contrastive_weight=1.0)
-    assert isinstance(strategy, DASStrategy) and strategy.changes_effective_lr and "pretrain" in strategy.settings
+    assert isinstance(strategy, DASStrategy) and strategy.changes_effective_lr and "pretrain" in strategy.runners
     loader = random_lm_batches(2, batch_size=4, seq_len=12, seed=3)
     strategy.before_task(model, 0, loader)  # general importance (kl_dropout)
     assert strategy.general_importance is not None and strategy.general_importance.meta["objective"] == "kl_dropout"

@@ -178,7 +178,7 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
             run = args.for_entry(entry, lr)
             assert run.learning_rate == lr and run.run_name == entry["name"] and run.runs is None
             cls = strategy_class(run.strategy)
-            assert "pretrain" in cls.settings
+            assert "pretrain" in cls.runners
             kwargs = json.loads(run.strategy_kwargs) if run.strategy_kwargs else {}
             cls(**kwargs)
             run.domain_training_options()

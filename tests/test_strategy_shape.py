@@ -236,12 +236,16 @@ def test_the_writing_a_strategy_guide_snippet_runs(monkeypatch):
     import types
     from pathlib import Path
 
+    from hf_softmask.strategies import registry
+
     page = (Path(__file__).resolve().parents[1] / "docs" / "strategies.md").read_text()
     code = re.search(r"## Writing a strategy.*?```python\n(.*?)```", page, re.S).group(1)
     module = types.ModuleType("guide_snippet")
     monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    monkeypatch.setattr(registry, "STRATEGIES", dict(registry.STRATEGIES))  # the snippet's registration is undone
     exec(compile(code, "strategies.md", "exec"), module.__dict__)
     strategy_cls, config_cls = module.MyStrategy, module.MyConfig
+    assert strategy_class("mine") is strategy_cls and strategy_cls.runners == ("pretrain", "finetune")
     assert list(inspect.signature(strategy_cls.__init__).parameters) == ["self", "config", "strength", "mode"]
     assert strategy_cls(strength=2.0).cfg == config_cls(strength=2.0)
     with pytest.raises(TypeError, match=r"valid: \['strength', 'mode'\]"):

@@ -26,6 +26,7 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
+from .das_arguments import DASArguments
 from .strategy_settings import strategy_kwargs_text
 
 __all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
@@ -134,13 +135,14 @@ def _help(text: str, choices=None) -> dict:
 
 
 @dataclass
-class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
+class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArguments):
     """Everything a continual pre-training run needs; every field is also a ``--flag`` that overrides the YAML.
 
     Trainer fields apply to each domain's Trainer: ``max_steps`` / ``num_train_epochs`` are per domain, the
     learning-rate schedule (warm-up included) restarts at every domain, ``save_steps`` checkpoints inside a domain.
     The soft-mask settings of ``das`` are the ``softmask_<name>`` fields of
-    :class:`~hf_softmask.softmask_arguments.SoftMaskArguments`.
+    :class:`~hf_softmask.softmask_arguments.SoftMaskArguments`, its other runner flags (``contrastive_weight``,
+    ``contrastive_temperature``, ``perturbation_dropout``) the fields of :class:`.das_arguments.DASArguments`.
     """
 
     # -- Trainer fields whose defaults differ from TrainingArguments (CPU-sized, per domain) ----------------------
@@ -271,12 +273,6 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             "Extra keyword settings of the strategy, as a JSON object (in YAML also a mapping), "
             "e.g. '{\"ewc_lambda\": 100}'."
         ),
-    )
-    contrastive_weight: float = field(default=1.0, metadata=_help("λ of the DAS contrastive term (0 = off)."))
-    contrastive_temperature: float = field(default=0.05, metadata=_help("InfoNCE temperature (cosine similarity)."))
-    perturbation_dropout: float = field(
-        default=0.1,
-        metadata=_help("Dropout on unit outputs for models without dropout (importance views and contrastive views)."),
     )
 
     # -- runner -----------------------------------------------------------------------------------------------
@@ -434,14 +430,13 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "importance_blocks",
-            "contrastive_temperature",
             flag_name("mask_power"),
             "lm_head_warmup_lr",
             "save_steps",
             "logging_steps",
         ):
             require_positive(name, getattr(self, name))
-        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "contrastive_weight", "lm_head_warmup_steps"):
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "lm_head_warmup_steps"):
             require_positive(name, getattr(self, name), allow_zero=True)
         for name in ("max_train_docs", "max_eval_docs", "max_train_blocks", "max_eval_blocks", "num_threads"):
             require_positive(name, getattr(self, name), allow_none=True)
@@ -450,8 +445,7 @@ class ContinualPretrainingArguments(SoftMaskArguments, TrainingArguments):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
                 raise ValueError(f"--{name} must lie strictly between 0 and 1, got {value!r}")
-        if not (0 <= self.perturbation_dropout < 1):
-            raise ValueError(f"--perturbation_dropout must lie in [0, 1), got {self.perturbation_dropout!r}")
+        self.das_settings()  # the DAS flags (das_arguments.DAS_FLAGS), by DASConfig's checks
         for lr in parse_float_list(self.learning_rates):
             require_positive("learning_rates", lr)
         self.softmask_config()  # modes and policies

@@ -1,6 +1,6 @@
 """Continual finetuning over a sequence of classification tasks, generic over strategies.
 
-Contract between this runner and a strategy (any ``ContinualStrategy`` whose ``settings`` include "finetune"):
+Contract between this runner and a strategy (any ``ContinualStrategy`` whose ``runners`` include "finetune"):
 
 1. The runner builds ``model = MultiTaskClassifier(AutoModel.from_pretrained(...), num_labels per task)``
    (:mod:`hf_softmask.task_heads`): a shared ``model.backbone`` (the transformers base model, with ``.config``) and
@@ -18,11 +18,11 @@ Contract between this runner and a strategy (any ``ContinualStrategy`` whose ``s
    ``after_optimizer_step``, ``on_train_end``; then ``strategy.after_task(model, t, dataloader)`` with a
    deterministic dataloader over task ``t``'s training set (e.g. for importance).
 5. After each task every task ``j`` is evaluated (upper triangle included, untrained heads where ``j > t``):
-   ``strategy.set_task(j)`` is called first if the strategy has one (``strategy.set_task(None)`` after), and
+   ``strategy.set_task(j)`` is called first (``strategy.set_task(None)`` after; a no-op but for HAT), and
    the batches carry ``task_ids = j``.
-6. At the end the heads are saved; ``strategy.save_model(model, dir)`` saves the backbone if the strategy
-   defines it (TSS/WSN: the subnetwork adapter), else ``model.backbone.save_pretrained(dir)`` and
-   ``strategy.save_pretrained(dir)``.
+6. At the end the heads are saved and ``strategy.save_model(model, dir)`` saves the backbone and the strategy's
+   state (by default ``model.backbone.save_pretrained(dir)`` and ``strategy.save_pretrained(dir)``; TSS/WSN: the
+   subnetwork adapter).
 
 Outputs in ``output_dir``: ``results.json`` (``tasks``, ``accuracy_matrix``, ``f1_matrix``, ``acc``, ``bwt``,
 ``fwt``, ``forgetting``, ...), ``accuracy_matrix.png`` and ``final/`` (heads, tokenizer, strategy's files).
@@ -103,7 +103,7 @@ class ContinualFinetuneArguments:
     strategy: str = field(
         default="tss",
         metadata={
-            "help": "A strategy declaring 'finetune' in its settings: tss, wsn, ft, ... "
+            "help": "A strategy declaring 'finetune' in its runners: tss, wsn, ft, ... "
             "(see hf_softmask.strategies.available_strategies())."
         },
     )
@@ -318,11 +318,9 @@ def _with_task_ids(dataset, task_id: int):
 def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
     row = []
     for j, loader in enumerate(tqdm(test_loaders, desc=desc, leave=False)):
-        if hasattr(strategy, "set_task"):
-            strategy.set_task(j)
+        strategy.set_task(j)
         row.append(evaluate_task(model, loader, metrics))
-    if hasattr(strategy, "set_task"):
-        strategy.set_task(None)
+    strategy.set_task(None)
     return row
 
 
@@ -438,10 +436,10 @@ class _FinetuneRun:
         register_architectures(args.register_architecture)
         check_model_source(args.model_name_or_path)
         self.strategy_class = strategy_class(args.strategy)
-        if "finetune" not in getattr(self.strategy_class, "settings", ()):
+        if "finetune" not in self.strategy_class.runners:
             raise ValueError(
                 f"--strategy {args.strategy}: it does not support continual finetuning "
-                f"(its settings: {self.strategy_class.settings})"
+                f"(its runners: {self.strategy_class.runners})"
             )
         self.out_dir = Path(training_args.output_dir)
 
@@ -554,7 +552,7 @@ class _FinetuneRun:
                 "task": task.name,
                 "row": row,
                 "train_seconds": seconds,
-                "storage_bytes": (getattr(strategy, "storage_bytes", None) or {}).get(t),
+                "storage_bytes": strategy.storage_bytes.get(t),
                 "steps": trainer.state.global_step,
                 "resumed_from": Path(resume).name if resume else None,
             }
@@ -618,11 +616,7 @@ class _FinetuneRun:
         final.mkdir(parents=True, exist_ok=True)
         model.save_heads(final)
         self.tokenizer.save_pretrained(final)
-        if hasattr(strategy, "save_model"):
-            strategy.save_model(model, final)
-        else:
-            model.backbone.save_pretrained(final)
-            strategy.save_pretrained(final)
+        strategy.save_model(model, final)
         if not self.args.plots:
             return
         from ..plotting import plot_accuracy_matrix

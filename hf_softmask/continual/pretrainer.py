@@ -100,16 +100,14 @@ class ContinualPretrainer:
     def make_strategy(self):
         a = self.args
         cls = strategy_class(a.strategy)
-        if "pretrain" not in getattr(cls, "settings", ()):
+        if "pretrain" not in cls.runners:
             raise ValueError(
-                f"--strategy {a.strategy}: it does not declare 'pretrain' in its settings {cls.settings}; "
+                f"--strategy {a.strategy}: it does not declare 'pretrain' in its runners {cls.runners}; "
                 "pick one made for continual pre-training (e.g. das, ncl)"
             )
         offered = dict(
             softmask=a.softmask_config(),
-            contrastive_weight=a.contrastive_weight,
-            temperature=a.contrastive_temperature,
-            perturbation_dropout=a.perturbation_dropout,
+            **a.das_settings(),
             show_progress=self.is_main,
         )
         # Runner-level settings go to the strategies that name them; strategy_kwargs go through as given.
@@ -127,17 +125,14 @@ class ContinualPretrainer:
         intervals of the frontier). A strategy with ``set_task`` (HAT) evaluates domain j under its own task
         mask, and general text with its task selection cleared."""
         causal = not self.data.mlm
-        strategy = getattr(self, "strategy", None)
-        select = getattr(strategy, "set_task", None)
+        strategy = self.strategy
         blocks = {"eval_blocks": [], "eval_tokens": []}
         for j, ev in enumerate(self.data.eval):
-            if select is not None:
-                select(j)
+            strategy.set_task(j)
             loss, tokens = block_losses(model, ev, causal)
             blocks["eval_blocks"].append(loss)
             blocks["eval_tokens"].append(tokens)
-        if select is not None:
-            select(None)
+        strategy.set_task(None)
         blocks["general_blocks"], blocks["general_tokens"] = block_losses(model, self.data.general_eval, causal)
         losses = [
             _token_mean(b, t, ev.name)
@@ -176,7 +171,7 @@ class ContinualPretrainer:
         return TrainingArguments(**kw)
 
     def _importance_of(self, strategy) -> UnitImportance | None:
-        imp = getattr(strategy, "importance", None)
+        imp = strategy.importance
         return imp if isinstance(imp, UnitImportance) else None
 
     # stages ------------------------------------------------------------------------------------------------
@@ -234,7 +229,7 @@ class ContinualPretrainer:
         imp = self._importance_of(strategy)
         if imp is None or not self.args.plots:
             return
-        own = imp if name == "0_base" else (getattr(strategy, "domain_importances", None) or [None])[-1]
+        own = imp if name == "0_base" else (strategy.domain_importances or [None])[-1]
         if own is None:
             own_label, extra = "accumulated (= importance.safetensors)", None
             own = imp
@@ -298,7 +293,7 @@ class ContinualPretrainer:
                     a.per_device_train_batch_size,
                     a.seed,
                 )
-        if hasattr(strategy, "compute_general_importance"):
+        if strategy.uses_general_importance:
             self.say("general-knowledge importance")
             source = self.data.train[0] if a.general_importance_source == "domain" else self.data.general_train
             with self.clock("importance"):
@@ -349,7 +344,7 @@ class ContinualPretrainer:
             strategy.after_task(model, k, loader)
             merged = self.extras.after_domain(model)  # WiSE-FT, after the strategy's own step (e.g. the LoRA merge)
         self._event("importance", name=name)
-        contrast = getattr(strategy, "contrastive_losses", None)
+        contrast = strategy.contrastive_losses
         with self.clock("evaluation"):
             losses, general, blocks = self._eval_row(model)
         self._event("evaluated", name=name)

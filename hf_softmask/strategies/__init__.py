@@ -1,7 +1,7 @@
 """Continual-learning strategies built on the unit registry, gates and masking machinery."""
 
 from .base import ContinualStrategy, StrategyCallback, StrategyTrainer
-from .registry import STRATEGIES, available_strategies, get_strategy, strategy_class
+from .registry import STRATEGIES, available_strategies, get_strategy, register_strategy, strategy_class
 
 __all__ = [
     "ContinualStrategy",
@@ -10,5 +10,6 @@ __all__ = [
     "STRATEGIES",
     "available_strategies",
     "get_strategy",
+    "register_strategy",
     "strategy_class",
 ]

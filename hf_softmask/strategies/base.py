@@ -10,7 +10,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -34,6 +37,21 @@ __all__ = [
 STRATEGY_STATE_WEIGHTS = "strategy_state.safetensors"
 STRATEGY_STATE_CONFIG = "strategy_config.json"
 
+#: the runners a strategy may declare in ``runners``
+RUNNERS = ("pretrain", "finetune")
+
+
+class _SettingsAlias:
+    """``settings``: the old name of ``runners`` (read with a FutureWarning; removed in the next release)."""
+
+    def __get__(self, obj, owner):
+        warnings.warn(
+            f"{owner.__name__}.settings is deprecated and will be removed in the next release: read .runners",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return owner.runners
+
 
 class ContinualStrategy:
     """Base class: every hook is a no-op, so a subclass overrides only what it changes.
@@ -53,6 +71,10 @@ class ContinualStrategy:
     ``state_dict()`` returns tensors (saved as safetensors) and ``config()`` JSON-able settings;
     ``save_pretrained``/``load_pretrained`` write/read both beside a model checkpoint.
 
+    The runners read a few more members, declared here with neutral defaults: ``runners``, ``set_task``,
+    ``importance``, ``domain_importances``, ``uses_general_importance`` / ``compute_general_importance``,
+    ``contrastive_losses``, ``storage_bytes``, ``save_model``.
+
     Settings: a subclass names its ``<Name>Config`` dataclass in ``config_class``; the base class then builds
     ``self.cfg`` from ``config=`` or the fields as keywords (never both; an unknown keyword is refused with the
     valid ones) and gives ``__init__`` the signature ``(self, config=None, *, <field>=<default>, ...)``. A subclass
@@ -61,8 +83,21 @@ class ContinualStrategy:
     """
 
     name: str = "base"
-    #: where the strategy applies: "pretrain" (domain sequences, LM loss), "finetune" (task sequences)
-    settings: tuple[str, ...] = ("pretrain", "finetune")
+    #: the runners that may use the strategy: "pretrain" (domain sequences, LM loss), "finetune" (task sequences)
+    runners: tuple[str, ...] = RUNNERS
+    settings = _SettingsAlias()  # deprecated name of ``runners``
+    #: True when :meth:`compute_general_importance` does something: the pre-training runner then calls it before
+    #: the first domain (set automatically for a subclass that defines the method and leaves this unset)
+    uses_general_importance: bool = False
+    #: the accumulated unit importance protecting the next task (a :class:`~hf_softmask.UnitImportance`), saved
+    #: and plotted with every pre-training stage; None: the strategy keeps none
+    importance = None
+    #: each finished task's own importance, in task order (the pre-training runner plots the last one)
+    domain_importances: Sequence = ()
+    #: the contrastive loss of each optimizer step of the current task (its mean goes into state.json)
+    contrastive_losses: Sequence[float] = ()
+    #: task index -> bytes the strategy stores for that task (the finetune runner's ``storage_bytes_per_task``)
+    storage_bytes: Mapping[int, int] = MappingProxyType({})
     #: True when the strategy lowers the effective learning rate of protected units, so it must be
     #: compared against the plain-training learning-rate frontier, not one plain run.
     changes_effective_lr: bool = False
@@ -71,6 +106,18 @@ class ContinualStrategy:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "settings" in cls.__dict__:
+            if "runners" in cls.__dict__:
+                raise TypeError(f"{cls.__name__} declares both runners and settings (its old name): keep runners")
+            warnings.warn(
+                f"{cls.__name__}.settings is deprecated and will be removed in the next release: rename it runners",
+                FutureWarning,
+                stacklevel=2,
+            )
+            cls.runners = tuple(cls.__dict__["settings"])
+            del cls.settings  # reads of cls.settings reach the alias, which warns
+        if "compute_general_importance" in cls.__dict__ and "uses_general_importance" not in cls.__dict__:
+            cls.uses_general_importance = True
         if cls.config_class is None:
             return
         if "__init__" not in cls.__dict__:
@@ -130,6 +177,23 @@ class ContinualStrategy:
 
     def after_task(self, model: nn.Module, task_id: int, dataloader=None) -> None:
         pass
+
+    # -- what the runners read besides the Trainer hooks ------------------------------------------
+    def set_task(self, task_id: int | None) -> None:
+        """Evaluate as task ``task_id`` (``None``: the task being trained); the runners call it before each task's
+        evaluation. Default: nothing (a strategy without per-task inference, i.e. all but HAT)."""
+
+    def compute_general_importance(self, model: nn.Module, dataloader):
+        """Before the first domain (pre-training runner, only when ``uses_general_importance``): estimate the
+        general-knowledge importance on ``dataloader``. Default: nothing, returns None."""
+        return None
+
+    def save_model(self, model: nn.Module, directory: str | os.PathLike) -> None:
+        """Write the trained model and this strategy's state into ``directory`` (the finetune runner's ``final/``;
+        the classifier heads are saved beside it). Default: ``model.backbone`` (or ``model``, without one) with
+        ``save_pretrained``, then :meth:`save_pretrained`."""
+        getattr(model, "backbone", model).save_pretrained(directory)
+        self.save_pretrained(directory)
 
     def log_metrics(self) -> dict[str, float]:
         """Scalars added to the Trainer's training logs (``report_to``) at logging steps.

@@ -76,7 +76,7 @@ class CBPStrategy(ContinualStrategy):
     """Continual backpropagation on the FFN neurons of a transformers model (see the module docstring)."""
 
     name = "cbp"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     changes_effective_lr = False
     config_class = CBPConfig
 

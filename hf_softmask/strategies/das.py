@@ -64,7 +64,8 @@ class DASConfig(StrategyConfig):
     perturbation_dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Dropout on gated unit outputs for the views of a model without dropout of its own (Llama family)."
+            "help": "Dropout on gated unit outputs for the importance and contrastive views of a model without "
+            "dropout of its own (Llama family)."
         },
     )
     general_objective: str = field(
@@ -156,8 +157,9 @@ class DASStrategy(ContinualStrategy):
     """
 
     name = "das"
-    settings = ("pretrain",)
+    runners = ("pretrain",)
     changes_effective_lr = True
+    uses_general_importance = True
     config_class = DASConfig
 
     def __init__(self, config=None, **settings):

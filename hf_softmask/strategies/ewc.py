@@ -61,7 +61,7 @@ class EWCStrategy(ContinualStrategy):
     """Online EWC over the model's parameters (see the module docstring)."""
 
     name = "ewc"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     changes_effective_lr = False
     config_class = EWCConfig
 

@@ -66,7 +66,7 @@ class FreezeBottomStrategy(ContinualStrategy):
     """Trains only what lies above the bottom ``k`` blocks (see the module docstring)."""
 
     name = "freeze_bottom"
-    settings = ("pretrain",)
+    runners = ("pretrain",)
     #: frozen units have an effective learning rate of 0: compare it against the ncl learning-rate frontier
     changes_effective_lr = True
     config_class = FreezeBottomConfig

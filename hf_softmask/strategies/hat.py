@@ -134,7 +134,7 @@ class HATStrategy(ContinualStrategy):
     """Hard attention to the task on heads and FFN neurons (see the module docstring)."""
 
     name = "hat"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     changes_effective_lr = False
     config_class = HATConfig
 

@@ -57,7 +57,7 @@ class KDStrategy(ContinualStrategy):
     """Distillation to the previous task's model (see the module docstring)."""
 
     name = "kd"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     changes_effective_lr = False
     config_class = KDConfig
 

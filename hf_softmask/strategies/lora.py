@@ -71,7 +71,7 @@ class LoRAStrategy(ContinualStrategy):
     """A LoRA adapter per domain, merged into the base weights after it (see the module docstring)."""
 
     name = "lora"
-    settings = ("pretrain",)
+    runners = ("pretrain",)
     #: only a low-rank update reaches the weights: compare it on its own learning-rate grid against the ncl frontier
     changes_effective_lr = True
     config_class = LoRAConfig

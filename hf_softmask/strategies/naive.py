@@ -17,7 +17,7 @@ class NaiveStrategy(ContinualStrategy):
     """Trains every parameter on each task in turn, with nothing to protect earlier ones."""
 
     name = "ncl"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     config_class = NaiveConfig
 
 

@@ -169,7 +169,7 @@ class TaLoSStrategy(ContinualStrategy):
     """Sparse fine-tuning of the least sensitive entries, one task vector per task (see the module docstring)."""
 
     name = "talos"
-    settings = ("pretrain", "finetune")
+    runners = ("pretrain", "finetune")
     changes_effective_lr = False
     config_class = TaLoSConfig
 

@@ -173,7 +173,7 @@ class TSSConfig(SubnetworkSettings, StrategyConfig):
 class SubnetworkStrategy(ContinualStrategy):
     """Shared machinery of TSS and WSN: wrap the backbone, select the task, store each finished task's mask."""
 
-    settings = ("finetune",)
+    runners = ("finetune",)
 
     def __init__(self, config=None, **settings):
         super().__init__(config, **settings)
