@@ -133,3 +133,24 @@ def test_sweep_shards_split_the_runs_and_the_last_writes_the_frontier(tiny_mlm_d
     assert sorted(r["lr"] for r in last["runs"]) == [5e-4, 1e-3] and (out / "frontier.json").is_file()
     with pytest.raises(ValueError, match="--sweep_shard"):
         parse_config([*flags, "--sweep_shard", "2/2"])
+
+
+def test_evaluation_before_training_is_computed_once_per_model_and_strategy(
+    tiny_mlm_dir, tmp_path, monkeypatch, capsys
+):
+    """Plain training at two rates and two seeds: the first run evaluates before training and caches the row, the
+    others read it (same weights, strategy and batches) and get exactly its numbers; DAS (another strategy, its own
+    state) computes and caches its own."""
+    monkeypatch.setenv("HF_SOFTMASK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "grid"
+    flags = _flags(tiny_mlm_dir, out, strategies="ncl", learning_rates="5e-4,1e-3", seeds="0,1", max_steps=1)
+    run_continual_pretraining(parse_config(flags))
+    said = capsys.readouterr().out
+    assert said.count("evaluation before training: read from the cache") == 3
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))]
+    assert len(rows) == 4 and all(r["initial_loss"] == rows[0]["initial_loss"] for r in rows)
+    assert all(r["eval_block_losses"][0] == rows[0]["eval_block_losses"][0] for r in rows)
+    assert len(list((tmp_path / "cache" / "base_evaluation").iterdir())) == 1
+    run_continual_pretraining(parse_config(_flags(tiny_mlm_dir, tmp_path / "das", strategy="das", max_steps=1)))
+    assert "read from the cache" not in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "base_evaluation").iterdir())) == 2

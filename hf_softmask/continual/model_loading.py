@@ -18,13 +18,14 @@ from .checkpointing import publish_dir, stage_dir
 __all__ = ["smollm2_checkpoint", "resolve_model_path", "load_model_and_tokenizer", "load_backbone"]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the runners keep what they make once (``HF_SOFTMASK_CACHE``, default ~/.cache/hf_softmask)."""
     return Path(os.environ.get("HF_SOFTMASK_CACHE", Path.home() / ".cache" / "hf_softmask"))
 
 
 def smollm2_checkpoint() -> Path:
     """SmolLM2-135M converted once from the shipped GGUF to a plain checkpoint in the cache (~30 s the first time)."""
-    target = _cache_dir() / "smollm2-135m"
+    target = cache_dir() / "smollm2-135m"
     if (target / "config.json").is_file():
         return target
     model, tok = load_smollm2()

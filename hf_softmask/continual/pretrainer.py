@@ -16,6 +16,7 @@ unfinished domain from its newest Trainer checkpoint.
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from .lm_head_warmup import fit_lm_head
 from .model_card import model_card
 from .model_loading import load_model_and_tokenizer, resolve_model_path
 from .pretraining_results import results, write_results
+from .result_cache import cache_entry, content_key, publish_entry
 from .strategy_settings import build_strategy, parse_strategy_kwargs
 
 __all__ = ["ContinualPretrainer"]
@@ -139,6 +141,41 @@ class ContinualPretrainer:
             for b, t, ev in zip(blocks["eval_blocks"], blocks["eval_tokens"], self.data.eval)
         ]
         general = _token_mean(blocks["general_blocks"], blocks["general_tokens"], "general")
+        return losses, general, blocks
+
+    def _base_eval_row(self, model, strategy) -> tuple[list[float], float, dict]:
+        """:meth:`_eval_row` before training, read from the cache when another run already evaluated the same
+        weights, strategy state and evaluation batches (every rate and seed of a plain-training grid shares it)."""
+        key = None
+        if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # a sharded model is not keyed
+            batches = [
+                (f"{ev.name}/{i}/{k}", v)
+                for ev in [*self.data.eval, self.data.general_eval]
+                for i, b in enumerate(ev.batches)
+                for k, v in sorted(b.items())
+                if torch.is_tensor(v)
+            ]
+            key = content_key(
+                {
+                    "kind": "base evaluation",
+                    "version": 1,
+                    "causal": not self.data.mlm,
+                    "model": type(model).__name__,
+                    "strategy": strategy.name,
+                    "strategy_config": strategy.config(),
+                    "device": next(model.parameters()).device.type,
+                },
+                [*sorted(model.state_dict().items()), *sorted(strategy.state_dict().items()), *batches],
+            )
+            entry = cache_entry("base_evaluation", key)
+            if (entry / "row.json").is_file():
+                row = json.loads((entry / "row.json").read_text())
+                self.say(f"evaluation before training: read from the cache {entry} (same weights and data)")
+                return row["losses"], row["general"], row["blocks"]
+        losses, general, blocks = self._eval_row(model)
+        if key is not None and self.is_main:
+            row = json.dumps({"losses": losses, "general": general, "blocks": blocks})
+            publish_entry(entry, lambda d: (d / "row.json").write_text(row))
         return losses, general, blocks
 
     def _load_stage_model(self, directory: Path):
@@ -302,7 +339,7 @@ class ContinualPretrainer:
                 )
             self._event("importance", name="0_base")
         with self.clock("evaluation"):
-            losses, general, blocks = self._eval_row(model)
+            losses, general, blocks = self._base_eval_row(model, strategy)
         self._event("evaluated", name="0_base")
         state.set_base(
             {
