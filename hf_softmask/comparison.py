@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, fields
@@ -147,15 +148,16 @@ class CompareArguments:
 
 def compare_parser():
     """The command line of :class:`CompareArguments` (its --help is stored as package data)."""
-    from transformers import HfArgumentParser
+    from .continual.cli import make_parser
 
-    from .continual.cli import HelpFormatter
-
-    return HfArgumentParser(CompareArguments, prog=PROG, allow_abbrev=False, formatter_class=HelpFormatter)
+    return make_parser(CompareArguments, PROG)
 
 
 def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
-    (args,) = compare_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """The comparison's arguments; an unknown flag or a bad value raises SettingError (one line on the console)."""
+    from .continual.cli import parse_args
+
+    (args,) = parse_args(compare_parser(), sys.argv[1:] if argv is None else list(argv))
     return args
 
 
@@ -282,8 +284,10 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.config import ContinualPretrainingArguments
     from .continual.pretrainer import ContinualPretrainer
+    from .continual.renames import renamed
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
+    base = renamed(base, fields_ok)  # old names in the YAML (warmup_ratio, ...)
     unknown = sorted(set(base) - fields_ok)
     if unknown:
         raise ValueError(f"unknown ContinualPretrainingArguments field(s) {unknown}")
@@ -309,9 +313,11 @@ def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
         ContinualFinetuneTrainingArguments,
         run_continual_finetune,
     )
+    from .continual.renames import renamed
 
     a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
     t_fields = {f.name for f in fields(ContinualFinetuneTrainingArguments)}
+    base = renamed(base, a_fields | t_fields)  # old names in the YAML (warmup_ratio, ...)
     unknown = sorted(set(base) - a_fields - t_fields)
     if unknown:
         raise ValueError(f"unknown finetuning argument(s) {unknown}")
@@ -406,6 +412,36 @@ def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> di
 # -- the comparison ------------------------------------------------------------------------------------------
 def run_comparison(args: CompareArguments) -> dict:
     """Run every (setting, strategy), write ``comparison.json`` and ``comparison.md`` into ``args.output_dir``."""
+    from .continual.cli import user_errors
+    from .strategies.registry import strategy_class
+
+    with user_errors():  # settings, strategy names, YAML files and the --quick model: before any run starts
+        out, settings, names, user, pre, fine = _start(args)
+
+    records: list[dict] = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for setting in settings:
+        for name in names:
+            run_name = "ft" if (setting == "finetune" and name == "ncl") else name
+            if setting not in getattr(strategy_class(run_name), "settings", ()):
+                continue
+            kwargs = _strategy_settings(run_name, setting, user, args.quick)
+            print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)
+            records.append(
+                _one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name)
+            )
+            _write(out, records, args, started)
+        if not any(r["setting"] == setting for r in records):
+            continue  # no strategy of this setting ran: nothing to place
+        records.extend(_frontier_runs(args, setting, pre if setting == "pretrain" else fine, out, records))
+        tol = args.frontier_tolerance if setting == "pretrain" else args.finetune_frontier_tolerance
+        _place_on_frontier(records, setting, tol)
+        _write(out, records, args, started)
+    return _write(out, records, args, started)
+
+
+def _start(args: CompareArguments):
+    """Everything checked and prepared before the first run: ``(out, settings, names, user, pre, fine)``."""
     from .strategies.registry import strategy_class
 
     if args.num_threads:
@@ -441,27 +477,7 @@ def run_comparison(args: CompareArguments) -> dict:
     if yaml_strategy and isinstance(yaml_kwargs, dict):
         user.setdefault(yaml_strategy, {})
         user[yaml_strategy] = {**yaml_kwargs, **user[yaml_strategy]}
-
-    records: list[dict] = []
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    for setting in settings:
-        for name in names:
-            run_name = "ft" if (setting == "finetune" and name == "ncl") else name
-            if setting not in getattr(strategy_class(run_name), "settings", ()):
-                continue
-            kwargs = _strategy_settings(run_name, setting, user, args.quick)
-            print(f"[compare] {setting}: {run_name} {kwargs or ''}", flush=True)
-            records.append(
-                _one(setting, run_name, None, pre if setting == "pretrain" else fine, kwargs, out / setting / run_name)
-            )
-            _write(out, records, args, started)
-        if not any(r["setting"] == setting for r in records):
-            continue  # no strategy of this setting ran: nothing to place
-        records.extend(_frontier_runs(args, setting, pre if setting == "pretrain" else fine, out, records))
-        tol = args.frontier_tolerance if setting == "pretrain" else args.finetune_frontier_tolerance
-        _place_on_frontier(records, setting, tol)
-        _write(out, records, args, started)
-    return _write(out, records, args, started)
+    return out, settings, names, user, pre, fine
 
 
 def _frontier_runs(
