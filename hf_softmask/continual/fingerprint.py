@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from transformers import TrainingArguments
+
 from .renames import fingerprint_key
 
 __all__ = ["TRAINER_FIELDS", "fingerprint", "runner_fields"]
@@ -66,8 +68,6 @@ TRAINER_FIELDS = (
 def runner_fields(args, not_in_fingerprint) -> list[str]:
     """The init fields ``args``' class declares beyond ``TrainingArguments`` (all of them for a plain dataclass),
     less ``not_in_fingerprint``."""
-    from transformers import TrainingArguments
-
     trainer = {f.name for f in fields(TrainingArguments)} if isinstance(args, TrainingArguments) else set()
     return [f.name for f in fields(args) if f.init and f.name not in trainer and f.name not in not_in_fingerprint]
 
@@ -75,8 +75,6 @@ def runner_fields(args, not_in_fingerprint) -> list[str]:
 def fingerprint(args, not_in_fingerprint=()) -> dict:
     """``{key: value}`` of :data:`TRAINER_FIELDS` (for ``TrainingArguments``) and ``args``' own fields less
     ``not_in_fingerprint``; values as ``to_dict`` gives them (what state.json holds), keys as runs saved them."""
-    from transformers import TrainingArguments
-
     if isinstance(args, TrainingArguments):
         values = args.to_dict()
         names = [n for n in TRAINER_FIELDS if n in values] + runner_fields(args, not_in_fingerprint)
