@@ -248,7 +248,7 @@ QUICK_PRETRAIN = dict(
     max_train_blocks=16,
     max_eval_blocks=2,
     importance_blocks=4,
-    max_steps_per_domain=3,
+    max_steps=3,
     per_device_train_batch_size=4,
     per_device_eval_batch_size=4,
     lm_head_warmup_steps=0,
@@ -284,10 +284,8 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
     from .continual.config import ContinualPretrainingArguments
     from .continual.pretrainer import ContinualPretrainer
-    from .continual.renames import renamed
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
-    base = renamed(base, fields_ok)  # old names in the YAML (warmup_ratio, ...)
     unknown = sorted(set(base) - fields_ok)
     if unknown:
         raise ValueError(f"unknown ContinualPretrainingArguments field(s) {unknown}")
@@ -313,11 +311,9 @@ def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
         ContinualFinetuneTrainingArguments,
         run_continual_finetune,
     )
-    from .continual.renames import renamed
 
     a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
     t_fields = {f.name for f in fields(ContinualFinetuneTrainingArguments)}
-    base = renamed(base, a_fields | t_fields)  # old names in the YAML (warmup_ratio, ...)
     unknown = sorted(set(base) - a_fields - t_fields)
     if unknown:
         raise ValueError(f"unknown finetuning argument(s) {unknown}")
@@ -456,17 +452,18 @@ def _start(args: CompareArguments):
     for n in names:
         strategy_class(n)  # fails early, listing the available names
     user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
+    # Old names are renamed in each layer, so that a layer's old name overrides an earlier layer's new one.
     pre = {
-        **_load_yaml(args.pretrain_config, "--pretrain_config"),
-        **parse_json_object(args.pretrain_overrides, "pretrain_overrides"),
+        **_renamed(_load_yaml(args.pretrain_config, "--pretrain_config"), "pretrain"),
+        **_renamed(parse_json_object(args.pretrain_overrides, "pretrain_overrides"), "pretrain"),
     }
-    fine_yaml = _load_yaml(args.finetune_config, "--finetune_config")
+    fine_yaml = _renamed(_load_yaml(args.finetune_config, "--finetune_config"), "finetune")
     # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
     yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
     fine_yaml.pop("learning_rate", None)
     for key in ("output_dir", "strategy"):
         pre.pop(key, None)
-    fine = {**fine_yaml, **parse_json_object(args.finetune_overrides, "finetune_overrides")}
+    fine = {**fine_yaml, **_renamed(parse_json_object(args.finetune_overrides, "finetune_overrides"), "finetune")}
     if args.quick:
         model = tiny_model_dir(out / "_tiny_bert")
         pre = {**pre, **QUICK_PRETRAIN, "model_name_or_path": model}
@@ -478,6 +475,21 @@ def _start(args: CompareArguments):
         user.setdefault(yaml_strategy, {})
         user[yaml_strategy] = {**yaml_kwargs, **user[yaml_strategy]}
     return out, settings, names, user, pre, fine
+
+
+def _renamed(values: dict, setting: str) -> dict:
+    """``values`` (settings of the ``setting`` runner) with old names replaced (hf_softmask.continual.renames)."""
+    from .continual.renames import renamed
+
+    if setting == "pretrain":
+        from .continual.config import ContinualPretrainingArguments
+
+        types = (ContinualPretrainingArguments,)
+    else:
+        from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
+
+        types = (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments)
+    return renamed(values, {f.name for t in types for f in fields(t)})
 
 
 def _frontier_runs(
