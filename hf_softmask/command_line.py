@@ -6,7 +6,9 @@
     hf-softmask compare --output_dir runs/compare --quick
     hf-softmask assets --install
 
-``<command> --help`` prints the stored help text (package data) without importing torch or transformers.
+``<command> --help`` prints the stored help text (package data) without importing torch or transformers. A user's
+mistake (unknown flag, bad value or YAML, missing path, an output_dir holding another run) prints one line
+``hf-softmask <command>: error: <message>`` (and at most a one-line hint) and exits 2.
 ``scripts/continual_pretrain.py``, ``scripts/continual_finetune.py`` and ``scripts/compare_strategies.py`` call
 the same functions.
 """
@@ -125,4 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     if {"-h", "--help"} & set(rest):
         sys.stdout.write(help_file(stored_help).read_text() if stored_help else ASSETS_HELP)
         return 0
-    return function(rest)
+    try:
+        return function(rest)
+    except Exception as e:
+        # A user's mistake (a flag, a value, a YAML file, a path, an output_dir holding another run), raised while
+        # the settings are parsed and checked or the run starts up, is one line and exit status 2; anything else
+        # (a failure while training) keeps its traceback.
+        from .continual.cli import UserError, one_line
+
+        if not isinstance(e, UserError):
+            raise
+        sys.stderr.write(f"hf-softmask {command}: error: {one_line(e)}\n")
+        if e.hint:
+            sys.stderr.write(f"hint: {' '.join(e.hint.split())}\n")
+        return 2

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, fields
@@ -147,15 +148,16 @@ class CompareArguments:
 
 def compare_parser():
     """The command line of :class:`CompareArguments` (its --help is stored as package data)."""
-    from transformers import HfArgumentParser
+    from .continual.cli import make_parser
 
-    from .continual.cli import HelpFormatter
-
-    return HfArgumentParser(CompareArguments, prog=PROG, allow_abbrev=False, formatter_class=HelpFormatter)
+    return make_parser(CompareArguments, PROG)
 
 
 def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
-    (args,) = compare_parser().parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    """The comparison's arguments; an unknown flag or a bad value raises SettingError (one line on the console)."""
+    from .continual.cli import parse_args
+
+    (args,) = parse_args(compare_parser(), sys.argv[1:] if argv is None else list(argv))
     return args
 
 
@@ -246,7 +248,7 @@ QUICK_PRETRAIN = dict(
     max_train_blocks=16,
     max_eval_blocks=2,
     importance_blocks=4,
-    max_steps_per_domain=3,
+    max_steps=3,
     per_device_train_batch_size=4,
     per_device_eval_batch_size=4,
     lm_head_warmup_steps=0,
@@ -406,41 +408,11 @@ def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> di
 # -- the comparison ------------------------------------------------------------------------------------------
 def run_comparison(args: CompareArguments) -> dict:
     """Run every (setting, strategy), write ``comparison.json`` and ``comparison.md`` into ``args.output_dir``."""
+    from .continual.cli import user_errors
     from .strategies.registry import strategy_class
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    bad = sorted(set(settings) - {"pretrain", "finetune"})
-    if bad:
-        raise ValueError(f"unknown setting(s) {bad}; use pretrain and/or finetune")
-    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for n in names:
-        strategy_class(n)  # fails early, listing the available names
-    user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
-    pre = {
-        **_load_yaml(args.pretrain_config, "--pretrain_config"),
-        **parse_json_object(args.pretrain_overrides, "pretrain_overrides"),
-    }
-    fine_yaml = _load_yaml(args.finetune_config, "--finetune_config")
-    # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
-    yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
-    fine_yaml.pop("learning_rate", None)
-    for key in ("output_dir", "strategy"):
-        pre.pop(key, None)
-    fine = {**fine_yaml, **parse_json_object(args.finetune_overrides, "finetune_overrides")}
-    if args.quick:
-        model = tiny_model_dir(out / "_tiny_bert")
-        pre = {**pre, **QUICK_PRETRAIN, "model_name_or_path": model}
-        fine = {**fine, **QUICK_FINETUNE, "model_name_or_path": model}
-    if args.num_threads:
-        pre["num_threads"] = args.num_threads
-        fine["num_threads"] = args.num_threads
-    if yaml_strategy and isinstance(yaml_kwargs, dict):
-        user.setdefault(yaml_strategy, {})
-        user[yaml_strategy] = {**yaml_kwargs, **user[yaml_strategy]}
+    with user_errors():  # settings, strategy names, YAML files and the --quick model: before any run starts
+        out, settings, names, user, pre, fine = _start(args)
 
     records: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -462,6 +434,62 @@ def run_comparison(args: CompareArguments) -> dict:
         _place_on_frontier(records, setting, tol)
         _write(out, records, args, started)
     return _write(out, records, args, started)
+
+
+def _start(args: CompareArguments):
+    """Everything checked and prepared before the first run: ``(out, settings, names, user, pre, fine)``."""
+    from .strategies.registry import strategy_class
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    bad = sorted(set(settings) - {"pretrain", "finetune"})
+    if bad:
+        raise ValueError(f"unknown setting(s) {bad}; use pretrain and/or finetune")
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for n in names:
+        strategy_class(n)  # fails early, listing the available names
+    user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
+    # Old names are renamed in each layer, so that a layer's old name overrides an earlier layer's new one.
+    pre = {
+        **_renamed(_load_yaml(args.pretrain_config, "--pretrain_config"), "pretrain"),
+        **_renamed(parse_json_object(args.pretrain_overrides, "pretrain_overrides"), "pretrain"),
+    }
+    fine_yaml = _renamed(_load_yaml(args.finetune_config, "--finetune_config"), "finetune")
+    # the finetuning YAML's strategy settings belong to its own strategy, not to the others compared here
+    yaml_strategy, yaml_kwargs = fine_yaml.pop("strategy", None), fine_yaml.pop("strategy_kwargs", None)
+    fine_yaml.pop("learning_rate", None)
+    for key in ("output_dir", "strategy"):
+        pre.pop(key, None)
+    fine = {**fine_yaml, **_renamed(parse_json_object(args.finetune_overrides, "finetune_overrides"), "finetune")}
+    if args.quick:
+        model = tiny_model_dir(out / "_tiny_bert")
+        pre = {**pre, **QUICK_PRETRAIN, "model_name_or_path": model}
+        fine = {**fine, **QUICK_FINETUNE, "model_name_or_path": model}
+    if args.num_threads:
+        pre["num_threads"] = args.num_threads
+        fine["num_threads"] = args.num_threads
+    if yaml_strategy and isinstance(yaml_kwargs, dict):
+        user.setdefault(yaml_strategy, {})
+        user[yaml_strategy] = {**yaml_kwargs, **user[yaml_strategy]}
+    return out, settings, names, user, pre, fine
+
+
+def _renamed(values: dict, setting: str) -> dict:
+    """``values`` (settings of the ``setting`` runner) with old names replaced (hf_softmask.continual.renames)."""
+    from .continual.renames import renamed
+
+    if setting == "pretrain":
+        from .continual.config import ContinualPretrainingArguments
+
+        types = (ContinualPretrainingArguments,)
+    else:
+        from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
+
+        types = (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments)
+    return renamed(values, {f.name for t in types for f in fields(t)})
 
 
 def _frontier_runs(

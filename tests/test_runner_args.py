@@ -214,3 +214,20 @@ def test_finetune_under_accelerate_launch_on_cpu_trains_one_model(tiny_bert_dir,
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2
     assert proc.stdout.count("'acc'") == 1  # the summary comes from the main process only
     assert [(tmp_path / f"group.{r}").read_text() for r in range(2)] == ["ended", "ended"]
+
+
+def test_old_and_new_name_of_one_setting_together_are_refused(tmp_path):
+    """One map of old names for both runners (hf_softmask.continual.renames): an old name sets the new field in
+    YAML and as a flag, and a YAML giving both names is refused instead of one silently winning."""
+    cfg = tmp_path / "both.yaml"
+    cfg.write_text("warmup_ratio: 0.1\nwarmup_steps: 2\n")
+    with pytest.raises(ValueError, match="warmup_ratio is the old name of warmup_steps: give only warmup_steps"):
+        parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "p")])
+    with pytest.raises(ValueError, match="warmup_ratio is the old name of warmup_steps: give only warmup_steps"):
+        parse_finetune_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])
+    _, training_args = parse_finetune_config(["--warmup_ratio", "0.2", "--output_dir", str(tmp_path / "f")])
+    assert training_args.warmup_steps == 0.2
+    cfg.write_text("max_steps_per_domain: 3\n")  # per domain: an old name of the pre-training runner only
+    assert parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "p")]).max_steps == 3
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['max_steps_per_domain'\]"):
+        parse_finetune_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])

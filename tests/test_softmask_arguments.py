@@ -58,9 +58,10 @@ def test_every_flag_reaches_the_softmask_config(cls, tmp_path):
 
 @pytest.mark.parametrize("cls", ARGUMENT_CLASSES, ids=lambda c: c.__name__)
 def test_a_bad_value_is_refused_at_parse_with_the_valid_choices(cls, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    # transformers' parser prints the usage and exits; the runner's raises the one-line error hf-softmask prints
+    with pytest.raises((SystemExit, ValueError)) as info:
         _parse(cls, ["--output_dir", str(tmp_path), "--softmask_mode", "bogus"])
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err if info.type is SystemExit else str(info.value)
     assert "--softmask_mode" in err and "bogus" in err and "'update', 'grad'" in err
     # values that argparse does not see (Python, YAML) are refused when the arguments are made
     with pytest.raises(ValueError, match=r"norms policy must be one of \('train', 'freeze', 'mean'\)"):

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..io import atomic_replace_dir, atomic_write_json
+from .cli import UserError
 
 __all__ = [
     "RunState",
@@ -22,11 +23,11 @@ STATE_FILE = "state.json"
 OVERWRITE_HINT = "use a new --output_dir, or pass --overwrite_output_dir to delete it and start over"
 
 
-class RunMismatchError(RuntimeError):
+class RunMismatchError(UserError, RuntimeError):
     """``output_dir`` holds a run with different settings, another kind of run, or files of something else."""
 
 
-class DamagedRunError(RuntimeError):
+class DamagedRunError(UserError, RuntimeError):
     """A file of a run directory cannot be read (truncated, corrupted)."""
 
 
@@ -71,7 +72,8 @@ class RunState:
 
     def __init__(self, output_dir: str | os.PathLike, fingerprint: dict, overwrite: bool = False, added_settings=None):
         """``added_settings``: settings added since runs were first saved, with the value that reproduces them; a
-        saved fingerprint without one of these keys is compared as holding that value."""
+        saved fingerprint without one of these keys is compared as holding that value. A saved key that
+        ``fingerprint`` no longer has (a setting since found not to change results) is not compared."""
         self.output_dir = Path(output_dir)
         self.added_settings = _normalised(dict(added_settings or {}))
         self.path = self.output_dir / STATE_FILE
@@ -105,6 +107,7 @@ class RunState:
                 saved = self._read().get("fingerprint", {})
                 if saved:
                     saved = {**{k: v for k, v in self.added_settings.items() if k in self.fingerprint}, **saved}
+                    saved = {k: v for k, v in saved.items() if k in self.fingerprint}
             except DamagedRunError as e:
                 self._damage = e
                 return str(e)
@@ -114,7 +117,6 @@ class RunState:
                 )
             if saved != self.fingerprint:
                 diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
-                diff.update({k: (v, None) for k, v in saved.items() if k not in self.fingerprint})
                 return f"{self.output_dir} holds a run with other settings (saved vs now: {diff})"
             return None
         if self.output_dir.is_dir() and any(self.output_dir.iterdir()):

@@ -7,16 +7,27 @@ a runner cannot honour (with the reason and the fix) instead of letting them be 
 from __future__ import annotations
 
 import argparse
+import difflib
+import functools
 import math
 import os
+import re
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 from ..package_data import HELP_DIR, config_file
+from .renames import applies, renamed, renamed_flags
 
 __all__ = [
+    "UserError",
+    "SettingError",
+    "user_errors",
+    "one_line",
     "HelpFormatter",
+    "make_parser",
+    "parse_args",
     "build_parser",
     "parse_with_yaml",
     "refuse_unsupported_trainer_flags",
@@ -37,8 +48,111 @@ RESUME_HINT = (
     "skipped and an unfinished one continues from its newest checkpoint"
 )
 
-# Old field names still read from YAML files and flags (old name -> TrainingArguments name).
-RENAMED = {"hub_private": "hub_private_repo", "warmup_ratio": "warmup_steps"}
+
+# -- user errors ----------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A mistake in what the user asked for (a flag, a value, a YAML file, a path, an output_dir holding another
+    run): ``hf-softmask`` prints it as one line and exits 2, without a traceback. ``hint``: an optional second line.
+    """
+
+    hint: str | None = None
+
+
+class SettingError(UserError, ValueError):
+    """A flag, a value or a YAML file that cannot be used (still a ValueError for Python callers)."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or directory named by a setting does not exist (still a FileNotFoundError)."""
+
+
+class NoPermissionError(UserError, PermissionError):
+    """A path named by a setting cannot be written or read (still a PermissionError)."""
+
+
+#: (what is raised, the user error it becomes) while the user's settings are checked (:func:`user_errors`).
+_AS_USER_ERROR = (
+    (PermissionError, NoPermissionError),
+    (FileNotFoundError, MissingPathError),
+    (NotADirectoryError, MissingPathError),
+    (ValueError, SettingError),
+)
+
+
+@contextmanager
+def user_errors():
+    """Around parsing, validation and a runner's start-up checks (nothing trained yet): a ValueError,
+    FileNotFoundError, PermissionError or missing optional dependency raised inside is the user's mistake and
+    leaves as a :class:`UserError` (same message and traceback, still an instance of its old class). Errors of
+    the later phases (training) are not wrapped: they keep their type and traceback."""
+    from ..extras import MissingExtraError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except MissingExtraError as e:
+        raise _as(_missing_extra_class(), e) from e.__cause__
+    except Exception as e:
+        cls = next((cls for base, cls in _AS_USER_ERROR if isinstance(e, base)), None)
+        if cls is None:
+            raise
+        raise _as(cls, e) from e.__cause__
+
+
+@functools.cache
+def _missing_extra_class():
+    from ..extras import MissingExtraError
+
+    return type("MissingExtraError", (UserError, MissingExtraError), {"__module__": __name__})
+
+
+def _as(cls, e: BaseException) -> BaseException:
+    new = cls(str(e))
+    new.hint = getattr(e, "hint", None)
+    return new.with_traceback(e.__traceback__)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (YAML and nested errors carry newlines and indentation)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@functools.cache
+def _parser_class():
+    """``HfArgumentParser`` whose errors raise :class:`SettingError` instead of printing the whole usage and
+    exiting (imported lazily: ``--help`` is answered without transformers)."""
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            # argparse names a flag by all its spellings ("--learning_rate/--learning-rate"): keep the first.
+            message = re.sub(r"(argument --\w+)(/--[\w-]+)+", r"\1", message)
+            error = SettingError(message)
+            error.hint = f"{self.prog} --help lists the flags"
+            raise error
+
+    return Parser
+
+
+def make_parser(dataclass_types, prog: str):
+    """The argument parser of ``dataclass_types``: its errors raise :class:`SettingError`; the stored help format."""
+    return _parser_class()(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
+
+
+def parse_args(parser, argv: list[str]) -> tuple:
+    """``parser``'s dataclasses from ``argv``. An unknown flag (the nearest one as the hint), a bad value and a
+    dataclass's own check that fails raise :class:`SettingError`."""
+    with user_errors():
+        _, unknown = parser.parse_known_args(argv)
+        if unknown:
+            error = SettingError(f"unrecognized arguments: {' '.join(unknown)}")
+            flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].partition("=")[0], flags, n=1)
+            error.hint = f"did you mean {close[0]}?" if close else f"{parser.prog} --help lists the flags"
+            raise error
+        out = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return tuple(x for x in out if not isinstance(x, argparse.Namespace))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,9 +177,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(dataclass_types, prog: str):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=HelpFormatter)
+    parser = make_parser(dataclass_types, prog)
     parser.add_argument(
         "--config",
         default=None,
@@ -86,41 +198,36 @@ def help_text(dataclass_types, prog: str) -> str:
 def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hook=None):
     """Parse ``argv`` into the dataclasses; ``--config file.yaml`` supplies defaults that flags override.
 
-    Unknown YAML keys and unknown or abbreviated flags are errors naming them. ``yaml_hook(data)`` may rewrite the
-    YAML mapping (e.g. JSON-encode a nested value) before it becomes the parser's defaults.
+    Old names (:mod:`.renames`) are read in YAML and as flags. Unknown YAML keys, unknown or abbreviated flags, bad
+    values and the dataclasses' own checks raise :class:`SettingError` naming them. ``yaml_hook(data)`` may rewrite
+    the YAML mapping (e.g. JSON-encode a nested value) before it becomes the parser's defaults.
     """
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(dataclass_types, prog)
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        path = config_file(known.config)  # a file, or a shipped config by name
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of field: value at the top level")
-        data = {RENAMED.get(k, k): v for k, v in data.items()}
-        names = {f.name for cls in dataclass_types for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}; run with --help for the list of fields")
-        if yaml_hook is not None:
-            data = yaml_hook(data)
-        # argparse converts only string defaults; YAML values arrive already typed.
-        parser.set_defaults(**data)
-    argv = [_renamed_flag(a) for a in argv]
-    out = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return tuple(x for x in out if not isinstance(x, argparse.Namespace))
-
-
-def _renamed_flag(arg: str) -> str:
-    for old, new in RENAMED.items():
-        if arg == f"--{old}" or arg.startswith(f"--{old}="):
-            return arg.replace(f"--{old}", f"--{new}", 1)
-    return arg
+    names = {f.name for cls in dataclass_types for f in fields(cls)}
+    with user_errors():
+        argv = renamed_flags(argv, names)
+        known, _ = parser.parse_known_args(argv)
+        if known.config:
+            path = config_file(known.config)  # a file, or a shipped config by name
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping of field: value at the top level")
+            unknown = sorted(k for k in data if k not in names and not applies(k, names))
+            if unknown:
+                raise ValueError(f"{path}: unknown field(s) {unknown}; run with --help for the list of fields")
+            # Renamed here, not left to __post_init__, so that the new flag on the command line overrides the YAML.
+            data = renamed(data, names)
+            if yaml_hook is not None:
+                data = yaml_hook(data)
+            # argparse converts only string defaults; YAML values arrive already typed.
+            parser.set_defaults(**data)
+    return parse_args(parser, argv)
 
 
 # -- validation ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -27,79 +26,27 @@ from .cli import (
     use_cpu_without_cuda,
 )
 from .das_arguments import DASArguments
+from .fingerprint import fingerprint
+from .renames import RENAMED, renamed
 from .strategy_settings import strategy_kwargs_text
 
 __all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
 
 PROG = "hf-softmask pretrain"
 
-#: Settings that do not change what a run computes: they may differ when a run is resumed.
-NOT_IN_FINGERPRINT = frozenset(
+#: The runner's own fields that do not change what a run computes (they may differ when a run is resumed): where
+#: output goes and what is written besides the results, sweep and study settings (each run of a sweep is
+#: fingerprinted alone), the frontier's statistics, threads, the place of the merge snapshot, the compilation of the
+#: mask update (the same maths), and old names (their value has moved to the new field). The Trainer fields of the
+#: fingerprint are :data:`.fingerprint.TRAINER_FIELDS`.
+RUNNER_NOT_IN_FINGERPRINT = frozenset(
     {
-        "output_dir",
         "overwrite_output_dir",
-        "run_name",
-        "report_to",
-        "project",
-        "logging_strategy",
-        "logging_steps",
-        "logging_first_step",
-        "logging_nan_inf_filter",
-        "log_level",
-        "log_level_replica",
-        "log_on_each_node",
-        "disable_tqdm",
-        "save_strategy",
-        "save_steps",
-        "save_total_limit",
-        "save_only_model",
-        "save_on_each_node",
-        "push_to_hub",
-        "hub_model_id",
-        "hub_token",
-        "hub_private_repo",
-        "hub_strategy",
-        "hub_always_push",
-        "hub_revision",
         "plots",
         "keep_domain_weights",
         "learning_rates",
         "strategies",
         "frontier_runs",
-        "num_threads",
-        "per_device_eval_batch_size",
-        "dataloader_num_workers",
-        "dataloader_pin_memory",
-        "dataloader_persistent_workers",
-        "dataloader_prefetch_factor",
-        "dataloader_multiprocessing_context",
-        "ddp_timeout",
-        "ddp_backend",
-        "ddp_bucket_cap_mb",
-        "local_rank",
-        "debug",
-        "skip_memory_metrics",
-        "resume_from_checkpoint",
-        "register_architecture",
-        "torch_compile_backend",
-        "torch_compile_mode",
-        "max_steps_per_domain",
-        "mask_power",
-        "softmask_compile_update",
-        "include_num_input_tokens_seen",
-        "enable_jit_checkpoint",
-        "torch_empty_cache_steps",
-        "accelerator_config",
-        "trackio_space_id",
-        "trackio_bucket_id",
-        "trackio_static_space_id",
-        "use_cpu",
-        "restore_callback_states_from_checkpoint",
-        "activation_checkpointing",
-        "activation_checkpointing_kwargs",
-        "gradient_checkpointing",
-        "gradient_checkpointing_kwargs",
-        "torch_compile",
         "seeds",
         "runs",
         "bootstrap_resamples",
@@ -107,7 +54,12 @@ NOT_IN_FINGERPRINT = frozenset(
         "primary_comparison",
         "control_run",
         "sweep_shard",
+        "num_threads",
+        "register_architecture",
         "merge_snapshot_device",
+        flag_name("compile_update"),
+        "max_steps_per_domain",  # old names (.renames.RENAMED)
+        "mask_power",
     }
 )
 
@@ -115,12 +67,6 @@ NOT_IN_FINGERPRINT = frozenset(
 #: without the key is read as holding that value (so an old run resumes with the old evaluation, or is refused
 #: naming the setting).
 ADDED_SETTINGS = {"eval_blocks_per_document": 0, "general_eval_fraction": 0.3}
-
-#: Fingerprint keys of settings renamed since runs were first saved, so that those runs still resume.
-FINGERPRINT_KEYS = {flag_name("mask_power"): "mask_power"}
-
-#: Old names of runner settings that warn (old name -> new name); the old name sets the new field.
-OLD_NAMES = {"mask_power": flag_name("mask_power")}
 
 #: Keys of one entry of the YAML ``runs`` list (besides the DomainTrainingOptions fields).
 RUN_KEYS = ("name", "strategy", "learning_rates", "strategy_kwargs")
@@ -396,14 +342,13 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
         # "--domains business,sports" and "--domains business sports" mean the same, "name=source" entries included
         # (a source with a comma in it needs the YAML form {name: ..., path: ...}).
         self.domains = [part for d in self.domains for part in (parse_str_list(d) if isinstance(d, str) else [d])]
-        if self.max_steps_per_domain is not None:
-            self.max_steps = self.max_steps_per_domain if self.max_steps_per_domain > 0 else -1
-            self.max_steps_per_domain = None
-        for old, new in OLD_NAMES.items():
-            if getattr(self, old) is not None:
-                _warn_old_name(old, new)
-                setattr(self, new, getattr(self, old))
-                setattr(self, old, None)
+        # An old name given as a flag or in Python (YAML is renamed before parsing, so that flags override it).
+        names = {f.name for f in fields(self)}
+        given = {old: getattr(self, old) for old in RENAMED if old in names and getattr(self, old) is not None}
+        for name, value in renamed(given, names).items():
+            setattr(self, name, value)
+        for old in given:
+            setattr(self, old, None)
         self.validate()
         refuse_unsupported_trainer_flags(self, "pre-training")
         use_cpu_without_cuda(self)
@@ -564,12 +509,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
 
     def fingerprint(self) -> dict:
         """The settings that decide what the run computes (a resumed run must match them)."""
-        d = self.to_dict()
-        return {
-            FINGERPRINT_KEYS.get(f.name, f.name): d[f.name]
-            for f in fields(self)
-            if f.init and f.name in d and f.name not in NOT_IN_FINGERPRINT
-        }
+        return fingerprint(self, RUNNER_NOT_IN_FINGERPRINT)
 
 
 def _check_options(values: dict, batch_size: int) -> DomainTrainingOptions:
@@ -628,27 +568,6 @@ def parse_str_list(value) -> list[str]:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
-def _yaml_values(data: dict) -> dict:
-    if "max_steps_per_domain" in data and "max_steps" not in data:
-        steps = data.pop("max_steps_per_domain")
-        data["max_steps"] = steps if steps is not None and steps > 0 else -1
-    for old, new in OLD_NAMES.items():
-        # Renamed here, not left to __post_init__, so that the new flag on the command line overrides the YAML.
-        if old in data and new not in data:
-            _warn_old_name(old, new)
-            data[new] = data.pop(old)
-    return data
-
-
-def _warn_old_name(old: str, new: str) -> None:
-    warnings.warn(
-        f"--{old} (in YAML {old}:) is the old name of --{new} (in YAML {new}:); use the new name, the old one will "
-        "be removed",
-        FutureWarning,
-        stacklevel=3,
-    )
-
-
 def parse_config(argv: list[str] | None = None) -> ContinualPretrainingArguments:
     """``--config file.yaml`` gives the defaults; every other flag overrides its YAML value."""
-    return parse_with_yaml((ContinualPretrainingArguments,), argv, PROG, yaml_hook=_yaml_values)[0]
+    return parse_with_yaml((ContinualPretrainingArguments,), argv, PROG)[0]

@@ -34,7 +34,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,8 +72,10 @@ from .cli import (
     require_positive,
     require_steps,
     use_cpu_without_cuda,
+    user_errors,
 )
 from .console import Console
+from .fingerprint import fingerprint
 from .model_loading import load_backbone
 from .strategy_settings import build_strategy, parse_strategy_kwargs, strategy_kwargs_text
 
@@ -325,18 +327,18 @@ def _evaluate_all(model, strategy, test_loaders, metrics, desc) -> list[dict]:
 
 
 # -- the runner ----------------------------------------------------------------------------------------
-_FT_NOT_IN_FINGERPRINT = {"num_threads", "eval_batch_size", "register_architecture"}
+#: The runner's own fields that do not change what a run computes (the Trainer's: .fingerprint.TRAINER_FIELDS).
+NOT_IN_FINGERPRINT = frozenset(
+    {"num_threads", "eval_batch_size", "register_architecture", "plots", "overwrite_output_dir"}
+)
 
 
 def _fingerprint(args: ContinualFinetuneArguments, training_args: TrainingArguments) -> dict:
-    from .config import NOT_IN_FINGERPRINT
-
-    t = training_args.to_dict()
-    trainer = {
-        f.name: t[f.name] for f in fields(training_args) if f.init and f.name in t and f.name not in NOT_IN_FINGERPRINT
+    return {
+        "runner": "continual_finetune",
+        **fingerprint(args, NOT_IN_FINGERPRINT),
+        **fingerprint(training_args, NOT_IN_FINGERPRINT),
     }
-    mine = {k: v for k, v in asdict(args).items() if k not in _FT_NOT_IN_FINGERPRINT}
-    return {"runner": "continual_finetune", **mine, **trainer}
 
 
 def _task_args(training_args: TrainingArguments, out_dir: Path, name: str) -> TrainingArguments:
@@ -397,12 +399,13 @@ def run_continual_finetune(
     from accelerate import PartialState
 
     start = time.time()
-    run = _FinetuneRun(args, training_args, callbacks, events)
-    state = RunState(run.out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
-    if run.is_main:
-        state.check_writable()
-    set_seed(training_args.seed)
-    run.load()
+    with user_errors():  # start-up: a ValueError or missing file here is the user's (settings, paths, data)
+        run = _FinetuneRun(args, training_args, callbacks, events)
+        state = RunState(run.out_dir, _fingerprint(args, training_args), overwrite=training_args.overwrite_output_dir)
+        if run.is_main:
+            state.check_writable()
+        set_seed(training_args.seed)
+        run.load()
     if run.is_main:
         state.start()  # every setting checked, the model and data loaded: now the directory is this run's
     PartialState().wait_for_everyone()

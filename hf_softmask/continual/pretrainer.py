@@ -45,7 +45,7 @@ from .checkpointing import (
     verify_readable,
     verify_stage,
 )
-from .cli import check_process_group, register_architectures
+from .cli import check_process_group, register_architectures, user_errors
 from .config import ADDED_SETTINGS, ContinualPretrainingArguments
 from .console import Console
 from .distributed import ProcessInfo, full_state_dict
@@ -458,12 +458,13 @@ class ContinualPretrainer:
             self.hub.push_pending(state)
 
     def run(self) -> dict:
-        state = RunState(
-            self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir, added_settings=ADDED_SETTINGS
-        )
-        if self.is_main:
-            state.check_writable()
-        model, tokenizer, strategy = self._start()
+        with user_errors():  # start-up: a ValueError or missing file here is the user's (settings, paths, data)
+            state = RunState(
+                self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir, added_settings=ADDED_SETTINGS
+            )
+            if self.is_main:
+                state.check_writable()
+            model, tokenizer, strategy = self._start()
         self.proc.barrier()
         if self.is_main:
             state.start()

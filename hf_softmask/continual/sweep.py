@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .cli import user_errors
 from .config import ContinualPretrainingArguments, parse_str_list
 from .frontier import write_frontier
 from .pretrainer import ContinualPretrainer
@@ -106,11 +107,14 @@ def invocation() -> str:
 def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
     """The frontier of finished runs only (``--frontier_runs``: directories or globs holding results.json)."""
     dirs = []
-    for pattern in parse_str_list(args.frontier_runs):
-        expanded = os.path.expanduser(pattern)
-        matches = [Path(p) for p in sorted(glob.glob(expanded))] if glob.has_magic(expanded) else [Path(expanded)]
-        finished = [d for d in matches if (d / "results.json").is_file()]
-        if not finished:
-            raise FileNotFoundError(f"--frontier_runs {pattern!r}: no run directory with a results.json matches it")
-        dirs.extend(finished)
+    with user_errors():  # a pattern naming no finished run is the user's mistake
+        for pattern in parse_str_list(args.frontier_runs):
+            expanded = os.path.expanduser(pattern)
+            matches = [Path(p) for p in sorted(glob.glob(expanded))] if glob.has_magic(expanded) else [Path(expanded)]
+            finished = [d for d in matches if (d / "results.json").is_file()]
+            if not finished:
+                raise FileNotFoundError(
+                    f"--frontier_runs {pattern!r}: no run directory with a results.json matches it"
+                )
+            dirs.extend(finished)
     return write_frontier(args.output_dir, dirs, **frontier_settings(args))
