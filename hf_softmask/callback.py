@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 
 from .compatibility import check_supported
 from .importance import UnitImportance
-from .masking import SoftMaskConfig, SoftMasker
+from .masking import SoftMaskConfig, SoftMasker, is_per_layer_key
 
-__all__ = ["SoftMaskCallback", "merge_log_metrics"]
+__all__ = ["SoftMaskCallback", "MaskDetailToIntegrations", "merge_log_metrics"]
 
 
 def merge_log_metrics(logs: dict, state, metrics: dict[str, float]) -> None:
@@ -24,6 +24,34 @@ def merge_log_metrics(logs: dict, state, metrics: dict[str, float]) -> None:
         last.update(metrics)
 
 
+class MaskDetailToIntegrations(TrainerCallback):
+    """Keeps the per-layer mask statistics for the ``report_to`` integrations: it removes them from the logs (and
+    from the record just appended to ``log_history``) before the console's progress or printer callback, so a
+    console line carries the bounded summary (mean mask of heads and of FFN neurons, fractions of important
+    units) however many layers the model has. :meth:`install` puts it in its place."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        detail = [k for k in logs if is_per_layer_key(k)]
+        last = state.log_history[-1] if state.log_history else {}
+        for k in detail:
+            logs.pop(k, None)
+            last.pop(k, None)
+
+    @classmethod
+    def install(cls, trainer) -> None:
+        """Insert one into ``trainer``'s callbacks right before its progress/printer callback (after the
+        integrations and the user callbacks), once."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        if any(isinstance(c, cls) for c in callbacks):
+            return
+        at = next((i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))), None)
+        callbacks.insert(len(callbacks) if at is None else at, cls())
+
+
 class SoftMaskCallback(TrainerCallback):
     """Protects important heads and FFN neurons during ``Trainer.train()``.
 
@@ -32,12 +60,13 @@ class SoftMaskCallback(TrainerCallback):
         mode: ``"update"`` (default) scales the optimizer's whole change of each owned slice by
             ``1 - I``; ``"grad"`` scales gradients (before clipping, once per optimizer step).
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
+        per_layer: also log the mean mask of every layer (``.../layer_<l>`` keys).
 
-    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask per layer
-    for heads and FFN, fraction of units with importance > 0.5) join the training log and
+    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask of heads
+    and of FFN neurons, fraction of units with importance > 0.5) join the training log and
     ``trainer.state.log_history``. The Trainer calls its ``report_to`` integrations before user callbacks; to
-    have them receive the statistics too, use :class:`~hf_softmask.SoftMaskTrainer`, or put this callback first:
-    ``trainer.callback_handler.callbacks.insert(0, callback)``.
+    have them receive the statistics and their per-layer detail too, use :class:`~hf_softmask.SoftMaskTrainer`
+    (or put this callback first with ``per_layer=True`` and call ``MaskDetailToIntegrations.install(trainer)``).
 
     Example::
 
@@ -50,6 +79,7 @@ class SoftMaskCallback(TrainerCallback):
         importance: UnitImportance | str | os.PathLike,
         mode: str | None = None,
         config: SoftMaskConfig | None = None,
+        per_layer: bool = False,
         **policies,
     ):
         if not isinstance(importance, UnitImportance):
@@ -61,6 +91,7 @@ class SoftMaskCallback(TrainerCallback):
             fields["mode"] = mode
         self.config = SoftMaskConfig(**fields)
         self.masker: SoftMasker | None = None
+        self.per_layer = per_layer  # the per-layer keys too (for integrations that run before the console)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         check_supported("SoftMaskCallback", args, model)  # refused cells of docs/compatibility.md
@@ -70,7 +101,10 @@ class SoftMaskCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masker is not None and logs is not None:
-            merge_log_metrics(logs, state, self.masker.statistics())
+            stats = self.masker.statistics()
+            if not self.per_layer:
+                stats = {k: v for k, v in stats.items() if not is_per_layer_key(k)}
+            merge_log_metrics(logs, state, stats)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.masker is not None:

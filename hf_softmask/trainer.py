@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from .callback import SoftMaskCallback
+from .callback import MaskDetailToIntegrations, SoftMaskCallback
 from .compatibility import check_supported
 from .importance import IMPORTANCE_WEIGHTS, UnitImportance
 from .loss_scaling import fix_loss_kwargs
@@ -86,9 +86,11 @@ class SoftMaskTrainer(Trainer):
 
     def _use_importance(self, importance: UnitImportance) -> None:
         self.importance = importance
-        self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config())
-        # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
+        self.softmask_callback = SoftMaskCallback(importance, config=self.args.softmask_config(), per_layer=True)
+        # First in line, so its on_log adds the mask statistics before the report_to integrations log them; the
+        # per-layer detail leaves the logs again before the console prints them.
         self.callback_handler.callbacks.insert(0, self.softmask_callback)
+        MaskDetailToIntegrations.install(self)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
