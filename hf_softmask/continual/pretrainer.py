@@ -16,6 +16,7 @@ unfinished domain from its newest Trainer checkpoint.
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import time
 from dataclasses import fields
@@ -50,7 +51,7 @@ from .distributed import ProcessInfo, full_state_dict
 from .domain_data import PretrainingData
 from .evaluation import perplexity
 from .hub_push import HubPusher
-from .lm_head_warmup import fit_lm_head
+from .lm_head_warmup import warm_up_lm_head
 from .model_card import model_card
 from .model_loading import load_model_and_tokenizer, resolve_model_path
 from .pretraining_results import results, write_results
@@ -256,7 +257,6 @@ class ContinualPretrainer:
     def _start(self):
         """Everything that can fail before a file is written: settings, architecture, model, data, strategy."""
         a = self.args
-        check_process_group("pre-training")
         if a.num_threads:
             torch.set_num_threads(a.num_threads)
         register_architectures(a.register_architecture)
@@ -266,7 +266,7 @@ class ContinualPretrainer:
             self.model_path = resolve_model_path(a.model_name_or_path)
         self.proc.barrier()
         self.model_path = resolve_model_path(a.model_name_or_path)
-        model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective)
+        model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective, say=self.say)
         self.tokenizer = tokenizer
         self.data = PretrainingData(a, tokenizer, mlm)
         strategy = self.make_strategy()
@@ -284,8 +284,7 @@ class ContinualPretrainer:
         a = self.args
         warm = []
         if a.lm_head_warmup_steps > 0:
-            self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
-            warm = fit_lm_head(
+            warm, _ = warm_up_lm_head(
                 model,
                 self.data.general_train,
                 self.data.collator,
@@ -293,6 +292,7 @@ class ContinualPretrainer:
                 a.lm_head_warmup_lr,
                 a.per_device_train_batch_size,
                 a.seed,
+                say=self.say,
             )
         if hasattr(strategy, "compute_general_importance"):
             self.say("general-knowledge importance")
@@ -409,6 +409,8 @@ class ContinualPretrainer:
             self.hub.push_pending(state)
 
     def run(self) -> dict:
+        self.say(self.proc.describe(sharded=_fsdp(self.args) or self.proc.torch_only))  # what the launch gave
+        check_process_group("pre-training")
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
         if self.is_main:
             state.check_writable()
@@ -444,13 +446,20 @@ class ContinualPretrainer:
                 f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
                 "restore it, or use a new --output_dir"
             ) from e
-        self.say(f"resuming after {last.name}")
+        if len(state.done) == len(self.data.domains):
+            self.say(f"every domain is finished (last: {last.name}); nothing to train, the results are rewritten")
+        else:
+            self.say(f"resuming after {last.name}")
         return model
 
     def _finish(self, state: RunState) -> dict:
         """The results (written by the main process); a failed Hub push is an error once everything is saved."""
         res = write_results(self.args, self.data, state) if self.is_main else results(self.args, self.data, state)
         unpushed = self.hub.check(state) if self.is_main else []
+        if self.is_main:
+            # every domain's Trainer checkpoints went with its published stage: no resume point is left in there
+            shutil.rmtree(self.out / ".trainer", ignore_errors=True)
+            self.say(_summary_line(res, self.out))
         self.proc.barrier()
         if unpushed:
             raise RuntimeError(
@@ -458,6 +467,33 @@ class ContinualPretrainer:
                 "see push_error in state.json and rerun the same command to retry"
             )
         return res
+
+
+def _fsdp(args) -> bool:
+    """Whether the Trainer shards the model (``--fsdp``, or accelerate launched with an FSDP config)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def _summary_line(res: dict, out: Path) -> str:
+    """The run's last console line: its headline numbers and where everything is."""
+    numbers = [
+        (label, res.get(key))
+        for label, key in (
+            ("in-domain loss", "in_domain_loss"),
+            ("forgetting", "forgetting"),
+            ("BWT", "bwt"),
+            ("general-text loss change", "general_loss_increase"),
+        )
+    ]
+    shown = ", ".join(
+        f"{label} {value:+.4f}" if label != "in-domain loss" else f"{label} {value:.4f}"
+        for label, value in numbers
+        if value is not None
+    )
+    return (
+        f"done: {shown}; results in {out / 'results.json'} (loss and perplexity matrices), the model after each "
+        f"domain in {out}/<k>_<domain>/, the run's settings in {out / 'run_config.json'}"
+    )
 
 
 def _token_mean(losses: list[float], tokens: list[int], name: str) -> float:
