@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ProcessInfo", "describe_processes", "end_processes", "full_state_dict", "is_sharded"]
+__all__ = ["ProcessInfo", "describe_processes", "end_processes", "fsdp_requested", "full_state_dict", "is_sharded"]
 
 
 @dataclass
@@ -44,6 +44,13 @@ class ProcessInfo:
 
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
+
+
+def fsdp_requested(args) -> bool:
+    """Whether the Trainer will shard the model: ``--fsdp``, or accelerate launched with an FSDP config."""
+    import os
+
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def describe_processes(world: int, device, sharded: bool = False, torch_only: bool = False) -> str:

@@ -31,7 +31,6 @@ Outputs in ``output_dir``: ``results.json`` (``tasks``, ``accuracy_matrix``, ``f
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import time
@@ -74,7 +73,7 @@ from .cli import (
     use_cpu_without_cuda,
 )
 from .console import Console
-from .distributed import describe_processes
+from .distributed import describe_processes, fsdp_requested
 from .model_loading import load_backbone
 from .strategy_settings import build_strategy, parse_strategy_kwargs, strategy_kwargs_text
 
@@ -430,8 +429,8 @@ class _FinetuneRun:
         check_process_group("finetuning")
         self.is_main = training_args.process_index == 0
         self.say = Console("continual_finetune", self.is_main)
-        fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-        self.say(describe_processes(training_args.world_size, training_args.device, fsdp))  # what the launch gave
+        launch = (training_args.world_size, training_args.device, fsdp_requested(training_args))
+        self.say(describe_processes(*launch))  # what the launch gave
         register_architectures(args.register_architecture)
         check_model_source(args.model_name_or_path)
         self.strategy_class = strategy_class(args.strategy)

@@ -16,7 +16,6 @@ unfinished domain from its newest Trainer checkpoint.
 from __future__ import annotations
 
 import inspect
-import os
 import shutil
 import time
 from dataclasses import fields
@@ -46,8 +45,8 @@ from .checkpointing import (
 )
 from .cli import check_process_group, register_architectures
 from .config import ContinualPretrainingArguments
-from .console import Console
-from .distributed import ProcessInfo, full_state_dict
+from .console import Console, summary_line
+from .distributed import ProcessInfo, fsdp_requested, full_state_dict
 from .domain_data import PretrainingData
 from .evaluation import perplexity
 from .hub_push import HubPusher
@@ -409,7 +408,7 @@ class ContinualPretrainer:
             self.hub.push_pending(state)
 
     def run(self) -> dict:
-        self.say(self.proc.describe(sharded=_fsdp(self.args) or self.proc.torch_only))  # what the launch gave
+        self.say(self.proc.describe(sharded=fsdp_requested(self.args) or self.proc.torch_only))  # what the launch gave
         check_process_group("pre-training")
         state = RunState(self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir)
         if self.is_main:
@@ -459,7 +458,7 @@ class ContinualPretrainer:
         if self.is_main:
             # every domain's Trainer checkpoints went with its published stage: no resume point is left in there
             shutil.rmtree(self.out / ".trainer", ignore_errors=True)
-            self.say(_summary_line(res, self.out))
+            self.say(summary_line(res, self.out))
         self.proc.barrier()
         if unpushed:
             raise RuntimeError(
@@ -467,33 +466,6 @@ class ContinualPretrainer:
                 "see push_error in state.json and rerun the same command to retry"
             )
         return res
-
-
-def _fsdp(args) -> bool:
-    """Whether the Trainer shards the model (``--fsdp``, or accelerate launched with an FSDP config)."""
-    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-
-
-def _summary_line(res: dict, out: Path) -> str:
-    """The run's last console line: its headline numbers and where everything is."""
-    numbers = [
-        (label, res.get(key))
-        for label, key in (
-            ("in-domain loss", "in_domain_loss"),
-            ("forgetting", "forgetting"),
-            ("BWT", "bwt"),
-            ("general-text loss change", "general_loss_increase"),
-        )
-    ]
-    shown = ", ".join(
-        f"{label} {value:+.4f}" if label != "in-domain loss" else f"{label} {value:.4f}"
-        for label, value in numbers
-        if value is not None
-    )
-    return (
-        f"done: {shown}; results in {out / 'results.json'} (loss and perplexity matrices), the model after each "
-        f"domain in {out}/<k>_<domain>/, the run's settings in {out / 'run_config.json'}"
-    )
 
 
 def _token_mean(losses: list[float], tokens: list[int], name: str) -> float:
