@@ -270,6 +270,24 @@ def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypa
     assert pushed == ["1_business", "2_sports"]  # nothing pushed twice
 
 
+def test_push_failure_other_than_offline_ends_the_run_with_an_error(tiny_mlm_dir, tmp_path, monkeypatch, capsys):
+    """Only an offline push ends quietly (a rerun online fixes it); a refused upload is an error once all is saved,
+    and each stage is still tried once."""
+    tried = []
+
+    def refuse(self, directory, name):
+        tried.append(name)
+        raise PermissionError("401: invalid token")
+
+    monkeypatch.setattr(HubPusher, "push", refuse)
+    out = tmp_path / "run"
+    kw = dict(max_steps=1, strategy="ncl", push_to_hub="true", hub_model_id="me/tiny")
+    with pytest.raises(RuntimeError, match="not pushed to the Hub: 1_business, 2_sports"):
+        ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()
+    assert tried == ["1_business", "2_sports"]
+    assert json.loads((out / "results.json").read_text())["complete"]
+
+
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """mkstemp made every atomically written file 0600 (unreadable to the rest of a team)."""
     from hf_softmask.io import atomic_write_json
