@@ -12,10 +12,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .clipping import clips_masked
 from .compatibility import check_supported, live_accelerator_state
 from .importance import UnitImportance
-from .masking import SoftMaskConfig, SoftMasker
+from .masking import SoftMaskConfig, SoftMasker, is_per_layer_key
 from .softmask_resume import check_resume_settings, save_settings
 
-__all__ = ["SoftMaskCallback", "merge_log_metrics"]
+__all__ = ["SoftMaskCallback", "MaskDetailToIntegrations", "merge_log_metrics"]
 
 
 def merge_log_metrics(logs: dict, state, metrics: dict[str, float]) -> None:
@@ -27,6 +27,34 @@ def merge_log_metrics(logs: dict, state, metrics: dict[str, float]) -> None:
     last = state.log_history[-1] if state.log_history else None
     if last is not None and last.get("step") == state.global_step and "loss" in last:
         last.update(metrics)
+
+
+class MaskDetailToIntegrations(TrainerCallback):
+    """Keeps the per-layer mask statistics for the ``report_to`` integrations: it removes them from the logs (and
+    from the record just appended to ``log_history``) before the console's progress or printer callback, so a
+    console line carries the bounded summary (mean mask of heads and of FFN neurons, fractions of important
+    units) however many layers the model has. :meth:`install` puts it in its place."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        detail = [k for k in logs if is_per_layer_key(k)]
+        last = state.log_history[-1] if state.log_history else {}
+        for k in detail:
+            logs.pop(k, None)
+            last.pop(k, None)
+
+    @classmethod
+    def install(cls, trainer) -> None:
+        """Insert one into ``trainer``'s callbacks right before its progress/printer callback (after the
+        integrations and the user callbacks), once."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        if any(isinstance(c, cls) for c in callbacks):
+            return
+        at = next((i for i, c in enumerate(callbacks) if isinstance(c, (PrinterCallback, ProgressCallback))), None)
+        callbacks.insert(len(callbacks) if at is None else at, cls())
 
 
 class SoftMaskCallback(TrainerCallback):
@@ -41,15 +69,16 @@ class SoftMaskCallback(TrainerCallback):
         config: a full :class:`SoftMaskConfig`; keyword arguments override its fields.
         allow_settings_change: allow resuming a checkpoint with other settings than it was trained with (a
             warning lists them); without it such a resume is refused naming each setting.
+        per_layer: also log the mean mask of every layer (``.../layer_<l>`` keys).
 
     Every Trainer checkpoint gets the settings as ``softmask_config.json``; a resume compares them with this
     callback's (:mod:`hf_softmask.softmask_resume`; ``compile_update``, which changes only the speed, may differ).
 
-    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask per layer
-    for heads and FFN, fraction of units with importance > 0.5) join the training log and
+    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask of heads
+    and of FFN neurons, fraction of units with importance > 0.5) join the training log and
     ``trainer.state.log_history``. The Trainer calls its ``report_to`` integrations before user callbacks; to
-    have them receive the statistics too, use :class:`~hf_softmask.SoftMaskTrainer`, or put this callback first:
-    ``trainer.callback_handler.callbacks.insert(0, callback)``.
+    have them receive the statistics and their per-layer detail too, use :class:`~hf_softmask.SoftMaskTrainer`
+    (or put this callback first with ``per_layer=True`` and call ``MaskDetailToIntegrations.install(trainer)``).
 
     Example::
 
@@ -63,6 +92,7 @@ class SoftMaskCallback(TrainerCallback):
         mode: str | None = None,
         config: SoftMaskConfig | None = None,
         allow_settings_change: bool = False,
+        per_layer: bool = False,
         **policies,
     ):
         if not isinstance(importance, UnitImportance):
@@ -76,6 +106,7 @@ class SoftMaskCallback(TrainerCallback):
         self.allow_settings_change = allow_settings_change
         self.masker: SoftMasker | None = None
         self._resume_checked = False
+        self.per_layer = per_layer  # the per-layer keys too (for integrations that run before the console)
 
     def check_resume(self, checkpoint: str | os.PathLike) -> None:
         """Refuse resuming ``checkpoint`` with other settings than it was trained with (unless
@@ -120,7 +151,10 @@ class SoftMaskCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.masker is not None and logs is not None:
-            merge_log_metrics(logs, state, self.masker.statistics())
+            stats = self.masker.statistics()
+            if not self.per_layer:
+                stats = {k: v for k, v in stats.items() if not is_per_layer_key(k)}
+            merge_log_metrics(logs, state, stats)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.masker is not None:

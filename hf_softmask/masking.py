@@ -27,6 +27,7 @@ __all__ = [
     "build_named_masks",
     "build_param_masks",
     "mask_statistics",
+    "is_per_layer_key",
     "resolve_masks",
 ]
 
@@ -206,17 +207,25 @@ def build_param_masks(
 def mask_statistics(
     importance: UnitImportance, mask_power: float = 1.0, threshold: float = 0.5, prefix: str = "softmask/"
 ) -> dict[str, float]:
-    """Scalars for ``report_to``: the mean soft mask ``1 - I**p`` of each layer's heads and FFN neurons, and the
-    fraction of units (heads, FFN neurons, all) whose importance exceeds ``threshold``."""
+    """Scalars for ``report_to``: the mean soft mask ``1 - I**p`` of all heads and all FFN neurons, of each layer's
+    (keys ending ``/layer_<l>``, see :func:`is_per_layer_key`), and the fraction of units (heads, FFN neurons, all)
+    whose importance exceeds ``threshold``."""
     heads, ffn = importance.heads.float().cpu(), importance.ffn.float().cpu()
     out: dict[str, float] = {}
     for kind, imp in (("heads", heads), ("ffn", ffn)):
-        mean_mask = (1 - imp**mask_power).mean(1)
-        for layer, value in enumerate(mean_mask.tolist()):
+        mask = 1 - imp**mask_power
+        out[f"{prefix}mask_mean_{kind}"] = float(mask.mean())
+        for layer, value in enumerate(mask.mean(1).tolist()):
             out[f"{prefix}mask_mean_{kind}/layer_{layer}"] = value
     for kind, imp in (("heads", heads), ("ffn", ffn), ("all", torch.cat([heads.flatten(), ffn.flatten()]))):
         out[f"{prefix}frac_importance_gt_{threshold:g}_{kind}"] = float((imp > threshold).float().mean())
     return out
+
+
+def is_per_layer_key(key: str) -> bool:
+    """Whether a :func:`mask_statistics` key is a per-layer detail (kept out of the console and ``log_history``,
+    whose lines it would fill with one key per layer, and given to the ``report_to`` integrations)."""
+    return "/layer_" in key
 
 
 class GradMaskHooks:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from .callback import SoftMaskCallback
+from .callback import MaskDetailToIntegrations, SoftMaskCallback
 from .clipping import MaskedClipMixin
 from .compatibility import check_supported
 from .importance import IMPORTANCE_WEIGHTS, UnitImportance
@@ -92,9 +92,12 @@ class SoftMaskTrainer(MaskedClipMixin, Trainer):
             importance,
             config=self.args.softmask_config(),
             allow_settings_change=self.args.allow_softmask_settings_change,
+            per_layer=True,
         )
-        # First in line, so its on_log adds the mask statistics before the report_to integrations log them.
+        # First in line, so its on_log adds the mask statistics before the report_to integrations log them; the
+        # per-layer detail leaves the logs again before the console prints them.
         self.callback_handler.callbacks.insert(0, self.softmask_callback)
+        MaskDetailToIntegrations.install(self)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)

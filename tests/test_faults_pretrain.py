@@ -251,12 +251,16 @@ def test_register_architecture_flag_calls_the_function(tiny_mlm_dir, tmp_path, m
     assert my_arch.CALLED == [1]
 
 
-def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypatch):
-    """Offline, --push_to_hub used to fail after the first domain; a rerun then exited 0 without pushing it."""
+def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypatch, capsys):
+    """Offline, --push_to_hub used to fail after the first domain; a rerun then exited 0 without pushing it. Later it
+    retried every earlier stage after each domain (one line per stage and domain), then raised: now each stage is
+    tried once (one line each) and an offline run ends with one line, no exception."""
     out = tmp_path / "run"
     kw = dict(max_steps=1, strategy="ncl", push_to_hub="true", hub_model_id="me/tiny")
-    with pytest.raises(RuntimeError, match="not pushed to the Hub: 1_business, 2_sports"):
-        ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()  # HF_HUB_OFFLINE=1 in the tests: every push fails
+    ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()  # HF_HUB_OFFLINE=1 in the tests: every push fails
+    console = capsys.readouterr().out
+    assert console.count("push of 1_business failed (offline") == 1 and console.count("push of 2_sports failed") == 1
+    assert console.count("not pushed: 1_business, 2_sports (offline)") == 1
     state = json.loads((out / "state.json").read_text())
     assert [d["pushed"] for d in state["domains"]] == [False, False] and all(d["push_error"] for d in state["domains"])
     assert json.loads((out / "results.json").read_text())["complete"]  # training and saving went on
@@ -267,6 +271,24 @@ def test_push_failures_are_recorded_and_retried(tiny_mlm_dir, tmp_path, monkeypa
     assert pushed == ["1_business", "2_sports"]
     ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()
     assert pushed == ["1_business", "2_sports"]  # nothing pushed twice
+
+
+def test_push_failure_other_than_offline_ends_the_run_with_an_error(tiny_mlm_dir, tmp_path, monkeypatch, capsys):
+    """Only an offline push ends quietly (a rerun online fixes it); a refused upload is an error once all is saved,
+    and each stage is still tried once."""
+    tried = []
+
+    def refuse(self, directory, name):
+        tried.append(name)
+        raise PermissionError("401: invalid token")
+
+    monkeypatch.setattr(HubPusher, "push", refuse)
+    out = tmp_path / "run"
+    kw = dict(max_steps=1, strategy="ncl", push_to_hub="true", hub_model_id="me/tiny")
+    with pytest.raises(RuntimeError, match="not pushed to the Hub: 1_business, 2_sports"):
+        ContinualPretrainer(_args(tiny_mlm_dir, out, **kw)).run()
+    assert tried == ["1_business", "2_sports"]
+    assert json.loads((out / "results.json").read_text())["complete"]
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -1,5 +1,6 @@
-"""Mask statistics for report_to: mean mask per layer (heads, FFN) and the fraction of units with importance > 0.5,
-logged at the Trainer's logging steps by SoftMaskCallback and by StrategyTrainer (DAS, HAT)."""
+"""Mask statistics for report_to: mean mask of heads and FFN (overall and per layer) and the fraction of units with
+importance > 0.5, logged at the Trainer's logging steps by SoftMaskCallback and by StrategyTrainer (DAS, HAT); the
+per-layer detail goes to the report_to integrations only, the console and log_history get the bounded summary."""
 
 import pytest
 import torch
@@ -20,8 +21,16 @@ def _hand_made_importance(layout):
     return UnitImportance(heads, ffn)
 
 
-# Hand computation: mean of 1 - I per layer; fractions of units with I > 0.5.
+# Hand computation: mean of 1 - I over all units and per layer; fractions of units with I > 0.5.
+SUMMARY = {
+    "softmask/mask_mean_heads": (1 + 0 + 0.5 + 0.25 + 0 + 0 + 0.75 + 1) / 8,
+    "softmask/mask_mean_ffn": (48 + 32) / 128,
+    "softmask/frac_importance_gt_0.5_heads": 4 / 8,
+    "softmask/frac_importance_gt_0.5_ffn": 16 / 128,
+    "softmask/frac_importance_gt_0.5_all": (4 + 16) / (8 + 128),
+}
 EXPECTED = {
+    **SUMMARY,
     "softmask/mask_mean_heads/layer_0": (1 + 0 + 0.5 + 0.25) / 4,
     "softmask/mask_mean_heads/layer_1": (0 + 0 + 0.75 + 1) / 4,
     "softmask/mask_mean_ffn/layer_0": 48 / 64,
@@ -57,11 +66,13 @@ def _train_logs(trainer_cls, callbacks, tmp_path, **trainer_kw):
     return [r for r in trainer.state.log_history if "loss" in r]
 
 
-def _assert_logged(records, steps=True):
+def _assert_logged(records, steps=True, expected=SUMMARY):
+    """Every record holds exactly the ``expected`` mask statistics (no per-layer key beyond them)."""
     assert [r["step"] for r in records] == [2, 4] if steps else len(records) == 2
     for r in records:
-        for k, v in EXPECTED.items():
-            assert r[k] == pytest.approx(v), (r["step"], k)
+        assert {k for k in r if k.startswith("softmask/")} == set(expected), r.get("step")
+        for k, v in expected.items():
+            assert r[k] == pytest.approx(v), (r.get("step"), k)
 
 
 def test_softmask_callback_logs_mask_statistics_at_logging_steps(tmp_path):
@@ -108,7 +119,7 @@ def test_strategy_trainer_logs_mask_statistics_before_report_to(tmp_path):
     trainer.callback_handler.callbacks.insert(0, FirstInLine())
     trainer.train()
     _assert_logged([r for r in trainer.state.log_history if "loss" in r])
-    _assert_logged(seen, steps=False)  # the logs dict an integration gets carries no step key
+    _assert_logged(seen, steps=False, expected=EXPECTED)  # integrations get the per-layer detail (and no step key)
 
 
 def test_softmask_trainer_hands_mask_statistics_to_report_to_integrations(tmp_path):
@@ -131,4 +142,25 @@ def test_softmask_trainer_hands_mask_statistics_to_report_to_integrations(tmp_pa
     trainer.callback_handler.callbacks.insert(1, Integration())
     trainer.train()
     _assert_logged([r for r in trainer.state.log_history if "loss" in r])
-    _assert_logged(seen, steps=False)
+    _assert_logged(seen, steps=False, expected=EXPECTED)
+
+
+def test_console_lines_carry_the_summary_not_one_key_per_layer(tmp_path, capsys):
+    """A 30-layer SmolLM2 put ~63 softmask keys on every printed log line; the printer now gets the 5 summary keys,
+    whatever the depth, while log_history keeps the same summary."""
+    import ast
+
+    model = tiny_llama()
+    imp = _hand_made_importance(UnitLayout.from_model(model))
+    data = ExampleDataset(random_lm_batches(4, batch_size=4, seq_len=12, seed=3))
+    trainer = StrategyTrainer(
+        model=model,
+        args=_args(tmp_path, logging_strategy="steps", logging_steps=2, disable_tqdm=True),  # PrinterCallback
+        train_dataset=data,
+        strategy=_MaskingStrategy(imp),
+    )
+    trainer.train()
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines() if "'loss'" in line]
+    assert len(printed) == 2
+    for line in printed:
+        assert {k for k in line if k.startswith("softmask/")} == set(SUMMARY)

@@ -331,6 +331,18 @@ def check_process_group(runner: str) -> None:
 
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     joined = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    # accelerate's simple launcher (--cpu, or no --multi_gpu without GPUs) sets MASTER_ADDR when asked for more
+    # than one process, then starts ONE, which would train alone while the user believes it has company.
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        if joined == 1 and not mpi:
+            raise RuntimeError(
+                f"the {runner} runner was started by accelerate's single-process launcher although "
+                "--num_processes > 1 was asked for (accelerate launch with --cpu, or without --multi_gpu on a "
+                "machine without GPUs, starts ONE process). For N gloo processes on a CPU run "
+                "'accelerate launch --multi_gpu --num_processes N ...'; for one process drop --num_processes "
+                "(or unset MASTER_ADDR)"
+            )
     if launched > 1 and joined != launched:
         raise RuntimeError(
             f"the {runner} runner was launched as {launched} processes (WORLD_SIZE={launched}) but they "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ProcessInfo", "end_processes", "full_state_dict", "is_sharded"]
+__all__ = ["ProcessInfo", "describe_processes", "end_processes", "full_state_dict", "is_sharded"]
 
 
 @dataclass
@@ -35,11 +35,29 @@ class ProcessInfo:
             return cls(dist.get_rank(), dist.get_world_size(), state.device, True)
         return cls(state.process_index, state.num_processes, state.device, False)
 
+    def describe(self, sharded: bool = False) -> str:
+        """The runner's first console line: :func:`describe_processes` of this run."""
+        return describe_processes(self.world, self.device, sharded, self.torch_only)
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
+
+
+def describe_processes(world: int, device, sharded: bool = False, torch_only: bool = False) -> str:
+    """How a run trains, e.g. "trains with 2 processes (DDP, gloo process group) on cpu" or "1 process (no process
+    group) on cpu": what the launcher really started, whatever its flags asked for."""
+    import torch.distributed as dist
+
+    where = getattr(device, "type", device)
+    if world <= 1:
+        return f"trains with 1 process (no process group) on {where}"
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "no"
+    kind = "FSDP2" if sharded else "DDP"
+    joined = "torch.distributed without accelerate" if torch_only else "accelerate"
+    return f"trains with {world} processes ({kind}, {backend} process group, joined by {joined}) on {where}"
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

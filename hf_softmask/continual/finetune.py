@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
 from ..assets import check_model_source
+from ..compatibility import fsdp_version
 from ..continual_metrics import summarize
 from ..data import bbc_task_sequence, tokenize_classification
 from ..extras import require
@@ -75,6 +76,7 @@ from .cli import (
     user_errors,
 )
 from .console import Console
+from .distributed import describe_processes
 from .fingerprint import fingerprint
 from .model_loading import load_backbone
 from .strategy_settings import build_strategy, parse_strategy_kwargs, strategy_kwargs_text
@@ -436,6 +438,8 @@ class _FinetuneRun:
         check_process_group("finetuning")
         self.is_main = training_args.process_index == 0
         self.say = Console("continual_finetune", self.is_main)
+        launch = (training_args.world_size, training_args.device, fsdp_version(training_args) is not None)
+        self.say(describe_processes(*launch))  # what the launch gave
         register_architectures(args.register_architecture)
         check_model_source(args.model_name_or_path)
         self.strategy_class = strategy_class(args.strategy)

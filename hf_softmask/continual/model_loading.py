@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,9 @@ from ..assets import load_smollm2, minilm_path, shipped_model
 from ..data import is_masked_lm
 from .checkpointing import publish_dir, stage_dir
 
-__all__ = ["smollm2_checkpoint", "resolve_model_path", "load_model_and_tokenizer", "load_backbone"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["smollm2_checkpoint", "resolve_model_path", "load_model_and_tokenizer", "load_note", "load_backbone"]
 
 
 def cache_dir() -> Path:
@@ -59,18 +62,58 @@ def wants_mlm(path: str, objective: str) -> bool:
     return is_masked_lm(AutoConfig.from_pretrained(path))
 
 
-def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None):
-    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else causal LM."""
+def load_model_and_tokenizer(path: str, objective: str = "auto", tokenizer_path: str | None = None, say=None):
+    """``(model, tokenizer, mlm)``: AutoModelForMaskedLM for encoders (or objective 'mlm'), else causal LM.
+
+    transformers' load report (and its "checkpoint seem corrupted" for an absent tied head bias) is replaced by
+    one line from :func:`load_note`, given to ``say`` (default: logged as a warning).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     mlm = wants_mlm(path, objective)
-    model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(path)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(
+            path, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+    note = load_note(model, info, path)
+    if note is not None:
+        (say or logger.warning)(note)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if mlm != is_masked_lm(model):
         raise ValueError(f"{path}: objective {objective!r} does not fit the loaded {type(model).__name__}")
     return model, tokenizer, mlm
+
+
+def load_note(model, info: dict, path: str) -> str | None:
+    """One line on what ``from_pretrained`` did not load: a fresh LM head (expected for an encoder shipped without
+    its MLM head, which ``--lm_head_warmup_steps`` fits) or, worse, base-model weights left random."""
+    base = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(info.get("missing_keys") or [])
+    body = [k for k in missing if k.startswith(base)]
+    head = [k for k in missing if not k.startswith(base)]
+    unused = sorted(info.get("unexpected_keys") or [])
+    if body:
+        return (
+            f"{path}: {len(body)} weight(s) of the base model are not in the checkpoint and start random "
+            f"({', '.join(body[:4])}{', ...' if len(body) > 4 else ''}); is it the model you meant?"
+        )
+    if not head:
+        return None
+    groups = sorted({k.split(".")[0] + ".*" for k in head})
+    text = (
+        f"{path} has no trained {type(model).__name__} head: {len(head)} tensor(s) ({', '.join(groups)}) start "
+        "freshly initialised; --lm_head_warmup_steps fits them on general text before the first domain"
+    )
+    if unused:
+        text += f" ({len(unused)} checkpoint tensor(s) unused by this class: {', '.join(unused)})"
+    return text
 
 
 def load_backbone(name_or_path: str):

@@ -28,6 +28,7 @@ from transformers import set_seed
 
 from ..assets import check_model_source
 from ..bootstrap import block_losses
+from ..compatibility import fsdp_version
 from ..domain_training import DomainTraining
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
@@ -47,12 +48,12 @@ from .checkpointing import (
 )
 from .cli import check_process_group, register_architectures, user_errors
 from .config import ADDED_SETTINGS, ContinualPretrainingArguments
-from .console import Console
+from .console import Console, summary_line
 from .distributed import ProcessInfo, full_state_dict
 from .domain_data import PretrainingData
 from .evaluation import perplexity
 from .hub_push import HubPusher
-from .lm_head_warmup import fit_lm_head
+from .lm_head_warmup import warm_up_lm_head
 from .model_card import model_card
 from .model_loading import load_model_and_tokenizer, resolve_model_path
 from .pretraining_results import results, write_results
@@ -290,7 +291,6 @@ class ContinualPretrainer:
     def _start(self):
         """Everything that can fail before a file is written: settings, architecture, model, data, strategy."""
         a = self.args
-        check_process_group("pre-training")
         if a.num_threads:
             torch.set_num_threads(a.num_threads)
         register_architectures(a.register_architecture)
@@ -300,7 +300,7 @@ class ContinualPretrainer:
             self.model_path = resolve_model_path(a.model_name_or_path)
         self.proc.barrier()
         self.model_path = resolve_model_path(a.model_name_or_path)
-        model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective)
+        model, tokenizer, mlm = load_model_and_tokenizer(self.model_path, a.objective, say=self.say)
         self.tokenizer = tokenizer
         self.data = PretrainingData(a, tokenizer, mlm)
         strategy = self.make_strategy()
@@ -319,9 +319,8 @@ class ContinualPretrainer:
         warm = []
         self.clock.start()
         if a.lm_head_warmup_steps > 0:
-            self.say(f"LM-head warm-up: {a.lm_head_warmup_steps} steps")
             with self.clock("train"):
-                warm = fit_lm_head(
+                warm, _ = warm_up_lm_head(
                     model,
                     self.data.general_train,
                     self.data.collator,
@@ -329,6 +328,7 @@ class ContinualPretrainer:
                     a.lm_head_warmup_lr,
                     a.per_device_train_batch_size,
                     a.seed,
+                    say=self.say,
                 )
         if strategy.uses_general_importance:
             self.say("general-knowledge importance")
@@ -458,7 +458,9 @@ class ContinualPretrainer:
             self.hub.push_pending(state)
 
     def run(self) -> dict:
+        self.say(self.proc.describe(sharded=fsdp_version(self.args) is not None or self.proc.torch_only))  # the launch
         with user_errors():  # start-up: a ValueError or missing file here is the user's (settings, paths, data)
+            check_process_group("pre-training")
             state = RunState(
                 self.out, self.fingerprint(), overwrite=self.args.overwrite_output_dir, added_settings=ADDED_SETTINGS
             )
@@ -496,7 +498,10 @@ class ContinualPretrainer:
                 f"{last}: cannot load the finished stage ({type(e).__name__}: {e}); "
                 "restore it, or use a new --output_dir"
             ) from e
-        self.say(f"resuming after {last.name}")
+        if len(state.done) == len(self.data.domains):
+            self.say(f"every domain is finished (last: {last.name}); nothing to train, the results are rewritten")
+        else:
+            self.say(f"resuming after {last.name}")
         return model
 
     def _finish(self, state: RunState) -> dict:
@@ -506,6 +511,10 @@ class ContinualPretrainer:
         if totals:
             self.say("wall time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()))
         unpushed = self.hub.check(state) if self.is_main else []
+        if self.is_main:
+            # every domain's Trainer checkpoints went with its published stage: no resume point is left in there
+            shutil.rmtree(self.out / ".trainer", ignore_errors=True)
+            self.say(summary_line(res, self.out))
         self.proc.barrier()
         if unpushed:
             raise RuntimeError(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..callback import merge_log_metrics
+from ..callback import MaskDetailToIntegrations, merge_log_metrics
 from ..clipping import MaskedClipMixin
 from ..compatibility import check_strategy_supported, live_accelerator_state
 from ..io import atomic_save_safetensors, atomic_write_json
@@ -309,6 +309,7 @@ class StrategyTrainer(MaskedClipMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.strategy = strategy or ContinualStrategy()
         self.add_callback(StrategyCallback(self.strategy))
+        MaskDetailToIntegrations.install(self)  # per-layer mask statistics to report_to, a summary to the console
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         extra_kwargs = self.strategy.forward_kwargs(model, inputs)

@@ -1,0 +1,158 @@
+"""The docs stay true to the code: every command README.md and docs/*.md show parses with the parser of the script it
+runs (no training), every module is on docs/architecture.md, and the root modules keep the layering it states."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPT = re.compile(r"^[\w./-]+\.py$")
+#: Scripts the docs name as the reader's own (``accelerate launch ... train.py``), not files of this repository.
+READERS_OWN = {"train.py"}
+ELIDED = {"...", "…"}
+
+
+def _candidates(text: str):
+    """``(line number, text)`` of what may hold a command: a code block's lines (continuations joined), and the
+    inline code spans elsewhere."""
+    lines = text.splitlines()
+    in_code, i = False, 0
+    while i < len(lines):
+        line, start = lines[i], i + 1
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif in_code:
+            # a shell command goes on after a trailing backslash, and inside an open quote
+            while (line.rstrip().endswith("\\") or _open_quote(line)) and i + 1 < len(lines):
+                i += 1
+                if line.rstrip().endswith("\\"):
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                else:
+                    line = line + "\n" + lines[i]
+            yield start, line
+        else:
+            for span in re.findall(r"`([^`]+)`", line):
+                yield start, span
+        i += 1
+
+
+def _open_quote(line: str) -> bool:
+    try:
+        shlex.split(line, comments=True)
+    except ValueError:
+        return True
+    return False
+
+
+def doc_commands() -> list[tuple[str, int, list[str]]]:
+    """Every ``[accelerate launch ...] python scripts/x.py ...`` shown: (page, line, tokens from the launcher or
+    ``python`` on; an elided tail ``...`` dropped)."""
+    found = []
+    for page in PAGES:
+        for number, text in _candidates(page.read_text()):
+            if not re.search(r"(python3?|accelerate launch) [^`]*?\S+\.py\b", text):
+                continue
+            try:
+                tokens = shlex.split(text, comments=True)
+            except ValueError as e:
+                found.append((page.name, number, ["<unparsable>", str(e)]))
+                continue
+            start = next(i for i, t in enumerate(tokens) if t in ("python", "python3", "accelerate"))
+            tokens = tokens[start:]
+            if any(t in ELIDED for t in tokens):
+                tokens = tokens[: next(i for i, t in enumerate(tokens) if t in ELIDED)]
+            found.append((page.name, number, tokens))
+    return found
+
+
+COMMANDS = doc_commands()
+
+
+def _check_launch(launch: list[str], script: str) -> None:
+    """accelerate's own parser takes the launch flags; more than one process on a CPU needs --multi_gpu."""
+    from accelerate.commands.launch import launch_command_parser
+
+    ns = launch_command_parser().parse_args([*launch, script])
+    if (ns.num_processes or 1) > 1 and ns.cpu:
+        raise ValueError("accelerate launch --cpu starts ONE process whatever --num_processes says; use --multi_gpu")
+
+
+def _parse(script: str, args: list[str]) -> None:
+    name = Path(script).stem
+    if name == "continual_pretrain":
+        from hf_softmask.continual import parse_config
+
+        parse_config(args)
+    elif name == "continual_finetune":
+        from hf_softmask.continual.finetune import parse_finetune_config
+
+        parse_finetune_config(args)
+    elif name == "compare_strategies":
+        from transformers import HfArgumentParser
+
+        from hf_softmask.comparison import CompareArguments
+
+        HfArgumentParser(CompareArguments).parse_args_into_dataclasses(args=args)
+
+
+def test_the_docs_show_runner_commands():
+    pages = {page for page, _, _ in COMMANDS}
+    assert {"README.md", "pretraining.md", "finetuning.md"} <= pages, pages
+    assert len(COMMANDS) > 20
+
+
+@pytest.mark.parametrize("page,line,tokens", COMMANDS, ids=[f"{p}:{n}" for p, n, _ in COMMANDS])
+def test_doc_command_parses(page, line, tokens, monkeypatch):
+    """Each command's script exists and its flags parse with that script's parser (argparse errors exit: caught)."""
+    monkeypatch.chdir(ROOT)  # the docs' paths (configs/..., runs/...) are relative to the repository root
+    where = f"docs {page}:{line}: {shlex.join(tokens)}"
+    assert tokens[0] != "<unparsable>", f"{where}: {tokens[1]}"
+    at = next((i for i, t in enumerate(tokens) if SCRIPT.match(t)), None)
+    assert at is not None, f"{where}: no .py file in it"
+    script, args = tokens[at], tokens[at + 1 :]
+    if script in READERS_OWN:
+        return
+    assert (ROOT / script).is_file(), f"{where}: {script} is not in the repository"
+    try:
+        with warnings.catch_warnings():
+            # a flag transformers calls deprecated (--gradient_checkpointing) is not what the docs should teach
+            warnings.simplefilter("error", FutureWarning)
+            if tokens[0] == "accelerate":
+                _check_launch(tokens[2:at], script)
+            _parse(script, args)
+    except SystemExit as e:  # argparse reports an unknown or malformed flag by exiting
+        pytest.fail(f"{where}: the parser refused it (exit {e.code}); see the captured stderr")
+    except Exception as e:
+        pytest.fail(f"{where}: {type(e).__name__}: {e}")
+
+
+def _modules(package: Path) -> list[str]:
+    return sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+
+
+def test_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    for package in (ROOT / "hf_softmask", ROOT / "hf_softmask" / "continual"):
+        missing = [m for m in _modules(package) if f"`{m}.py`" not in page]
+        assert not missing, f"docs/architecture.md does not name {package.name}/{missing}"
+
+
+def test_root_modules_do_not_import_the_runners():
+    """architecture.md: only comparison.py (above continual/) and the package's __init__ import continual/ or
+    strategies/ from the root; the rest are lower layers."""
+    offenders = []
+    for path in (ROOT / "hf_softmask").glob("*.py"):
+        if path.stem in ("__init__", "comparison"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                if node.module.split(".")[0] in ("continual", "strategies", "comparison"):
+                    offenders.append(f"{path.name} imports .{node.module}")
+    assert not offenders, offenders
