@@ -10,17 +10,15 @@ forked and seeded, so it draws nothing from the run's stream): :func:`warm_up_lm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..data import is_masked_lm
+from .result_cache import cache_entry, content_key, publish_entry
 
 __all__ = ["fit_lm_head", "warm_up_lm_head", "warmup_key"]
 
@@ -118,10 +116,6 @@ def _fit(model, dataset, collator, steps: int, lr: float, batch_size: int, seed:
 CACHE_VERSION = 1  # raise when the warm-up's computation changes: older entries are then never read
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _collator_settings(collator) -> dict:
     """The scalar settings of a collator (mlm, mlm_probability, ...) and its tokenizer's identity."""
     out = {k: v for k, v in sorted(vars(collator).items()) if isinstance(v, (bool, int, float, str, type(None)))}
@@ -136,7 +130,6 @@ def warmup_key(model, dataset, collator, steps: int, lr: float, batch_size: int,
     initialisation), the blocks, the collator, the settings, torch's version; None for a sharded model."""
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         return None
-    h = hashlib.sha256()
     settings = {
         "version": CACHE_VERSION,
         "model": type(model).__name__,
@@ -145,18 +138,14 @@ def warmup_key(model, dataset, collator, steps: int, lr: float, batch_size: int,
         "batch_size": batch_size,
         "seed": seed,
         "collator": _collator_settings(collator),
-        "torch": torch.__version__,
         "device": next(model.parameters()).device.type,
     }
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(_tensor_bytes(t))
-    for column in ("input_ids", "attention_mask"):
-        if column in dataset.column_names:
-            h.update(column.encode())
-            h.update(json.dumps([list(row) for row in dataset[column]]).encode())
-    return h.hexdigest()
+    blocks = [
+        (column, torch.tensor(dataset[column]))
+        for column in ("input_ids", "attention_mask")
+        if column in dataset.column_names
+    ]
+    return content_key(settings, [*sorted(model.state_dict().items()), *blocks])
 
 
 def warm_up_lm_head(
@@ -168,15 +157,12 @@ def warm_up_lm_head(
     so a reader never sees half of one). ``say`` gets one line on what happened."""
     from safetensors.torch import load_file, save_file
 
-    from .checkpointing import publish_dir, stage_dir
-    from .model_loading import cache_dir
-
     say = say or (lambda message: None)
     key = warmup_key(model, dataset, collator, steps, lr, batch_size, seed)
     if key is None:
         say(f"LM-head warm-up: {steps} steps (a sharded model is not cached)")
         return fit_lm_head(model, dataset, collator, steps, lr, batch_size, seed), None
-    entry = cache_dir() / "lm_head_warmup" / key[:32]
+    entry = cache_entry("lm_head_warmup", key)
     head = head_parameters(model)
     if (entry / "head.safetensors").is_file():
         saved = load_file(str(entry / "head.safetensors"))
@@ -192,14 +178,10 @@ def warm_up_lm_head(
     losses = fit_lm_head(model, dataset, collator, steps, lr, batch_size, seed)
     if not losses:
         return losses, None
-    try:
-        staging = stage_dir(entry.parent, f"{entry.name}.{os.getpid()}")
+
+    def write(staging: Path) -> None:
         save_file({n: p.detach().cpu().contiguous() for n, p in head.items()}, str(staging / "head.safetensors"))
         (staging / "losses.json").write_text(json.dumps(losses))
-        if not (entry / "head.safetensors").is_file():
-            publish_dir(staging, entry)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError as e:  # a cache that cannot be written costs the next run the warm-up, nothing else
-        logger.warning("LM-head warm-up not cached in %s (%s)", entry, e)
+
+    publish_entry(entry, write)
     return losses, entry
