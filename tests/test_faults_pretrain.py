@@ -216,7 +216,7 @@ def test_directory_of_another_run_is_refused_unless_overwrite(tiny_mlm_dir, tmp_
     [
         ({"domains": "business,nowhere=/does/not/exist"}, "--domains.*no text files found at '/does/not/exist'"),
         ({"model_name_or_path": "/no/such/model"}, "--model_name_or_path /no/such/model: no such directory"),
-        ({"model_name_or_path": "someone/model"}, "the Hub is offline"),
+        ({"model_name_or_path": "someone/model"}, "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE"),
         ({"strategy": "nope"}, "nope"),
         ({"strategy_kwargs": "{not json"}, "--strategy_kwargs must be a JSON object"),
         ({"register_architecture": "no_such_module:register"}, "--register_architecture"),
