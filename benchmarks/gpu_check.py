@@ -333,8 +333,8 @@ def cell_das_smollm2(opts, out: str) -> str:
         out,
         opts.device == "cpu",
         bf16=True,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=True,  # transformers' name for gradient checkpointing since 5.x
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_steps=4,
         learning_rate=1e-4,
     )

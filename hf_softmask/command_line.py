@@ -15,7 +15,6 @@ the same functions.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,14 +25,12 @@ __all__ = ["COMMANDS", "main", "pretrain", "finetune", "compare", "assets"]
 
 
 def pretrain(argv: list[str] | None = None) -> int:
-    """Continual pre-training over a domain sequence (DAS by default); prints the summary on the main process."""
+    """Continual pre-training over a domain sequence (DAS by default); the runner's last line gives the summary and
+    where the results are."""
     from .continual import end_processes, parse_config, run_continual_pretraining
 
     args = parse_config(argv)
-    result = run_continual_pretraining(args)
-    keys = ("in_domain_loss", "forgetting", "bwt", "general_loss_increase")
-    if result and "runs" not in result and int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+    run_continual_pretraining(args)
     end_processes()
     return 0
 

@@ -113,7 +113,7 @@ class CompareArguments:
         default=None,
         metadata={
             "help": "JSON object of ContinualPretrainingArguments fields applied on top "
-            "(e.g. '{\"max_steps_per_domain\": 20}')."
+            "(e.g. '{\"max_steps\": 20}')."
         },
     )
     finetune_overrides: str | None = field(

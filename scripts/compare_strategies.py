@@ -5,7 +5,7 @@
     python scripts/compare_strategies.py --output_dir runs/compare
     python scripts/compare_strategies.py --output_dir /tmp/cmp --quick --strategies ncl,hat,talos
     python scripts/compare_strategies.py --output_dir runs/cmp --settings pretrain \\
-        --pretrain_overrides '{"max_steps_per_domain": 20}'
+        --pretrain_overrides '{"max_steps": 20}'
 
 Writes DIR/comparison.json (one record per strategy and setting) and DIR/comparison.md; each run's own files are
 under DIR/<setting>/<strategy>/. Every field of hf_softmask.comparison.CompareArguments is a flag.

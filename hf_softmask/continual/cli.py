@@ -267,7 +267,9 @@ def refuse_unsupported_trainer_flags(args, runner: str) -> None:
         raise ValueError(
             f"--deepspeed: the {runner} runner does not support DeepSpeed (its optimizer steps flat fp32 "
             "partitions the soft masks cannot follow); use FSDP2 for sharded training "
-            "(accelerate launch --config_file configs/accelerate/fsdp.yaml, or --fsdp), or DDP"
+            "(accelerate launch --config_file <the shipped configs/accelerate/fsdp.yaml: "
+            "python -c 'from hf_softmask.package_data import config_file; print(config_file(\"accelerate/fsdp\"))'>, "
+            "or --fsdp), or DDP"
         )
     if _is_set(args.resume_from_checkpoint):
         raise ValueError(f"--resume_from_checkpoint: {RESUME_HINT}")
