@@ -118,7 +118,8 @@ class SoftMaskCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # refused cells of docs/compatibility.md, with the precision and FSDP version the accelerator uses
         check_supported("SoftMaskCallback", args, model, live_accelerator_state())
-        if state.global_step > 0 and not self._resume_checked:  # resumed: the state came from a checkpoint
+        # resumed: the state came from a checkpoint (args and state are None when a custom loop drives the callback)
+        if state is not None and state.global_step > 0 and not self._resume_checked:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if checkpoint.is_dir():
                 self.check_resume(checkpoint)
@@ -133,7 +134,8 @@ class SoftMaskCallback(TrainerCallback):
         if self.masker is not None:
             self.masker.detach()
         self.masker = SoftMasker(model, self.importance, self.config).attach(optimizer)
-        if self.config.mode == "update" and (args.max_grad_norm or 0) > 0 and not clips_masked(optimizer):
+        clip = getattr(args, "max_grad_norm", 0) or 0
+        if self.config.mode == "update" and clip > 0 and not clips_masked(optimizer):
             warnings.warn(
                 "SoftMaskCallback in update mode on a Trainer without MaskedClipMixin: "
                 f"max_grad_norm={args.max_grad_norm} clips by the norm of the unmasked gradients, "
