@@ -112,8 +112,7 @@ class CompareArguments:
     pretrain_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "JSON object of ContinualPretrainingArguments fields applied on top "
-            "(e.g. '{\"max_steps\": 20}')."
+            "help": "JSON object of ContinualPretrainingArguments fields applied on top (e.g. '{\"max_steps\": 20}')."
         },
     )
     finetune_overrides: str | None = field(

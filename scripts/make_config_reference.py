@@ -116,5 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return generated_page_main(PAGE, render, "scripts/make_config_reference.py", __doc__, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,7 +116,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_commands(tmp_path, tiny_mlm_di
     one = _run([python, "-m", "hf_softmask", "pretrain", *flags], work, online)
     results = json.loads((work / "one" / "results.json").read_text())
     assert results["domains"] == ["markets", "football"]
-    assert results["forgetting"] is not None and 'done: in-domain loss' in one.stdout
+    assert results["forgetting"] is not None and "done: in-domain loss" in one.stdout
 
     # accelerate launch -m hf_softmask: two gloo processes in one group (the runner refuses a launch whose
     # processes did not join), each on half of every global batch: the same 2 steps cover twice the epoch.
@@ -124,7 +124,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_commands(tmp_path, tiny_mlm_di
     flags = tiny_runner_flags(tiny_mlm_dir, work / "two", domains=domains, max_steps=2, save_steps=2, logging_steps=1)
     two = _run([*launch, "-m", "hf_softmask", "pretrain", *flags], work, _clean_env(HF_HUB_OFFLINE="1"), timeout=500)
     assert json.loads((work / "two" / "results.json").read_text())["domains"] == ["markets", "football"]
-    assert two.stdout.count('done: in-domain loss') == 1  # the summary line from the main process only
+    assert two.stdout.count("done: in-domain loss") == 1  # the summary line from the main process only
     epoch = [float(re.findall(r"'epoch': '([0-9.]+)'", run.stdout)[0]) for run in (one, two)]
     assert epoch[1] == pytest.approx(2 * epoch[0]), epoch
 

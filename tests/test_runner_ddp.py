@@ -60,4 +60,4 @@ def test_logged_loss_and_results_do_not_depend_on_world_size(tmp_path, minilm_di
     # apart here); before the fix the Trainer multiplied it by the world size: 20.6 instead of 10.3.
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-3)
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-3)
-    assert two.stdout.count("domain 1/1: business") == 1 and two.stdout.count('done: in-domain loss') == 1
+    assert two.stdout.count("domain 1/1: business") == 1 and two.stdout.count("done: in-domain loss") == 1
