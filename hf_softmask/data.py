@@ -206,7 +206,8 @@ def _texts_from_hf(source, config: str | None, split: str, text_column: str | No
         text_column = "text"
     if text_column not in ds.column_names:
         raise ValueError(f"text_column {text_column!r} not in dataset columns {ds.column_names}")
-    return [f"row{i}" for i, t in enumerate(ds[text_column]) if t], [t for t in ds[text_column] if t]
+    kept = [(f"row{i}", t) for i, t in enumerate(ds[text_column]) if t]  # the column read once
+    return [name for name, _ in kept], [t for _, t in kept]
 
 
 def load_domains(

@@ -27,6 +27,7 @@ from .cli import (
 )
 from .das_arguments import DASArguments
 from .fingerprint import fingerprint
+from .frontier import row_name
 from .renames import RENAMED, renamed
 from .strategy_settings import strategy_kwargs_text
 
@@ -438,13 +439,16 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
         entries = {e["name"]: e for e in self.runs}
         frontier_lrs = entries.get("ncl", {}).get("learning_rates", [])
         if self.primary_comparison:
-            name, _, lr = self.primary_comparison.partition("@")
+            try:
+                name, lr = row_name(self.primary_comparison)
+            except ValueError as e:
+                raise ValueError(f"--primary_comparison {e}") from None
             if name not in entries or name == "ncl":
                 raise ValueError(
                     f"--primary_comparison {self.primary_comparison!r}: names no runs entry other than the frontier "
                     f"(entries: {sorted(entries)})"
                 )
-            if lr and not any(math.isclose(float(lr.removeprefix("lr")), x) for x in entries[name]["learning_rates"]):
+            if lr is not None and not any(math.isclose(lr, x) for x in entries[name]["learning_rates"]):
                 raise ValueError(
                     f"--primary_comparison {self.primary_comparison!r}: {name} runs at "
                     f"{entries[name]['learning_rates']}"

@@ -151,15 +151,21 @@ def _label(record: dict) -> str:
     return f"{record['strategy']}@lr{record['lr']:g}"
 
 
-def _matches(record: dict, name: str) -> bool:
-    """``name`` is a row label (``das@lr0.0001``), ``name@lr`` in any float spelling, or a runs entry name."""
-    if "@" not in name:
-        return record["strategy"] == name
-    label, _, lr = name.partition("@")
+def row_name(name: str) -> tuple[str, float | None]:
+    """``"das@lr0.0001"`` / ``"das@1e-4"`` -> ``("das", 0.0001)``; a runs entry name alone -> ``(name, None)``."""
+    label, at, lr = name.partition("@")
+    if not at:
+        return label, None
     try:
-        return record["strategy"] == label and math.isclose(float(lr.removeprefix("lr")), record["lr"], rel_tol=1e-9)
+        return label, float(lr.removeprefix("lr"))
     except ValueError:
-        return False
+        raise ValueError(f"{name!r}: expected a runs entry name or name@learning_rate (e.g. das@1e-4)") from None
+
+
+def _matches(record: dict, name: str) -> bool:
+    """``name`` (:func:`row_name`) names the record's row, or its runs entry when it gives no learning rate."""
+    label, lr = row_name(name)
+    return record["strategy"] == label and (lr is None or math.isclose(lr, record["lr"], rel_tol=1e-9))
 
 
 def add_intervals(

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import is_masked_lm
+from .distributed import is_sharded
 from .result_cache import cache_entry, content_key, publish_entry
 
 __all__ = ["fit_lm_head", "warm_up_lm_head", "warmup_key"]
@@ -128,7 +129,7 @@ def _collator_settings(collator) -> dict:
 def warmup_key(model, dataset, collator, steps: int, lr: float, batch_size: int, seed: int) -> str | None:
     """sha256 of what determines the warm-up: the loaded weights (checkpoint files and the fresh head's
     initialisation), the blocks, the collator, the settings, torch's version; None for a sharded model."""
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if is_sharded(model):
         return None
     settings = {
         "version": CACHE_VERSION,

@@ -49,7 +49,7 @@ from .checkpointing import (
 from .cli import check_process_group, register_architectures, user_errors
 from .config import ADDED_SETTINGS, ContinualPretrainingArguments
 from .console import Console, summary_line
-from .distributed import ProcessInfo, full_state_dict
+from .distributed import ProcessInfo, full_state_dict, is_sharded
 from .domain_data import PretrainingData
 from .evaluation import perplexity
 from .hub_push import HubPusher
@@ -148,7 +148,7 @@ class ContinualPretrainer:
         """:meth:`_eval_row` before training, read from the cache when another run already evaluated the same
         weights, strategy state and evaluation batches (every rate and seed of a plain-training grid shares it)."""
         key = None
-        if not any(hasattr(p, "full_tensor") for p in model.parameters()):  # a sharded model is not keyed
+        if not is_sharded(model):  # a sharded model is not keyed
             batches = [
                 (f"{ev.name}/{i}/{k}", v)
                 for ev in [*self.data.eval, self.data.general_eval]
