@@ -8,6 +8,7 @@ throughput ratio. Also times the evaluation alone at two evaluation batch sizes.
 
     python benchmarks/bench_study_cost.py [--strategy das] [--lr 1.4142e-4] [--max_steps 16]
     python benchmarks/bench_study_cost.py --quick     # only the threads question, on the bare work (~2 min)
+    python benchmarks/bench_study_cost.py --eval_batching   # only the evaluation at batch 8 vs 32
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip_eval_batching", action="store_true")
     p.add_argument("--quick", action="store_true", help="only the 2x1-thread vs 1x2-thread throughput of the work")
     p.add_argument("--steps", type=int, default=8, help="train steps of --quick")
+    p.add_argument("--eval_batching", action="store_true", help="only the evaluation at batch 8 vs 32")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker is not None:
@@ -149,6 +151,9 @@ def main(argv=None) -> None:
         return
     if a.quick:
         quick(a.steps)
+        return
+    if a.eval_batching:
+        _print_eval_batching()
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -169,10 +174,16 @@ def main(argv=None) -> None:
         f"(ratio {2 * t_alone / t_pair:.2f}x)"
     )
     if not a.skip_eval_batching:
-        ev = _eval_seconds([8, 32])
-        print(
-            "evaluation of the held-out sets, 2 threads: " + ", ".join(f"batch {k}: {v:.1f} s" for k, v in ev.items())
-        )
+        _print_eval_batching()
+
+
+def _print_eval_batching() -> None:
+    ev = _eval_seconds([8, 32])
+    print(
+        "evaluation of the held-out sets, 2 threads: "
+        + ", ".join(f"batch {k}: {v:.1f} s" for k, v in ev.items())
+        + f" (batch 8 / batch 32: {ev[8] / ev[32]:.2f}x)"
+    )
 
 
 if __name__ == "__main__":
