@@ -19,11 +19,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .callback import SoftMaskCallback
     from .comparison import CompareArguments, run_comparison
     from .continual import ContinualPretrainingArguments, run_continual_pretraining
-    from .continual.finetune import (
-        ContinualFinetuneArguments,
-        ContinualFinetuneTrainingArguments,
-        run_continual_finetune,
-    )
+    from .continual.finetuning import ContinualFinetuningArguments, run_continual_finetuning
     from .contrastive import das_contrastive_loss
     from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
     from .fisher import fisher_diagonal
@@ -126,6 +122,9 @@ _LAZY = {
     "das_contrastive_loss": "contrastive",
     "ContinualPretrainingArguments": "continual",
     "run_continual_pretraining": "continual",
+    "ContinualFinetuningArguments": "continual.finetuning",
+    "run_continual_finetuning": "continual.finetuning",
+    # deprecated (one release): the finetuning runner's two argument classes are one now
     "ContinualFinetuneArguments": "continual.finetune",
     "ContinualFinetuneTrainingArguments": "continual.finetune",
     "run_continual_finetune": "continual.finetune",

@@ -38,11 +38,11 @@ def pretrain(argv: list[str] | None = None) -> int:
 def finetune(argv: list[str] | None = None) -> int:
     """Continual finetuning on a task sequence with one strategy; prints the summary on the main process."""
     from .continual import end_processes
-    from .continual.finetune import parse_finetune_config, run_continual_finetune
+    from .continual.finetuning import parse_finetuning_config, run_continual_finetuning
 
-    args, training_args = parse_finetune_config(argv)
-    results = run_continual_finetune(args, training_args)
-    if training_args.process_index == 0:
+    args = parse_finetuning_config(argv)
+    results = run_continual_finetuning(args)
+    if args.process_index == 0:
         print({k: results[k] for k in ("acc", "bwt", "fwt", "forgetting")})
     end_processes()
     return 0

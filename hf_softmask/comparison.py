@@ -1,7 +1,7 @@
 """Every strategy on the same sequences: continual pre-training and continual finetuning, one table.
 
 For each strategy and each setting it declares (``settings``), the setting's runner is called with the same
-data, model and budget (:mod:`hf_softmask.continual.pretrain`, :mod:`hf_softmask.continual.finetune`); the
+data, model and budget (:mod:`hf_softmask.continual.pretrain`, :mod:`hf_softmask.continual.finetuning`); the
 record keeps the final score (mean held-out loss / perplexity, or accuracy), BWT, forgetting, wall time and
 peak memory. Plain sequential training is also run over a learning-rate grid in both settings (``ncl`` in
 pre-training, ``ft`` in finetuning): every other run is placed against that frontier (beyond / on / behind /
@@ -262,7 +262,7 @@ QUICK_FINETUNE = dict(
     max_length=32,
     num_train_epochs=1,
     per_device_train_batch_size=4,
-    eval_batch_size=8,
+    per_device_eval_batch_size=8,
     logging_steps=1000,
 )
 QUICK_STRATEGY = {
@@ -305,26 +305,17 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
 
 
 def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from .continual.finetune import (
-        ContinualFinetuneArguments,
-        ContinualFinetuneTrainingArguments,
-        run_continual_finetune,
-    )
+    from .continual.finetuning import ContinualFinetuningArguments, run_continual_finetuning
 
-    a_fields = {f.name for f in fields(ContinualFinetuneArguments)}
-    t_fields = {f.name for f in fields(ContinualFinetuneTrainingArguments)}
-    unknown = sorted(set(base) - a_fields - t_fields)
+    unknown = sorted(set(base) - {f.name for f in fields(ContinualFinetuningArguments)})
     if unknown:
-        raise ValueError(f"unknown finetuning argument(s) {unknown}")
-    a = {k: v for k, v in base.items() if k in a_fields}
-    t = {k: v for k, v in base.items() if k in t_fields and k not in a_fields}
-    a.update(strategy=name, strategy_kwargs=json.dumps(kwargs) if kwargs else None)
-    t.setdefault("learning_rate", FINETUNE_LR.get(name, FINETUNE_WEIGHT_LR))
+        raise ValueError(f"unknown ContinualFinetuningArguments field(s) {unknown}")
+    values = {**base, "strategy": name, "strategy_kwargs": json.dumps(kwargs) if kwargs else None}
+    values.setdefault("learning_rate", FINETUNE_LR.get(name, FINETUNE_WEIGHT_LR))
     if lr is not None:
-        t["learning_rate"] = lr
-    t.update(output_dir=str(out), report_to="none")
-    targs = ContinualFinetuneTrainingArguments(**t)
-    return run_continual_finetune(ContinualFinetuneArguments(**a), targs), targs.learning_rate
+        values["learning_rate"] = lr
+    args = ContinualFinetuningArguments(**{**values, "output_dir": str(out), "report_to": "none"})
+    return run_continual_finetuning(args), args.learning_rate
 
 
 def _record(
@@ -481,14 +472,10 @@ def _renamed(values: dict, setting: str) -> dict:
     from .continual.renames import renamed
 
     if setting == "pretrain":
-        from .continual.config import ContinualPretrainingArguments
-
-        types = (ContinualPretrainingArguments,)
+        from .continual.config import ContinualPretrainingArguments as runner_args
     else:
-        from .continual.finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
-
-        types = (ContinualFinetuneArguments, ContinualFinetuneTrainingArguments)
-    return renamed(values, {f.name for t in types for f in fields(t)})
+        from .continual.finetuning import ContinualFinetuningArguments as runner_args
+    return renamed(values, {f.name for f in fields(runner_args)})
 
 
 def _frontier_runs(

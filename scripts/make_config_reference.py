@@ -24,10 +24,9 @@ CONFIGS: list[tuple[str, str]] = [
         "Pre-training runner (`ContinualPretrainingArguments`)",
         "hf_softmask.continual.config:ContinualPretrainingArguments",
     ),
-    ("Finetuning runner (`ContinualFinetuneArguments`)", "hf_softmask.continual.finetune:ContinualFinetuneArguments"),
     (
-        "Finetuning runner, training (`ContinualFinetuneTrainingArguments`)",
-        "hf_softmask.continual.finetune:ContinualFinetuneTrainingArguments",
+        "Finetuning runner (`ContinualFinetuningArguments`)",
+        "hf_softmask.continual.finetuning:ContinualFinetuningArguments",
     ),
     ("`compare_strategies.py` (`CompareArguments`)", "hf_softmask.comparison:CompareArguments"),
     ("TSS / WSN adapter (`SubnetworkConfig`)", "hf_softmask.tss.config:SubnetworkConfig"),

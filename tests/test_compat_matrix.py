@@ -28,7 +28,7 @@ from hf_softmask import (
     UnitLayout,
 )
 from hf_softmask.compatibility import MATRIX, UnsupportedSettingError
-from hf_softmask.continual.finetune import build_optimizer
+from hf_softmask.continual.finetuning import build_optimizer
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.cbp import CBPStrategy
 from hf_softmask.strategies.das import DASStrategy

@@ -162,7 +162,7 @@ def _trainers(row: str, args, col: str):
         UnitImportance,
         UnitLayout,
     )
-    from hf_softmask.continual.finetune import build_optimizer
+    from hf_softmask.continual.finetuning import build_optimizer
     from hf_softmask.strategies import StrategyTrainer, get_strategy
     from hf_softmask.strategies.cbp import CBPStrategy
     from hf_softmask.strategies.das import DASStrategy

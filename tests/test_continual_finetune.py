@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from hf_softmask.continual.finetune import (
-    ContinualFinetuneArguments,
-    ContinualFinetuneTrainingArguments,
-    parse_finetune_config,
-    run_continual_finetune,
+from hf_softmask.continual.finetuning import (
+    ContinualFinetuningArguments,
+    parse_finetuning_config,
+    run_continual_finetuning,
 )
 from tests.testing_utils import one_thread
 
@@ -20,17 +19,15 @@ RESULT_KEYS = {"tasks", "accuracy_matrix", "f1_matrix", "acc", "bwt", "fwt", "fo
 
 
 def run(tiny_bert_dir, out, strategy, **kw):
-    args = ContinualFinetuneArguments(
+    args = ContinualFinetuningArguments(
         model_name_or_path=str(tiny_bert_dir),
         strategy=strategy,
         tasks=["business,entertainment", "politics,sports,tech"],
         max_train_per_class=6,
         max_test_per_class=4,
         max_length=32,
-        eval_batch_size=16,
+        per_device_eval_batch_size=16,
         **kw,
-    )
-    targs = ContinualFinetuneTrainingArguments(
         output_dir=str(out),
         num_train_epochs=1,
         per_device_train_batch_size=6,
@@ -38,7 +35,7 @@ def run(tiny_bert_dir, out, strategy, **kw):
         use_cpu=True,
         seed=0,
     )
-    return run_continual_finetune(args, targs)
+    return run_continual_finetuning(args)
 
 
 def _check_results_files(out, results):
@@ -88,16 +85,52 @@ def test_config_yaml_then_flags(tmp_path):
         'strategy: wsn\nstrategy_kwargs: {keep_ratio: 0.3}\ntasks: ["business,tech", "sports,politics"]\n'
         "learning_rate: 1.0e-4\noutput_dir: %s\n" % (tmp_path / "o")
     )
-    args, targs = parse_finetune_config(["--config", str(cfg), "--learning_rate", "3e-4", "--max_length", "48"])
+    args = parse_finetuning_config(["--config", str(cfg), "--learning_rate", "3e-4", "--max_length", "48"])
     assert args.strategy == "wsn" and args.strategy_settings() == {"keep_ratio": 0.3}
     assert args.task_topics() == [["business", "tech"], ["sports", "politics"]]
-    assert targs.learning_rate == 3e-4 and args.max_length == 48
+    assert args.learning_rate == 3e-4 and args.max_length == 48
     bad = tmp_path / "bad.yaml"
     bad.write_text("stratgy: tss\n")
     with pytest.raises(ValueError, match="unknown field"):
-        parse_finetune_config(["--config", str(bad)])
+        parse_finetuning_config(["--config", str(bad)])
 
 
 def test_bad_strategy_kwargs_are_reported():
     with pytest.raises(ValueError, match="JSON object"):
-        ContinualFinetuneArguments(strategy_kwargs="[1, 2]").strategy_settings()
+        ContinualFinetuningArguments(strategy_kwargs="[1, 2]").strategy_settings()
+
+
+def test_one_arguments_class_and_the_old_names(tmp_path):
+    """Finetuning has one TrainingArguments subclass like pre-training; its old names still work for one release."""
+    from transformers import TrainingArguments
+
+    args = parse_finetuning_config(["--output_dir", str(tmp_path), "--per_device_eval_batch_size", "5"])
+    assert isinstance(args, TrainingArguments) and args.per_device_eval_batch_size == 5
+    with pytest.warns(FutureWarning, match="--eval_batch_size .* old name of --per_device_eval_batch_size"):
+        assert (
+            parse_finetuning_config(
+                ["--output_dir", str(tmp_path), "--eval_batch_size", "7"]
+            ).per_device_eval_batch_size
+            == 7
+        )
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("eval_batch_size: 9\n")
+    with pytest.warns(FutureWarning, match="eval_batch_size"):
+        assert (
+            parse_finetuning_config(["--config", str(cfg), "--output_dir", str(tmp_path)]).per_device_eval_batch_size
+            == 9
+        )
+
+    import hf_softmask
+    from hf_softmask.continual import finetune as old
+
+    for name in ("ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments"):
+        with pytest.warns(FutureWarning, match="ContinualFinetuningArguments"):
+            assert getattr(old, name) is ContinualFinetuningArguments
+    with pytest.warns(FutureWarning):
+        assert hf_softmask.ContinualFinetuneTrainingArguments is ContinualFinetuningArguments
+    with pytest.warns(FutureWarning, match="parse_finetuning_config"):
+        a, b = old.parse_finetune_config(["--output_dir", str(tmp_path)])
+    assert a is b
+    with pytest.raises(TypeError, match="one ContinualFinetuningArguments"), pytest.warns(FutureWarning):
+        old.run_continual_finetune(a, ContinualFinetuningArguments(output_dir=str(tmp_path)))

@@ -91,9 +91,9 @@ def _parse(script: str, args: list[str]) -> None:
 
         parse_config(args)
     elif name == "continual_finetune":
-        from hf_softmask.continual.finetune import parse_finetune_config
+        from hf_softmask.continual.finetuning import parse_finetuning_config
 
-        parse_finetune_config(args)
+        parse_finetuning_config(args)
     elif name == "compare_strategies":
         from transformers import HfArgumentParser
 

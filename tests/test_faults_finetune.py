@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
-from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
+from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
 from hf_softmask.task_heads import MultiTaskClassifier
 
 
@@ -19,7 +19,7 @@ class Killed(BaseException):
 
 
 def _parse(model_dir, out, strategy="ft", *extra):
-    return parse_finetune_config(
+    return parse_finetuning_config(
         [
             "--model_name_or_path",
             str(model_dir),
@@ -35,7 +35,7 @@ def _parse(model_dir, out, strategy="ft", *extra):
             "4",
             "--max_length",
             "32",
-            "--eval_batch_size",
+            "--per_device_eval_batch_size",
             "8",
             "--num_train_epochs",
             "1",
@@ -65,13 +65,13 @@ def _kill_at(event, task):
 @pytest.mark.parametrize("event", ["evaluated", "published", "state_saved"])
 def test_killed_sequence_resumes_after_the_last_finished_task(tiny_bert_dir, tmp_path, strategy, event):
     """The runner used to have no per-task checkpoint: a killed sequence started over."""
-    ref = run_continual_finetune(*_parse(tiny_bert_dir, tmp_path / "ref", strategy))
+    ref = run_continual_finetuning(_parse(tiny_bert_dir, tmp_path / "ref", strategy))
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_continual_finetune(*_parse(tiny_bert_dir, out, strategy), events=_kill_at(event, "2_politics_vs_sports"))
+        run_continual_finetuning(_parse(tiny_bert_dir, out, strategy), events=_kill_at(event, "2_politics_vs_sports"))
     state = json.loads((out / "state.json").read_text())
     done_before = [d["task"] for d in state["domains"]]
-    res = run_continual_finetune(*_parse(tiny_bert_dir, out, strategy))
+    res = run_continual_finetuning(_parse(tiny_bert_dir, out, strategy))
     assert res["accuracy_matrix"] == ref["accuracy_matrix"] and res["f1_matrix"] == ref["f1_matrix"]
     state = json.loads((out / "state.json").read_text())
     assert [d["task"] for d in state["domains"]] == ref["tasks"]
@@ -105,13 +105,13 @@ def test_killed_inside_a_task_resumes_with_the_checkpoints_strategy_state(tiny_b
     extra = ["--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2"]
     if strategy == "cbp":
         extra += ["--strategy_kwargs", '{"maturity_threshold": 1, "replacement_rate": 0.2}']
-    ref = run_continual_finetune(*_parse(tiny_bert_dir, tmp_path / "ref", strategy, *extra))
+    ref = run_continual_finetuning(_parse(tiny_bert_dir, tmp_path / "ref", strategy, *extra))
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_continual_finetune(
-            *_parse(tiny_bert_dir, out, strategy, *extra), callbacks=[KillAfterSave("2_politics_vs_sports", 2)]
+        run_continual_finetuning(
+            _parse(tiny_bert_dir, out, strategy, *extra), callbacks=[KillAfterSave("2_politics_vs_sports", 2)]
         )
-    res = run_continual_finetune(*_parse(tiny_bert_dir, out, strategy, *extra))
+    res = run_continual_finetuning(_parse(tiny_bert_dir, out, strategy, *extra))
     state = json.loads((out / "state.json").read_text())
     assert state["domains"][1]["resumed_from"] == "checkpoint-2"
     assert res["accuracy_matrix"] == ref["accuracy_matrix"]
@@ -124,12 +124,12 @@ def test_killed_inside_a_task_resumes_with_the_checkpoints_strategy_state(tiny_b
 def test_finetuning_owns_its_directory(tiny_bert_dir, tmp_path):
     """A second run with other settings, or a pre-training directory, used to be overwritten silently."""
     out = tmp_path / "run"
-    args, targs = _parse(tiny_bert_dir, out, "ft", "--max_steps", "1")
-    run_continual_finetune(args, targs)
+    args = _parse(tiny_bert_dir, out, "ft", "--max_steps", "1")
+    run_continual_finetuning(args)
     with pytest.raises(RunMismatchError, match="other settings.*learning_rate"):
-        run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4"))
-    run_continual_finetune(
-        *_parse(
+        run_continual_finetuning(_parse(tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4"))
+    run_continual_finetuning(
+        _parse(
             tiny_bert_dir, out, "ft", "--max_steps", "1", "--learning_rate", "5e-4", "--overwrite_output_dir", "true"
         )
     )
@@ -139,17 +139,17 @@ def test_finetuning_owns_its_directory(tiny_bert_dir, tmp_path):
 def test_corrupted_task_checkpoint_names_the_file(tiny_bert_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_continual_finetune(
-            *_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"),
+        run_continual_finetuning(
+            _parse(tiny_bert_dir, out, "ft", "--max_steps", "1"),
             events=_kill_at("state_saved", "1_business_vs_entertainment"),
         )
     f = out / "1_business_vs_entertainment" / "model_state.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(DamagedRunError, match="model_state.safetensors is damaged.*--overwrite_output_dir"):
-        run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"))
+        run_continual_finetuning(_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"))
     (out / "state.json").write_text('{"fingerprint": ')
     with pytest.raises(DamagedRunError, match="state.json is damaged"):
-        run_continual_finetune(*_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"))
+        run_continual_finetuning(_parse(tiny_bert_dir, out, "ft", "--max_steps", "1"))
 
 
 @pytest.mark.parametrize(
@@ -163,12 +163,12 @@ def test_corrupted_task_checkpoint_names_the_file(tiny_bert_dir, tmp_path):
 )
 def test_bad_settings_refused_before_anything_is_written(tiny_bert_dir, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
-        run_continual_finetune(*_parse(tiny_bert_dir, tmp_path / "run", "ft", *extra))
+        run_continual_finetuning(_parse(tiny_bert_dir, tmp_path / "run", "ft", *extra))
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_model_path_is_named(tmp_path):
-    args, targs = _parse(Path("/no/such/dir"), tmp_path / "run")
+    args = _parse(Path("/no/such/dir"), tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="--model_name_or_path /no/such/dir: no such directory"):
-        run_continual_finetune(args, targs)
+        run_continual_finetuning(args)
     assert not (tmp_path / "run").exists()

@@ -193,9 +193,9 @@ def test_directory_of_another_run_is_refused_unless_overwrite(tiny_mlm_dir, tmp_
     ContinualPretrainer(_args(tiny_mlm_dir, out, max_steps=1, overwrite_output_dir="true")).run()
     assert json.loads((out / "state.json").read_text())["fingerprint"]["runner"] == "continual_pretrain"
     # the finetuning runner refuses this pre-training directory
-    from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
+    from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
 
-    args, targs = parse_finetune_config(
+    args = parse_finetuning_config(
         [
             "--model_name_or_path",
             str(tiny_mlm_dir),
@@ -208,7 +208,7 @@ def test_directory_of_another_run_is_refused_unless_overwrite(tiny_mlm_dir, tmp_
         ]
     )
     with pytest.raises(RunMismatchError, match="holds a continual_pretrain run"):
-        run_continual_finetune(args, targs)
+        run_continual_finetuning(args)
 
 
 @pytest.mark.parametrize(

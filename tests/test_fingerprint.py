@@ -14,12 +14,7 @@ from hf_softmask.continual import fingerprint as fingerprint_module
 from hf_softmask.continual import parse_config, run_continual_pretraining
 from hf_softmask.continual.checkpointing import RunMismatchError
 from hf_softmask.continual.config import ContinualPretrainingArguments
-from hf_softmask.continual.finetune import (
-    ContinualFinetuneArguments,
-    ContinualFinetuneTrainingArguments,
-    _fingerprint,
-    parse_finetune_config,
-)
+from hf_softmask.continual.finetuning import ContinualFinetuningArguments, parse_finetuning_config
 from hf_softmask.continual.fingerprint import TRAINER_FIELDS
 from tests.testing_utils import tiny_runner_flags
 
@@ -33,21 +28,21 @@ class _NextTrainingArguments(TrainingArguments):
 
 def test_a_new_trainer_field_changes_no_fingerprint(tmp_path, monkeypatch):
     before = ContinualPretrainingArguments(output_dir=str(tmp_path), plots=False).fingerprint()
-    ft_before = _fingerprint(ContinualFinetuneArguments(plots=False), ContinualFinetuneTrainingArguments())
+    ft_before = ContinualFinetuningArguments(plots=False).fingerprint()
 
     @dataclass
     class NextPretrainingArguments(ContinualPretrainingArguments, _NextTrainingArguments):
         pass
 
     @dataclass
-    class NextFinetuneTrainingArguments(ContinualFinetuneTrainingArguments, _NextTrainingArguments):
+    class NextFinetuningArguments(ContinualFinetuningArguments, _NextTrainingArguments):
         pass
 
     monkeypatch.setattr(fingerprint_module, "TrainingArguments", _NextTrainingArguments)  # the release installed
     args = NextPretrainingArguments(output_dir=str(tmp_path), plots=False)
     assert args.to_dict()["brand_new_trainer_field"] == 3  # the runner reads it like any Trainer field
     assert args.fingerprint() == before
-    assert _fingerprint(ContinualFinetuneArguments(plots=False), NextFinetuneTrainingArguments()) == ft_before
+    assert NextFinetuningArguments(plots=False).fingerprint() == ft_before
 
 
 def test_fingerprint_keys_are_the_trainer_allowlist_and_the_runners_fields(tmp_path):
@@ -61,14 +56,24 @@ def test_fingerprint_keys_are_the_trainer_allowlist_and_the_runners_fields(tmp_p
     for dropped in ("output_dir", "logging_steps", "save_steps", "plots", "seeds", "bootstrap_resamples"):
         assert dropped not in fp
     assert not set(OLD_TRAINER_KEYS) & set(fp)
-    args, training_args = parse_finetune_config(["--output_dir", str(tmp_path / "f"), "--no_plots"])
-    ft = _fingerprint(args, training_args)
-    assert set(ft) - {"runner"} - set(TRAINER_FIELDS) == set(ContinualFinetuneArguments.__dataclass_fields__) - {
-        "num_threads",
-        "eval_batch_size",
-        "register_architecture",
-        "plots",
+    ft = parse_finetuning_config(["--output_dir", str(tmp_path / "f"), "--no_plots"]).fingerprint()
+    # The keys runs saved when the runner had two argument classes (its own fields beside the Trainer's): one class
+    # now, the same fingerprint, so those runs resume.
+    assert set(ft) - {"runner"} - set(TRAINER_FIELDS) == {
+        "model_name_or_path",
+        "strategy",
+        "strategy_kwargs",
+        "tasks",
+        "max_train_per_class",
+        "max_test_per_class",
+        "test_fraction",
+        "split_seed",
+        "max_length",
+        "pooling",
+        "head_learning_rate",
     }
+    assert ft["runner"] == "continual_finetune"
+    assert set(TRAINER_FIELDS) & set(TrainingArguments.__dataclass_fields__) <= set(ft)
 
 
 #: Trainer settings that the old fingerprint (every field but a denylist) saved and the allowlist leaves out.

@@ -121,14 +121,14 @@ def test_fsdp_version_follows_the_arguments_and_the_accelerate_environment(monke
 @pytest.mark.parametrize("runner", ["pretrain", "finetune"])
 def test_both_runners_refuse_fsdp1_at_parse_time_and_take_fsdp2(runner, monkeypatch, tmp_path):
     from hf_softmask.continual import parse_config
-    from hf_softmask.continual.finetune import parse_finetune_config
+    from hf_softmask.continual.finetuning import parse_finetuning_config
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("FSDP_VERSION", raising=False)
 
     def parse(*flags):
         argv = ["--output_dir", str(tmp_path / runner), *flags]
-        return parse_config(argv) if runner == "pretrain" else parse_finetune_config(argv)
+        return parse_config(argv) if runner == "pretrain" else parse_finetuning_config(argv)
 
     with pytest.raises(ValueError, match="FSDP1") as e:
         parse("--fsdp", "full_shard", "--fsdp_config", '{"version": 1}')

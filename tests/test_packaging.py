@@ -229,7 +229,7 @@ import sys
 sys.modules["matplotlib"] = None  # as if not installed
 sys.modules["gguf"] = None
 from hf_softmask.continual import parse_config
-from hf_softmask.continual.finetune import parse_finetune_config
+from hf_softmask.continual.finetuning import parse_finetuning_config
 from hf_softmask.assets import load_smollm2
 out = {str(tmp_path)!r}
 for parse in (parse_config, parse_finetune_config):

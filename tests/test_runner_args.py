@@ -16,7 +16,7 @@ from transformers import BertModel, TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
-from hf_softmask.continual.finetune import parse_finetune_config, run_continual_finetune
+from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
 from tests.testing_utils import MAIN_THEN_REPORT_PROCESS_GROUP, accelerate_launch_cmd, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def finetune_flags(model_dir, out, **kw) -> list[str]:
         "max_train_per_class": 4,
         "max_test_per_class": 4,
         "max_length": 32,
-        "eval_batch_size": 8,
+        "per_device_eval_batch_size": 8,
         "num_train_epochs": 1,
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
@@ -129,7 +129,7 @@ def test_flags_that_cannot_apply_are_refused_by_both_runners(flags, message, tmp
     with pytest.raises(ValueError, match=message):
         parse_config(["--output_dir", str(tmp_path / "p"), *flags])
     with pytest.raises(ValueError, match=message):
-        parse_finetune_config(["--output_dir", str(tmp_path / "f"), *flags])
+        parse_finetuning_config(["--output_dir", str(tmp_path / "f"), *flags])
     assert not (tmp_path / "p").exists() and not (tmp_path / "f").exists()
 
 
@@ -141,7 +141,7 @@ def test_finetuning_refuses_nonsense_epochs_and_steps(tmp_path):
         (["--max_length", "0"], "max_length"),
     ):
         with pytest.raises(ValueError, match=message):
-            parse_finetune_config(["--output_dir", str(tmp_path / "f"), *flags])
+            parse_finetuning_config(["--output_dir", str(tmp_path / "f"), *flags])
 
 
 def test_yaml_old_names_still_read(tmp_path):
@@ -176,15 +176,15 @@ def test_help_is_fast_current_and_honest(script):
 
 def test_finetune_optim_flag_builds_that_optimizer(tiny_bert_dir, tmp_path):
     """--optim was accepted and ignored (the runner built AdamW itself); now each task's optimizer follows it."""
-    args, targs = parse_finetune_config(finetune_flags(tiny_bert_dir, tmp_path / "sgd", optim="sgd"))
+    args = parse_finetuning_config(finetune_flags(tiny_bert_dir, tmp_path / "sgd", optim="sgd"))
     rec = Record()
-    res = run_continual_finetune(args, targs, callbacks=[rec])
+    res = run_continual_finetuning(args, callbacks=[rec])
     assert [r["optimizer"] for r in rec.runs] == ["SGD", "SGD"] and res["world_size"] == 1
-    from hf_softmask.continual.finetune import build_optimizer
+    from hf_softmask.continual.finetuning import build_optimizer
     from hf_softmask.task_heads import MultiTaskClassifier
 
     model = MultiTaskClassifier(BertModel.from_pretrained(tiny_bert_dir), [2, 2])
-    assert isinstance(build_optimizer(model, 1e-3, 1e-2, 0.0, targs), torch.optim.SGD)
+    assert isinstance(build_optimizer(model, 1e-3, 1e-2, 0.0, args), torch.optim.SGD)
 
 
 def test_unjoined_processes_are_refused(monkeypatch):
@@ -224,10 +224,10 @@ def test_old_and_new_name_of_one_setting_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="warmup_ratio is the old name of warmup_steps: give only warmup_steps"):
         parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "p")])
     with pytest.raises(ValueError, match="warmup_ratio is the old name of warmup_steps: give only warmup_steps"):
-        parse_finetune_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])
-    _, training_args = parse_finetune_config(["--warmup_ratio", "0.2", "--output_dir", str(tmp_path / "f")])
+        parse_finetuning_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])
+    training_args = parse_finetuning_config(["--warmup_ratio", "0.2", "--output_dir", str(tmp_path / "f")])
     assert training_args.warmup_steps == 0.2
     cfg.write_text("max_steps_per_domain: 3\n")  # per domain: an old name of the pre-training runner only
     assert parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "p")]).max_steps == 3
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['max_steps_per_domain'\]"):
-        parse_finetune_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])
+        parse_finetuning_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])

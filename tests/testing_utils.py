@@ -214,7 +214,7 @@ TASK_TRAINING = dict(
 def train_task(model, strategy, dataset, task_id: int, output_dir, head_lr: float = 1e-2, **args):
     """What the finetuning runner does for one task of a MultiTaskClassifier: select it, train its head + the
     strategy's parameters, then after_task."""
-    from hf_softmask.continual.finetune import build_optimizer
+    from hf_softmask.continual.finetuning import build_optimizer
     from hf_softmask.strategies import StrategyTrainer
 
     model.set_task(task_id)

@@ -376,12 +376,12 @@ def runner_parsers() -> dict:
     """``{script name: (dataclass types, prog)}`` of both runners (imports them: slow, so only for writing)."""
     from .config import PROG as PRETRAIN_PROG
     from .config import ContinualPretrainingArguments
-    from .finetune import PROG as FINETUNE_PROG
-    from .finetune import ContinualFinetuneArguments, ContinualFinetuneTrainingArguments
+    from .finetuning import PROG as FINETUNE_PROG
+    from .finetuning import ContinualFinetuningArguments
 
     return {
         "continual_pretrain": ((ContinualPretrainingArguments,), PRETRAIN_PROG),
-        "continual_finetune": ((ContinualFinetuneArguments, ContinualFinetuneTrainingArguments), FINETUNE_PROG),
+        "continual_finetune": ((ContinualFinetuningArguments,), FINETUNE_PROG),
     }
 
 

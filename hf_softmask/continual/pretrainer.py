@@ -32,7 +32,6 @@ from ..compatibility import fsdp_version
 from ..domain_training import DomainTraining
 from ..importance import UnitImportance
 from ..io import atomic_write_json, atomic_write_text
-from ..loss_scaling import fix_loss_kwargs
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
 from .checkpointing import (
@@ -427,7 +426,6 @@ class ContinualPretrainer:
             # The EMA first: its state is written beside a checkpoint before any user callback sees the save.
             callbacks=extras.callbacks() + list(self.callbacks),
         )
-        fix_loss_kwargs(trainer)  # the logged loss and the gradients must not scale with the number of processes
         resume = last_trainer_checkpoint(targs.output_dir)
         if resume:
             domain = self.data.domains[k].name

@@ -34,12 +34,15 @@ def _steps_per_domain(value):
 #: old name -> its replacement. hub_private and warmup_ratio are transformers 4.x names of TrainingArguments fields
 #: (transformers 5 reads a warmup_steps < 1 as a ratio), accepted without a warning: they are transformers', not
 #: ours to retire. max_steps_per_domain and mask_power are fields of the pre-training runner only;
-#: max_steps_per_domain is read without a warning (shipped experiment configs use it).
+#: max_steps_per_domain is read without a warning (shipped experiment configs use it). eval_batch_size was the
+#: finetuning runner's own field beside the Trainer's per_device_eval_batch_size (the runners' evaluation is per
+#: process, so the two mean the same).
 RENAMED = {
     "hub_private": Rename("hub_private_repo", warns=False),
     "warmup_ratio": Rename("warmup_steps", warns=False),
     "max_steps_per_domain": Rename("max_steps", convert=_steps_per_domain, warns=False),
     "mask_power": Rename("softmask_mask_power", fingerprint_key="mask_power"),
+    "eval_batch_size": Rename("per_device_eval_batch_size"),
 }
 
 

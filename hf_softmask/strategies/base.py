@@ -23,6 +23,7 @@ from ..callback import MaskDetailToIntegrations, merge_log_metrics
 from ..clipping import MaskedClipMixin
 from ..compatibility import check_strategy_supported, live_accelerator_state
 from ..io import atomic_save_safetensors, atomic_write_json
+from ..loss_scaling import fix_loss_kwargs
 from ..trainer import resume_checkpoint
 from .units import build_config, config_dict, config_signature
 
@@ -307,6 +308,7 @@ class StrategyTrainer(MaskedClipMixin, Trainer):
 
     def __init__(self, *args, strategy: ContinualStrategy | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        fix_loss_kwargs(self)  # a model averaging its own loss must not be scaled by accumulation or processes
         self.strategy = strategy or ContinualStrategy()
         self.add_callback(StrategyCallback(self.strategy))
         MaskDetailToIntegrations.install(self)  # per-layer mask statistics to report_to, a summary to the console
