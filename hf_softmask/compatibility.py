@@ -328,16 +328,15 @@ for _row, _cells in MATRIX.items():
 
 # -- detection and enforcement ---------------------------------------------------------------------------------------
 def _is_peft(model) -> bool:
-    from .peft_support import _peft
+    from .peft_support import is_peft_model
 
-    peft = _peft()
-    return peft is not None and isinstance(model, peft["models"])
+    return is_peft_model(model)
 
 
 def _has_dtensor(model) -> bool:
-    from .optim import _is_dtensor
+    from .dtensor import is_dtensor
 
-    return any(_is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def _world_size() -> int:
