@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .deprecation import renamed_attributes
+
 __all__ = [
-    "PushToHubMixin",
+    "HubUploadMixin",
     "push_saved_to_hub",
     "atomic_write",
     "atomic_write_text",
@@ -20,6 +22,9 @@ __all__ = [
     "atomic_save_safetensors",
     "atomic_replace_dir",
 ]
+
+# The old name ``PushToHubMixin`` is transformers' own class's; it still works, with a FutureWarning.
+__getattr__ = renamed_attributes(__name__, {"PushToHubMixin": "HubUploadMixin"})
 
 
 def _tmp_beside(path: Path) -> str:
@@ -114,7 +119,7 @@ def push_saved_to_hub(
     return str(info)
 
 
-class PushToHubMixin:
+class HubUploadMixin:
     """``push_to_hub`` for a class with ``save_pretrained``: its files uploaded like any HF object's."""
 
     hub_commit_message = "Upload"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import warnings
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_softmask"
 
@@ -33,3 +37,34 @@ def test_dtensor_helpers_are_written_once():
             if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in {"is_dtensor", "local", "local_tensor"}:
                 defs.append(f"{path.relative_to(PACKAGE.parent)}:{node.name}")
     assert defs == ["hf_softmask/dtensor.py:is_dtensor", "hf_softmask/dtensor.py:local_tensor"]
+
+
+@pytest.mark.parametrize(
+    "module, old, new",
+    [
+        ("hf_softmask", "LoRAConfig", "LoRABaselineConfig"),
+        ("hf_softmask.strategies.lora", "LoRAConfig", "LoRABaselineConfig"),
+        ("hf_softmask.io", "PushToHubMixin", "HubUploadMixin"),
+    ],
+)
+def test_renamed_public_names_still_work_and_warn_once(module, old, new, monkeypatch):
+    from hf_softmask import deprecation
+
+    monkeypatch.setattr(deprecation, "_warned", set())
+    mod = importlib.import_module(module)
+    with pytest.warns(FutureWarning, match=rf"{module}\.{old} is deprecated .* use {module}\.{new}"):
+        value = getattr(mod, old)
+    assert value is getattr(mod, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert getattr(mod, old) is value  # the second use is silent
+    assert old not in getattr(mod, "__all__")
+
+
+def test_an_unknown_name_is_still_an_attribute_error():
+    import hf_softmask.io
+    import hf_softmask.strategies.lora
+
+    for mod in (hf_softmask.io, hf_softmask.strategies.lora):
+        with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+            mod.Nope  # noqa: B018
