@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one), and Hub uploads."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .deprecation import renamed_attributes
 __all__ = [
     "HubUploadMixin",
     "push_saved_to_hub",
+    "upload_folder_to_hub",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
@@ -105,18 +106,35 @@ def atomic_replace_dir(staging: str | os.PathLike, final: str | os.PathLike) -> 
         os.replace(staging, final)
 
 
-def push_saved_to_hub(
-    save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None = None,
+    token=None,
+    revision=None,
 ) -> str:
-    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the URL."""
+    """Upload ``folder``'s files to the Hub repo ``repo_id``, creating the repo if needed; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
+    )
+    return str(info)
+
+
+def push_saved_to_hub(
+    save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None
+) -> str:
+    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the URL."""
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
-    return str(info)
+        return upload_folder_to_hub(
+            tmp, repo_id, commit_message=commit_message, private=private, token=token, revision=revision
+        )
 
 
 class HubUploadMixin:

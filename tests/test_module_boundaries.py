@@ -68,3 +68,11 @@ def test_an_unknown_name_is_still_an_attribute_error():
     for mod in (hf_softmask.io, hf_softmask.strategies.lora):
         with pytest.raises(AttributeError, match="no attribute 'Nope'"):
             mod.Nope  # noqa: B018
+
+
+def test_hub_upload_is_written_once():
+    """Every upload goes through hf_softmask.io.upload_folder_to_hub (HfApi's create_repo + upload_folder)."""
+    callers = sorted(
+        str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if ".upload_folder(" in p.read_text()
+    )
+    assert callers == ["hf_softmask/io.py"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..fisher import fisher_diagonal
@@ -76,8 +77,9 @@ class EWCStrategy(ContinualStrategy):
     @staticmethod
     def _params(model: nn.Module) -> dict[str, nn.Parameter]:
         """Parameters covered, named as in ``model.named_parameters()``."""
-        if isinstance(model, nn.parallel.DistributedDataParallel):  # the Trainer's loss sees the DDP wrapper
-            model = model.module
+        # The Trainer's loss sees the wrapped model (DDP, torch.compile); keep_torch_compile=False also leaves the
+        # compiled wrapper as it is (True would put the unwrapped model inside it, dropping DDP from its forward).
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
         inner = {id(p) for p in unit_model(model).parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in inner}
 
