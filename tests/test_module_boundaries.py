@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import warnings
 from pathlib import Path
 
@@ -76,3 +77,10 @@ def test_hub_upload_is_written_once():
         str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if ".upload_folder(" in p.read_text()
     )
     assert callers == ["hf_softmask/io.py"]
+
+
+def test_the_shipped_package_names_no_pytest_node_ids():
+    """Which tests prove what lives beside the tests (tests/compat_evidence.py), not in the package."""
+    node = re.compile(r"tests/test_\w+\.py::\w+")
+    found = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if node.search(p.read_text()))
+    assert found == []
