@@ -77,9 +77,10 @@ class EWCStrategy(ContinualStrategy):
     @staticmethod
     def _params(model: nn.Module) -> dict[str, nn.Parameter]:
         """Parameters covered, named as in ``model.named_parameters()``."""
-        # The Trainer's loss sees the wrapped model (DDP, torch.compile); keep_torch_compile=False also leaves the
-        # compiled wrapper as it is (True would put the unwrapped model inside it, dropping DDP from its forward).
-        model = extract_model_from_parallel(model, keep_torch_compile=False)
+        # The Trainer's loss sees the wrapped model: torch.compile (outermost, as accelerate builds it) around DDP.
+        # The compile wrapper is taken off first: given one, extract_model_from_parallel either lacks the option to
+        # unwrap it (accelerate < 1.3) or by default puts the unwrapped model back inside it, dropping DDP.
+        model = extract_model_from_parallel(getattr(model, "_orig_mod", model))
         inner = {id(p) for p in unit_model(model).parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in inner}
 
