@@ -19,6 +19,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch  # noqa: E402
 
+from hf_softmask.memory import peak_rss_bytes, reset_peak_rss  # noqa: E402, F401  (peak_rss_bytes: diagnostics)
+
 # Llama shapes: (hidden, layers, heads, kv heads, FFN width, vocab).
 SHAPES: dict[str, dict] = {
     # TinyLlama-1.1B: the ~1B Llama of the issue's targets.
@@ -133,28 +135,13 @@ def sync(env: Env) -> None:
 
 
 # -- peak memory ------------------------------------------------------------------------------------
-def _read_hwm_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak(env: Env) -> None:
     gc.collect()
     if env.cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(env.device)
         return
-    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()  # Linux only; elsewhere peak_rss_bytes reads None anyway
 
 
 def peak_bytes(env: Env) -> int | None:
@@ -167,11 +154,6 @@ def peak_bytes(env: Env) -> int | None:
     if env.cuda:
         return torch.cuda.max_memory_allocated(env.device)
     return None
-
-
-def peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process since the last :func:`reset_peak` (Linux), for diagnostics."""
-    return _read_hwm_bytes()
 
 
 # -- timing -----------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .strategies.freeze_bottom import FreezeBottomConfig, FreezeBottomStrategy
     from .strategies.hat import AdaHATConfig, AdaHATStrategy, HATConfig, HATStrategy
     from .strategies.kd import KDConfig, KDStrategy
-    from .strategies.lora import LoRAConfig, LoRAStrategy
+    from .strategies.lora import LoRABaselineConfig, LoRAStrategy
     from .strategies.naive import NaiveConfig, NaiveStrategy
     from .strategies.talos import TaLoSConfig, TaLoSStrategy
     from .strategies.tss import TSSConfig, TSSStrategy
@@ -113,7 +113,7 @@ _LAZY = {
     "TSSConfig": "strategies.tss",
     "WSNConfig": "strategies.wsn",
     "LoRAStrategy": "strategies.lora",
-    "LoRAConfig": "strategies.lora",
+    "LoRABaselineConfig": "strategies.lora",
     "FreezeBottomStrategy": "strategies.freeze_bottom",
     "FreezeBottomConfig": "strategies.freeze_bottom",
     "SparseTaskVector": "task_vectors",
@@ -133,7 +133,16 @@ _LAZY = {
 }
 
 
+# Old names -> new: still served, with a FutureWarning the first time (kept out of __all__).
+_RENAMED = {"LoRAConfig": "LoRABaselineConfig"}
+
+
 def __getattr__(name):
+    if name in _RENAMED:
+        from .deprecation import warn_renamed
+
+        warn_renamed(f"{__name__}.{name}", f"{__name__}.{_RENAMED[name]}")
+        return __getattr__(_RENAMED[name])
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'hf_softmask' has no attribute {name!r}")

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .optim import MaskDict, _is_dtensor, _local, _local_masks, _LocalMasks, _unwrap, update_masks_of
+from .dtensor import LocalMasks, is_dtensor, local_tensor
+from .optim import MaskDict, local_masks_of, unwrap_optimizer, update_masks_of
 
 __all__ = ["MaskedClipMixin", "clip_masked_grad_norm_", "clips_masked", "masked_grad_norm"]
 
@@ -40,7 +41,7 @@ def masked_grad_norm(parameters: Iterable[torch.Tensor], masks: MaskDict, optimi
     DTensor (FSDP2) gradients contribute their local shard with the matching shard of the mask; the shards' sums
     are reduced over their device mesh. ``optimizer``: whose cache of local masks to reuse (optional).
     """
-    local_masks = _local_masks(optimizer) if optimizer is not None else _LocalMasks()
+    local_masks = local_masks_of(optimizer) if optimizer is not None else LocalMasks()
     plain: list[torch.Tensor] = []
     sharded: dict[tuple, list[torch.Tensor]] = {}
     device = None
@@ -48,9 +49,9 @@ def masked_grad_norm(parameters: Iterable[torch.Tensor], masks: MaskDict, optimi
         if p.grad is None:
             continue
         g = p.grad
-        sq = _squared_norm(_local(g), local_masks.get_kernel(masks, p))
+        sq = _squared_norm(local_tensor(g), local_masks.get_kernel(masks, p))
         device = device or sq.device
-        if _is_dtensor(g):
+        if is_dtensor(g):
             sharded.setdefault((g.device_mesh, tuple(g.placements)), []).append(sq)
         else:
             plain.append(sq)
@@ -87,7 +88,7 @@ def clip_masked_grad_norm_(
 
 def clips_masked(optimizer) -> bool:
     """Whether ``optimizer`` (torch or accelerate-wrapped) is driven by a Trainer with :class:`MaskedClipMixin`."""
-    return bool(_unwrap(optimizer).__dict__.get(_CLIPS_MASKED))
+    return bool(unwrap_optimizer(optimizer).__dict__.get(_CLIPS_MASKED))
 
 
 class MaskedClipMixin:
@@ -100,13 +101,13 @@ class MaskedClipMixin:
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        _unwrap(optimizer).__dict__[_CLIPS_MASKED] = True
+        unwrap_optimizer(optimizer).__dict__[_CLIPS_MASKED] = True
         return optimizer
 
     def _clip_grad_norm(self, model):
         from accelerate.utils import DistributedType
 
-        optimizer = _unwrap(self.optimizer)
+        optimizer = unwrap_optimizer(self.optimizer)
         masks = update_masks_of(optimizer)
         # DeepSpeed clips inside its engine (and cannot take update masks); XLA reduces gradients in its clip.
         if not masks or self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA):

@@ -28,6 +28,7 @@ import torch
 from .continual.frontier import frontier_position
 from .continual.strategy_settings import parse_json_object
 from .io import atomic_write_json, atomic_write_text
+from .memory import peak_rss_bytes, reset_peak_rss
 
 __all__ = [
     "CompareArguments",
@@ -161,23 +162,10 @@ def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
 
 
 # -- memory --------------------------------------------------------------------------------------------------
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = peak_rss_bytes()
+    if peak is not None:
+        return peak / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
@@ -190,7 +178,7 @@ class peak_memory:
 
     def __enter__(self):
         gc.collect()
-        self.rss_scope = "run" if _reset_peak_rss() else "process"
+        self.rss_scope = "run" if reset_peak_rss() else "process"
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         return self

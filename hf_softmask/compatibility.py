@@ -1,16 +1,17 @@
-"""The compatibility matrix: which training setting works with which component, and the evidence for each cell.
+"""The compatibility matrix: which training setting works with which component.
 
 One table, :data:`MATRIX`, is the single place of every fact: ``docs/compatibility.md`` is generated from it
-(``python scripts/make_compatibility_page.py``), ``tests/test_compatibility.py`` checks that every cited test
-exists and that every refused cell refuses, and :func:`check_supported` enforces the refusals at train begin.
+(``python scripts/make_compatibility_page.py``) together with the tests that show each cell (listed beside the
+tests, in ``tests/compat_evidence.py``: the package holds no test ids), ``tests/test_compatibility.py`` checks that
+every cell is shown by tests that exist and that every refused cell refuses, and :func:`check_supported` enforces
+the refusals at train begin.
 
 A cell is one of:
 
-- ``tested``: works; ``evidence`` names the pytest node ids that show it (and ``gpu`` a ``benchmarks/gpu_check.py``
-  cell that also checks it on a GPU);
-- ``gpu``: works on a GPU only, checked by the ``benchmarks/gpu_check.py`` cell in ``gpu`` (``evidence``: the CPU
-  tests of the same code path, if any);
-- ``refused``: unsupported; training is refused at start with ``message`` (``evidence``: the test that sees it).
+- ``tested``: works, shown by CPU tests (and ``gpu``: a ``benchmarks/gpu_check.py`` cell that also checks it on a
+  GPU);
+- ``gpu``: works on a GPU only, checked by the ``benchmarks/gpu_check.py`` cell in ``gpu``;
+- ``refused``: unsupported; training is refused at start with ``message``.
 
 ``note``: a condition the evidence relies on (shown on the page).
 """
@@ -18,7 +19,7 @@ A cell is one of:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = [
     "COLUMNS",
@@ -76,7 +77,6 @@ class UnsupportedSettingError(ValueError):
 @dataclass(frozen=True)
 class Cell:
     status: str
-    evidence: tuple[str, ...] = ()
     gpu: str | None = None
     message: str = ""
     note: str = ""  # a condition the evidence relies on, shown on the page
@@ -86,23 +86,17 @@ class Cell:
             raise ValueError(f"unknown cell status {self.status!r}; one of {STATUSES}")
 
 
-def _tested(*evidence: str, gpu: str | None = None, note: str = "") -> Cell:
-    return Cell("tested", evidence, gpu, note=note)
+def _tested(gpu: str | None = None, note: str = "") -> Cell:
+    return Cell("tested", gpu, note=note)
 
 
-def _gpu(cell: str, *cpu_evidence: str) -> Cell:
-    return Cell("gpu", cpu_evidence, cell)
+def _gpu(cell: str) -> Cell:
+    return Cell("gpu", cell)
 
 
-def _refused(message: str, *evidence: str) -> Cell:
-    """Without ``evidence``: shown by ``tests/test_compatibility.py::test_refused_cell_refuses_at_train_begin``."""
-    return Cell("refused", evidence, message=message)
+def _refused(message: str) -> Cell:
+    return Cell("refused", message=message)
 
-
-_M = "tests/test_compat_matrix.py::test_cell"
-_DDP = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
-#: the runner passes its Trainer flags (bf16, checkpointing, accumulation, ...) to every domain's Trainer
-_RUNNER_FLAGS = "tests/test_runner_args.py::test_trainer_flags_reach_every_domain_trainer"
 
 _FSDP2_STATE = (
     "keeps full-shape per-parameter state outside the model ({what}) that does not follow FSDP2's "
@@ -140,106 +134,62 @@ _COMPILE_NOTE = (
 
 MATRIX: dict[str, dict[str, Cell]] = {
     "SoftMaskCallback": {
-        "fp32": _tested(
-            "tests/test_core_masking.py::test_importance_one_freezes_exactly_the_owned_slices_under_adamw"
-        ),
-        "bf16": _tested(f"{_M}[SoftMaskCallback-bf16]", gpu="fused_adamw_bf16"),
+        "fp32": _tested(),
+        "bf16": _tested(gpu="fused_adamw_bf16"),
         "fp16": _tested(
-            "tests/test_amp_masking.py::test_trainer_with_grad_scaler_keeps_protected_units",
-            f"{_M}[SoftMaskCallback-fp16]",
             gpu="fp16_gradscaler",
         ),
-        "checkpointing": _tested(f"{_M}[SoftMaskCallback-checkpointing]"),
-        "accumulation": _tested(
-            "tests/test_core_masking.py::test_grad_mode_is_applied_once_per_step_under_accumulation",
-            f"{_M}[SoftMaskCallback-accumulation]",
-        ),
-        "ddp": _tested(
-            "tests/test_distributed_masking.py::test_ddp_trainer_matches_single_process",
-            "tests/test_distributed_masking.py::test_update_masking_protects_important_heads_under_ddp",
-        ),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _tested(),
         "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _gpu(
             "fsdp2",
-            "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it",
-            "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
         ),
-        "peft": _tested(
-            "tests/test_peft.py::test_trainer_with_softmask_callback_keeps_protected_lora_slices",
-            f"{_M}[SoftMaskCallback-peft]",
-        ),
-        "compile": _tested(f"{_M}[SoftMaskCallback-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "SoftMaskTrainer": {
-        "fp32": _tested(
-            "tests/test_core_masking.py::"
-            "test_softmask_trainer_reads_importance_from_args_and_saves_it_with_checkpoints"
-        ),
-        "bf16": _tested(f"{_M}[SoftMaskTrainer-bf16]"),
-        "fp16": _tested(f"{_M}[SoftMaskTrainer-fp16]"),
-        "checkpointing": _tested(f"{_M}[SoftMaskTrainer-checkpointing]"),
-        "accumulation": _tested(f"{_M}[SoftMaskTrainer-accumulation]"),
-        "ddp": _tested(_DDP),
+        "fp32": _tested(),
+        "bf16": _tested(),
+        "fp16": _tested(),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _tested(),
         # SoftMaskTrainer masks through the SoftMaskCallback the fsdp2 GPU cell runs.
         "fsdp1": _fsdp1("the masks of the units' weight slices", USE_FSDP2),
-        "fsdp2": _gpu("fsdp2", "tests/test_fsdp2_masking.py::test_masks_built_before_fully_shard_protect_after_it"),
-        "peft": _tested(
-            "tests/test_peft.py::test_softmask_trainer_on_a_lora_model_saves_adapter_and_importance",
-            f"{_M}[SoftMaskTrainer-peft]",
-        ),
-        "compile": _tested(f"{_M}[SoftMaskTrainer-compile]", note=_COMPILE_NOTE),
+        "fsdp2": _gpu("fsdp2"),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "DAS runner": {
-        "fp32": _tested(
-            "tests/test_continual_pretrain.py::test_sweep_writes_checkpoints_results_and_frontier",
-            "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices",
-        ),
+        "fp32": _tested(),
         "bf16": _tested(
-            f"{_M}[DAS runner-bf16]",
-            _RUNNER_FLAGS,
-            "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
             gpu="das_smollm2",
         ),
-        "fp16": _tested(f"{_M}[DAS runner-fp16]"),
+        "fp16": _tested(),
         "checkpointing": _tested(
-            f"{_M}[DAS runner-checkpointing]",
-            _RUNNER_FLAGS,
-            "tests/test_das_amp.py::test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices",
-            "tests/test_das_checkpointing.py::test_das_loss_gradients_equal_with_and_without_checkpointing",
             gpu="das_smollm2",
         ),
-        "accumulation": _tested(f"{_M}[DAS runner-accumulation]", _RUNNER_FLAGS),
-        "ddp": _tested(
-            _DDP,
-            "tests/test_distributed_importance.py::test_two_processes_get_identical_importance",
-            "tests/test_runner_ddp.py::test_logged_loss_and_results_do_not_depend_on_world_size",
-        ),
+        "accumulation": _tested(),
+        "ddp": _tested(),
         "fsdp1": _fsdp1("the importance and masks of the units' weight slices", USE_FSDP2),
         "fsdp2": _tested(
-            "tests/test_runner_fsdp.py::test_fully_shard_das_domain_trains_evaluates_saves_and_resumes",
-            "tests/test_distributed_masking.py::test_fsdp2_dtensor_masking_matches_single_process",
             note="the runner test shows a DAS domain training, evaluating, saving and resuming under "
             "fully_shard on 2 gloo processes (identical importance on both ranks); that protected "
             "slices stay unchanged under sharded parameters is shown for the masking DAS uses (the "
             "second test; on a GPU: the SoftMaskCallback's fsdp2 cell)",
         ),
-        "peft": _tested(
-            f"{_M}[DAS runner-peft]",
-            "tests/test_peft.py::test_das_strategy_on_a_lora_model_keeps_protected_lora_slices",
-        ),
-        "compile": _tested(f"{_M}[DAS runner-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "TSS/WSN runner": {
-        "fp32": _tested(
-            "tests/test_continual_finetune.py::test_tss_run_has_zero_forgetting_and_saves_its_subnetworks",
-            "tests/test_tss.py::test_task1_outputs_bit_identical_after_task2",
-            "tests/test_wsn.py::test_earlier_task_outputs_identical_after_later_tasks",
-        ),
-        "bf16": _tested(f"{_M}[TSS/WSN runner-bf16]"),
-        "fp16": _tested(f"{_M}[TSS/WSN runner-fp16]"),
-        "checkpointing": _tested(f"{_M}[TSS/WSN runner-checkpointing]"),
-        "accumulation": _tested(f"{_M}[TSS/WSN runner-accumulation]"),
-        "ddp": _tested(_DDP),
+        "fp32": _tested(),
+        "bf16": _tested(),
+        "fp16": _tested(),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _tested(),
         "fsdp1": _fsdp1("the per-weight subnetwork scores and masks", _NO_FSDP2),
         "fsdp2": _refused(
             "TSS/WSN read and write whole weight-shaped tensors outside the forward pass (a finished "
@@ -252,92 +202,78 @@ MATRIX: dict[str, dict[str, Cell]] = {
             "nn.Linear/Conv1D modules and cannot wrap a PEFT-wrapped backbone's adapter layers; give "
             "them the plain backbone: the per-task subnetwork is already the parameter-efficient part"
         ),
-        "compile": _tested(f"{_M}[TSS/WSN runner-compile]", note=_COMPILE_NOTE),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "HAT": {
-        "fp32": _tested("tests/test_hat.py::test_earlier_task_units_and_outputs_unchanged"),
-        "bf16": _tested(f"{_M}[HAT-bf16]"),
+        "fp32": _tested(),
+        "bf16": _tested(),
         "fp16": _refused(
             "HAT steps its task embeddings outside the optimizer, with gradients a GradScaler has "
             "scaled and without skipping overflow steps; train HAT in bf16 or fp32, not --fp16"
         ),
-        "checkpointing": _tested(f"{_M}[HAT-checkpointing]"),
-        "accumulation": _tested(
-            f"{_M}[HAT-accumulation]", "tests/test_strategy_defects.py::test_hat_compensation_uses_each_micro_batchs_s"
-        ),
-        "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings"), _DDP),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _refused("HAT " + _DDP_LOCAL.format(what="its task embeddings")),
         "fsdp1": _fsdp1("the unit gates and the masks of the units' weight slices", _NO_FSDP2_DDP),
         "fsdp2": _refused("HAT " + _FSDP2_STATE.format(what="task embeddings, unit masks")),
-        "peft": _tested(f"{_M}[HAT-peft]"),
-        "compile": _tested(f"{_M}[HAT-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "CBP": {
-        "fp32": _tested("tests/test_cbp.py::test_replacement_preserves_output_inside_trainer_run"),
-        "bf16": _tested(f"{_M}[CBP-bf16]"),
-        "fp16": _tested(f"{_M}[CBP-fp16]"),
-        "checkpointing": _tested(f"{_M}[CBP-checkpointing]"),
-        "accumulation": _tested(f"{_M}[CBP-accumulation]"),
-        "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units"), _DDP),
+        "fp32": _tested(),
+        "bf16": _tested(),
+        "fp16": _tested(),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _refused("CBP " + _DDP_LOCAL.format(what="unit utilities and replaces units")),
         "fsdp1": _fsdp1("the unit utilities and row-wise weight resets", _NO_FSDP2_DDP),
         "fsdp2": _refused("CBP " + _FSDP2_STATE.format(what="per-unit utilities, ages, row-wise weight resets")),
-        "peft": _tested(f"{_M}[CBP-peft]"),
-        "compile": _tested(f"{_M}[CBP-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "TaLoS": {
-        "fp32": _tested("tests/test_talos.py::test_frozen_entries_bit_identical_with_weight_decay"),
-        "bf16": _tested(f"{_M}[TaLoS-bf16]"),
-        "fp16": _tested(f"{_M}[TaLoS-fp16]"),
-        "checkpointing": _tested(f"{_M}[TaLoS-checkpointing]"),
-        "accumulation": _tested(f"{_M}[TaLoS-accumulation]"),
+        "fp32": _tested(),
+        "bf16": _tested(),
+        "fp16": _tested(),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
         "ddp": _tested(
-            _DDP,
             note="every rank must pass before_task the same selection data (the Fisher "
             "scores are not all-reduced); the test does",
         ),
         "fsdp1": _fsdp1("the per-entry masks of named weights", _NO_FSDP2),
         "fsdp2": _refused("TaLoS " + _FSDP2_STATE.format(what="full-shape trainable masks and base values")),
-        "peft": _tested(f"{_M}[TaLoS-peft]"),
-        "compile": _tested(f"{_M}[TaLoS-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
     "EWC/KD": {
-        "fp32": _tested(
-            "tests/test_baselines.py::test_ewc_penalty_matches_formula_and_holds_weights",
-            "tests/test_baselines.py::test_kd_keeps_previous_outputs_closer_and_resumes",
-        ),
-        "bf16": _tested(f"{_M}[EWC/KD-bf16]"),
-        "fp16": _tested(f"{_M}[EWC/KD-fp16]"),
-        "checkpointing": _tested(f"{_M}[EWC/KD-checkpointing]"),
-        "accumulation": _tested(f"{_M}[EWC/KD-accumulation]"),
-        "ddp": _tested(_DDP),
+        "fp32": _tested(),
+        "bf16": _tested(),
+        "fp16": _tested(),
+        "checkpointing": _tested(),
+        "accumulation": _tested(),
+        "ddp": _tested(),
         "fsdp1": _fsdp1("EWC's Fisher and anchor of named weights (KD: its teacher copy)", _NO_FSDP2),
         "fsdp2": _refused(
             "EWC/KD " + _FSDP2_STATE.format(what="EWC: full-shape Fisher and anchor; KD: a teacher copy")
         ),
-        "peft": _tested(f"{_M}[EWC/KD-peft]"),
-        "compile": _tested(f"{_M}[EWC/KD-compile]", note=_COMPILE_NOTE),
+        "peft": _tested(),
+        "compile": _tested(note=_COMPILE_NOTE),
     },
 }
 
 
-REFUSAL_TEST = "tests/test_compatibility.py::test_refused_cell_refuses_at_train_begin"
-for _row, _cells in MATRIX.items():
-    for _col, _cell in _cells.items():
-        if _cell.status == "refused" and not _cell.evidence:
-            _cells[_col] = replace(_cell, evidence=(f"{REFUSAL_TEST}[{_row}-{_col}]",))
-
-
 # -- detection and enforcement ---------------------------------------------------------------------------------------
 def _is_peft(model) -> bool:
-    from .peft_support import _peft
+    from .peft_support import is_peft_model
 
-    peft = _peft()
-    return peft is not None and isinstance(model, peft["models"])
+    return is_peft_model(model)
 
 
 def _has_dtensor(model) -> bool:
-    from .optim import _is_dtensor
+    from .dtensor import is_dtensor
 
-    return any(_is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def _world_size() -> int:

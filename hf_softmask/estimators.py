@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 from .importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
 from .importance_estimators import (
     DEFAULT_ESTIMATOR,
-    _token_mask,
     available_estimators,
     get_estimator,
     register_estimator,
+    token_mask,
 )
 from .layout import UnitLayout
 from .peft_support import base_modules, unwrap_peft
@@ -62,7 +62,7 @@ def _two_views(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     inputs = _model_inputs(batch)
     h1 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
     h2 = model(**inputs, output_hidden_states=True).hidden_states[-1].float()
-    return h1, h2, _token_mask(batch, h1)
+    return h1, h2, token_mask(batch, h1)
 
 
 def kl_dropout_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .io import PushToHubMixin, atomic_save_safetensors, atomic_write_text
+from .io import HubUploadMixin, atomic_save_safetensors, atomic_write_text
 
 __all__ = [
     "UnitImportance",
@@ -113,7 +113,7 @@ def normalize_importance(
 
 
 @dataclass
-class UnitImportance(PushToHubMixin):
+class UnitImportance(HubUploadMixin):
     """Importance of attention heads ``heads[L, H]`` and FFN neurons ``ffn[L, I]``.
 
     ``meta`` carries the layout signature (model type and shapes) and free-form provenance.

@@ -33,12 +33,13 @@ __all__ = [
     "get_estimator",
     "DEFAULT_ESTIMATOR",
     "GRADIENT_ABS",
+    "token_mask",
 ]
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, int]"]
 
 
-def _token_mask(batch: dict, x: torch.Tensor) -> torch.Tensor:
+def token_mask(batch: dict, x: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` bool mask of the batch's real tokens (all tokens without an attention mask)."""
     mask = batch.get("attention_mask")
     if mask is None:
@@ -195,10 +196,10 @@ class _ForwardEstimator(ImportanceEstimator):
         ids = batch.get("input_ids", batch.get("inputs_embeds"))
         if ids is None:
             raise ValueError("the batch has neither input_ids nor inputs_embeds")
-        self._mask = _token_mask(batch, ids)
+        self._mask = token_mask(batch, ids)
         self.model(**{k: v for k, v in batch.items() if k != "labels"})
         self._mask = None
-        return int(_token_mask(batch, ids).sum())
+        return int(token_mask(batch, ids).sum())
 
     def close(self) -> None:
         for h in self._handles:

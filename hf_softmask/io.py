@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one), and Hub uploads."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ from pathlib import Path
 
 import torch
 
+from .deprecation import renamed_attributes
+
 __all__ = [
-    "PushToHubMixin",
+    "HubUploadMixin",
     "push_saved_to_hub",
+    "upload_folder_to_hub",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save_safetensors",
     "atomic_replace_dir",
 ]
+
+# The old name ``PushToHubMixin`` is transformers' own class's; it still works, with a FutureWarning.
+__getattr__ = renamed_attributes(__name__, {"PushToHubMixin": "HubUploadMixin"})
 
 
 def _tmp_beside(path: Path) -> str:
@@ -100,21 +106,38 @@ def atomic_replace_dir(staging: str | os.PathLike, final: str | os.PathLike) -> 
         os.replace(staging, final)
 
 
-def push_saved_to_hub(
-    save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None
+def upload_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None = None,
+    token=None,
+    revision=None,
 ) -> str:
-    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the URL."""
+    """Upload ``folder``'s files to the Hub repo ``repo_id``, creating the repo if needed; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
+    )
     return str(info)
 
 
-class PushToHubMixin:
+def push_saved_to_hub(
+    save_pretrained, repo_id: str, *, commit_message: str, private: bool | None = None, token=None, revision=None
+) -> str:
+    """Write an object's files with ``save_pretrained(tmpdir)`` and upload them to a Hub repo; returns the URL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(tmp)
+        return upload_folder_to_hub(
+            tmp, repo_id, commit_message=commit_message, private=private, token=token, revision=revision
+        )
+
+
+class HubUploadMixin:
     """``push_to_hub`` for a class with ``save_pretrained``: its files uploaded like any HF object's."""
 
     hub_commit_message = "Upload"

@@ -11,9 +11,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .dtensor import LocalMasks, is_dtensor, local_tensor
 from .importance import UnitImportance
 from .layout import UNOWNED_CATEGORIES, UnitLayout
-from .optim import _is_dtensor, _local, _LocalMasks, _unwrap, install_update_masks
+from .optim import install_update_masks, unwrap_optimizer
 from .peft_support import check_adapters_reach_units
 
 __all__ = [
@@ -237,7 +238,7 @@ class GradMaskHooks:
     """
 
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor]):
-        if any(_is_dtensor(p) for p in masks):
+        if any(is_dtensor(p) for p in masks):
             # FSDP2 assigns reduce-scattered gradients to .grad directly: these hooks would never fire.
             raise ValueError(
                 "GradMaskHooks cannot mask DTensor (FSDP2) parameters; use ShardedGradMask(masks, optimizer) "
@@ -268,14 +269,14 @@ class ShardedGradMask:
 
     def __init__(self, masks: dict[nn.Parameter, torch.Tensor], optimizer):
         self.masks = masks
-        self._local = _LocalMasks()
-        self._handle = _unwrap(optimizer).register_step_pre_hook(self._apply)
+        self._local = LocalMasks()
+        self._handle = unwrap_optimizer(optimizer).register_step_pre_hook(self._apply)
 
     @torch.no_grad()
     def _apply(self, optimizer, args, kwargs) -> None:
         for p in self.masks:
             if p.grad is not None:
-                _local(p.grad).mul_(self._local.get(self.masks, p))
+                local_tensor(p.grad).mul_(self._local.get(self.masks, p))
 
     def remove(self) -> None:
         if self._handle is not None:
@@ -293,7 +294,7 @@ class FrozenGradients:
 
     def __init__(self, params: list[nn.Parameter], optimizer):
         self.params = params
-        self._handle = _unwrap(optimizer).register_step_pre_hook(self._drop)
+        self._handle = unwrap_optimizer(optimizer).register_step_pre_hook(self._drop)
 
     def _drop(self, optimizer, args, kwargs) -> None:
         for p in self.params:
@@ -344,7 +345,7 @@ class SoftMasker:
                     "parameters): SoftMasker.attach(optimizer)"
                 )
             out.append(FrozenGradients(frozen, optimizer))
-        if not any(_is_dtensor(p) for p in self.masks):
+        if not any(is_dtensor(p) for p in self.masks):
             return [GradMaskHooks(self.masks), *out]
         if optimizer is None:
             raise ValueError(

@@ -23,15 +23,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .dtensor import local_tensor
+
 __all__ = ["EMA_STATE_FILE", "WeightEMA", "interpolate_weights_", "snapshot_weights"]
 
 EMA_STATE_FILE = "ema_weights.safetensors"
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this process holds: a DTensor's local shard, anything else itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _float_params(model: nn.Module, trainable_only: bool = False):
@@ -49,7 +45,9 @@ def snapshot_weights(
     ``device``: where to keep the copies (``"cpu"`` saves accelerator memory; default: beside each parameter).
     """
     return {
-        name: _local(p).detach().to(device, copy=True) if device is not None else _local(p).detach().clone()
+        name: local_tensor(p).detach().to(device, copy=True)
+        if device is not None
+        else local_tensor(p).detach().clone()
         for name, p in _float_params(model, trainable_only)
     }
 
@@ -74,7 +72,7 @@ def interpolate_weights_(model: nn.Module, before: dict[str, torch.Tensor], alph
         )
     changed = 0
     for name, p in params.items():
-        local = _local(p)
+        local = local_tensor(p)
         old = before[name].to(local.device)
         if old.shape != local.shape:
             raise ValueError(f"{name}: snapshot shape {tuple(old.shape)} != local shape {tuple(local.shape)}")
@@ -108,7 +106,9 @@ class WeightEMA(TrainerCallback):
 
     @torch.no_grad()
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.shadow = {n: _local(p).detach().float().clone() for n, p in _float_params(model, trainable_only=True)}
+        self.shadow = {
+            n: local_tensor(p).detach().float().clone() for n, p in _float_params(model, trainable_only=True)
+        }
         self.updates = 0
         if state.global_step > 0:  # resumed from a Trainer checkpoint: the EMA so far was saved beside it
             from safetensors.torch import load_file
@@ -129,7 +129,7 @@ class WeightEMA(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         params = dict(_float_params(model, trainable_only=True))
         for name, e in self.shadow.items():
-            e.mul_(self.decay).add_(_local(params[name]).detach().float(), alpha=1.0 - self.decay)
+            e.mul_(self.decay).add_(local_tensor(params[name]).detach().float(), alpha=1.0 - self.decay)
         self.updates += 1
 
     def on_save(self, args, state, control, **kwargs):
@@ -143,5 +143,5 @@ class WeightEMA(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         params = dict(_float_params(model, trainable_only=True))
         for name, e in self.shadow.items():
-            local = _local(params[name])
+            local = local_tensor(params[name])
             local.copy_(e.to(local.device, local.dtype))

@@ -17,10 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed
-    _DTensor = None
+from .dtensor import LocalMasks, is_dtensor, local_mask, local_tensor
 
 __all__ = [
     "AUTO_COMPILE_AFTER_STEPS",
@@ -31,16 +28,18 @@ __all__ = [
     "compile_available",
     "install_update_masks",
     "local_mask",
+    "local_masks_of",
     "masked_adamw_step",
     "masked_sgd_step",
     "resolve_compiled",
+    "unwrap_optimizer",
     "update_masks_of",
 ]
 
 MaskDict = dict  # Parameter -> Tensor (broadcastable); keyed by the parameter object
 
 
-def _unwrap(optimizer):
+def unwrap_optimizer(optimizer):
     """The torch optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
     # AcceleratedOptimizer subclasses torch's Optimizer, so unwrap by the attribute, not by the type.
     while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
@@ -48,84 +47,11 @@ def _unwrap(optimizer):
     return optimizer
 
 
-def _is_dtensor(t) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (an alias: in-place ops on it update the DTensor), else ``t``."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``mask`` (broadcastable to the full ``param``) restricted to this process's shard of ``param``.
-
-    A plain parameter gets ``mask`` unchanged. For a DTensor parameter (FSDP2), every mesh dimension that
-    shards a tensor dimension along which the mask varies takes the matching chunk of the mask; dimensions
-    where the mask broadcasts (size 1) stay whole. No communication: every rank holds the same full mask.
-    """
-    if not _is_dtensor(param) or mask.dim() == 0:
-        return mask
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    m = mask.reshape((1,) * (param.dim() - mask.dim()) + tuple(mask.shape))
-    placements = []
-    for pl in param.placements:
-        if isinstance(pl, Shard) and m.shape[pl.dim] != 1:
-            placements.append(Shard(pl.dim))
-        else:
-            placements.append(Replicate())  # Partial/Replicate params, or the mask broadcasts along this dim
-    return distribute_tensor(m, param.device_mesh, placements, src_data_rank=None).to_local()
-
-
-class _LocalMasks:
-    """Masks keyed by parameter, cut to each parameter's local shard once and reused while unchanged."""
-
-    def __init__(self):
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def _entry(self, masks: MaskDict, p: torch.Tensor):
-        m = masks.get(p)
-        if m is None:
-            return None
-        hit = self._cache.get(id(p))
-        if hit is None or hit[0] is not m:
-            local = local_mask(m, p)
-            target = _local(p)
-            if local.device != target.device:
-                local = local.to(target.device)
-            # Per-unit (broadcast) masks are small: keep them in the parameter's dtype and in fp32. A per-entry
-            # mask (TaLoS, WSN) is parameter-sized: keep it as given, never a second parameter-sized copy.
-            small = local.numel() < target.numel()
-            if small and local.dtype != target.dtype and target.dtype.is_floating_point:
-                local = local.to(target.dtype)
-            hit = self._cache[id(p)] = (m, local, local.float() if small else None)
-        return hit
-
-    def get(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
-        """The local mask on the parameter's device (in its dtype when per-unit)."""
-        hit = self._entry(masks, p)
-        return None if hit is None else hit[1]
-
-    def get_kernel(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
-        """For a kernel computing in float32: a per-unit mask in float32, a per-entry mask as given (no copy)."""
-        hit = self._entry(masks, p)
-        if hit is None:
-            return None
-        return hit[2] if hit[2] is not None else hit[1]
-
-    def get_float(self, masks: MaskDict, p: torch.Tensor) -> torch.Tensor | None:
-        """The local mask in float32 (for factors like ``1 - lr*wd*m`` that bf16 would round to 1)."""
-        hit = self._entry(masks, p)
-        if hit is None:
-            return None
-        return hit[2] if hit[2] is not None else hit[1].float()
-
-
-def _local_masks(optimizer: Optimizer) -> _LocalMasks:
+def local_masks_of(optimizer: Optimizer) -> LocalMasks:
+    """The :class:`~hf_softmask.dtensor.LocalMasks` cache kept on ``optimizer`` (created on first use)."""
     cache = optimizer.__dict__.get("_hf_softmask_local_masks")
     if cache is None:
-        cache = optimizer.__dict__["_hf_softmask_local_masks"] = _LocalMasks()
+        cache = optimizer.__dict__["_hf_softmask_local_masks"] = LocalMasks()
     return cache
 
 
@@ -297,7 +223,7 @@ def masked_adamw_step(
     skip, inv_scale = _amp_inputs(optimizer)
     if skip:
         return
-    local_masks = _local_masks(optimizer)
+    local_masks = local_masks_of(optimizer)
     lists = []  # per group: (group, params, grads, exp_avgs, exp_avg_sqs, steps, masks)
     for group in optimizer.param_groups:
         params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks = [], [], [], [], [], []
@@ -312,11 +238,11 @@ def masked_adamw_step(
                 state["step"] = _new_step(optimizer, p)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 params.append(p.to_local())
-                grads.append(_local(g))
-                exp_avgs.append(_local(state["exp_avg"]))
-                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                grads.append(local_tensor(g))
+                exp_avgs.append(local_tensor(state["exp_avg"]))
+                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             else:
                 params.append(p)
                 grads.append(g)
@@ -408,7 +334,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def _compiled_step(lists, masks: MaskDict, local_masks: _LocalMasks, decoupled: bool, inv_scale: float | None) -> None:
+def _compiled_step(lists, masks: MaskDict, local_masks: LocalMasks, decoupled: bool, inv_scale: float | None) -> None:
     """All groups in one compiled call per device; steps are advanced only after the update succeeded."""
     by_device: dict[torch.device, list] = {}
     for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
@@ -485,7 +411,7 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
     skip, inv_scale = _amp_inputs(optimizer)
     if skip:
         return
-    local_masks = _local_masks(optimizer)
+    local_masks = local_masks_of(optimizer)
     for group in optimizer.param_groups:
         lr, mom, damp, wd, nesterov = (
             group["lr"],
@@ -497,7 +423,7 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            pl, g = _local(p), _local(p.grad)
+            pl, g = local_tensor(p), local_tensor(p.grad)
             if inv_scale is not None:
                 g = g * inv_scale
             d_p = g if wd == 0 else g.add(pl, alpha=wd)
@@ -506,14 +432,12 @@ def masked_sgd_step(optimizer: Optimizer, masks: MaskDict) -> None:
                 state = optimizer.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = (
-                        d_p.detach().clone() if not _is_dtensor(p) else torch.zeros_like(p)
-                    )
-                    if _is_dtensor(p):
-                        _local(buf).copy_(d_p)
+                    buf = state["momentum_buffer"] = d_p.detach().clone() if not is_dtensor(p) else torch.zeros_like(p)
+                    if is_dtensor(p):
+                        local_tensor(buf).copy_(d_p)
                 else:
-                    _local(buf).mul_(mom).add_(d_p, alpha=1 - damp)
-                bl = _local(buf)
+                    local_tensor(buf).mul_(mom).add_(d_p, alpha=1 - damp)
+                bl = local_tensor(buf)
                 if m is not None:
                     bl.masked_fill_(m == 0, 0)
                 d_p = d_p.add(bl, alpha=mom) if nesterov else bl
@@ -689,13 +613,13 @@ class UpdateMaskHandle:
     @torch.no_grad()
     def _pre_snapshot(self, opt, args, kwargs) -> None:
         self._first_post_hook(opt)
-        self._snapshot = {p: _local(p).detach().clone() for p in self.masks if p.grad is not None}
+        self._snapshot = {p: local_tensor(p).detach().clone() for p in self.masks if p.grad is not None}
 
     @torch.no_grad()
     def _post_snapshot(self, opt, args, kwargs) -> None:
-        local_masks = _local_masks(opt)
+        local_masks = local_masks_of(opt)
         for p, old in self._snapshot.items():
-            pl = _local(p)
+            pl = local_tensor(p)
             pl.copy_(old.lerp_(pl, local_masks.get(self.masks, p).to(old.dtype).expand_as(old)))
         self._snapshot = {}
 
@@ -721,7 +645,7 @@ def _fusable(opt: Optimizer) -> str | None:
 def update_masks_of(optimizer) -> MaskDict | None:
     """The update masks ``optimizer`` (torch or accelerate-wrapped) applies: those of :func:`install_update_masks`
     or of a :class:`MaskedAdamW`/:class:`MaskedSGD`; None when it has none."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     handle = opt.__dict__.get(_HANDLE_ATTR)
     if handle is not None:
         return handle.masks
@@ -742,7 +666,7 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
     The masking is installed as step hooks of the inner optimizer (see :class:`UpdateMaskHandle`), so user step
     hooks keep firing and accelerate's GradScaler path cannot replace it. One set of masks per optimizer.
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     previous = opt.__dict__.get(_HANDLE_ATTR)
     if previous is not None:
         raise RuntimeError(

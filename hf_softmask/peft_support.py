@@ -30,6 +30,7 @@ __all__ = [
     "base_modules",
     "category_module",
     "check_adapters_reach_units",
+    "is_peft_model",
     "is_tuner_layer",
     "plain_modules",
     "unwrap_peft",
@@ -90,6 +91,12 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model.model  # a BaseTuner (LoraModel, IA3Model) holds the transformers model as .model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``PeftModel`` / ``PeftMixedModel`` / PEFT tuner (``LoraModel``); False when peft is not installed."""
+    peft = _peft()
+    return peft is not None and isinstance(model, peft["models"])
 
 
 def is_tuner_layer(module: nn.Module) -> bool:

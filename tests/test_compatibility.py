@@ -1,5 +1,5 @@
 """The compatibility matrix (hf_softmask/compatibility.py): the generated page is current, every cell is filled and
-cites evidence that exists, and every refused cell refuses at train begin with its message.
+shown by tests that exist (tests/compat_evidence.py), and every refused cell refuses at train begin with its message.
 
 This file is also the worker of the refusal test (``python tests/test_compatibility.py OUT``): it runs in its own
 process because a Trainer with ``--fsdp`` sets up torch.distributed (world size 1), which must not leak into the
@@ -27,16 +27,15 @@ sys.path[:0] = [str(ROOT)]
 from hf_softmask.compatibility import (  # noqa: E402  (after the sys.path set-up above)
     COLUMNS,
     MATRIX,
-    REFUSAL_TEST,
     ROWS,
     UnsupportedSettingError,
     check_supported,
     detect_features,
 )
+from tests.compat_evidence import DDP_TEST, EVIDENCE, REFUSAL_TEST, evidence  # noqa: E402
 from tests.testing_utils import lm_dataset, task_dataset, tiny_llama, train_args  # noqa: E402
 
 PAGE_SCRIPT = ROOT / "scripts" / "make_compatibility_page.py"
-DDP_TEST = "tests/test_compat_matrix.py::test_rows_under_two_ddp_processes"
 #: refused cells checked here (one process); DDP cells are checked by DDP_TEST inside its 2-process launch
 REFUSED = [(row, col) for row in ROWS for col in COLUMNS if MATRIX[row][col].status == "refused" and col != "ddp"]
 #: TrainingArguments that turn each column on (a CPU Trainer: fp16 trains without autocast, FSDP is not applied);
@@ -106,21 +105,31 @@ def _check_node(node: str) -> None:
 
 def test_every_cell_is_filled_with_evidence_that_exists():
     gpu_cells = set(_module(ROOT / "benchmarks" / "gpu_check.py", "gpu_check").CELLS)
-    assert list(MATRIX) == list(ROWS)
+    assert list(MATRIX) == list(ROWS) == list(EVIDENCE)
     for row in ROWS:
         assert list(MATRIX[row]) == list(COLUMNS), row
+        assert set(EVIDENCE[row]) <= set(COLUMNS), f"{row}: evidence for unknown columns"
         for col, cell in MATRIX[row].items():
             where = f"{row} / {COLUMNS[col]}"
             if cell.status in ("gpu",) or cell.gpu:
                 assert cell.gpu in gpu_cells, f"{where}: no gpu_check cell {cell.gpu!r}"
+            tests = evidence(row, col)
             if cell.status == "tested":
-                assert cell.evidence, f"{where}: ✓ without a test"
+                assert tests, f"{where}: ✓ without a test"
             if cell.status == "refused":
-                assert cell.message and len(cell.evidence) == 1, where
+                assert cell.message and len(tests) == 1, where
                 want = DDP_TEST if col == "ddp" else f"{REFUSAL_TEST}[{row}-{col}]"
-                assert cell.evidence[0] == want, f"{where}: its refusal is checked by {want}"
-            for node in cell.evidence:
+                assert tests[0] == want, f"{where}: its refusal is checked by {want}"
+            for node in tests:
                 _check_node(node)
+
+
+def test_a_cell_without_listed_tests_is_refused_by_the_table(monkeypatch):
+    """A tested cell missing from tests/compat_evidence.py is an error, not an empty list on the page."""
+    monkeypatch.delitem(EVIDENCE["HAT"], "bf16")
+    with pytest.raises(KeyError, match="HAT / bf16: a tested cell with no tests"):
+        evidence("HAT", "bf16")
+    assert evidence("HAT", "fp16") == (f"{REFUSAL_TEST}[HAT-fp16]",)  # a refused cell: its refusal case
 
 
 def test_a_missing_test_or_case_is_caught():

@@ -181,3 +181,23 @@ def test_push_to_hub_uploads_the_saved_files(monkeypatch):
         ("create_repo", "me/tss", None),
         ("upload", "me/tss", ["adapter_config.json", "adapter_model.safetensors"], "task 1"),
     ]
+
+
+def test_runner_stage_push_uploads_through_the_same_helper(tmp_path, monkeypatch):
+    """A finished pre-training stage goes up like an importance file: one repo per stage, its files as saved."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from hf_softmask.continual.hub_push import HubPusher
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _RecordingHub)
+    _RecordingHub.calls.clear()
+    stage = tmp_path / "1_business"
+    tiny_bert().save_pretrained(stage)
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_model_id="me/tiny", hub_token=None, hub_private_repo=True)
+    HubPusher(args, say=print).push(stage, "1_business")
+    assert _RecordingHub.calls == [
+        ("create_repo", "me/tiny-1-business", True),
+        ("upload", "me/tiny-1-business", ["config.json", "model.safetensors"], "hf_softmask: 1_business"),
+    ]

@@ -222,6 +222,31 @@ def test_ewc_penalty_accumulates_every_earlier_task():
     torch.testing.assert_close(ewc.penalty(model), want, rtol=1e-4, atol=0)
 
 
+def test_ewc_penalty_sees_through_ddp_and_torch_compile(tmp_path):
+    """The Trainer's loss gets the wrapped model: the penalty must cover the same parameters under their own names.
+    A compiled model's names used to carry ``_orig_mod.`` (KeyError); unwrapping must leave the wrapper intact."""
+    import torch.distributed as dist
+
+    model = _bert()
+    ewc = EWCStrategy(ewc_lambda=2.0, fisher_examples=4)
+    batch = random_lm_batches(1, seed=0)[0]
+    ewc.after_task(model, 0, [{**batch, "labels": batch["input_ids"].clone()}])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    want = ewc.penalty(model)
+    assert want > 0
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        compiled = torch.compile(ddp)  # what accelerate builds for DDP with torch_compile (compiled lazily: no call)
+        for wrapped in (ddp, compiled, torch.compile(model)):
+            torch.testing.assert_close(ewc.penalty(wrapped), want, rtol=0, atol=0)
+        assert compiled._orig_mod is ddp
+    finally:
+        dist.destroy_process_group()
+
+
 # -- KD ---------------------------------------------------------------------------------------------------------
 def test_distillation_kl_by_hand():
     s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])

@@ -102,7 +102,7 @@ def test_merged_model_saves_and_reloads_as_a_plain_checkpoint(tmp_path):
 
 def test_lora_settings_validated_and_registered():
     assert "lora" in available_strategies()
-    with pytest.raises(TypeError, match=r"unknown LoRAConfig setting\(s\) \['rank'\]; valid: .*lora_rank"):
+    with pytest.raises(TypeError, match=r"unknown LoRABaselineConfig setting\(s\) \['rank'\]; valid: .*lora_rank"):
         get_strategy("lora", rank=4)
     with pytest.raises(ValueError, match="lora_targets"):
         LoRAStrategy(lora_targets="mlp")

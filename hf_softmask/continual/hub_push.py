@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..io import upload_folder_to_hub
+
 if TYPE_CHECKING:
     from .checkpointing import RunState
     from .config import ContinualPretrainingArguments
@@ -28,15 +30,13 @@ class HubPusher:
 
     def push(self, directory: Path, name: str) -> None:
         """Upload a finished stage directory to ``<hub_model_id>-<name>``."""
-        from huggingface_hub import HfApi
-
         a = self.args
         if not list(directory.glob("model*.safetensors")):
             raise FileNotFoundError(f"{directory} has no weights any more (keep_domain_weights=last deleted them)")
         repo = f"{a.hub_model_id}-{name}".replace("_", "-")
-        api = HfApi(token=a.hub_token)
-        api.create_repo(repo, private=a.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(directory), commit_message=f"hf_softmask: {name}")
+        upload_folder_to_hub(
+            directory, repo, commit_message=f"hf_softmask: {name}", private=a.hub_private_repo, token=a.hub_token
+        )
 
     def push_pending(self, state: RunState) -> list[str]:
         """Push every finished domain not pushed yet and not tried in this run (each is tried once per run: a failure

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..layout import UnitLayout
-from ..optim import MaskedAdamW, _unwrap
+from ..optim import MaskedAdamW, unwrap_optimizer
 from .base import ContinualStrategy, StrategyCallback
 from .units import StrategyConfig, unit_model
 
@@ -280,7 +280,7 @@ class CBPStrategy(ContinualStrategy):
         self.last_replaced[layer] = units.tolist()
 
     def _reset_optimizer_state(self, optimizer, params_axes, units: torch.Tensor) -> None:
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         for p, axis in params_axes:
             state = opt.state.get(p)
             if not state:
@@ -300,7 +300,7 @@ class CBPStrategy(ContinualStrategy):
         """Move Adam-reset entries to the step Adam with their own step count would have taken (module docstring)."""
         if not self._fresh:
             return
-        opt = _unwrap(optimizer)
+        opt = unwrap_optimizer(optimizer)
         groups = {id(p): g for g in opt.param_groups for p in g["params"]}
         for key, entry in list(self._fresh.items()):
             p, axis, reset_at, last = entry
@@ -390,7 +390,7 @@ _ADAM = (torch.optim.Adam, torch.optim.AdamW, MaskedAdamW)
 
 def _check_optimizer(optimizer) -> None:
     """Refuse optimizers whose reset entries CBP cannot give a fresh bias correction."""
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if isinstance(opt, _ADAM):
         bad = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in opt.param_groups)]
         if bad:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from ..fisher import fisher_diagonal
@@ -76,8 +77,10 @@ class EWCStrategy(ContinualStrategy):
     @staticmethod
     def _params(model: nn.Module) -> dict[str, nn.Parameter]:
         """Parameters covered, named as in ``model.named_parameters()``."""
-        if isinstance(model, nn.parallel.DistributedDataParallel):  # the Trainer's loss sees the DDP wrapper
-            model = model.module
+        # The Trainer's loss sees the wrapped model: torch.compile (outermost, as accelerate builds it) around DDP.
+        # The compile wrapper is taken off first: given one, extract_model_from_parallel either lacks the option to
+        # unwrap it (accelerate < 1.3) or by default puts the unwrapped model back inside it, dropping DDP.
+        model = extract_model_from_parallel(getattr(model, "_orig_mod", model))
         inner = {id(p) for p in unit_model(model).parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in inner}
 

@@ -21,16 +21,20 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..architectures import get_architecture
+from ..deprecation import renamed_attributes
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 
-__all__ = ["LoRAConfig", "LoRAStrategy", "lora_target_modules", "merge_and_unload_"]
+__all__ = ["LoRABaselineConfig", "LoRAStrategy", "lora_target_modules", "merge_and_unload_"]
+
+# The old name ``LoRAConfig`` read like PEFT's ``LoraConfig``; it still works, with a FutureWarning.
+__getattr__ = renamed_attributes(__name__, {"LoRAConfig": "LoRABaselineConfig"})
 
 TARGETS = ("all", "attention", "ffn")
 
 
 @dataclass
-class LoRAConfig(StrategyConfig):
+class LoRABaselineConfig(StrategyConfig):
     """Settings of :class:`LoRAStrategy` (each may be passed as a keyword)."""
 
     lora_rank: int = field(default=8, metadata={"help": "Rank r of each adapter."})
@@ -74,9 +78,9 @@ class LoRAStrategy(ContinualStrategy):
     runners = ("pretrain",)
     #: only a low-rank update reaches the weights: compare it on its own learning-rate grid against the ncl frontier
     changes_effective_lr = True
-    config_class = LoRAConfig
+    config_class = LoRABaselineConfig
 
-    def __init__(self, config: LoRAConfig | None = None, **settings):
+    def __init__(self, config: LoRABaselineConfig | None = None, **settings):
         super().__init__(config, **settings)
         self.task_id = -1
         self.adapter: str | None = None

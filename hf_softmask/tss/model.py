@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import get_architecture, supported_model_types
-from ..io import PushToHubMixin, atomic_save_safetensors
+from ..io import HubUploadMixin, atomic_save_safetensors
 from .config import SubnetworkConfig
 from .layer import SUPPORTED_LAYER_TYPES, SubnetworkLayer, SubnetworkLinear
 
@@ -43,7 +43,7 @@ class _ArchitectureTargets(Mapping):
 TARGET_MODULES_MAPPING: Mapping[str, list[str]] = _ArchitectureTargets()
 
 
-class SubnetworkModel(PushToHubMixin, BaseTuner):
+class SubnetworkModel(HubUploadMixin, BaseTuner):
     """Per-task binary subnetworks of a pretrained model (TSS, WSN).
 
     ``set_task(t)`` selects the subnetwork every scored layer uses; ``finish_task(t)`` freezes the live scores'
