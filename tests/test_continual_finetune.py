@@ -124,11 +124,10 @@ def test_one_arguments_class_and_the_old_names(tmp_path):
     import hf_softmask
     from hf_softmask.continual import finetune as old
 
-    for name in ("ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments"):
-        with pytest.warns(FutureWarning, match="ContinualFinetuningArguments"):
-            assert getattr(old, name) is ContinualFinetuningArguments
-    with pytest.warns(FutureWarning):
+    with pytest.warns(FutureWarning, match="ContinualFinetuningArguments"):
         assert hf_softmask.ContinualFinetuneTrainingArguments is ContinualFinetuningArguments
+    with pytest.warns(FutureWarning, match="ContinualFinetuningArguments"):
+        assert old.ContinualFinetuneArguments is ContinualFinetuningArguments
     with pytest.warns(FutureWarning, match="parse_finetuning_config"):
         a, b = old.parse_finetune_config(["--output_dir", str(tmp_path)])
     assert a is b

@@ -1,6 +1,6 @@
 """Deprecated module: the continual finetuning runner is :mod:`hf_softmask.continual.finetuning`.
 
-The old names still work for one release, each with a FutureWarning: ``ContinualFinetuneArguments`` and
+The old names still work for one release, each warning once (FutureWarning): ``ContinualFinetuneArguments`` and
 ``ContinualFinetuneTrainingArguments`` are both :class:`~.finetuning.ContinualFinetuningArguments` (one
 ``TrainingArguments`` subclass now); ``parse_finetune_config`` returns that one object twice, and
 ``run_continual_finetune(args, training_args)`` runs it.
@@ -8,8 +8,7 @@ The old names still work for one release, each with a FutureWarning: ``Continual
 
 from __future__ import annotations
 
-import warnings
-
+from ..deprecation import warn_renamed
 from .finetuning import (
     DEFAULT_TASKS,
     PROG,
@@ -33,11 +32,7 @@ _CLASSES = ("ContinualFinetuneArguments", "ContinualFinetuneTrainingArguments")
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(
-        f"hf_softmask.continual.finetune.{old} is deprecated: use hf_softmask.continual.finetuning.{new}",
-        FutureWarning,
-        stacklevel=3,
-    )
+    warn_renamed(f"hf_softmask.continual.finetune.{old}", f"hf_softmask.continual.finetuning.{new}", stacklevel=4)
 
 
 def parse_finetune_config(argv: list[str] | None = None):
