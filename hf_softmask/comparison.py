@@ -22,6 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -85,15 +86,15 @@ class CompareArguments:
         default="outputs/compare_strategies",
         metadata={"help": "Where comparison.json/.md and one run directory per (setting, strategy) go."},
     )
-    strategies: str = field(
-        default=",".join(DEFAULT_STRATEGIES),
+    strategies: list[str] = field(
+        default_factory=lambda: list(DEFAULT_STRATEGIES),
         metadata={
-            "help": "Comma-separated strategy names; each runs in every setting it declares "
+            "help": "Strategy names (--strategies ncl hat, or ncl,hat); each runs in every setting it declares "
             "('ncl' runs as 'ft' in finetuning)."
         },
     )
-    settings: str = field(
-        default="pretrain,finetune", metadata={"help": "Comma-separated settings to run: pretrain, finetune."}
+    settings: list[str] = field(
+        default_factory=lambda: ["pretrain", "finetune"], metadata={"help": "Settings to run: pretrain, finetune."}
     )
     quick: bool = field(
         default=False,
@@ -123,8 +124,8 @@ class CompareArguments:
         default=None,
         metadata={"help": "JSON object {strategy: {setting: value}} overriding STRATEGY_DEFAULTS in both settings."},
     )
-    frontier_lr_factors: str = field(
-        default="0.25,0.5,1,2",
+    frontier_lr_factors: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0],
         metadata={
             "help": "Plain training (ncl / ft) runs at its learning rate times each factor, "
             "in every setting: the frontier."
@@ -145,6 +146,17 @@ class CompareArguments:
     )
     num_threads: int | None = field(default=2, metadata={"help": "torch.set_num_threads for the runs."})
 
+    #: List fields whose items never hold a comma: "a,b" also reads as two items (:func:`.continual.cli.split_commas`).
+    comma_separated_fields: ClassVar[tuple[str, ...]] = ("strategies", "settings", "frontier_lr_factors")
+
+    def __post_init__(self):
+        # Lists given in Python as "a,b" strings read as on the command line.
+        from .continual.config import parse_float_list, parse_str_list
+
+        self.strategies = parse_str_list(self.strategies)
+        self.settings = parse_str_list(self.settings)
+        self.frontier_lr_factors = parse_float_list(self.frontier_lr_factors, "frontier_lr_factors")
+
 
 def compare_parser():
     """The command line of :class:`CompareArguments` (its --help is stored as package data)."""
@@ -155,9 +167,10 @@ def compare_parser():
 
 def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
     """The comparison's arguments; an unknown flag or a bad value raises SettingError (one line on the console)."""
-    from .continual.cli import parse_args
+    from .continual.cli import comma_separated_fields, parse_args, split_commas
 
-    (args,) = parse_args(compare_parser(), sys.argv[1:] if argv is None else list(argv))
+    argv = split_commas(sys.argv[1:] if argv is None else list(argv), comma_separated_fields((CompareArguments,)))
+    (args,) = parse_args(compare_parser(), argv)
     return args
 
 
@@ -422,11 +435,11 @@ def _start(args: CompareArguments):
         torch.set_num_threads(args.num_threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    settings = args.settings
     bad = sorted(set(settings) - {"pretrain", "finetune"})
     if bad:
         raise ValueError(f"unknown setting(s) {bad}; use pretrain and/or finetune")
-    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    names = args.strategies
     for n in names:
         strategy_class(n)  # fails early, listing the available names
     user = parse_json_object(args.strategy_kwargs, "strategy_kwargs")
@@ -481,7 +494,7 @@ def _frontier_runs(
     else:
         lr0 = base_args.get("learning_rate", FINETUNE_WEIGHT_LR)
     extra = []
-    for f in [float(x) for x in args.frontier_lr_factors.split(",") if x.strip()]:
+    for f in args.frontier_lr_factors:
         lr = lr0 * f
         if base and math.isclose(lr, lr0):
             base["frontier"] = True

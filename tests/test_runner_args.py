@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import BertModel, TrainerCallback
 
-from hf_softmask.continual import ContinualPretrainer, parse_config
+from hf_softmask.continual import ContinualPretrainer, ContinualPretrainingArguments, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
 from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
 from tests.testing_utils import MAIN_THEN_REPORT_PROCESS_GROUP, accelerate_launch_cmd, tiny_runner_flags
@@ -231,3 +231,38 @@ def test_old_and_new_name_of_one_setting_together_are_refused(tmp_path):
     assert parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "p")]).max_steps == 3
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['max_steps_per_domain'\]"):
         parse_finetuning_config(["--config", str(cfg), "--output_dir", str(tmp_path / "f")])
+
+
+def test_sweep_lists_are_lists(tmp_path):
+    """learning_rates, seeds, strategies and frontier_runs are list fields: space-separated flags and YAML lists,
+    the old comma form still read (numbers, seeds and names never hold a comma); a bad item names its flag."""
+    out = ["--output_dir", str(tmp_path / "o"), "--no_plots"]
+    spaced = parse_config(
+        [*out, "--learning_rates", "1e-4", "5e-5", "--seeds", "0", "2", "--strategies", "ncl", "das"]
+    )
+    commas = parse_config([*out, "--learning_rates", "1e-4,5e-5", "--seeds=0,2", "--strategies", "ncl,das"])
+    for args in (spaced, commas):
+        assert args.learning_rates == [1e-4, 5e-5] and args.seeds == [0, 2] and args.strategies == ["ncl", "das"]
+        assert [(e["strategy"], e["learning_rates"]) for e in args.sweep_entries()] == [
+            ("ncl", [1e-4, 5e-5]),
+            ("das", [1e-4, 5e-5]),
+        ]
+    for text in ("seeds: [0, 1, 2]\nlearning_rates: [1.0e-4]\n", 'seeds: "0,1,2"\nlearning_rates: "1e-4"\n'):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        args = parse_config(["--config", str(cfg), *out])
+        assert args.seeds == [0, 1, 2] and args.seed_list() == [0, 1, 2] and args.learning_rates == [1e-4]
+    assert parse_config([*out, "--config", str(cfg), "--seeds", "5"]).seeds == [5]  # the flag overrides the YAML
+    assert parse_config(out).seeds is None and parse_config(out).learning_rates is None
+    with pytest.raises(ValueError, match="--seeds .*integers"):
+        ContinualPretrainingArguments(output_dir=str(tmp_path), plots=False, seeds=[0, 1.5])
+    with pytest.raises(ValueError, match="learning_rates"):
+        parse_config([*out, "--learning_rates", "1e-4,abc"])
+    from hf_softmask.comparison import parse_compare_args
+
+    compare = parse_compare_args(["--strategies", "ncl", "hat", "--settings", "pretrain", "--frontier_lr_factors=1,2"])
+    assert (compare.strategies, compare.settings, compare.frontier_lr_factors) == (
+        ["ncl", "hat"],
+        ["pretrain"],
+        [1, 2],
+    )

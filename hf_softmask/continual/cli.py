@@ -195,6 +195,29 @@ def help_text(dataclass_types, prog: str) -> str:
     return build_parser(dataclass_types, prog).format_help()
 
 
+def comma_separated_fields(dataclass_types) -> set[str]:
+    """The list fields of ``dataclass_types`` that also read ``a,b`` as two items, on the command line and in YAML:
+    those a class names in its ``comma_separated_fields`` (items that never hold a comma: numbers, seeds, names)."""
+    return {name for cls in dataclass_types for name in getattr(cls, "comma_separated_fields", ())}
+
+
+def split_commas(argv: list[str], names: set[str]) -> list[str]:
+    """``--name a,b c`` as ``--name a b c`` (and ``--name=a,b``) for the fields in ``names``."""
+    out, inside = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            inside = flag[2:] in names
+            if inside and eq:
+                out += [flag, *[v for v in value.split(",") if v]]
+                inside = False
+                continue
+            out.append(arg)
+        else:
+            out += [v for v in arg.split(",") if v] if inside else [arg]
+    return out
+
+
 def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hook=None):
     """Parse ``argv`` into the dataclasses; ``--config file.yaml`` supplies defaults that flags override.
 
@@ -207,8 +230,9 @@ def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hoo
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(dataclass_types, prog)
     names = {f.name for cls in dataclass_types for f in fields(cls)}
+    commas = comma_separated_fields(dataclass_types)
     with user_errors():
-        argv = renamed_flags(argv, names)
+        argv = split_commas(renamed_flags(argv, names), commas)
         known, _ = parser.parse_known_args(argv)
         if known.config:
             path = config_file(known.config)  # a file, or a shipped config by name
@@ -223,6 +247,9 @@ def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hoo
                 raise ValueError(f"{path}: unknown field(s) {unknown}; run with --help for the list of fields")
             # Renamed here, not left to __post_init__, so that the new flag on the command line overrides the YAML.
             data = renamed(data, names)
+            for name in commas & set(data):  # argparse would convert a string default as ONE item
+                if isinstance(data[name], str):
+                    data[name] = [v.strip() for v in data[name].split(",") if v.strip()]
             if yaml_hook is not None:
                 data = yaml_hook(data)
             # argparse converts only string defaults; YAML values arrive already typed.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
@@ -31,7 +32,14 @@ from .frontier import row_name
 from .renames import RENAMED, renamed
 from .strategy_settings import strategy_kwargs_text
 
-__all__ = ["ContinualPretrainingArguments", "parse_config", "parse_float_list", "parse_str_list", "PROG"]
+__all__ = [
+    "ContinualPretrainingArguments",
+    "parse_config",
+    "parse_float_list",
+    "parse_int_list",
+    "parse_str_list",
+    "PROG",
+]
 
 PROG = "hf-softmask pretrain"
 
@@ -91,6 +99,9 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
     :class:`~hf_softmask.softmask_arguments.SoftMaskArguments`, its other runner flags (``contrastive_weight``,
     ``contrastive_temperature``, ``perturbation_dropout``) the fields of :class:`.das_arguments.DASArguments`.
     """
+
+    #: List fields whose items never hold a comma: "a,b" also reads as two items (:func:`.cli.split_commas`).
+    comma_separated_fields: ClassVar[tuple[str, ...]] = ("learning_rates", "strategies", "frontier_runs", "seeds")
 
     # -- Trainer fields whose defaults differ from TrainingArguments (CPU-sized, per domain) ----------------------
     output_dir: str | None = field(
@@ -259,29 +270,30 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
     )
 
     # -- sweep ------------------------------------------------------------------------------------------------
-    learning_rates: str | None = field(
+    learning_rates: list[float] | None = field(
         default=None,
         metadata=_help(
-            "Comma-separated learning rates: run every (strategy, lr) into its own subdirectory and write "
-            "frontier.json/.md/.png."
+            "Learning rates (--learning_rates 1e-4 5e-5, or 1e-4,5e-5): run every (strategy, lr) into its own "
+            "subdirectory and write frontier.json/.md/.png."
         ),
     )
-    strategies: str | None = field(
-        default=None, metadata=_help("Comma-separated strategies for the sweep (default: the single --strategy).")
+    strategies: list[str] | None = field(
+        default=None,
+        metadata=_help("Strategies for the sweep (default: the single --strategy)."),
     )
-    frontier_runs: str | None = field(
+    frontier_runs: list[str] | None = field(
         default=None,
         metadata=_help(
-            "Comma-separated run directories or globs with results.json: only (re)write the frontier of these runs "
-            "into output_dir, train nothing."
+            "Run directories or globs with results.json: only (re)write the frontier of these runs into "
+            "output_dir, train nothing."
         ),
     )
-    seeds: str | None = field(
+    seeds: list[int] | None = field(
         default=None,
         metadata=_help(
-            "Comma-separated seeds: every (strategy, lr) of the sweep runs once per seed into "
-            "<strategy>_lr<lr>_s<seed>/ (training randomness only: the data split and evaluation blocks stay those "
-            "of --split_seed, so all seeds are evaluated on the same blocks)."
+            "Seeds (--seeds 0 1 2, or 0,1,2): every (strategy, lr) of the sweep runs once per seed into "
+            "<strategy>_lr<lr>_s<seed>/ (training randomness only: the data split and evaluation blocks stay "
+            "those of --split_seed, so all seeds are evaluated on the same blocks)."
         ),
     )
     split_seed: int | None = field(
@@ -343,6 +355,11 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
         # "--domains business,sports" and "--domains business sports" mean the same, "name=source" entries included
         # (a source with a comma in it needs the YAML form {name: ..., path: ...}).
         self.domains = [part for d in self.domains for part in (parse_str_list(d) if isinstance(d, str) else [d])]
+        # Lists given in Python as "a,b" strings (flags and YAML are split by the parser) read as on the command line.
+        self.learning_rates = parse_float_list(self.learning_rates, "learning_rates") or None
+        self.strategies = parse_str_list(self.strategies) or None
+        self.frontier_runs = parse_str_list(self.frontier_runs) or None
+        self.seeds = parse_int_list(self.seeds, "seeds") or None
         # An old name given as a flag or in Python (YAML is renamed before parsing, so that flags override it).
         names = {f.name for f in fields(self)}
         given = {old: getattr(self, old) for old in RENAMED if old in names and getattr(self, old) is not None}
@@ -392,7 +409,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
                 raise ValueError(f"--{name} must lie strictly between 0 and 1, got {value!r}")
         self.das_settings()  # the DAS flags (das_arguments.DAS_FLAGS), by DASConfig's checks
-        for lr in parse_float_list(self.learning_rates):
+        for lr in self.learning_rates or []:
             require_positive("learning_rates", lr)
         self.softmask_config()  # modes and policies
         self.domain_training_options()
@@ -402,12 +419,9 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
             raise ValueError(
                 f"--bootstrap_confidence must lie strictly between 0 and 1, got {self.bootstrap_confidence!r}"
             )
-        try:
-            seeds = [int(s) for s in parse_str_list(self.seeds)]
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {self.seeds!r}") from None
+        seeds = self.seed_list()
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"--seeds repeats a seed: {self.seeds!r}")
+            raise ValueError(f"--seeds repeats a seed: {seeds}")
         self.runs = parse_runs(self.runs)
         if self.runs and (self.strategies or self.learning_rates):
             raise ValueError(
@@ -473,17 +487,14 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
             raise ValueError(f"--{e}") from None
 
     def seed_list(self) -> list[int]:
-        return [int(s) for s in parse_str_list(self.seeds)]
+        return list(self.seeds or [])
 
     def sweep_entries(self) -> list[dict]:
         """The sweep's entries: the ``runs`` list, else one per ``--strategies`` with ``--learning_rates``."""
         if self.runs:
             return self.runs
-        lrs = parse_float_list(self.learning_rates) or [self.learning_rate]
-        return [
-            {"name": s, "strategy": s, "learning_rates": lrs}
-            for s in parse_str_list(self.strategies) or [self.strategy]
-        ]
+        lrs = self.learning_rates or [self.learning_rate]
+        return [{"name": s, "strategy": s, "learning_rates": lrs} for s in self.strategies or [self.strategy]]
 
     def for_entry(self, entry: dict, lr: float, validate_only: bool = False):
         """The settings of one sweep run: ``entry``'s overrides at learning rate ``lr`` (checked)."""
@@ -555,14 +566,30 @@ def parse_runs(value) -> list[dict] | None:
     return out
 
 
-def parse_float_list(value) -> list[float]:
+def parse_float_list(value, name: str | None = None) -> list[float]:
+    """Numbers from a list, or from a comma-separated string; ``name``: the flag an error names."""
+    return _parse_list(value, float, name, "numbers")
+
+
+def parse_int_list(value, name: str | None = None) -> list[int]:
+    """Integers from a list, or from a comma-separated string; ``name``: the flag an error names."""
+    return _parse_list(value, int, name, "integers")
+
+
+def _parse_list(value, kind, name, what):
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        return [float(v) for v in items if str(v).strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+        out = []
+        for v in (v for v in items if str(v).strip()):
+            if isinstance(v, bool) or (kind is int and isinstance(v, float) and not v.is_integer()):
+                raise ValueError(v)  # True is not a seed, and 1.5 is not 1
+            out.append(kind(v.strip() if isinstance(v, str) else v))
+        return out
+    except (TypeError, ValueError):
+        flag = f"--{name} " if name else ""
+        raise ValueError(f"{flag}expected a list of {what}, got {value!r}") from None
 
 
 def parse_str_list(value) -> list[str]:
