@@ -167,10 +167,9 @@ def compare_parser():
 
 def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
     """The comparison's arguments; an unknown flag or a bad value raises SettingError (one line on the console)."""
-    from .continual.cli import comma_separated_fields, parse_args, split_commas
+    from .continual.cli import parse_args
 
-    argv = split_commas(sys.argv[1:] if argv is None else list(argv), comma_separated_fields((CompareArguments,)))
-    (args,) = parse_args(compare_parser(), argv)
+    (args,) = parse_args(compare_parser(), sys.argv[1:] if argv is None else list(argv))
     return args
 
 

@@ -95,11 +95,9 @@ def _parse(script: str, args: list[str]) -> None:
 
         parse_finetuning_config(args)
     elif name == "compare_strategies":
-        from transformers import HfArgumentParser
+        from hf_softmask.comparison import parse_compare_args
 
-        from hf_softmask.comparison import CompareArguments
-
-        HfArgumentParser(CompareArguments).parse_args_into_dataclasses(args=args)
+        parse_compare_args(args)
 
 
 def test_the_docs_show_runner_commands():

@@ -143,6 +143,7 @@ def make_parser(dataclass_types, prog: str):
 def parse_args(parser, argv: list[str]) -> tuple:
     """``parser``'s dataclasses from ``argv``. An unknown flag (the nearest one as the hint), a bad value and a
     dataclass's own check that fails raise :class:`SettingError`."""
+    argv = split_commas(argv, comma_separated_fields(parser.dataclass_types))
     with user_errors():
         _, unknown = parser.parse_known_args(argv)
         if unknown:
