@@ -55,7 +55,7 @@ def cpu_step_peak_bytes(step, tensors_held) -> int:
 
 
 def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool = False) -> list[Row]:
-    from hf_softmask.contrastive import _pooled_views, info_nce
+    from hf_softmask.core.contrastive import _pooled_views, info_nce
     from hf_softmask.strategies.das import DASStrategy
 
     model = smollm2_model(env) if shape == "smollm2-135m" else llama_model(shape, env)

@@ -94,7 +94,7 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int) -> list[Row]:
 def _load(model_name: str):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from hf_softmask.assets import load_smollm2, minilm_path
+    from hf_softmask.utils.assets import load_smollm2, minilm_path
 
     if model_name == "smollm2":
         return (*load_smollm2(), False)
@@ -125,7 +125,7 @@ def bbc_halves(tokenizer, mlm: bool, blocks: int, block_size: int = 128, batch_s
 def stability(model_name: str, objective: str, blocks: int, estimators: list[str], out: Path) -> dict:
     """Raw snapshots of every estimator on both halves, saved to ``out`` (read by :func:`table`)."""
     from hf_softmask import compute_importance  # noqa: F401  (imports the registry)
-    from hf_softmask.estimators import importance_snapshots
+    from hf_softmask.core.importance_compute import importance_snapshots
 
     model, tok, mlm = _load(model_name)
     halves = bbc_halves(tok, mlm, blocks)
@@ -187,7 +187,7 @@ def split_half(record: dict, normalization: str | None) -> dict:
 
 def table(paths: list[Path], png: Path | None, normalizations=None, estimators=None) -> str:
     """Markdown: split-half r (heads / FFN) per estimator and normalization against tokens per half."""
-    from hf_softmask.importance import NORMALIZATIONS
+    from hf_softmask.core.importance import NORMALIZATIONS
 
     normalizations = normalizations or ["raw", *NORMALIZATIONS]
     records = [torch.load(p) for p in paths]
@@ -216,7 +216,7 @@ def _plot(records: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hf_softmask.importance import DEFAULT_NORMALIZATION
+    from hf_softmask.core.importance import DEFAULT_NORMALIZATION
 
     fig, axes = plt.subplots(2, len(records), figsize=(4.2 * len(records), 6.4), squeeze=False, sharey=True)
     colors: dict[str, str] = {}

@@ -109,7 +109,7 @@ def subnetwork_bytes(shape, strategy: str) -> dict:
 
 def talos_bytes(shape) -> dict:
     """Bytes of one TaLoS task vector (bit mask + changed values) and the live state for a layer of ``shape``."""
-    from hf_softmask.task_vectors import SparseTaskVector
+    from hf_softmask.baselines.task_vectors import SparseTaskVector
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(shape, generator=g) < TALOS_KEEP

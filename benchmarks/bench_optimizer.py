@@ -1,4 +1,4 @@
-"""The optimizer step alone: update-masked AdamW (hf_softmask.optim) against torch's AdamW.
+"""The optimizer step alone: update-masked AdamW (hf_softmask.core.optim) against torch's AdamW.
 
 Compared on the parameters of a Llama shape with random gradients, every owned slice masked per unit
 (the real soft-masking layout): torch AdamW foreach, torch AdamW fused (the Trainer's default), masks on a
@@ -13,9 +13,9 @@ import torch
 from common import Env, Row, free, interleaved, llama_model, random_importance
 
 try:
-    from hf_softmask.layout import UnitLayout
-    from hf_softmask.masking import SoftMaskConfig, build_param_masks
-    from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS, install_update_masks
+    from hf_softmask.core.layout import UnitLayout
+    from hf_softmask.core.masking import SoftMaskConfig, build_param_masks
+    from hf_softmask.core.optim import AUTO_COMPILE_AFTER_STEPS, install_update_masks
 except ImportError as err:  # pragma: no cover - run from a checkout without `pip install -e .`
     raise SystemExit(f"hf_softmask is not importable ({err}); run `pip install -e .` in the repository") from None
 

@@ -28,8 +28,8 @@ from common import (
     sync,
 )
 
-from hf_softmask.masking import SoftMaskConfig, SoftMasker
-from hf_softmask.optim import AUTO_COMPILE_AFTER_STEPS
+from hf_softmask.core.masking import SoftMaskConfig, SoftMasker
+from hf_softmask.core.optim import AUTO_COMPILE_AFTER_STEPS
 
 
 class OpaqueAdamW(torch.optim.AdamW):

@@ -72,10 +72,10 @@ def _eval_seconds(batch_sizes: list[int]) -> dict[int, float]:
     """Evaluation of the study's held-out sets (3 topics + general text) with the base model, per batch size."""
     import torch
 
-    from hf_softmask.bootstrap import block_losses
     from hf_softmask.continual import parse_config
     from hf_softmask.continual.domain_data import PretrainingData
     from hf_softmask.continual.model_loading import load_model_and_tokenizer, resolve_model_path
+    from hf_softmask.evaluation.bootstrap import block_losses
 
     torch.set_num_threads(2)
     out = {}

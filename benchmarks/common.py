@@ -19,7 +19,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch  # noqa: E402
 
-from hf_softmask.memory import peak_rss_bytes, reset_peak_rss  # noqa: E402, F401  (peak_rss_bytes: diagnostics)
+from hf_softmask.utils.memory import peak_rss_bytes, reset_peak_rss  # noqa: E402, F401  (peak_rss_bytes: diagnostics)
 
 # Llama shapes: (hidden, layers, heads, kv heads, FFN width, vocab).
 SHAPES: dict[str, dict] = {
@@ -99,7 +99,7 @@ def smollm2_model(env: Env):
     """SmolLM2-135M: the shipped checkpoint on a CPU, its shape from a config on a GPU (no assets there)."""
     if env.cuda:
         return llama_model("smollm2-135m", env)
-    from hf_softmask.assets import load_smollm2
+    from hf_softmask.utils.assets import load_smollm2
 
     model, _ = load_smollm2(dtype=env.dtype)
     return model.to(env.device)

@@ -295,7 +295,7 @@ def _smollm2(opts):
     if opts.dry_run and not opts.full_models:
         return _tiny_or_sized_llama(small=True), "tiny Llama (dry run)"
     try:
-        from hf_softmask.assets import load_smollm2
+        from hf_softmask.utils.assets import load_smollm2
 
         model, _ = load_smollm2(dtype=torch.float32)
         return model, "SmolLM2-135M (shipped GGUF)"

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_softmask import SoftMaskCallback, compute_importance
-from hf_softmask.assets import minilm_path
 from hf_softmask.data import build_lm_dataset, general_text_documents, lm_data_collator, load_bbc_topics
+from hf_softmask.utils.assets import minilm_path
 
 
 def main(max_steps: int = 20, output_dir: str = "runs/example"):

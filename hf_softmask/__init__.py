@@ -8,28 +8,37 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from .utils import deprecation as _deprecation
+
 try:
     __version__ = version("hf_softmask")
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
-    from .architectures import ArchitectureSpec, UnsupportedModelError, register_architecture, supported_model_types
-    from .bitpack import pack_bits, unpack_bits
-    from .callback import SoftMaskCallback
-    from .comparison import CompareArguments, run_comparison
+    from .baselines.fisher import fisher_diagonal
+    from .baselines.task_vectors import SparseTaskVector, apply_task_vectors
     from .continual import ContinualPretrainingArguments, run_continual_pretraining
+    from .continual.comparison import CompareArguments, run_comparison
     from .continual.finetuning import ContinualFinetuningArguments, run_continual_finetuning
-    from .contrastive import das_contrastive_loss
-    from .estimators import EmptyDataError, available_estimators, compute_importance, register_estimator
-    from .fisher import fisher_diagonal
-    from .gates import UnitGates, gated
-    from .importance import NORMALIZATIONS, ImportanceShapeError, UnitImportance
-    from .importance_estimators import ImportanceEstimator
-    from .layout import UnitLayout
-    from .masking import SoftMaskConfig, SoftMasker, build_param_masks
-    from .optim import MaskedAdamW, MaskedSGD, install_update_masks
-    from .softmask_arguments import SoftMaskArguments
+    from .core.architectures import (
+        ArchitectureSpec,
+        UnsupportedModelError,
+        register_architecture,
+        supported_model_types,
+    )
+    from .core.bitpack import pack_bits, unpack_bits
+    from .core.callback import SoftMaskCallback
+    from .core.contrastive import das_contrastive_loss
+    from .core.gates import UnitGates, gated
+    from .core.importance import NORMALIZATIONS, ImportanceShapeError, UnitImportance
+    from .core.importance_compute import EmptyDataError, available_estimators, compute_importance, register_estimator
+    from .core.importance_estimators import ImportanceEstimator
+    from .core.layout import UnitLayout
+    from .core.masking import SoftMaskConfig, SoftMasker, build_param_masks
+    from .core.optim import MaskedAdamW, MaskedSGD, install_update_masks
+    from .core.softmask_arguments import SoftMaskArguments
+    from .core.trainer import SoftMaskTrainer, SoftMaskTrainingArguments
     from .strategies import (
         ContinualStrategy,
         StrategyTrainer,
@@ -49,48 +58,46 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .strategies.tss import TSSConfig, TSSStrategy
     from .strategies.wsn import WSNConfig, WSNStrategy
     from .task_heads import MultiTaskClassifier
-    from .task_vectors import SparseTaskVector, apply_task_vectors
-    from .trainer import SoftMaskTrainer, SoftMaskTrainingArguments
     from .tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
 
 # name -> module that defines it, loaded on first use.
 _LAZY = {
-    "ArchitectureSpec": "architectures",
-    "UnsupportedModelError": "architectures",
-    "register_architecture": "architectures",
-    "supported_model_types": "architectures",
-    "SoftMaskCallback": "callback",
-    "EmptyDataError": "estimators",
-    "available_estimators": "estimators",
-    "compute_importance": "estimators",
-    "register_estimator": "estimators",
-    "UnitGates": "gates",
-    "gated": "gates",
-    "NORMALIZATIONS": "importance",
-    "ImportanceShapeError": "importance",
-    "UnitImportance": "importance",
-    "ImportanceEstimator": "importance_estimators",
-    "UnitLayout": "layout",
-    "SoftMaskConfig": "masking",
-    "SoftMasker": "masking",
-    "build_param_masks": "masking",
-    "MaskedAdamW": "optim",
-    "MaskedSGD": "optim",
-    "install_update_masks": "optim",
-    "SoftMaskArguments": "softmask_arguments",
+    "ArchitectureSpec": "core.architectures",
+    "UnsupportedModelError": "core.architectures",
+    "register_architecture": "core.architectures",
+    "supported_model_types": "core.architectures",
+    "SoftMaskCallback": "core.callback",
+    "EmptyDataError": "core.importance_compute",
+    "available_estimators": "core.importance_compute",
+    "compute_importance": "core.importance_compute",
+    "register_estimator": "core.importance_compute",
+    "UnitGates": "core.gates",
+    "gated": "core.gates",
+    "NORMALIZATIONS": "core.importance",
+    "ImportanceShapeError": "core.importance",
+    "UnitImportance": "core.importance",
+    "ImportanceEstimator": "core.importance_estimators",
+    "UnitLayout": "core.layout",
+    "SoftMaskConfig": "core.masking",
+    "SoftMasker": "core.masking",
+    "build_param_masks": "core.masking",
+    "MaskedAdamW": "core.optim",
+    "MaskedSGD": "core.optim",
+    "install_update_masks": "core.optim",
+    "SoftMaskArguments": "core.softmask_arguments",
     "ContinualStrategy": "strategies",
     "StrategyTrainer": "strategies",
     "available_strategies": "strategies",
     "get_strategy": "strategies",
     "register_strategy": "strategies",
-    "SoftMaskTrainer": "trainer",
-    "SoftMaskTrainingArguments": "trainer",
+    "SoftMaskTrainer": "core.trainer",
+    "SoftMaskTrainingArguments": "core.trainer",
     "SubnetworkConfig": "tss",
     "SubnetworkModel": "tss",
     "get_subnetwork_model": "tss",
     "MultiTaskClassifier": "task_heads",
-    "pack_bits": "bitpack",
-    "unpack_bits": "bitpack",
+    "pack_bits": "core.bitpack",
+    "unpack_bits": "core.bitpack",
     "DASStrategy": "strategies.das",
     "TSSStrategy": "strategies.tss",
     "WSNStrategy": "strategies.wsn",
@@ -116,10 +123,10 @@ _LAZY = {
     "LoRABaselineConfig": "strategies.lora",
     "FreezeBottomStrategy": "strategies.freeze_bottom",
     "FreezeBottomConfig": "strategies.freeze_bottom",
-    "SparseTaskVector": "task_vectors",
-    "apply_task_vectors": "task_vectors",
-    "fisher_diagonal": "fisher",
-    "das_contrastive_loss": "contrastive",
+    "SparseTaskVector": "baselines.task_vectors",
+    "apply_task_vectors": "baselines.task_vectors",
+    "fisher_diagonal": "baselines.fisher",
+    "das_contrastive_loss": "core.contrastive",
     "ContinualPretrainingArguments": "continual",
     "run_continual_pretraining": "continual",
     "ContinualFinetuningArguments": "continual.finetuning",
@@ -128,8 +135,8 @@ _LAZY = {
     "ContinualFinetuneArguments": "continual.finetune",
     "ContinualFinetuneTrainingArguments": "continual.finetune",
     "run_continual_finetune": "continual.finetune",
-    "CompareArguments": "comparison",
-    "run_comparison": "comparison",
+    "CompareArguments": "continual.comparison",
+    "run_comparison": "continual.comparison",
 }
 
 
@@ -137,11 +144,50 @@ _LAZY = {
 _RENAMED = {"LoRAConfig": "LoRABaselineConfig"}
 
 
+#: Modules moved into the layer packages (core, baselines, evaluation, utils, continual): the old path still imports,
+#: warning once, for one release.
+_MOVED_MODULES = {
+    "architectures": "core.architectures",
+    "layout": "core.layout",
+    "gates": "core.gates",
+    "importance": "core.importance",
+    "importance_estimators": "core.importance_estimators",
+    "masking": "core.masking",
+    "optim": "core.optim",
+    "clipping": "core.clipping",
+    "dtensor": "core.dtensor",
+    "bitpack": "core.bitpack",
+    "callback": "core.callback",
+    "trainer": "core.trainer",
+    "softmask_arguments": "core.softmask_arguments",
+    "softmask_resume": "core.softmask_resume",
+    "loss_scaling": "core.loss_scaling",
+    "compatibility": "core.compatibility",
+    "peft_support": "core.peft_support",
+    "contrastive": "core.contrastive",
+    "estimators": "core.importance_compute",
+    "replay": "baselines.replay",
+    "merging": "baselines.merging",
+    "task_vectors": "baselines.task_vectors",
+    "domain_training": "baselines.domain_training",
+    "fisher": "baselines.fisher",
+    "bootstrap": "evaluation.bootstrap",
+    "continual_metrics": "evaluation.continual_metrics",
+    "plotting": "evaluation.plotting",
+    "io": "utils.io",
+    "extras": "utils.extras",
+    "deprecation": "utils.deprecation",
+    "memory": "utils.memory",
+    "package_data": "utils.package_data",
+    "assets": "utils.assets",
+    "comparison": "continual.comparison",
+}
+_deprecation.alias_moved_modules({f"{__name__}.{old}": f"{__name__}.{new}" for old, new in _MOVED_MODULES.items()})
+
+
 def __getattr__(name):
     if name in _RENAMED:
-        from .deprecation import warn_renamed
-
-        warn_renamed(f"{__name__}.{name}", f"{__name__}.{_RENAMED[name]}")
+        _deprecation.warn_renamed(f"{__name__}.{name}", f"{__name__}.{_RENAMED[name]}")
         return __getattr__(_RENAMED[name])
     module = _LAZY.get(name)
     if module is None:

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from .package_data import help_file
+from .utils.package_data import help_file
 
 __all__ = ["COMMANDS", "main", "pretrain", "finetune", "compare", "assets"]
 
@@ -51,7 +51,7 @@ def finetune(argv: list[str] | None = None) -> int:
 def compare(argv: list[str] | None = None) -> int:
     """Every strategy on the same sequences; prints comparison.md and how many runs failed (each is a record)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .comparison import parse_compare_args, run_comparison
+    from .continual.comparison import parse_compare_args, run_comparison
 
     args = parse_compare_args(argv)
     payload = run_comparison(args)
@@ -74,7 +74,7 @@ options:
 
 def assets(argv: list[str] | None = None) -> int:
     """Print the pip command installing the shipped assets, or run it (``--install``)."""
-    from .assets import assets_install_command
+    from .utils.assets import assets_install_command
 
     argv = list(argv or [])
     unknown = [a for a in argv if a != "--install"]

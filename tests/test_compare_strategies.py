@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hf_softmask.comparison import CompareArguments, frontier_position, run_comparison
+from hf_softmask.continual.comparison import CompareArguments, frontier_position, run_comparison
 
 
 def test_frontier_position_rule():

@@ -1,4 +1,4 @@
-"""Compatibility-matrix cells proven by real Trainer runs on tiny models (see hf_softmask/compatibility.py).
+"""Compatibility-matrix cells proven by real Trainer runs on tiny models (see hf_softmask/core/compatibility.py).
 
 Each case trains a tiny Llama (2 layers, hidden 32, 4 heads) with one training feature on and asserts the row's
 defining property, not only that training ran: protected slices unchanged (soft-masking, DAS with its contrastive
@@ -27,8 +27,8 @@ from hf_softmask import (
     SoftMaskTrainingArguments,
     UnitLayout,
 )
-from hf_softmask.compatibility import MATRIX, UnsupportedSettingError
 from hf_softmask.continual.finetuning import build_optimizer
+from hf_softmask.core.compatibility import MATRIX, UnsupportedSettingError
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.cbp import CBPStrategy
 from hf_softmask.strategies.das import DASStrategy

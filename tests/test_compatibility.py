@@ -1,5 +1,6 @@
-"""The compatibility matrix (hf_softmask/compatibility.py): the generated page is current, every cell is filled and
-shown by tests that exist (tests/compat_evidence.py), and every refused cell refuses at train begin with its message.
+"""The compatibility matrix (hf_softmask/core/compatibility.py): the generated page is current, every cell is filled
+and shown by tests that exist (tests/compat_evidence.py), and every refused cell refuses at train begin with its
+message.
 
 This file is also the worker of the refusal test (``python tests/test_compatibility.py OUT``): it runs in its own
 process because a Trainer with ``--fsdp`` sets up torch.distributed (world size 1), which must not leak into the
@@ -24,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from hf_softmask.compatibility import (  # noqa: E402  (after the sys.path set-up above)
+from hf_softmask.core.compatibility import (  # noqa: E402  (after the sys.path set-up above)
     COLUMNS,
     MATRIX,
     ROWS,

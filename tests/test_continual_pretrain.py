@@ -19,7 +19,7 @@ from hf_softmask.continual import (
     parse_config,
     run_continual_pretraining,
 )
-from hf_softmask.importance import UnitImportance
+from hf_softmask.core.importance import UnitImportance
 from tests.testing_utils import RUNNER_KILL_WORKER, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_softmask import ArchitectureSpec, UnitGates, UnitLayout, UnsupportedModelError, gated, register_architecture
-from hf_softmask.architectures import _REGISTRY
+from hf_softmask.core.architectures import _REGISTRY
 from tests.testing_utils import TINY_MODELS, VOCAB, random_lm_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 

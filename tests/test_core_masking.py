@@ -226,7 +226,7 @@ def test_gradient_hooks_refuse_dtensor_parameters(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from hf_softmask.masking import GradMaskHooks
+    from hf_softmask.core.masking import GradMaskHooks
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from hf_softmask.contrastive import (
+from hf_softmask.core.contrastive import (
     das_contrastive_loss,
     info_nce,
     masked_mean_pool,
     sentence_views,
     unmasked_input_ids,
 )
-from hf_softmask.importance import UnitImportance
-from hf_softmask.layout import UnitLayout
-from hf_softmask.masking import SoftMaskConfig
+from hf_softmask.core.importance import UnitImportance
+from hf_softmask.core.layout import UnitLayout
+from hf_softmask.core.masking import SoftMaskConfig
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from hf_softmask.strategies.das import DASStrategy
 from tests.testing_utils import lm_rows, random_lm_batches, tiny_bert, tiny_llama, train_args

@@ -11,8 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import default_data_collator
 
-from hf_softmask.importance import UnitImportance
-from hf_softmask.layout import UnitLayout
+from hf_softmask.core.importance import UnitImportance
+from hf_softmask.core.layout import UnitLayout
 from hf_softmask.strategies import StrategyTrainer
 from hf_softmask.strategies.das import DASStrategy
 from tests.testing_utils import lm_rows, random_lm_batches, tiny_llama, train_args
@@ -90,7 +90,7 @@ def test_smollm2_das_bf16_with_gradient_checkpointing_keeps_protected_slices(tmp
     from transformers import AutoModelForCausalLM
 
     from hf_softmask.continual.model_loading import smollm2_checkpoint
-    from hf_softmask.masking import SoftMaskConfig
+    from hf_softmask.core.masking import SoftMaskConfig
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint())
     layout = UnitLayout.from_model(model)

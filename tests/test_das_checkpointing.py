@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_softmask.estimators import compute_importance
-from hf_softmask.importance import UnitImportance
-from hf_softmask.layout import UnitLayout
+from hf_softmask.core.importance import UnitImportance
+from hf_softmask.core.importance_compute import compute_importance
+from hf_softmask.core.layout import UnitLayout
 from hf_softmask.strategies.das import DASStrategy
 from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
@@ -84,7 +84,7 @@ def test_importance_equal_with_and_without_checkpointing(arch, objective, checkp
 @pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
 def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointing):
     """Gates changed, disabled or removed between forward and backward (HAT resets them every step)."""
-    from hf_softmask.gates import UnitGates
+    from hf_softmask.core.gates import UnitGates
 
     def grads(ckpt, change):
         model = tiny_llama(seed=1).train()
@@ -121,7 +121,7 @@ def test_recomputation_uses_the_gates_of_the_forward_not_later_ones(checkpointin
 
 
 def test_gates_leave_no_hook_or_wrapper_behind():
-    from hf_softmask.gates import UnitGates
+    from hf_softmask.core.gates import UnitGates
 
     model = tiny_bert()
     model.gradient_checkpointing_enable()
@@ -138,7 +138,7 @@ def test_gates_leave_no_hook_or_wrapper_behind():
 def test_gates_computed_from_trainable_embeddings_backpropagate_under_checkpointing(checkpointing):
     """HAT's gates are sigmoid(s*e), one non-leaf tensor shared by every layer: reentrant checkpointing runs one
     backward per layer and used to traverse that graph twice ("Trying to backward through the graph a second time")."""
-    from hf_softmask.gates import UnitGates
+    from hf_softmask.core.gates import UnitGates
 
     def grads(ckpt):
         model = tiny_llama(seed=1).train()

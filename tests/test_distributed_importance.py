@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from hf_softmask.importance import UnitImportance
+from hf_softmask.core.importance import UnitImportance
 from tests.testing_utils import (
     launch_cpu_processes,
     random_lm_batches,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from hf_softmask.domain_training import DomainTraining, DomainTrainingOptions
-from hf_softmask.importance import UnitImportance
-from hf_softmask.masking import SoftMaskConfig
-from hf_softmask.replay import ReplayMixture
+from hf_softmask.baselines.domain_training import DomainTraining, DomainTrainingOptions
+from hf_softmask.baselines.replay import ReplayMixture
+from hf_softmask.core.importance import UnitImportance
+from hf_softmask.core.masking import SoftMaskConfig
 from hf_softmask.strategies import StrategyTrainer, get_strategy
 from tests.testing_utils import ExampleDataset, tiny_bert, tiny_llama, train_args
 
@@ -27,7 +27,7 @@ def _band_rows(band, n, seq=12, seed=0):
 
 
 def _run_domains(model, strategy, extras, train_sets, tmp_path, steps=2, batch=4, **args):
-    """The runner's per-domain call sequence (hf_softmask.domain_training module docstring)."""
+    """The runner's per-domain call sequence (hf_softmask.baselines.domain_training module docstring)."""
     seen, starts, weights = [], [], []
     hook = model.register_forward_pre_hook(
         lambda m, a, kw: seen.append((len(weights), kw["input_ids"].clone())), with_kwargs=True

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM
 
-from hf_softmask.assets import minilm_path
+from hf_softmask.utils.assets import minilm_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

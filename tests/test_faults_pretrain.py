@@ -293,7 +293,7 @@ def test_push_failure_other_than_offline_ends_the_run_with_an_error(tiny_mlm_dir
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """mkstemp made every atomically written file 0600 (unreadable to the rest of a team)."""
-    from hf_softmask.io import atomic_write_json
+    from hf_softmask.utils.io import atomic_write_json
 
     umask = os.umask(0o022)
     try:

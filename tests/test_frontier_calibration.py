@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_softmask.bootstrap import RunBlocks, Study
+from hf_softmask.evaluation.bootstrap import RunBlocks, Study
 
 LRS = (1.0, 1.41, 2.0, 2.83, 4.0)  # a dense grid: no step wider than sqrt(2)
 NULL_LR = 1.7  # off the grid: plain training judged like a method

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from hf_softmask import MultiTaskClassifier, SoftMaskCallback, UnitImportance, UnitLayout
-from hf_softmask.compatibility import (
+from hf_softmask.core.compatibility import (
     COLUMNS,
     MATRIX,
     ROWS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_softmask.layout import UnitLayout
+from hf_softmask.core.layout import UnitLayout
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy, hat_scale
 from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_llama

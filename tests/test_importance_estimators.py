@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_softmask import ImportanceEstimator, UnitLayout, available_estimators, compute_importance, register_estimator
-from hf_softmask.importance_estimators import _REGISTRY
+from hf_softmask.core.importance_estimators import _REGISTRY
 from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 
 MODELS = {"bert": lambda: tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "llama": tiny_llama}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_softmask import NORMALIZATIONS, UnitImportance, compute_importance
-from hf_softmask.importance import DEFAULT_NORMALIZATION, normalize_importance
+from hf_softmask.core.importance import DEFAULT_NORMALIZATION, normalize_importance
 from tests.testing_utils import random_lm_batches, tiny_llama
 
 MONOTONIC = [n for n in NORMALIZATIONS if n != "abs_tanh"]

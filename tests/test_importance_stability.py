@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hf_softmask import compute_importance
-from hf_softmask.importance import DEFAULT_NORMALIZATION
+from hf_softmask.core.importance import DEFAULT_NORMALIZATION
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_importance import bbc_halves  # noqa: E402  (the halves of the documented sample-size curve)

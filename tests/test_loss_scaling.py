@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from hf_softmask.loss_scaling import loss_uses_num_items
+from hf_softmask.core.loss_scaling import loss_uses_num_items
 from hf_softmask.strategies import StrategyTrainer
 from tests.testing_utils import lm_rows, tiny_bert, tiny_llama, train_args
 

@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout
-from hf_softmask.masking import SoftMaskConfig, SoftMasker, mask_statistics
+from hf_softmask.core.masking import SoftMaskConfig, SoftMasker, mask_statistics
 from hf_softmask.strategies import ContinualStrategy, StrategyTrainer
 from tests.test_core_masking import _args
 from tests.testing_utils import ExampleDataset, random_lm_batches, tiny_llama

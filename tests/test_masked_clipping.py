@@ -1,4 +1,4 @@
-"""Gradient clipping in update mode clips the gradients the masked optimizer applies (hf_softmask.clipping)."""
+"""Gradient clipping in update mode clips the gradients the masked optimizer applies (hf_softmask.core.clipping)."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, SoftMaskTrainer, SoftMaskTrainingArguments, UnitImportance, UnitLayout
-from hf_softmask.clipping import clip_masked_grad_norm_, masked_grad_norm
+from hf_softmask.core.clipping import clip_masked_grad_norm_, masked_grad_norm
 from tests.testing_utils import ExampleDataset, launch_cpu_processes, random_lm_batches, tiny_llama, train_args
 
 
@@ -132,7 +132,7 @@ def _fsdp2_worker(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from hf_softmask.masking import SoftMaskConfig, build_named_masks, resolve_masks
+    from hf_softmask.core.masking import SoftMaskConfig, build_named_masks, resolve_masks
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hf_softmask.memory import peak_rss_bytes, reset_peak_rss
+from hf_softmask.utils.memory import peak_rss_bytes, reset_peak_rss
 
 MB = 2**20
 
@@ -33,4 +33,4 @@ def test_the_runners_and_the_benchmarks_read_it_in_one_place():
         for p in (root / d).rglob("*.py")
         if "/proc/self/" in p.read_text()
     )
-    assert readers == ["hf_softmask/memory.py"]
+    assert readers == ["hf_softmask/utils/memory.py"]

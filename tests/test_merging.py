@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hf_softmask.merging import WeightEMA, interpolate_weights_, snapshot_weights
+from hf_softmask.baselines.merging import WeightEMA, interpolate_weights_, snapshot_weights
 from tests.testing_utils import lm_dataset, tiny_llama, train_args
 
 

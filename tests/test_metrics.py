@@ -11,7 +11,7 @@ import evaluate
 import pytest
 import torch
 
-from hf_softmask import continual_metrics as C
+from hf_softmask.evaluation import continual_metrics as C
 from hf_softmask.metrics import available_metrics, load_metric, metric_path
 
 # Hand-worked 3-class confusion (rows: reference, cols: prediction):

@@ -11,11 +11,11 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from hf_softmask.architectures import is_encoder_type, supported_model_types
-from hf_softmask.assets import minilm_path
 from hf_softmask.continual.model_loading import resolve_model_path, wants_mlm
 from hf_softmask.continual.strategy_settings import parse_strategy_kwargs, strategy_kwargs_text
+from hf_softmask.core.architectures import is_encoder_type, supported_model_types
 from hf_softmask.data import is_masked_lm
+from hf_softmask.utils.assets import minilm_path
 
 BERT = dict(
     vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -31,13 +31,13 @@ def test_no_module_imports_another_modules_private_name():
 
 
 def test_dtensor_helpers_are_written_once():
-    """``is_dtensor`` / ``local_tensor`` live in hf_softmask.dtensor; no other module defines its own."""
+    """``is_dtensor`` / ``local_tensor`` live in hf_softmask.core.dtensor; no other module defines its own."""
     defs = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in {"is_dtensor", "local", "local_tensor"}:
                 defs.append(f"{path.relative_to(PACKAGE.parent)}:{node.name}")
-    assert defs == ["hf_softmask/dtensor.py:is_dtensor", "hf_softmask/dtensor.py:local_tensor"]
+    assert defs == ["hf_softmask/core/dtensor.py:is_dtensor", "hf_softmask/core/dtensor.py:local_tensor"]
 
 
 @pytest.mark.parametrize(
@@ -45,11 +45,11 @@ def test_dtensor_helpers_are_written_once():
     [
         ("hf_softmask", "LoRAConfig", "LoRABaselineConfig"),
         ("hf_softmask.strategies.lora", "LoRAConfig", "LoRABaselineConfig"),
-        ("hf_softmask.io", "PushToHubMixin", "HubUploadMixin"),
+        ("hf_softmask.utils.io", "PushToHubMixin", "HubUploadMixin"),
     ],
 )
 def test_renamed_public_names_still_work_and_warn_once(module, old, new, monkeypatch):
-    from hf_softmask import deprecation
+    from hf_softmask.utils import deprecation
 
     monkeypatch.setattr(deprecation, "_warned", set())
     mod = importlib.import_module(module)
@@ -63,20 +63,20 @@ def test_renamed_public_names_still_work_and_warn_once(module, old, new, monkeyp
 
 
 def test_an_unknown_name_is_still_an_attribute_error():
-    import hf_softmask.io
     import hf_softmask.strategies.lora
+    import hf_softmask.utils.io
 
-    for mod in (hf_softmask.io, hf_softmask.strategies.lora):
+    for mod in (hf_softmask.utils.io, hf_softmask.strategies.lora):
         with pytest.raises(AttributeError, match="no attribute 'Nope'"):
             mod.Nope  # noqa: B018
 
 
 def test_hub_upload_is_written_once():
-    """Every upload goes through hf_softmask.io.upload_folder_to_hub (HfApi's create_repo + upload_folder)."""
+    """Every upload goes through hf_softmask.utils.io.upload_folder_to_hub (HfApi's create_repo + upload_folder)."""
     callers = sorted(
         str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if ".upload_folder(" in p.read_text()
     )
-    assert callers == ["hf_softmask/io.py"]
+    assert callers == ["hf_softmask/utils/io.py"]
 
 
 def test_the_shipped_package_names_no_pytest_node_ids():

@@ -105,7 +105,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_commands(tmp_path, tiny_mlm_di
         assert out == (ROOT / "hf_softmask" / "continual" / "help" / f"{stored}.txt").read_text()
         assert out.startswith(f"usage: hf-softmask {name} ")
     assert "already satisfied" in _run([command, "assets", "--install"], work, env).stdout  # pins met: no download
-    code = "from hf_softmask.package_data import config_file; print(config_file('configs/default.yaml'))"
+    code = "from hf_softmask.utils.package_data import config_file; print(config_file('configs/default.yaml'))"
     shipped = _run([python, "-c", code], work, env)
     assert Path(shipped.stdout.strip()).resolve().is_relative_to(venv.resolve())
 
@@ -165,7 +165,7 @@ def test_offline_uses_a_cached_hub_id_and_names_the_fix_for_an_uncached_one(tmp_
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = (
-        "from hf_softmask.assets import check_model_source as c\n"
+        "from hf_softmask.utils.assets import check_model_source as c\n"
         "from transformers import AutoConfig\n"
         "c('someone/tiny-mlm'); print(AutoConfig.from_pretrained('someone/tiny-mlm').model_type)\n"
         "try:\n    c('someone/not-cached')\nexcept FileNotFoundError as e:\n    print(e)\n"
@@ -204,11 +204,11 @@ def test_every_imported_package_is_declared():
 
 def test_assets_are_pinned_in_one_place(capsys):
     """README and .ci/run install the shipped assets through ``hf-softmask assets --install``; the pins live only in
-    hf_softmask.assets, and the installed assets are those pins."""
+    hf_softmask.utils.assets, and the installed assets are those pins."""
     from importlib.metadata import version
 
-    from hf_softmask.assets import ASSET_PINS
     from hf_softmask.command_line import main
+    from hf_softmask.utils.assets import ASSET_PINS
 
     assert main(["assets"]) == 0
     printed = capsys.readouterr().out.split()
@@ -230,7 +230,7 @@ sys.modules["matplotlib"] = None  # as if not installed
 sys.modules["gguf"] = None
 from hf_softmask.continual import parse_config
 from hf_softmask.continual.finetuning import parse_finetuning_config
-from hf_softmask.assets import load_smollm2
+from hf_softmask.utils.assets import load_smollm2
 out = {str(tmp_path)!r}
 for parse in (parse_config, parse_finetune_config):
     try:
@@ -239,7 +239,7 @@ for parse in (parse_config, parse_finetune_config):
         print(e)
     parse(["--output_dir", out, "--no_plots"])
 try:
-    import hf_softmask.plotting
+    import hf_softmask.evaluation.plotting
 except ImportError as e:
     print(e)
 try:

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, UnitImportance, UnitLayout, build_param_masks, compute_importance, gated
-from hf_softmask.estimators import has_dropout
-from hf_softmask.peft_support import UnsupportedAdapterError
+from hf_softmask.core.importance_compute import has_dropout
+from hf_softmask.core.peft_support import UnsupportedAdapterError
 from tests.testing_utils import lm_dataset, random_lm_batches, tiny_bert, tiny_llama, train_args
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_softmask import plotting as P
+from hf_softmask.evaluation import plotting as P
 
 
 def _check_png(path, expected):

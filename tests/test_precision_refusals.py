@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_softmask.compatibility import (
+from hf_softmask.core.compatibility import (
     COLUMNS,
     MATRIX,
     ROWS,

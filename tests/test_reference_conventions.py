@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from hf_softmask import compute_importance
-from hf_softmask.contrastive import masked_mean_pool, sentence_views
-from hf_softmask.estimators import OBJECTIVES
-from hf_softmask.gates import gated
-from hf_softmask.importance import UnitImportance
-from hf_softmask.layout import UnitLayout
+from hf_softmask.core.contrastive import masked_mean_pool, sentence_views
+from hf_softmask.core.gates import gated
+from hf_softmask.core.importance import UnitImportance
+from hf_softmask.core.importance_compute import OBJECTIVES
+from hf_softmask.core.layout import UnitLayout
 from hf_softmask.strategies.das import DASConfig, DASStrategy
 from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from hf_softmask.replay import (
+from hf_softmask.baselines.replay import (
     ReplayMixture,
     replay_dataset,
     replay_rows_per_batch,
@@ -198,7 +198,7 @@ def _ddp_worker(out):
     from safetensors.torch import save_file
     from transformers import Trainer
 
-    from hf_softmask.merging import WeightEMA, interpolate_weights_, snapshot_weights
+    from hf_softmask.baselines.merging import WeightEMA, interpolate_weights_, snapshot_weights
 
     domain, earlier, general = _sets()
     B, steps, ga = 4, 3, 2

@@ -258,7 +258,7 @@ def test_sweep_lists_are_lists(tmp_path):
         ContinualPretrainingArguments(output_dir=str(tmp_path), plots=False, seeds=[0, 1.5])
     with pytest.raises(ValueError, match="learning_rates"):
         parse_config([*out, "--learning_rates", "1e-4,abc"])
-    from hf_softmask.comparison import parse_compare_args
+    from hf_softmask.continual.comparison import parse_compare_args
 
     compare = parse_compare_args(["--strategies", "ncl", "hat", "--settings", "pretrain", "--frontier_lr_factors=1,2"])
     assert (compare.strategies, compare.settings, compare.frontier_lr_factors) == (

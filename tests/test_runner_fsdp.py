@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
-from hf_softmask.importance import UnitImportance
+from hf_softmask.core.importance import UnitImportance
 from tests.testing_utils import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from hf_softmask import SoftMaskConfig, SoftMaskTrainingArguments
 from hf_softmask.continual import ContinualPretrainingArguments, parse_config
 from hf_softmask.continual.cli import build_parser
 from hf_softmask.continual.config import PROG
-from hf_softmask.softmask_arguments import flag_name
+from hf_softmask.core.softmask_arguments import flag_name
 
 ARGUMENT_CLASSES = (SoftMaskTrainingArguments, ContinualPretrainingArguments)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hf_softmask.fisher import fisher_diagonal
+from hf_softmask.baselines.fisher import fisher_diagonal
 from hf_softmask.strategies.cbp import CBPStrategy
 from hf_softmask.strategies.ewc import EWCStrategy
 from hf_softmask.strategies.hat import AdaHATStrategy, HATStrategy

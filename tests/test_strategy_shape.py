@@ -183,7 +183,7 @@ def test_a_config_class_needs_the_config_and_settings_init():
 
 def test_a_nested_config_field_given_as_an_object_or_a_dict(tmp_path):
     """As DAS has it: a nested SoftMaskConfig field (default_factory), given as an object or a dict."""
-    from hf_softmask.masking import SoftMaskConfig
+    from hf_softmask.core.masking import SoftMaskConfig
     from hf_softmask.strategies.units import StrategyConfig
 
     @dataclasses.dataclass
@@ -254,7 +254,7 @@ def test_the_writing_a_strategy_guide_snippet_runs(monkeypatch):
 
 def test_the_comparison_defaults_are_valid_settings():
     """STRATEGY_DEFAULTS feeds keywords to every strategy: a misspelled one would now stop the sweep at start."""
-    from hf_softmask.comparison import STRATEGY_DEFAULTS
+    from hf_softmask.continual.comparison import STRATEGY_DEFAULTS
 
     for defaults in STRATEGY_DEFAULTS.values():
         for name, settings in defaults.items():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_softmask.optim import MaskedSGD
+from hf_softmask.baselines.task_vectors import SparseTaskVector, apply_task_vectors
+from hf_softmask.core.optim import MaskedSGD
 from hf_softmask.strategies import get_strategy
 from hf_softmask.strategies.talos import (
     TaLoSStrategy,
     lowest_fraction_masks,
     scoped_parameters,
 )
-from hf_softmask.task_vectors import SparseTaskVector, apply_task_vectors
 from tests.testing_utils import lm_dataset, logits_of, random_lm_batches, run_task, tiny_bert, tiny_gpt2
 
 
@@ -63,7 +63,7 @@ def test_selection_prefers_least_sensitive(tmp_path):
     talos = TaLoSStrategy(keep_fraction=0.3, rounds=2, examples_per_round=8)
     talos.before_task(model, 0, DataLoader(data, batch_size=4))
     # an independent one-round scoring on the same examples: trainable entries are on average far less sensitive
-    from hf_softmask.fisher import fisher_diagonal
+    from hf_softmask.baselines.fisher import fisher_diagonal
 
     params = scoped_parameters(model)
     scores, _ = fisher_diagonal(model, DataLoader(data, batch_size=4), params, max_examples=8, seed=123)

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer
 
 from hf_softmask import SoftMaskCallback, SoftMaskConfig, UnitImportance, UnitLayout
-from hf_softmask.masking import build_named_masks
+from hf_softmask.core.masking import build_named_masks
 from hf_softmask.strategies.talos import TaLoSStrategy, lm_head_parameters, scoped_parameters
 from tests.testing_utils import (
     ExampleDataset,

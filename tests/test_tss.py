@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_softmask.bitpack import pack_bits, packed_nbytes, unpack_bits
+from hf_softmask.core.bitpack import pack_bits, packed_nbytes, unpack_bits
 from hf_softmask.strategies import get_strategy
 from hf_softmask.task_heads import MultiTaskClassifier
 from hf_softmask.tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model, straight_through_mask

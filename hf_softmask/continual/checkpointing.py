@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..io import atomic_replace_dir, atomic_write_json
+from ..utils.io import atomic_replace_dir, atomic_write_json
 from .cli import UserError
 
 __all__ = [

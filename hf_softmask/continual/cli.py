@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from ..package_data import HELP_DIR, config_file
+from ..utils.package_data import HELP_DIR, config_file
 from .renames import applies, renamed, renamed_flags
 
 __all__ = [
@@ -85,7 +85,7 @@ def user_errors():
     FileNotFoundError, PermissionError or missing optional dependency raised inside is the user's mistake and
     leaves as a :class:`UserError` (same message and traceback, still an instance of its old class). Errors of
     the later phases (training) are not wrapped: they keep their type and traceback."""
-    from ..extras import MissingExtraError
+    from ..utils.extras import MissingExtraError
 
     try:
         yield
@@ -102,7 +102,7 @@ def user_errors():
 
 @functools.cache
 def _missing_extra_class():
-    from ..extras import MissingExtraError
+    from ..utils.extras import MissingExtraError
 
     return type("MissingExtraError", (UserError, MissingExtraError), {"__module__": __name__})
 
@@ -296,7 +296,8 @@ def refuse_unsupported_trainer_flags(args, runner: str) -> None:
             f"--deepspeed: the {runner} runner does not support DeepSpeed (its optimizer steps flat fp32 "
             "partitions the soft masks cannot follow); use FSDP2 for sharded training "
             "(accelerate launch --config_file <the shipped configs/accelerate/fsdp.yaml: "
-            "python -c 'from hf_softmask.package_data import config_file; print(config_file(\"accelerate/fsdp\"))'>, "
+            "python -c 'from hf_softmask.utils.package_data import config_file; "
+            'print(config_file("accelerate/fsdp"))\'>, '
             "or --fsdp), or DDP"
         )
     if _is_set(args.resume_from_checkpoint):
@@ -332,7 +333,7 @@ def refuse_fsdp1_flags(args, runner: str) -> None:
     """Refuse FSDP1 (``--fsdp`` with fsdp_config version 1, ``accelerate launch --use_fsdp`` without version 2).
 
     After ``TrainingArguments.__post_init__``: the version is the one transformers hands accelerate's plugin."""
-    from ..compatibility import FSDP1_WHAT, USE_FSDP2, fsdp_version
+    from ..core.compatibility import FSDP1_WHAT, USE_FSDP2, fsdp_version
 
     if fsdp_version(args) == 1:
         raise ValueError(
@@ -415,7 +416,7 @@ def runner_parsers() -> dict:
 
 def help_texts() -> dict[str, str]:
     """``{script name: --help text}`` of the commands whose help is stored (both runners and the comparison)."""
-    from ..comparison import compare_parser
+    from .comparison import compare_parser
 
     texts = {name: help_text(types, prog) for name, (types, prog) in runner_parsers().items()}
     texts["compare_strategies"] = compare_parser().format_help()

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from ..domain_training import DomainTrainingOptions
-from ..extras import require
-from ..softmask_arguments import SoftMaskArguments, flag_name
+from ..baselines.domain_training import DomainTrainingOptions
+from ..core.softmask_arguments import SoftMaskArguments, flag_name
+from ..utils.extras import require
 from .cli import (
     parse_with_yaml,
     refuse_fsdp1_flags,
@@ -96,7 +96,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
     Trainer fields apply to each domain's Trainer: ``max_steps`` / ``num_train_epochs`` are per domain, the
     learning-rate schedule (warm-up included) restarts at every domain, ``save_steps`` checkpoints inside a domain.
     The soft-mask settings of ``das`` are the ``softmask_<name>`` fields of
-    :class:`~hf_softmask.softmask_arguments.SoftMaskArguments`, its other runner flags (``contrastive_weight``,
+    :class:`~hf_softmask.core.softmask_arguments.SoftMaskArguments`, its other runner flags (``contrastive_weight``,
     ``contrastive_temperature``, ``perturbation_dropout``) the fields of :class:`.das_arguments.DASArguments`.
     """
 
@@ -340,7 +340,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
         ),
     )
 
-    # -- baselines (hf_softmask.domain_training; docs/baselines.md) -------------------------------------------
+    # -- baselines (hf_softmask.baselines.domain_training; docs/baselines.md) ---------------------------------
     replay_ratio: float = field(default=0.0, metadata=_help(_option_help("replay_ratio")))
     replay_general: bool = field(default=False, metadata=_help(_option_help("replay_general")))
     merge_alpha: float = field(default=1.0, metadata=_help(_option_help("merge_alpha")))
@@ -529,7 +529,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
 
 def _check_options(values: dict, batch_size: int) -> DomainTrainingOptions:
     """DomainTrainingOptions' own checks, and that the replay ratio gives whole rows of a batch."""
-    from ..replay import replay_rows_per_batch
+    from ..baselines.replay import replay_rows_per_batch
 
     options = DomainTrainingOptions(**values)
     if options.replay_ratio > 0:

@@ -8,7 +8,7 @@ The old names still work for one release, each warning once (FutureWarning): ``C
 
 from __future__ import annotations
 
-from ..deprecation import warn_renamed
+from ..utils.deprecation import warn_renamed
 from .finetuning import (
     DEFAULT_TASKS,
     PROG,

@@ -1,7 +1,7 @@
 """The learning-rate frontier of plain training, and where another run stands against it.
 
 One definition, used by the pre-training sweep (``write_frontier``) and by ``compare_strategies``
-(:mod:`hf_softmask.comparison`, pre-training and finetuning). A run is a point ``(x, y)`` with both axes
+(:mod:`hf_softmask.continual.comparison`, pre-training and finetuning). A run is a point ``(x, y)`` with both axes
 lower-is-better: pre-training uses (in-domain loss, forgetting), finetuning (in-task error = 1 - accuracy on each
 task right after training it, forgetting). The frontier is the piecewise-linear curve through the non-dominated
 plain runs (sorted by ``x``; ``y`` then decreases). A point is
@@ -17,10 +17,11 @@ plain runs (sorted by ``x``; ``y`` then decreases). A point is
 ``tolerance`` is in the units of both axes (nats for losses, accuracy points for finetuning).
 
 Pre-training runs that kept their per-block held-out losses (``eval_block_losses`` in results.json) also get
-intervals and verdicts (:class:`hf_softmask.bootstrap.Study`, :func:`hf_softmask.bootstrap.frontier_verdicts`): the
-seeds of one (strategy, lr) are one row, documents are resampled (blocks, for runs made before the evaluation by
-document, flagged as such), seeds enter through the jackknife, and ``beyond_frontier`` is the multiplicity-adjusted
-verdict of the forgetting gap -- while ``frontier_position`` stays the point rule above. docs/statistics.md.
+intervals and verdicts (:class:`hf_softmask.evaluation.bootstrap.Study`,
+:func:`~hf_softmask.evaluation.bootstrap.frontier_verdicts`): the seeds of one (strategy, lr) are one row,
+documents are resampled (blocks, for runs made before the evaluation by document, flagged as such), seeds enter
+through the jackknife, and ``beyond_frontier`` is the multiplicity-adjusted verdict of the forgetting gap -- while
+``frontier_position`` stays the point rule above. docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import os
 from itertools import pairwise
 from pathlib import Path
 
-from ..bootstrap import GAP_METRICS, RunBlocks, Study, beyond_frontier, frontier_verdicts
-from ..io import atomic_write_json, atomic_write_text
+from ..evaluation.bootstrap import GAP_METRICS, RunBlocks, Study, beyond_frontier, frontier_verdicts
+from ..utils.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "POSITIONS",
@@ -176,9 +177,9 @@ def add_intervals(
     primary: str | None = None,
     control: str | None = None,
 ) -> dict | None:
-    """Intervals and verdicts (:mod:`hf_softmask.bootstrap`) on every complete record whose runs kept per-block
-    losses; returns the statistical part of the design, or None (nothing set) without per-block losses or with
-    fewer than 2 complete ncl learning rates.
+    """Intervals and verdicts (:mod:`hf_softmask.evaluation.bootstrap`) on every complete record whose runs kept
+    per-block losses; returns the statistical part of the design, or None (nothing set) without per-block losses or
+    with fewer than 2 complete ncl learning rates.
 
     Sets ``intervals`` (metric -> estimate/low/high), and on non-ncl records ``forgetting_gap`` and ``general_gap``
     (raw interval, p, Holm-adjusted p and verdict, fragility) and ``beyond_frontier`` from the adjusted verdict of
@@ -363,7 +364,7 @@ def write_frontier(
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, design))
     if plots and any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
-        from ..plotting import plot_frontier
+        from ..evaluation.plotting import plot_frontier
 
         for y, name, title in (
             ("forgetting", "frontier.png", "forgetting vs in-domain loss (lower-left is better)"),

@@ -1,7 +1,7 @@
 """The runners' models: a model name to a loadable path, the cached conversion of the shipped GGUF, and loading.
 
 ``--model_name_or_path`` is a checkpoint directory, a Hub id, or a shipped model's name
-(:data:`hf_softmask.assets.SHIPPED_MODELS`). Whether a checkpoint is a masked LM is decided by
+(:data:`hf_softmask.utils.assets.SHIPPED_MODELS`). Whether a checkpoint is a masked LM is decided by
 :func:`hf_softmask.data.is_masked_lm`, from its config before loading and from the model after.
 """
 
@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..assets import load_smollm2, minilm_path, shipped_model
 from ..data import is_masked_lm
+from ..utils.assets import load_smollm2, minilm_path, shipped_model
 from .checkpointing import publish_dir, stage_dir
 
 logger = logging.getLogger(__name__)

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from ..assets import check_model_source
-from ..bootstrap import block_losses
-from ..compatibility import fsdp_version
-from ..domain_training import DomainTraining
-from ..importance import UnitImportance
-from ..io import atomic_write_json, atomic_write_text
+from ..baselines.domain_training import DomainTraining
+from ..core.compatibility import fsdp_version
+from ..core.importance import UnitImportance
+from ..evaluation.bootstrap import block_losses
 from ..strategies.base import StrategyTrainer
 from ..strategies.registry import strategy_class
+from ..utils.assets import check_model_source
+from ..utils.io import atomic_write_json, atomic_write_text
 from .checkpointing import (
     DamagedRunError,
     RunState,
@@ -261,7 +261,7 @@ class ContinualPretrainer:
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
         """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
         ``importance.safetensors`` beside the plot holds; into plots/ and the stage directory."""
-        from ..plotting import plot_importance
+        from ..evaluation.plotting import plot_importance
 
         imp = self._importance_of(strategy)
         if imp is None or not self.args.plots:

@@ -1,8 +1,8 @@
 """The results of a continual pre-training run (``results.json``) from its finished stages in ``state.json``.
 
 Loss matrix ``[i][j]``: held-out loss on domain ``j`` after training domain ``i``; the summary (forgetting, BWT,
-FWT) is :func:`hf_softmask.continual_metrics.summarize` on its square part, and the per-block losses feed the
-frontier's bootstrap intervals (:class:`hf_softmask.bootstrap.RunBlocks`).
+FWT) is :func:`hf_softmask.evaluation.continual_metrics.summarize` on its square part, and the per-block losses feed
+the frontier's bootstrap intervals (:class:`hf_softmask.evaluation.bootstrap.RunBlocks`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..continual_metrics import summarize
-from ..io import atomic_write_json
+from ..evaluation.continual_metrics import summarize
+from ..utils.io import atomic_write_json
 from .evaluation import perplexity
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def results(args: ContinualPretrainingArguments, data: PretrainingData, state: R
         )
     res["train_seconds"] = [d.get("train_seconds") for d in state.done]
     # Per-block held-out losses [stage][domain][block] (stage 0: before training), read by
-    # hf_softmask.bootstrap.RunBlocks.from_results for the frontier's intervals.
+    # hf_softmask.evaluation.bootstrap.RunBlocks.from_results for the frontier's intervals.
     stages = [base] + list(state.done)
     if all("eval_blocks" in d for d in stages):
         res.update(
@@ -87,7 +87,7 @@ def results(args: ContinualPretrainingArguments, data: PretrainingData, state: R
 
 def write_results(args: ContinualPretrainingArguments, data: PretrainingData, state: RunState) -> dict:
     """Write ``results.json`` (and, with ``args.plots``, ``perplexity_matrix.png``) into ``args.output_dir``."""
-    from ..plotting import plot_matrix
+    from ..evaluation.plotting import plot_matrix
 
     out = Path(args.output_dir)
     res = results(args, data, state)

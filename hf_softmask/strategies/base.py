@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..callback import MaskDetailToIntegrations, merge_log_metrics
-from ..clipping import MaskedClipMixin
-from ..compatibility import check_strategy_supported, live_accelerator_state
-from ..io import atomic_save_safetensors, atomic_write_json
-from ..loss_scaling import fix_loss_kwargs
-from ..trainer import resume_checkpoint
+from ..core.callback import MaskDetailToIntegrations, merge_log_metrics
+from ..core.clipping import MaskedClipMixin
+from ..core.compatibility import check_strategy_supported, live_accelerator_state
+from ..core.loss_scaling import fix_loss_kwargs
+from ..core.trainer import resume_checkpoint
+from ..utils.io import atomic_save_safetensors, atomic_write_json
 from .units import build_config, config_dict, config_signature
 
 __all__ = [
@@ -304,7 +304,7 @@ class StrategyCallback(TrainerCallback):
 
 class StrategyTrainer(MaskedClipMixin, Trainer):
     """A Trainer whose loss and steps are extended by a :class:`ContinualStrategy`; with update masks on its
-    optimizer, ``max_grad_norm`` clips the masked gradients (:class:`~hf_softmask.clipping.MaskedClipMixin`)."""
+    optimizer, ``max_grad_norm`` clips the masked gradients (:class:`~hf_softmask.core.clipping.MaskedClipMixin`)."""
 
     def __init__(self, *args, strategy: ContinualStrategy | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..layout import UnitLayout
-from ..optim import MaskedAdamW, unwrap_optimizer
+from ..core.layout import UnitLayout
+from ..core.optim import MaskedAdamW, unwrap_optimizer
 from .base import ContinualStrategy, StrategyCallback
 from .units import StrategyConfig, unit_model
 

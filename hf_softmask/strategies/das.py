@@ -2,7 +2,7 @@
 
 Before the first domain: general-knowledge importance (``kl_dropout`` proxy). While training domain t: the
 optimizer's updates of every head / FFN neuron are scaled by ``1 - I_acc`` (SoftMasker, update mode by
-default) and the loss gets ``λ · InfoNCE(z1, z2, z3)`` (see :mod:`hf_softmask.contrastive`). After domain t:
+default) and the loss gets ``λ · InfoNCE(z1, z2, z3)`` (see :mod:`hf_softmask.core.contrastive`). After domain t:
 the domain's LM-loss importance, accumulated into ``I_acc`` by elementwise max.
 """
 
@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..contrastive import (
+from ..core.contrastive import (
     ForwardAutocast,
     das_contrastive_loss,
     masked_mean_pool,
     unmasked_input_ids,
 )
-from ..estimators import OBJECTIVES, compute_importance, has_dropout
-from ..gates import FFN_GATE_SITES, ffn_gate_modules
-from ..importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
-from ..importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
-from ..layout import UnitLayout
-from ..masking import SoftMaskConfig, SoftMasker
+from ..core.gates import FFN_GATE_SITES, ffn_gate_modules
+from ..core.importance import DEFAULT_NORMALIZATION, NORMALIZATIONS, UnitImportance
+from ..core.importance_compute import OBJECTIVES, compute_importance, has_dropout
+from ..core.importance_estimators import DEFAULT_ESTIMATOR, GRADIENT_ABS, get_estimator
+from ..core.layout import UnitLayout
+from ..core.masking import SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
 from .units import StrategyConfig
 

@@ -1,7 +1,7 @@
 """Elastic weight consolidation (online form): a quadratic pull towards the weights of earlier tasks.
 
 After each task the diagonal Fisher ``F_t`` of the model's own predictive distribution is estimated
-on the task's data (labels sampled from the model, :func:`hf_softmask.fisher.fisher_diagonal`) and
+on the task's data (labels sampled from the model, :func:`hf_softmask.baselines.fisher.fisher_diagonal`) and
 accumulated, ``F <- gamma * F + F_t``, with the anchor ``theta* <- theta``. While training later
 tasks the loss gets ``lambda / 2 * sum F (theta - theta*)^2``. Covers the parameters of the
 transformers model the strategy acts on (in continual finetuning the shared backbone, not the
@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from ..fisher import fisher_diagonal
+from ..baselines.fisher import fisher_diagonal
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 

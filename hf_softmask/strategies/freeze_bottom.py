@@ -1,7 +1,7 @@
 """Freeze the bottom layers: the first ``k`` transformer blocks (and, optionally, the embeddings) do not train.
 
 ``before_task`` sets ``requires_grad=False`` on every parameter of blocks ``0 .. k-1`` of the registry's layer list
-(:class:`hf_softmask.architectures.ArchitectureSpec` ``layers``) and, with ``freeze_embeddings``, of every
+(:class:`hf_softmask.core.architectures.ArchitectureSpec` ``layers``) and, with ``freeze_embeddings``, of every
 ``nn.Embedding`` of the base model outside the blocks (token, position, token-type embeddings). The Trainer builds
 its optimizer from the parameters that require grad, so frozen ones get neither updates nor weight decay: they
 stay bit-identical. With tied input/output embeddings (GPT-2, SmolLM2) the LM head is the same tensor and is
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..architectures import get_architecture
+from ..core.architectures import get_architecture
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 

@@ -1,7 +1,7 @@
 """HAT (hard attention to the task) and AdaHAT on attention heads and FFN neurons.
 
 Each task ``t`` owns one embedding per unit (``e_heads[L, H]``, ``e_ffn[L, I]``). During training
-the units are gated by ``a = sigmoid(s * e)`` (installed with :class:`~hf_softmask.gates.UnitGates`),
+the units are gated by ``a = sigmoid(s * e)`` (installed with :class:`~hf_softmask.core.gates.UnitGates`),
 with ``s`` annealed over each epoch's batches from ``1/s_max`` to ``s_max``; the embedding gradient's
 compensation for the sharp sigmoid is applied inside each forward's graph with that forward's ``s`` (so gradient
 accumulation sums compensated micro-batch gradients). After the task the
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..gates import UnitGates
-from ..importance import UnitImportance
-from ..layout import UNOWNED_CATEGORIES, UnitLayout
-from ..masking import MODES, POLICIES, SoftMaskConfig, SoftMasker
+from ..core.gates import UnitGates
+from ..core.importance import UnitImportance
+from ..core.layout import UNOWNED_CATEGORIES, UnitLayout
+from ..core.masking import MODES, POLICIES, SoftMaskConfig, SoftMasker
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 

@@ -3,7 +3,7 @@
 ``before_task`` injects a PEFT LoRA adapter IN PLACE into the model the runner holds
 (:func:`peft.inject_adapter_in_model`, no ``PeftModel`` wrapper, so the runner's ``model`` object stays the one it
 trains, evaluates and saves) on the attention and FFN projections named by the architecture registry
-(:meth:`hf_softmask.architectures.ArchitectureSpec.projections`: query/key/value/attn_out and ffn_in/ffn_out
+(:meth:`hf_softmask.core.architectures.ArchitectureSpec.projections`: query/key/value/attn_out and ffn_in/ffn_out
 of every layer), and leaves only the adapter's parameters trainable, so the Trainer's optimizer (built from the
 parameters that require grad) holds nothing else: the base weights stay bit-identical during the domain.
 ``after_task`` merges each adapter into its base layer (``W <- W + (alpha / rank) * B A``, PEFT's ``merge``), puts
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..architectures import get_architecture
-from ..deprecation import renamed_attributes
+from ..core.architectures import get_architecture
+from ..utils.deprecation import renamed_attributes
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..bitpack import pack_bits, unpack_bits
-from ..compatibility import check_strategy_supported
-from ..fisher import fisher_diagonal
-from ..optim import install_update_masks
-from ..peft_support import unwrap_peft
-from ..task_vectors import SparseTaskVector
+from ..baselines.fisher import fisher_diagonal
+from ..baselines.task_vectors import SparseTaskVector
+from ..core.bitpack import pack_bits, unpack_bits
+from ..core.compatibility import check_strategy_supported
+from ..core.optim import install_update_masks
+from ..core.peft_support import unwrap_peft
 from .base import ContinualStrategy
 from .units import StrategyConfig, unit_model
 

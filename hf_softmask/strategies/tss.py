@@ -19,12 +19,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..compatibility import check_strategy_supported
-from ..estimators import move_batch
-from ..io import atomic_write_json
-from ..masking import MODES, GradMaskHooks
-from ..optim import install_update_masks
+from ..core.compatibility import check_strategy_supported
+from ..core.importance_compute import move_batch
+from ..core.masking import MODES, GradMaskHooks
+from ..core.optim import install_update_masks
 from ..tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
+from ..utils.io import atomic_write_json
 from .base import STRATEGY_STATE_CONFIG, ContinualStrategy
 from .units import StrategyConfig
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..optim import install_update_masks
+from ..core.optim import install_update_masks
 from ..tss import SubnetworkConfig
 from .tss import SubnetworkSettings, SubnetworkStrategy, adapter_config_field, adapter_field, subnetwork_backbone
 from .units import StrategyConfig

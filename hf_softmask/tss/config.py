@@ -130,6 +130,6 @@ class SubnetworkConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write ``adapter_config.json`` atomically."""
-        from ..io import atomic_write_json
+        from ..utils.io import atomic_write_json
 
         atomic_write_json(os.path.join(save_directory, "adapter_config.json"), self.to_dict())

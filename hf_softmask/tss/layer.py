@@ -25,8 +25,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..bitpack import pack_bits, unpack_bits
-from ..importance import tanh_zscore
+from ..core.bitpack import pack_bits, unpack_bits
+from ..core.importance import tanh_zscore
 from .selection import straight_through_mask, threshold_mask, topk_mask
 
 __all__ = ["SubnetworkLayer", "SubnetworkLinear", "SUPPORTED_LAYER_TYPES"]

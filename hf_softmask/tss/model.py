@@ -12,8 +12,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import get_architecture, supported_model_types
-from ..io import HubUploadMixin, atomic_save_safetensors
+from ..core.architectures import get_architecture, supported_model_types
+from ..utils.io import HubUploadMixin, atomic_save_safetensors
 from .config import SubnetworkConfig
 from .layer import SUPPORTED_LAYER_TYPES, SubnetworkLayer, SubnetworkLinear
 
@@ -24,7 +24,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 class _ArchitectureTargets(Mapping):
-    """Default scored layers per model type, read from the architecture table (hf_softmask/architectures.py):
+    """Default scored layers per model type, read from the architecture table (hf_softmask/core/architectures.py):
     every attention and FFN projection of each block, as PEFT suffix patterns. A registered architecture gets
     TSS/WSN defaults with no second table to keep in step."""
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ...extras import require
 from ...task_heads import POOLINGS
+from ...utils.extras import require
 from ..cli import (
     parse_with_yaml,
     refuse_fsdp1_flags,

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ...continual_metrics import summarize
+from ...evaluation.continual_metrics import summarize
 from ..fingerprint import runner_fields
 
 __all__ = ["evaluate_task", "evaluate_all", "finetuning_results"]

@@ -39,13 +39,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
-from ...assets import check_model_source
-from ...compatibility import fsdp_version
+from ...core.compatibility import fsdp_version
 from ...data import bbc_task_sequence, tokenize_classification
-from ...io import atomic_save_safetensors, atomic_write_json
 from ...metrics import load_metric
 from ...strategies import StrategyTrainer, strategy_class
 from ...task_heads import MultiTaskClassifier
+from ...utils.assets import check_model_source
+from ...utils.io import atomic_save_safetensors, atomic_write_json
 from ..checkpointing import (
     DamagedRunError,
     RunState,
@@ -358,7 +358,7 @@ class _FinetuneRun:
         strategy.save_model(model, final)
         if not self.args.plots:
             return
-        from ...plotting import plot_accuracy_matrix
+        from ...evaluation.plotting import plot_accuracy_matrix
 
         plot_accuracy_matrix(
             results["accuracy_matrix"],

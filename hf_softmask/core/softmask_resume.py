@@ -1,7 +1,7 @@
 """The soft-mask settings a Trainer checkpoint was trained with, and the check that a resume keeps them.
 
 :class:`~hf_softmask.SoftMaskCallback` (and so :class:`~hf_softmask.SoftMaskTrainer`) writes its
-:class:`~hf_softmask.masking.SoftMaskConfig` into every checkpoint as ``softmask_config.json``. A resume whose
+:class:`~hf_softmask.core.masking.SoftMaskConfig` into every checkpoint as ``softmask_config.json``. A resume whose
 settings differ (e.g. embeddings frozen before, trained after) is refused naming each one, unless the change is
 asked for explicitly; then a warning lists them.
 """
@@ -14,7 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .io import atomic_write_json
+from ..utils.io import atomic_write_json
 from .masking import SoftMaskConfig
 
 __all__ = ["SOFTMASK_SETTINGS", "SPEED_ONLY", "save_settings", "settings_changes", "check_resume_settings"]

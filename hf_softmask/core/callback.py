@@ -72,9 +72,9 @@ class SoftMaskCallback(TrainerCallback):
         per_layer: also log the mean mask of every layer (``.../layer_<l>`` keys).
 
     Every Trainer checkpoint gets the settings as ``softmask_config.json``; a resume compares them with this
-    callback's (:mod:`hf_softmask.softmask_resume`; ``compile_update``, which changes only the speed, may differ).
+    callback's (:mod:`hf_softmask.core.softmask_resume`; ``compile_update``, which changes only the speed, may differ).
 
-    At every logging step the mask statistics (:func:`~hf_softmask.masking.mask_statistics`: mean mask of heads
+    At every logging step the mask statistics (:func:`~hf_softmask.core.masking.mask_statistics`: mean mask of heads
     and of FFN neurons, fraction of units with importance > 0.5) join the training log and
     ``trainer.state.log_history``. The Trainer calls its ``report_to`` integrations before user callbacks; to
     have them receive the statistics and their per-layer detail too, use :class:`~hf_softmask.SoftMaskTrainer`
@@ -140,7 +140,7 @@ class SoftMaskCallback(TrainerCallback):
                 "SoftMaskCallback in update mode on a Trainer without MaskedClipMixin: "
                 f"max_grad_norm={args.max_grad_norm} clips by the norm of the unmasked gradients, "
                 "so protected units' gradients shorten the free units' steps. Use SoftMaskTrainer (or "
-                "class MyTrainer(hf_softmask.clipping.MaskedClipMixin, Trainer)) to clip the masked gradients, "
+                "class MyTrainer(hf_softmask.core.clipping.MaskedClipMixin, Trainer)) to clip the masked gradients, "
                 "or max_grad_norm=0",
                 RuntimeWarning,
                 stacklevel=2,

@@ -21,7 +21,8 @@ __all__ = ["SoftMaskTrainingArguments", "SoftMaskTrainer", "load_importance", "r
 @dataclass
 class SoftMaskTrainingArguments(SoftMaskArguments, TrainingArguments):
     """``TrainingArguments`` plus the soft-masking settings: ``importance_path`` and one ``softmask_<name>`` flag per
-    :class:`~hf_softmask.masking.SoftMaskConfig` field (:class:`~hf_softmask.softmask_arguments.SoftMaskArguments`)."""
+    :class:`~hf_softmask.core.masking.SoftMaskConfig` field
+    (:class:`~hf_softmask.core.softmask_arguments.SoftMaskArguments`)."""
 
     importance_path: str | None = field(
         default=None, metadata={"help": "Directory or Hub id of a saved UnitImportance."}

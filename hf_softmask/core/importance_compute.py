@@ -79,7 +79,7 @@ def kl_dropout_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """The model's own LM loss (MLM on masked inputs with labels, or causal LM), summed over label tokens."""
-    from .data import is_masked_lm
+    from ..data import is_masked_lm
 
     if "labels" not in batch:
         raise ValueError(
@@ -262,13 +262,13 @@ def compute_importance(
             use it.
         estimator: a name from :func:`available_estimators`: ``gate_gradient`` (default,
             ``sum_batches |d loss / d gate|`` / tokens, as in DAS), ``gate_fisher``, ``activation``,
-            ``wanda``, ``random`` (the control); see :mod:`hf_softmask.importance_estimators`.
+            ``wanda``, ``random`` (the control); see :mod:`hf_softmask.core.importance_estimators`.
         estimator_options: keyword options of the estimator (``random``: ``seed``, ``base``).
         max_batches: stop after this many batches.
         perturbation_dropout: for ``kl_dropout``/``kl_dropout_sequence`` on a model without dropout, the
             dropout put on gated unit outputs so the two views differ.
         normalize: map into [0, 1] with ``normalization``; False returns the raw estimate.
-        normalization: a key of :data:`hf_softmask.importance.NORMALIZATIONS`; the default ``"pooled_tanh"``
+        normalization: a key of :data:`hf_softmask.core.importance.NORMALIZATIONS`; the default ``"pooled_tanh"``
             is monotonic in the raw estimate across all layers, ``"abs_tanh"`` is the published DAS per-layer
             ``|tanh(z)|`` (see docs/importance.md for the measurements behind the choice).
 

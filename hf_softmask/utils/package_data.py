@@ -9,7 +9,7 @@ from pathlib import Path
 
 __all__ = ["HELP_DIR", "CONFIG_DIR", "help_file", "config_file", "shipped_configs"]
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parents[1]  # the hf_softmask package
 
 #: ``<script>.txt``: each command's --help, written by ``python -m hf_softmask.continual.cli`` (a test checks it).
 HELP_DIR = _HERE / "continual" / "help"

@@ -13,7 +13,7 @@ Data of one run (kept per evaluation block, :func:`block_losses`):
 
 - ``in_domain_loss = mean_{i=1..T} M[i][i-1]`` (each domain right after training on it);
 - ``forgetting = mean_{j<T-1} (M[T][j] - min_{j+1<=s<=T-1} M[s][j])``
-  (:func:`hf_softmask.continual_metrics.forgetting` of the T x T matrix ``M[1:]``, lower is better);
+  (:func:`hf_softmask.evaluation.continual_metrics.forgetting` of the T x T matrix ``M[1:]``, lower is better);
 - ``general_loss_increase = G[T] - G[0]``.
 
 What varies, and how each source enters an interval (:class:`Study`):
@@ -221,7 +221,8 @@ def _group_means(values: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _forgetting(A: np.ndarray) -> np.ndarray:
-    """:func:`~hf_softmask.continual_metrics.forgetting` (lower is better) of ``A`` [T, T, R], vectorised over R."""
+    """:func:`~hf_softmask.evaluation.continual_metrics.forgetting` (lower is better) of ``A`` [T, T, R],
+    vectorised over R."""
     T = A.shape[0]
     if T == 1:
         return np.zeros(A.shape[-1])

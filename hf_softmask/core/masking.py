@@ -42,7 +42,7 @@ class SoftMaskConfig:
     """How importance turns into masks.
 
     The one declaration of the soft-mask settings: each field is also a ``--softmask_<field>`` flag of
-    ``SoftMaskTrainingArguments`` and of the pre-training runner (:mod:`hf_softmask.softmask_arguments`).
+    ``SoftMaskTrainingArguments`` and of the pre-training runner (:mod:`hf_softmask.core.softmask_arguments`).
     """
 
     mode: str = field(
@@ -91,7 +91,7 @@ class SoftMaskConfig:
             "help": "Update mode with Adam/AdamW: run the masked update through torch.compile, "
             "one fused pass per tensor (as fast "
             "as torch's fused AdamW; the first step compiles). 'auto': when the optimizer is fused and big enough "
-            "(hf_softmask.optim.resolve_compiled).",
+            "(hf_softmask.core.optim.resolve_compiled).",
             "choices": COMPILE_UPDATE,
         },
     )

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .dtensor import local_tensor
+from ..core.dtensor import local_tensor
 
 __all__ = ["EMA_STATE_FILE", "WeightEMA", "interpolate_weights_", "snapshot_weights"]
 
@@ -133,7 +133,7 @@ class WeightEMA(TrainerCallback):
         self.updates += 1
 
     def on_save(self, args, state, control, **kwargs):
-        from .io import atomic_save_safetensors
+        from ..utils.io import atomic_save_safetensors
 
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if directory.is_dir():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .estimators import move_batch
+from ..core.importance_compute import move_batch
 
 __all__ = ["sampled_log_likelihood", "fisher_diagonal"]
 
@@ -23,7 +23,7 @@ _NON_MODEL_KEYS = ("labels", "special_tokens_mask")
 
 def _predicted_positions(model: nn.Module, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits of predicted positions [B, T', V], bool mask [B, T']) for token-level outputs."""
-    from .data import is_masked_lm
+    from ..data import is_masked_lm
 
     labels = batch.get("labels")
     attn = batch.get("attention_mask")

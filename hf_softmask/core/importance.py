@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .io import HubUploadMixin, atomic_save_safetensors, atomic_write_text
+from ..utils.io import HubUploadMixin, atomic_save_safetensors, atomic_write_text
 
 __all__ = [
     "UnitImportance",

@@ -1,6 +1,7 @@
 """The soft-mask settings as ``--softmask_<name>`` flags: a dataclass mixin generated from :class:`SoftMaskConfig`.
 
-:class:`~hf_softmask.masking.SoftMaskConfig` declares each setting once (type, default, help, choices, validation).
+:class:`~hf_softmask.core.masking.SoftMaskConfig` declares each setting once (type, default, help, choices,
+validation).
 :class:`SoftMaskArguments` has one ``softmask_<name>`` field per ``SoftMaskConfig`` field, with the same type,
 default and metadata, so a setting added there becomes a flag of every ``TrainingArguments`` subclass that
 inherits the mixin (``SoftMaskTrainingArguments``, the pre-training runner's arguments). Put the mixin before

@@ -74,7 +74,7 @@ class UnitLayout:
     found in the transformers model under the wrapper. Gates hook the module at each path, i.e. the adapter
     layer, so a gate scales the unit's output through the base weight and the adapter alike. Each unit owns its
     slices of the base weights (frozen under LoRA: their masks then have no effect) and of the adapter tensors
-    (see :mod:`hf_softmask.peft_support`); ``OwnedSlice.name`` is the parameter's name in ``model``.
+    (see :mod:`hf_softmask.core.peft_support`); ``OwnedSlice.name`` is the parameter's name in ``model``.
     """
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec, model_type: str):

@@ -48,7 +48,7 @@ def unwrap_optimizer(optimizer):
 
 
 def local_masks_of(optimizer: Optimizer) -> LocalMasks:
-    """The :class:`~hf_softmask.dtensor.LocalMasks` cache kept on ``optimizer`` (created on first use)."""
+    """The :class:`~hf_softmask.core.dtensor.LocalMasks` cache kept on ``optimizer`` (created on first use)."""
     cache = optimizer.__dict__.get("_hf_softmask_local_masks")
     if cache is None:
         cache = optimizer.__dict__["_hf_softmask_local_masks"] = LocalMasks()

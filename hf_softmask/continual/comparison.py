@@ -26,10 +26,10 @@ from typing import ClassVar
 
 import torch
 
-from .continual.frontier import frontier_position
-from .continual.strategy_settings import parse_json_object
-from .io import atomic_write_json, atomic_write_text
-from .memory import peak_rss_bytes, reset_peak_rss
+from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.memory import peak_rss_bytes, reset_peak_rss
+from .frontier import frontier_position
+from .strategy_settings import parse_json_object
 
 __all__ = [
     "CompareArguments",
@@ -151,7 +151,7 @@ class CompareArguments:
 
     def __post_init__(self):
         # Lists given in Python as "a,b" strings read as on the command line.
-        from .continual.config import parse_float_list, parse_str_list
+        from .config import parse_float_list, parse_str_list
 
         self.strategies = parse_str_list(self.strategies)
         self.settings = parse_str_list(self.settings)
@@ -160,14 +160,14 @@ class CompareArguments:
 
 def compare_parser():
     """The command line of :class:`CompareArguments` (its --help is stored as package data)."""
-    from .continual.cli import make_parser
+    from .cli import make_parser
 
     return make_parser(CompareArguments, PROG)
 
 
 def parse_compare_args(argv: list[str] | None = None) -> CompareArguments:
     """The comparison's arguments; an unknown flag or a bad value raises SettingError (one line on the console)."""
-    from .continual.cli import parse_args
+    from .cli import parse_args
 
     (args,) = parse_args(compare_parser(), sys.argv[1:] if argv is None else list(argv))
     return args
@@ -207,7 +207,7 @@ def _load_yaml(path: str | None, flag: str) -> dict:
         return {}
     import yaml
 
-    from .package_data import config_file
+    from ..utils.package_data import config_file
 
     try:
         p = config_file(path, flag)  # a file, or a shipped config by name
@@ -220,7 +220,7 @@ def tiny_model_dir(directory: Path) -> str:
     """A randomly initialised 2-layer BERT (MLM) with the shipped MiniLM's tokenizer, for --quick."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from .assets import minilm_path
+    from ..utils.assets import minilm_path
 
     if (directory / "config.json").is_file():
         return str(directory)
@@ -281,8 +281,8 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from .continual.config import ContinualPretrainingArguments
-    from .continual.pretrainer import ContinualPretrainer
+    from .config import ContinualPretrainingArguments
+    from .pretrainer import ContinualPretrainer
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
     unknown = sorted(set(base) - fields_ok)
@@ -305,7 +305,7 @@ def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Pa
 
 
 def _run_finetune(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from .continual.finetuning import ContinualFinetuningArguments, run_continual_finetuning
+    from .finetuning import ContinualFinetuningArguments, run_continual_finetuning
 
     unknown = sorted(set(base) - {f.name for f in fields(ContinualFinetuningArguments)})
     if unknown:
@@ -329,7 +329,7 @@ def _record(
     kwargs: dict,
     error: str | None,
 ) -> dict:
-    from .strategies.registry import strategy_class
+    from ..strategies.registry import strategy_class
 
     cls = strategy_class(name)
     rec = {
@@ -398,8 +398,8 @@ def _one(setting: str, name: str, lr, base: dict, kwargs: dict, out: Path) -> di
 # -- the comparison ------------------------------------------------------------------------------------------
 def run_comparison(args: CompareArguments) -> dict:
     """Run every (setting, strategy), write ``comparison.json`` and ``comparison.md`` into ``args.output_dir``."""
-    from .continual.cli import user_errors
-    from .strategies.registry import strategy_class
+    from ..strategies.registry import strategy_class
+    from .cli import user_errors
 
     with user_errors():  # settings, strategy names, YAML files and the --quick model: before any run starts
         out, settings, names, user, pre, fine = _start(args)
@@ -428,7 +428,7 @@ def run_comparison(args: CompareArguments) -> dict:
 
 def _start(args: CompareArguments):
     """Everything checked and prepared before the first run: ``(out, settings, names, user, pre, fine)``."""
-    from .strategies.registry import strategy_class
+    from ..strategies.registry import strategy_class
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -469,12 +469,12 @@ def _start(args: CompareArguments):
 
 def _renamed(values: dict, setting: str) -> dict:
     """``values`` (settings of the ``setting`` runner) with old names replaced (hf_softmask.continual.renames)."""
-    from .continual.renames import renamed
+    from .renames import renamed
 
     if setting == "pretrain":
-        from .continual.config import ContinualPretrainingArguments as runner_args
+        from .config import ContinualPretrainingArguments as runner_args
     else:
-        from .continual.finetuning import ContinualFinetuningArguments as runner_args
+        from .finetuning import ContinualFinetuningArguments as runner_args
     return renamed(values, {f.name for f in fields(runner_args)})
 
 

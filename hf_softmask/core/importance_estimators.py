@@ -1,7 +1,7 @@
 """Importance estimators: how batches become raw per-unit scores of heads and FFN neurons. A registry, as data.
 
-Every estimator sees the model only through :class:`~hf_softmask.layout.UnitLayout` (where units live, which
-parameter slices they own) and :class:`~hf_softmask.gates.UnitGates` (gates on unit outputs), so a layout that
+Every estimator sees the model only through :class:`~hf_softmask.core.layout.UnitLayout` (where units live, which
+parameter slices they own) and :class:`~hf_softmask.core.gates.UnitGates` (gates on unit outputs), so a layout that
 finds units through a wrapper (PEFT) serves every estimator. An estimator keeps float64 running sums
 (:meth:`ImportanceEstimator.state`) that :func:`hf_softmask.compute_importance` all-reduces across processes
 before :meth:`ImportanceEstimator.result` turns them into raw ``heads[L, H]`` and ``ffn[L, I]``; every rank
@@ -100,8 +100,9 @@ GRADIENT_ABS = ("batch", "example", "none")
 
 
 class _GateEstimator(ImportanceEstimator):
-    """Gradients of the objective to unit gates. Option ``ffn_gate_site`` (:data:`~hf_softmask.gates.FFN_GATE_SITES`):
-    where the FFN gates multiply, after the activation (default) or before it."""
+    """Gradients of the objective to unit gates. Option ``ffn_gate_site``
+    (:data:`~hf_softmask.core.gates.FFN_GATE_SITES`): where the FFN gates multiply, after the activation (default)
+    or before it."""
 
     per_example = False
     uses_gates = True

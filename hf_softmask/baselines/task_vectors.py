@@ -1,7 +1,7 @@
 """Sparse task vectors ``tau = theta_ft - theta_0`` and task arithmetic ``theta_0 + sum_i lambda_i tau_i``.
 
 A :class:`SparseTaskVector` stores, per parameter, a bit mask of the entries that may differ (1 bit per entry,
-:mod:`hf_softmask.bitpack`) and their differences in mask order (row-major): exactly the entries a sparse
+:mod:`hf_softmask.core.bitpack`) and their differences in mask order (row-major): exactly the entries a sparse
 fine-tuning (TaLoS) was allowed to change. A bit per entry is at most 1/64 of the int64 index per kept entry
 that a coordinate list needs once more than 1/64 of the entries are kept (TaLoS keeps 10 % by default).
 Saved as safetensors (``<param>.mask`` uint8, ``<param>.values``) with the shapes in the metadata; files with
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bitpack import pack_bits, unpack_bits
-from .io import atomic_save_safetensors
+from ..core.bitpack import pack_bits, unpack_bits
+from ..utils.io import atomic_save_safetensors
 
 __all__ = ["SparseTaskVector", "apply_task_vectors", "TASK_VECTOR_FILE"]
 

@@ -110,7 +110,7 @@ FSDP1_WHAT = (
 USE_FSDP2 = (
     "use FSDP2: --fsdp full_shard with fsdp_config version 2 (transformers' default), or fsdp_version: 2 "
     "in the accelerate config (the shipped configs/accelerate/fsdp.yaml: "
-    "hf_softmask.package_data.config_file('accelerate/fsdp'))"
+    "hf_softmask.utils.package_data.config_file('accelerate/fsdp'))"
 )
 _NO_FSDP2 = "this row refuses FSDP2 too: train it with DDP"
 _NO_FSDP2_DDP = "this row refuses FSDP2 and DDP too: train it in one process"

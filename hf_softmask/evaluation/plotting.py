@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .extras import missing_extra
-from .io import atomic_write
+from ..utils.extras import missing_extra
+from ..utils.io import atomic_write
 
 try:
     import matplotlib
@@ -24,7 +24,7 @@ try:
 except ModuleNotFoundError as e:  # matplotlib is the optional 'plots' extra
     if e.name != "matplotlib":
         raise
-    raise missing_extra("matplotlib", "hf_softmask.plotting (PNG plots)") from None
+    raise missing_extra("matplotlib", "hf_softmask.evaluation.plotting (PNG plots)") from None
 
 __all__ = ["plot_accuracy_matrix", "plot_frontier", "plot_importance", "plot_matrix", "importance_figure"]
 

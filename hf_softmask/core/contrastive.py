@@ -119,7 +119,7 @@ def sentence_views(
     dropout of their own, e.g. Llama). ``z1`` may be given (already pooled) to reuse the LM forward pass.
     ``view_gradients``: whether ``z2`` and ``z3`` carry gradients (False: computed under ``torch.no_grad``).
     ``ffn_gate_site``: where the importance gates of ``z3`` scale FFN neurons
-    (:data:`~hf_softmask.gates.FFN_GATE_SITES`).
+    (:data:`~hf_softmask.core.gates.FFN_GATE_SITES`).
     The views run under the autocast in force where this is called.
     """
     layout = layout or UnitLayout.from_model(model)
