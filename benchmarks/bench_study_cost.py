@@ -73,8 +73,8 @@ def _eval_seconds(batch_sizes: list[int]) -> dict[int, float]:
     import torch
 
     from hf_softmask.continual import parse_config
-    from hf_softmask.continual.domain_data import PretrainingData
     from hf_softmask.continual.model_loading import load_model_and_tokenizer, resolve_model_path
+    from hf_softmask.continual.pretraining.data import PretrainingData
     from hf_softmask.evaluation.bootstrap import block_losses
 
     torch.set_num_threads(2)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from hf_softmask.continual.evaluation import FixedEvalSet
+from hf_softmask.continual.pretraining.evaluation import FixedEvalSet
 from hf_softmask.data import build_lm_dataset, lm_data_collator, load_domains
 from hf_softmask.evaluation.bootstrap import block_losses, blocks_for_halfwidth
 from hf_softmask.utils.assets import load_smollm2

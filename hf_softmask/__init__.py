@@ -144,7 +144,8 @@ _LAZY = {
 _RENAMED = {"LoRAConfig": "LoRABaselineConfig"}
 
 
-#: Modules moved into the layer packages (core, baselines, evaluation, utils, continual): the old path still imports,
+#: Modules moved into the layer packages (core, baselines, evaluation, utils, continual/, continual/pretraining/):
+#: the old path still imports,
 #: warning once, for one release.
 _MOVED_MODULES = {
     "architectures": "core.architectures",
@@ -181,6 +182,20 @@ _MOVED_MODULES = {
     "package_data": "utils.package_data",
     "assets": "utils.assets",
     "comparison": "continual.comparison",
+    # continual/'s pre-training modules, now in continual/pretraining/
+    "continual.config": "continual.pretraining.config",
+    "continual.das_arguments": "continual.pretraining.das_arguments",
+    "continual.pretrain": "continual.pretraining.runner",
+    "continual.pretrainer": "continual.pretraining.pretrainer",
+    "continual.pretraining_results": "continual.pretraining.results",
+    "continual.domain_data": "continual.pretraining.data",
+    "continual.evaluation": "continual.pretraining.evaluation",
+    "continual.lm_head_warmup": "continual.pretraining.lm_head_warmup",
+    "continual.sweep": "continual.pretraining.sweep",
+    "continual.frontier": "continual.pretraining.frontier",
+    "continual.result_cache": "continual.pretraining.result_cache",
+    "continual.hub_push": "continual.pretraining.hub_push",
+    "continual.model_card": "continual.pretraining.model_card",
 }
 _deprecation.alias_moved_modules({f"{__name__}.{old}": f"{__name__}.{new}" for old, new in _MOVED_MODULES.items()})
 

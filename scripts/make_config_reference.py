@@ -22,7 +22,7 @@ CONFIGS: list[tuple[str, str]] = [
     ("`SoftMaskTrainer` (`SoftMaskTrainingArguments`)", "hf_softmask.core.trainer:SoftMaskTrainingArguments"),
     (
         "Pre-training runner (`ContinualPretrainingArguments`)",
-        "hf_softmask.continual.config:ContinualPretrainingArguments",
+        "hf_softmask.continual.pretraining.config:ContinualPretrainingArguments",
     ),
     (
         "Finetuning runner (`ContinualFinetuningArguments`)",

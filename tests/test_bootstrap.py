@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.stats import chi2, t
 
-from hf_softmask.continual.evaluation import lm_eval_loss
-from hf_softmask.continual.frontier import write_frontier
+from hf_softmask.continual.pretraining.evaluation import lm_eval_loss
+from hf_softmask.continual.pretraining.frontier import write_frontier
 from hf_softmask.evaluation.bootstrap import (
     RunBlocks,
     Study,

@@ -4,7 +4,7 @@ import importlib.util
 from pathlib import Path
 
 from hf_softmask.continual import run_continual_pretraining
-from hf_softmask.continual.config import parse_config
+from hf_softmask.continual.pretraining.config import parse_config
 from tests.testing_utils import tiny_runner_flags
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_protection.py"

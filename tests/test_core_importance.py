@@ -189,7 +189,7 @@ def test_runner_stage_push_uploads_through_the_same_helper(tmp_path, monkeypatch
 
     import huggingface_hub
 
-    from hf_softmask.continual.hub_push import HubPusher
+    from hf_softmask.continual.pretraining.hub_push import HubPusher
 
     monkeypatch.setattr(huggingface_hub, "HfApi", _RecordingHub)
     _RecordingHub.calls.clear()

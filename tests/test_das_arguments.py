@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from hf_softmask.continual import ContinualPretrainer, ContinualPretrainingArguments, parse_config
-from hf_softmask.continual.das_arguments import DAS_FLAGS
+from hf_softmask.continual.pretraining.das_arguments import DAS_FLAGS
 from hf_softmask.strategies.das import DASConfig, DASStrategy
 from tests.testing_utils import tiny_runner_flags
 

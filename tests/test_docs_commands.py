@@ -144,6 +144,7 @@ PACKAGES = {
     "utils": "utils/",
     "continual": "",
     "continual/finetuning": "finetuning/",
+    "continual/pretraining": "pretraining/",
 }
 
 

@@ -156,7 +156,7 @@ def test_experiment_configs_parse_with_the_runner_and_every_run_validates(name):
     settings that validate (strategy declares pretrain and accepts its strategy_kwargs, replay/merge overrides)."""
     from pathlib import Path
 
-    from hf_softmask.continual.config import parse_config
+    from hf_softmask.continual.pretraining.config import parse_config
     from hf_softmask.strategies.registry import strategy_class
 
     path = Path(__file__).parent.parent / "configs" / "experiments" / f"{name}.yaml"

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.checkpointing import DamagedRunError, RunMismatchError
-from hf_softmask.continual.hub_push import HubPusher
+from hf_softmask.continual.pretraining.hub_push import HubPusher
 from tests.testing_utils import tiny_runner_flags
 
 
@@ -143,7 +143,7 @@ def test_corrupted_file_stops_the_rerun_naming_it(tiny_mlm_dir, half_run, name, 
 
 def test_disk_full_while_saving_keeps_finished_stages_and_rerun_completes(tiny_mlm_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import hf_softmask.continual.pretrainer as pretrain
+    import hf_softmask.continual.pretraining.pretrainer as pretrain
 
     real = pretrain.atomic_write_text
 

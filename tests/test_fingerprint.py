@@ -13,9 +13,9 @@ from transformers import TrainingArguments
 from hf_softmask.continual import fingerprint as fingerprint_module
 from hf_softmask.continual import parse_config, run_continual_pretraining
 from hf_softmask.continual.checkpointing import RunMismatchError
-from hf_softmask.continual.config import ContinualPretrainingArguments
 from hf_softmask.continual.finetuning import ContinualFinetuningArguments, parse_finetuning_config
 from hf_softmask.continual.fingerprint import TRAINER_FIELDS
+from hf_softmask.continual.pretraining.config import ContinualPretrainingArguments
 from tests.testing_utils import tiny_runner_flags
 
 

@@ -84,3 +84,42 @@ def test_the_shipped_package_names_no_pytest_node_ids():
     node = re.compile(r"tests/test_\w+\.py::\w+")
     found = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if node.search(p.read_text()))
     assert found == []
+
+
+def test_moved_modules_import_from_their_old_paths():
+    """Modules grouped into layers (core/, baselines/, evaluation/, utils/, continual/pretraining/) still import
+    from the paths users wrote before, as the same module object, each warning once (FutureWarning)."""
+    import subprocess
+    import sys
+
+    from hf_softmask import _MOVED_MODULES
+
+    code = (
+        "import importlib, warnings, json\n"
+        "warnings.simplefilter('always')\n"
+        f"moves = {_MOVED_MODULES!r}\n"
+        "out = {}\n"
+        "for old, new in moves.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        a = importlib.import_module('hf_softmask.' + old)\n"
+        "    b = importlib.import_module('hf_softmask.' + new)\n"
+        "    out[old] = [a is b, [str(w.message) for w in caught if w.category is FutureWarning]]\n"
+        "from hf_softmask.masking import SoftMaskConfig\n"
+        "from hf_softmask.core.masking import SoftMaskConfig as New\n"
+        "out['_from_import'] = SoftMaskConfig is New\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("_from_import") is True
+    assert set(out) == set(_MOVED_MODULES) and len(out) > 30
+    for old, (same, messages) in out.items():
+        assert same, old
+        assert messages == [
+            f"hf_softmask.{old} is deprecated and will be removed in the next release: use "
+            f"hf_softmask.{_MOVED_MODULES[old]}"
+        ], old

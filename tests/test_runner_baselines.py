@@ -17,7 +17,7 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, TrainerCallback
 
 from hf_softmask.baselines.replay import replay_rows_per_batch
 from hf_softmask.continual import ContinualPretrainer, parse_config
-from hf_softmask.continual.pretrain import run_continual_pretraining
+from hf_softmask.continual.pretraining.runner import run_continual_pretraining
 from tests.testing_utils import (
     RUNNER_KILL_WORKER,
     tiny_runner_flags,

@@ -10,7 +10,7 @@ from transformers import HfArgumentParser
 from hf_softmask import SoftMaskConfig, SoftMaskTrainingArguments
 from hf_softmask.continual import ContinualPretrainingArguments, parse_config
 from hf_softmask.continual.cli import build_parser
-from hf_softmask.continual.config import PROG
+from hf_softmask.continual.pretraining.config import PROG
 from hf_softmask.core.softmask_arguments import flag_name
 
 ARGUMENT_CLASSES = (SoftMaskTrainingArguments, ContinualPretrainingArguments)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_softmask.continual.comparison import frontier_position as comparison_position
-from hf_softmask.continual.frontier import (
+from hf_softmask.continual.pretraining.frontier import (
     frontier_position,
     mark_beyond_frontier,
     pareto_front,

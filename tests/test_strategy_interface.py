@@ -20,7 +20,7 @@ from tests.testing_utils import tiny_runner_flags
 ROOT = Path(__file__).resolve().parents[1]
 #: the modules that drive a strategy: the two runners, the comparison, and the Trainer / callback
 RUNNER_MODULES = [
-    "continual/pretrainer.py",
+    "continual/pretraining/pretrainer.py",
     "continual/finetuning/runner.py",
     "continual/comparison.py",
     "strategies/base.py",

@@ -11,7 +11,7 @@ import pytest
 
 from hf_softmask.continual import parse_config, run_continual_pretraining
 from hf_softmask.continual.checkpointing import RunMismatchError
-from hf_softmask.continual.sweep import invocation
+from hf_softmask.continual.pretraining.sweep import invocation
 from hf_softmask.data import load_domains
 from tests.testing_utils import tiny_runner_flags
 

@@ -1,13 +1,16 @@
-"""Continual pre-training over a sequence of domains: configuration, runner, evaluation and the LR frontier."""
+"""The runners: continual pre-training (:mod:`.pretraining`), continual finetuning (:mod:`.finetuning`), the
+strategy comparison (:mod:`.comparison`), and what they share (command line, checkpoints, processes, console).
 
-from .config import ContinualPretrainingArguments, parse_config
+The pre-training names are re-exported here, where they have always been importable from."""
+
 from .distributed import end_processes
-from .evaluation import FixedEvalSet, lm_eval_loss
-from .frontier import mark_beyond_frontier, write_frontier
 from .model_loading import load_model_and_tokenizer
-from .pretrain import run_continual_pretraining
-from .pretrainer import ContinualPretrainer
-from .sweep import run_sweep
+from .pretraining.config import ContinualPretrainingArguments, parse_config
+from .pretraining.evaluation import FixedEvalSet, lm_eval_loss
+from .pretraining.frontier import mark_beyond_frontier, write_frontier
+from .pretraining.pretrainer import ContinualPretrainer
+from .pretraining.runner import run_continual_pretraining
+from .pretraining.sweep import run_sweep
 
 __all__ = [
     "ContinualPretrainer",

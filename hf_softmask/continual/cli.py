@@ -403,10 +403,10 @@ def register_architectures(specs: str | None) -> None:
 # -- stored --help text -------------------------------------------------------------------------------------------
 def runner_parsers() -> dict:
     """``{script name: (dataclass types, prog)}`` of both runners (imports them: slow, so only for writing)."""
-    from .config import PROG as PRETRAIN_PROG
-    from .config import ContinualPretrainingArguments
     from .finetuning import PROG as FINETUNE_PROG
     from .finetuning import ContinualFinetuningArguments
+    from .pretraining.config import PROG as PRETRAIN_PROG
+    from .pretraining.config import ContinualPretrainingArguments
 
     return {
         "continual_pretrain": ((ContinualPretrainingArguments,), PRETRAIN_PROG),

@@ -1,11 +1,11 @@
 """Every strategy on the same sequences: continual pre-training and continual finetuning, one table.
 
 For each strategy and each setting it declares (``settings``), the setting's runner is called with the same
-data, model and budget (:mod:`hf_softmask.continual.pretrain`, :mod:`hf_softmask.continual.finetuning`); the
+data, model and budget (:mod:`hf_softmask.continual.pretraining.runner`, :mod:`hf_softmask.continual.finetuning`); the
 record keeps the final score (mean held-out loss / perplexity, or accuracy), BWT, forgetting, wall time and
 peak memory. Plain sequential training is also run over a learning-rate grid in both settings (``ncl`` in
 pre-training, ``ft`` in finetuning): every other run is placed against that frontier (beyond / on / behind /
-undecided, :mod:`hf_softmask.continual.frontier`), not against one plain run, because strategies that lower
+undecided, :mod:`hf_softmask.continual.pretraining.frontier`), not against one plain run, because strategies that lower
 the effective learning rate of protected units (``changes_effective_lr``) buy less forgetting the way a lower
 learning rate does.
 """
@@ -28,7 +28,7 @@ import torch
 
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.memory import peak_rss_bytes, reset_peak_rss
-from .frontier import frontier_position
+from .pretraining.frontier import frontier_position
 from .strategy_settings import parse_json_object
 
 __all__ = [
@@ -151,7 +151,7 @@ class CompareArguments:
 
     def __post_init__(self):
         # Lists given in Python as "a,b" strings read as on the command line.
-        from .config import parse_float_list, parse_str_list
+        from .pretraining.config import parse_float_list, parse_str_list
 
         self.strategies = parse_str_list(self.strategies)
         self.settings = parse_str_list(self.settings)
@@ -281,8 +281,8 @@ def _strategy_settings(name: str, setting: str, user: dict, quick: bool) -> dict
 
 
 def _run_pretrain(name: str, lr: float | None, base: dict, kwargs: dict, out: Path):
-    from .config import ContinualPretrainingArguments
-    from .pretrainer import ContinualPretrainer
+    from .pretraining.config import ContinualPretrainingArguments
+    from .pretraining.pretrainer import ContinualPretrainer
 
     fields_ok = {f.name for f in fields(ContinualPretrainingArguments)}
     unknown = sorted(set(base) - fields_ok)
@@ -472,7 +472,7 @@ def _renamed(values: dict, setting: str) -> dict:
     from .renames import renamed
 
     if setting == "pretrain":
-        from .config import ContinualPretrainingArguments as runner_args
+        from .pretraining.config import ContinualPretrainingArguments as runner_args
     else:
         from .finetuning import ContinualFinetuningArguments as runner_args
     return renamed(values, {f.name for f in fields(runner_args)})

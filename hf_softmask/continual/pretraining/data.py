@@ -6,7 +6,7 @@ import random
 
 from torch.utils.data import DataLoader
 
-from ..data import (
+from ...data import (
     build_document_blocks,
     build_lm_dataset,
     general_text_documents,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..utils.io import upload_folder_to_hub
+from ...utils.io import upload_folder_to_hub
 
 if TYPE_CHECKING:
-    from .checkpointing import RunState
+    from ..checkpointing import RunState
     from .config import ContinualPretrainingArguments
 
 __all__ = ["HubPusher"]

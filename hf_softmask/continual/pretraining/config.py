@@ -14,10 +14,10 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
-from ..baselines.domain_training import DomainTrainingOptions
-from ..core.softmask_arguments import SoftMaskArguments, flag_name
-from ..utils.extras import require
-from .cli import (
+from ...baselines.domain_training import DomainTrainingOptions
+from ...core.softmask_arguments import SoftMaskArguments, flag_name
+from ...utils.extras import require
+from ..cli import (
     parse_with_yaml,
     refuse_fsdp1_flags,
     refuse_unsupported_trainer_flags,
@@ -26,11 +26,11 @@ from .cli import (
     require_steps,
     use_cpu_without_cuda,
 )
+from ..fingerprint import fingerprint
+from ..renames import RENAMED, renamed
+from ..strategy_settings import strategy_kwargs_text
 from .das_arguments import DASArguments
-from .fingerprint import fingerprint
 from .frontier import row_name
-from .renames import RENAMED, renamed
-from .strategy_settings import strategy_kwargs_text
 
 __all__ = [
     "ContinualPretrainingArguments",
@@ -529,7 +529,7 @@ class ContinualPretrainingArguments(DASArguments, SoftMaskArguments, TrainingArg
 
 def _check_options(values: dict, batch_size: int) -> DomainTrainingOptions:
     """DomainTrainingOptions' own checks, and that the replay ratio gives whole rows of a batch."""
-    from ..baselines.replay import replay_rows_per_batch
+    from ...baselines.replay import replay_rows_per_batch
 
     options = DomainTrainingOptions(**values)
     if options.replay_ratio > 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import publish_dir, stage_dir
+from ..checkpointing import publish_dir, stage_dir
 
 __all__ = ["cache_entry", "content_key", "publish_entry"]
 
@@ -41,7 +41,7 @@ def content_key(settings: dict, tensors: Iterable[tuple[str, torch.Tensor]]) -> 
 
 def cache_entry(kind: str, key: str) -> Path:
     """The directory of entry ``key`` of ``kind`` (it may not exist)."""
-    from .model_loading import cache_dir
+    from ..model_loading import cache_dir
 
     return cache_dir() / kind / key[:32]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from ..strategies.das import DASConfig
+from ...strategies.das import DASConfig
 
 __all__ = ["DAS_FLAGS", "DASArguments"]
 

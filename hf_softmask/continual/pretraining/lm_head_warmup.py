@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import is_masked_lm
-from .distributed import is_sharded
+from ...data import is_masked_lm
+from ..distributed import is_sharded
 from .result_cache import cache_entry, content_key, publish_entry
 
 __all__ = ["fit_lm_head", "warm_up_lm_head", "warmup_key"]

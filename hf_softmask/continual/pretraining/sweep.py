@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import user_errors
+from ..cli import user_errors
 from .config import ContinualPretrainingArguments, parse_str_list
 from .frontier import write_frontier
 from .pretrainer import ContinualPretrainer

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..evaluation.continual_metrics import summarize
-from ..utils.io import atomic_write_json
+from ...evaluation.continual_metrics import summarize
+from ...utils.io import atomic_write_json
 from .evaluation import perplexity
 
 if TYPE_CHECKING:
-    from .checkpointing import RunState
+    from ..checkpointing import RunState
     from .config import ContinualPretrainingArguments
-    from .domain_data import PretrainingData
+    from .data import PretrainingData
 
 __all__ = ["results", "write_results"]
 
@@ -87,7 +87,7 @@ def results(args: ContinualPretrainingArguments, data: PretrainingData, state: R
 
 def write_results(args: ContinualPretrainingArguments, data: PretrainingData, state: RunState) -> dict:
     """Write ``results.json`` (and, with ``args.plots``, ``perplexity_matrix.png``) into ``args.output_dir``."""
-    from ..evaluation.plotting import plot_matrix
+    from ...evaluation.plotting import plot_matrix
 
     out = Path(args.output_dir)
     res = results(args, data, state)

@@ -32,8 +32,8 @@ import os
 from itertools import pairwise
 from pathlib import Path
 
-from ..evaluation.bootstrap import GAP_METRICS, RunBlocks, Study, beyond_frontier, frontier_verdicts
-from ..utils.io import atomic_write_json, atomic_write_text
+from ...evaluation.bootstrap import GAP_METRICS, RunBlocks, Study, beyond_frontier, frontier_verdicts
+from ...utils.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "POSITIONS",
@@ -364,7 +364,7 @@ def write_frontier(
     atomic_write_json(out / "frontier.json", payload)
     atomic_write_text(out / "frontier.md", _markdown(records, design))
     if plots and any(_finite(r["in_domain_loss"], r["forgetting"]) for r in records):
-        from ..evaluation.plotting import plot_frontier
+        from ...evaluation.plotting import plot_frontier
 
         for y, name, title in (
             ("forgetting", "frontier.png", "forgetting vs in-domain loss (lower-left is better)"),

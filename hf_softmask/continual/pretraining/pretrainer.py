@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from ..baselines.domain_training import DomainTraining
-from ..core.compatibility import fsdp_version
-from ..core.importance import UnitImportance
-from ..evaluation.bootstrap import block_losses
-from ..strategies.base import StrategyTrainer
-from ..strategies.registry import strategy_class
-from ..utils.assets import check_model_source
-from ..utils.io import atomic_write_json, atomic_write_text
-from .checkpointing import (
+from ...baselines.domain_training import DomainTraining
+from ...core.compatibility import fsdp_version
+from ...core.importance import UnitImportance
+from ...evaluation.bootstrap import block_losses
+from ...strategies.base import StrategyTrainer
+from ...strategies.registry import strategy_class
+from ...utils.assets import check_model_source
+from ...utils.io import atomic_write_json, atomic_write_text
+from ..checkpointing import (
     DamagedRunError,
     RunState,
     domain_dir_name,
@@ -45,19 +45,19 @@ from .checkpointing import (
     verify_readable,
     verify_stage,
 )
-from .cli import check_process_group, register_architectures, user_errors
+from ..cli import check_process_group, register_architectures, user_errors
+from ..console import Console, summary_line
+from ..distributed import ProcessInfo, full_state_dict, is_sharded
+from ..model_loading import load_model_and_tokenizer, resolve_model_path
+from ..strategy_settings import build_strategy, parse_strategy_kwargs
 from .config import ADDED_SETTINGS, ContinualPretrainingArguments
-from .console import Console, summary_line
-from .distributed import ProcessInfo, full_state_dict, is_sharded
-from .domain_data import PretrainingData
+from .data import PretrainingData
 from .evaluation import perplexity
 from .hub_push import HubPusher
 from .lm_head_warmup import warm_up_lm_head
 from .model_card import model_card
-from .model_loading import load_model_and_tokenizer, resolve_model_path
-from .pretraining_results import results, write_results
 from .result_cache import cache_entry, content_key, publish_entry
-from .strategy_settings import build_strategy, parse_strategy_kwargs
+from .results import results, write_results
 
 __all__ = ["ContinualPretrainer"]
 
@@ -261,7 +261,7 @@ class ContinualPretrainer:
     def _plot_importance(self, strategy, directory: Path, title: str, name: str) -> None:
         """The stage's own importance (0_base: the general-knowledge proxy) and, below it, the accumulated one that
         ``importance.safetensors`` beside the plot holds; into plots/ and the stage directory."""
-        from ..evaluation.plotting import plot_importance
+        from ...evaluation.plotting import plot_importance
 
         imp = self._importance_of(strategy)
         if imp is None or not self.args.plots:
