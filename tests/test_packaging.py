@@ -232,7 +232,7 @@ from hf_softmask.continual import parse_config
 from hf_softmask.continual.finetuning import parse_finetuning_config
 from hf_softmask.utils.assets import load_smollm2
 out = {str(tmp_path)!r}
-for parse in (parse_config, parse_finetune_config):
+for parse in (parse_config, parse_finetuning_config):
     try:
         parse(["--output_dir", out])
     except ImportError as e:
