@@ -78,3 +78,17 @@ def test_quick_comparison_writes_records(tmp_path):
     assert all(0 <= r["in_task_error"] <= 1 for r in saved["records"] if r["setting"] == "finetune")
     md = (tmp_path / "comparison.md").read_text()
     assert "| hat |" in md and "| tss |" in md and "frontier run" in md and "vs ft frontier" in md
+
+
+def test_finetuning_defaults_are_read_from_the_shipped_configs():
+    """The comparison used to copy TSS's and WSN's settings out of configs/finetune_*.yaml by hand; now it reads
+    them, so the two cannot drift apart."""
+    import yaml
+
+    from hf_softmask.continual.comparison import FINETUNE_LR, STRATEGY_DEFAULTS
+    from hf_softmask.utils.package_data import config_file
+
+    for name in ("finetune_default", "finetune_wsn"):
+        data = yaml.safe_load(config_file(name).read_text())
+        assert STRATEGY_DEFAULTS["finetune"][data["strategy"]] == data["strategy_kwargs"]
+        assert FINETUNE_LR[data["strategy"]] == data["learning_rate"]

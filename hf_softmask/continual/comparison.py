@@ -48,6 +48,27 @@ PROG = "hf-softmask compare"
 
 DEFAULT_STRATEGIES = ["ncl", "das", "tss", "wsn", "hat", "adahat", "cbp", "talos", "ewc", "kd"]
 
+#: The finetuning configs shipped for strategies that train subnetwork scores: their ``strategy_kwargs`` and
+#: ``learning_rate`` are the comparison's for that strategy (read from the YAML, the one place they are written).
+SHIPPED_FINETUNE_CONFIGS = ("finetune_default", "finetune_wsn")
+
+
+def _shipped_finetune_settings() -> tuple[dict[str, dict], dict[str, float]]:
+    """``({strategy: strategy_kwargs}, {strategy: learning_rate})`` of :data:`SHIPPED_FINETUNE_CONFIGS`."""
+    import yaml
+
+    from ..utils.package_data import config_file
+
+    kwargs, lrs = {}, {}
+    for name in SHIPPED_FINETUNE_CONFIGS:
+        data = yaml.safe_load(config_file(name).read_text())
+        kwargs[data["strategy"]] = dict(data.get("strategy_kwargs") or {})
+        lrs[data["strategy"]] = float(data["learning_rate"])
+    return kwargs, lrs
+
+
+_SHIPPED_KWARGS, _SHIPPED_LR = _shipped_finetune_settings()
+
 #: Settings used for each strategy unless --strategy_kwargs overrides them: sized for short CPU runs (a few
 #: dozen steps per task), where e.g. CBP's default maturity of 100 steps would never replace anything.
 STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
@@ -58,9 +79,7 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
         "kd": {"kd_weight": 1.0, "kd_temperature": 2.0},
     },
     "finetune": {
-        # as configs/finetune_default.yaml and configs/finetune_wsn.yaml
-        "tss": {"mode": "update", "threshold": 0.0, "score_init": "magnitude", "init_score": 0.02},
-        "wsn": {"keep_ratio": 0.9, "score_init": "magnitude", "init_score": 1.0},
+        **_SHIPPED_KWARGS,  # tss, wsn: configs/finetune_default.yaml, configs/finetune_wsn.yaml
         "cbp": {"replacement_rate": 1e-3, "maturity_threshold": 5},
         "talos": {"keep_fraction": 0.1, "rounds": 2, "examples_per_round": 16},
         "ewc": {"ewc_lambda": 0.1, "fisher_examples": 16},
@@ -70,7 +89,7 @@ STRATEGY_DEFAULTS: dict[str, dict[str, dict]] = {
 
 #: Backbone learning rate per strategy in finetuning (the shipped configs' values): TSS trains mask scores,
 #: which need a far larger step than the weights the other strategies train.
-FINETUNE_LR = {"tss": 1e-3, "wsn": 5e-5}
+FINETUNE_LR = dict(_SHIPPED_LR)
 FINETUNE_WEIGHT_LR = 1e-4
 
 #: Per setting: the plain-training baseline of the frontier and the (x, y) axes a run is placed by
