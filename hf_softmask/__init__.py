@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .strategies.wsn import WSNConfig, WSNStrategy
     from .task_heads import MultiTaskClassifier
     from .tss import SubnetworkConfig, SubnetworkModel, get_subnetwork_model
+    from .utils.assets import load_smollm2, minilm_path
 
 # name -> module that defines it, loaded on first use.
 _LAZY = {
@@ -135,6 +136,8 @@ _LAZY = {
     "ContinualFinetuneArguments": "continual.finetune",
     "ContinualFinetuneTrainingArguments": "continual.finetune",
     "run_continual_finetune": "continual.finetune",
+    "load_smollm2": "utils.assets",
+    "minilm_path": "utils.assets",
     "CompareArguments": "continual.comparison",
     "run_comparison": "continual.comparison",
 }
