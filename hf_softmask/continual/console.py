@@ -1,21 +1,43 @@
-"""The runners' console lines: ``[runner] message``, printed by the main process only."""
+"""The runners' console lines: ``[runner] message`` on stdout through ``logging``, from the main process only."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 __all__ = ["Console", "summary_line"]
 
 
-class Console:
-    """``console(message)`` prints ``[runner] message`` on the main process (flushed: lines interleave with logs)."""
+class _Stdout(logging.StreamHandler):
+    """A handler writing to the ``sys.stdout`` of the moment (pytest and notebooks replace it), flushed per line."""
 
-    def __init__(self, runner: str, is_main: bool):
-        self.runner, self.is_main = runner, is_main
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+class Console:
+    """``console(message)`` logs ``[runner] message`` at INFO to stdout (logger ``hf_softmask.<runner>``) on the
+    main process only, as accelerate's state decides it, whatever the user's logging configuration: the runner's
+    progress lines are its interface. accelerate's own adapter is not used: it prefixes every line with the rank.
+    The state exists once a ``TrainingArguments`` is built (it sets it up)."""
+
+    def __init__(self, runner: str):
+        self.runner = runner
+        self.log = logging.getLogger(f"hf_softmask.{runner}")
+        if not any(isinstance(h, _Stdout) for h in self.log.handlers):
+            handler = _Stdout()
+            handler.setFormatter(logging.Formatter(f"[{runner}] %(message)s"))
+            self.log.addHandler(handler)
+            self.log.setLevel(logging.INFO)
+            self.log.propagate = False  # printed once, not again by a root handler the user set up
 
     def __call__(self, message: str) -> None:
-        if self.is_main:
-            print(f"[{self.runner}] {message}", flush=True)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            self.log.info(message)
 
 
 def summary_line(res: dict, out: Path) -> str:

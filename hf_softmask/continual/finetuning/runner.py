@@ -205,7 +205,7 @@ class _FinetuneRun:
         _ = args.world_size  # sets up the device and, under a launcher, the process group
         check_process_group("finetuning")
         self.is_main = args.process_index == 0
-        self.say = Console("continual_finetune", self.is_main)
+        self.say = Console("continual_finetune")
         launch = (args.world_size, args.device, fsdp_version(args) is not None)
         self.say(describe_processes(*launch))  # what the launch gave
         register_architectures(args.register_architecture)

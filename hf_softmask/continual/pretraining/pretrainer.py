@@ -84,7 +84,7 @@ class ContinualPretrainer:
         self.proc = ProcessInfo.current(cpu=bool(args.use_cpu) or not torch.cuda.is_available())
         self.out = Path(args.output_dir)
         self.is_main = self.proc.is_main
-        self.say = Console("continual_pretrain", self.is_main)  # a console line, from the main process only
+        self.say = Console("continual_pretrain")  # a console line, from the main process only
         self.rank = self.proc.rank
         self.world = self.proc.world
         self.extras = DomainTraining(args.domain_training_options())
