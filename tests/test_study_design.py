@@ -78,6 +78,14 @@ def test_study_sweep_records_documents_seeds_design_and_stage_times(tiny_mlm_dir
     md = (out / "frontier.md").read_text()
     assert design["command"] in md and "adjusted verdict" in md
 
+    # Rewriting the frontier of runs that lack the primary row is the user's mistake: one clear error, no traceback
+    # (it used to escape as a bare ValueError).
+    from hf_softmask.continual.cli import UserError
+
+    rewrite = _flags(tiny_mlm_dir, tmp_path / "rewrite", runs=json.dumps(RUNS), primary_comparison="das")
+    with pytest.raises(UserError, match="primary comparison 'das' names no complete row"):
+        run_continual_pretraining(parse_config([*rewrite, "--frontier_runs", str(out / "ncl_lr*")]))
+
 
 def test_primary_and_control_are_checked_before_anything_runs(tiny_mlm_dir, tmp_path):
     runs = json.dumps(RUNS)

@@ -117,4 +117,5 @@ def rewrite_frontier(args: ContinualPretrainingArguments) -> dict:
                     f"--frontier_runs {pattern!r}: no run directory with a results.json matches it"
                 )
             dirs.extend(finished)
-    return write_frontier(args.output_dir, dirs, **frontier_settings(args))
+        # and so are runs that lack the rows the study names (its primary comparison or control)
+        return write_frontier(args.output_dir, dirs, **frontier_settings(args))
