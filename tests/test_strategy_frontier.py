@@ -79,7 +79,7 @@ def test_mark_records_and_write_frontier(tmp_path):
         }
         (d / "results.json").write_text(json.dumps(res))
         dirs.append(d)
-    payload = write_frontier(tmp_path / "out", dirs)  # the call continual/pretrain.py makes
+    payload = write_frontier(tmp_path / "out", dirs)  # the call continual/pretraining/sweep.py makes
     assert [r["frontier_position"] for r in payload["runs"]] == [None, None, "beyond", "behind", "undecided"]
     md = (tmp_path / "out" / "frontier.md").read_text()
     assert md.count("**beyond**") == 1 and "undecided" in md
