@@ -30,7 +30,6 @@ Outputs in ``output_dir``: ``results.json`` (``tasks``, ``accuracy_matrix``, ``f
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -66,8 +65,6 @@ from .config import ContinualFinetuningArguments
 from .results import evaluate_all, finetuning_results
 
 __all__ = ["run_continual_finetuning", "build_optimizer"]
-
-logger = logging.getLogger(__name__)
 
 
 def _with_task_ids(dataset, task_id: int):
