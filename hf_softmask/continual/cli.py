@@ -30,6 +30,11 @@ __all__ = [
     "parse_args",
     "build_parser",
     "parse_with_yaml",
+    "comma_separated_fields",
+    "split_commas",
+    "parse_float_list",
+    "parse_int_list",
+    "parse_str_list",
     "refuse_unsupported_trainer_flags",
     "refuse_fsdp1_flags",
     "help_text",
@@ -219,6 +224,40 @@ def split_commas(argv: list[str], names: set[str]) -> list[str]:
     return out
 
 
+def parse_float_list(value, name: str | None = None) -> list[float]:
+    """Numbers from a list, or from a comma-separated string; ``name``: the flag an error names."""
+    return _parse_list(value, float, name, "numbers")
+
+
+def parse_int_list(value, name: str | None = None) -> list[int]:
+    """Integers from a list, or from a comma-separated string; ``name``: the flag an error names."""
+    return _parse_list(value, int, name, "integers")
+
+
+def _parse_list(value, kind, name, what):
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        out = []
+        for v in (v for v in items if str(v).strip()):
+            if isinstance(v, bool) or (kind is int and isinstance(v, float) and not v.is_integer()):
+                raise ValueError(v)  # True is not a seed, and 1.5 is not 1
+            out.append(kind(v.strip() if isinstance(v, str) else v))
+        return out
+    except (TypeError, ValueError):
+        flag = f"--{name} " if name else ""
+        raise ValueError(f"{flag}expected a list of {what}, got {value!r}") from None
+
+
+def parse_str_list(value) -> list[str]:
+    """Names from a list, or from a comma-separated string (blank items dropped)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
 def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hook=None):
     """Parse ``argv`` into the dataclasses; ``--config file.yaml`` supplies defaults that flags override.
 
@@ -250,7 +289,7 @@ def parse_with_yaml(dataclass_types, argv: list[str] | None, prog: str, yaml_hoo
             data = renamed(data, names)
             for name in commas & set(data):  # argparse would convert a string default as ONE item
                 if isinstance(data[name], str):
-                    data[name] = [v.strip() for v in data[name].split(",") if v.strip()]
+                    data[name] = parse_str_list(data[name])
             if yaml_hook is not None:
                 data = yaml_hook(data)
             # argparse converts only string defaults; YAML values arrive already typed.

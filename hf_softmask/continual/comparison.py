@@ -170,7 +170,7 @@ class CompareArguments:
 
     def __post_init__(self):
         # Lists given in Python as "a,b" strings read as on the command line.
-        from .pretraining.config import parse_float_list, parse_str_list
+        from .cli import parse_float_list, parse_str_list
 
         self.strategies = parse_str_list(self.strategies)
         self.settings = parse_str_list(self.settings)

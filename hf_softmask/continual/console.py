@@ -24,7 +24,6 @@ class Console:
     The state exists once a ``TrainingArguments`` is built (it sets it up)."""
 
     def __init__(self, runner: str):
-        self.runner = runner
         self.log = logging.getLogger(f"hf_softmask.{runner}")
         if not any(isinstance(h, _Stdout) for h in self.log.handlers):
             handler = _Stdout()

@@ -18,6 +18,9 @@ from ...baselines.domain_training import DomainTrainingOptions
 from ...core.softmask_arguments import SoftMaskArguments, flag_name
 from ...utils.extras import require
 from ..cli import (
+    parse_float_list,
+    parse_int_list,
+    parse_str_list,
     parse_with_yaml,
     refuse_fsdp1_flags,
     refuse_unsupported_trainer_flags,
@@ -564,39 +567,6 @@ def parse_runs(value) -> list[dict] | None:
     if len(set(names)) != len(names):
         raise ValueError(f"runs: names must be unique, got {names}")
     return out
-
-
-def parse_float_list(value, name: str | None = None) -> list[float]:
-    """Numbers from a list, or from a comma-separated string; ``name``: the flag an error names."""
-    return _parse_list(value, float, name, "numbers")
-
-
-def parse_int_list(value, name: str | None = None) -> list[int]:
-    """Integers from a list, or from a comma-separated string; ``name``: the flag an error names."""
-    return _parse_list(value, int, name, "integers")
-
-
-def _parse_list(value, kind, name, what):
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        out = []
-        for v in (v for v in items if str(v).strip()):
-            if isinstance(v, bool) or (kind is int and isinstance(v, float) and not v.is_integer()):
-                raise ValueError(v)  # True is not a seed, and 1.5 is not 1
-            out.append(kind(v.strip() if isinstance(v, str) else v))
-        return out
-    except (TypeError, ValueError):
-        flag = f"--{name} " if name else ""
-        raise ValueError(f"{flag}expected a list of {what}, got {value!r}") from None
-
-
-def parse_str_list(value) -> list[str]:
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(v).strip() for v in items if str(v).strip()]
 
 
 def parse_config(argv: list[str] | None = None) -> ContinualPretrainingArguments:
