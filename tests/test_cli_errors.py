@@ -17,10 +17,20 @@ from tests.testing_utils import REPO_ROOT, tiny_runner_flags
 
 
 def _run(command: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m hf_softmask <command> <args>`` in a new process: the exit status and stderr a shell sees."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "hf_softmask", command, *args], capture_output=True, text=True, env=env, timeout=300
     )
+
+
+def _main(capsys, command: str, *args: str) -> subprocess.CompletedProcess:
+    """The same program in this process (``command_line.main``, what the console script and ``-m`` call): seconds
+    faster than a new interpreter; one case per runner also runs as a real process (:func:`_run`)."""
+    capsys.readouterr()
+    code = command_line.main([command, *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([command, *args], code, out, err)
 
 
 def _assert_one_line(proc: subprocess.CompletedProcess, command: str, message: str) -> None:
@@ -46,7 +56,7 @@ def _another_run(directory, runner: str = "continual_finetune") -> None:
         ("another_run", "holds a continual_finetune run, not a continual_pretrain run"),
     ],
 )
-def test_pretrain_user_mistake_is_one_line_and_exit_2(tiny_mlm_dir, tmp_path, case, message):
+def test_pretrain_user_mistake_is_one_line_and_exit_2(tiny_mlm_dir, tmp_path, capsys, case, message):
     flags = tiny_runner_flags(tiny_mlm_dir, tmp_path / "run")
     if case == "bad_value":
         flags += ["--learning_rate", "abc"]
@@ -57,7 +67,7 @@ def test_pretrain_user_mistake_is_one_line_and_exit_2(tiny_mlm_dir, tmp_path, ca
         flags = ["--config", str(tmp_path / "c.yaml"), *flags]
     else:
         _another_run(tmp_path / "run")
-    proc = _run("pretrain", *flags)
+    proc = _run("pretrain", *flags) if case == "bad_value" else _main(capsys, "pretrain", *flags)
     _assert_one_line(proc, "pretrain", message)
     if case == "bad_value":  # the 100-line usage is not printed first
         assert "usage:" not in proc.stderr and len(proc.stderr) < 300
@@ -71,8 +81,8 @@ def test_finetune_output_dir_of_another_run_is_one_line_and_exit_2(tmp_path):
     _assert_one_line(proc, "finetune", "holds a continual_pretrain run, not a continual_finetune run")
 
 
-def test_compare_bad_setting_is_one_line_and_exit_2(tmp_path):
-    proc = _run("compare", "--output_dir", str(tmp_path / "c"), "--settings", "pretrain,bogus")
+def test_compare_bad_setting_is_one_line_and_exit_2(tmp_path, capsys):
+    proc = _main(capsys, "compare", "--output_dir", str(tmp_path / "c"), "--settings", "pretrain,bogus")
     _assert_one_line(proc, "compare", "unknown setting(s) ['bogus']; use pretrain and/or finetune")
 
 

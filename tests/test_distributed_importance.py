@@ -21,6 +21,7 @@ import json, sys
 from pathlib import Path
 import torch
 from hf_softmask.continual import ContinualPretrainer, parse_config
+from hf_softmask.continual.distributed import end_processes
 
 out = Path(sys.argv[1])
 runner = ContinualPretrainer(parse_config(sys.argv[2:]))
@@ -31,6 +32,7 @@ runner.strategy.general_importance.save_pretrained(d / "general")
 loader = runner.data.importance_loader(runner.data.train[0], 1, runner.rank, runner.world)
 ids = torch.cat([b["input_ids"] for b in loader])
 (d / "shard.json").write_text(json.dumps({"world": runner.world, "ids": ids[:, :16].tolist()}))
+end_processes()
 """
 
 
@@ -91,6 +93,7 @@ import torch
 import torch.distributed as dist
 from tests.testing_utils import random_lm_batches, tiny_bert, tiny_llama
 from hf_softmask import available_estimators, compute_importance
+from hf_softmask.continual.distributed import end_processes
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -104,7 +107,7 @@ for arch, make in (("bert", tiny_bert), ("llama", tiny_llama)):
                                      show_progress=False)
             out[(arch, estimator, objective)] = (imp.heads, imp.ffn, imp.meta["tokens"])
 torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
-dist.destroy_process_group()
+end_processes()
 """
 
 

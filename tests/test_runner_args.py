@@ -193,6 +193,47 @@ def test_unjoined_processes_are_refused(monkeypatch):
         check_process_group("finetuning")
 
 
+TORCH_ONLY_FINETUNE = """
+import sys
+import torch.distributed as dist
+from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
+
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=int(sys.argv[2]), world_size=2)
+try:
+    run_continual_finetuning(parse_finetuning_config(sys.argv[3:]))
+    print("TRAINED")
+except ValueError as e:
+    print("REFUSED", e)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+def test_finetuning_refuses_a_process_group_accelerate_does_not_see(tiny_bert_dir, tmp_path):
+    """Two processes joined by torch.distributed alone (no launcher variables): accelerate calls each the only one,
+    so before the fix both trained alone into one directory, each as its main process."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(TORCH_ONLY_FINETUNE)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    flags = finetune_flags(tiny_bert_dir, tmp_path / "run")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(tmp_path / "init"), str(r), *flags],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "REFUSED" in out and "accelerate launch" in out and "world size 2" in out, out[-2000:]
+    assert not (tmp_path / "run" / "state.json").exists()  # refused before the directory was touched
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_finetune_under_accelerate_launch_on_cpu_trains_one_model(tiny_bert_dir, tmp_path):

@@ -5,11 +5,7 @@ at the ratio; WiSE-FT in the runner giving the interpolated weights; re-warming 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +15,9 @@ from hf_softmask.baselines.replay import replay_rows_per_batch
 from hf_softmask.continual import ContinualPretrainer, parse_config
 from hf_softmask.continual.pretraining.runner import run_continual_pretraining
 from tests.testing_utils import (
-    RUNNER_KILL_WORKER,
+    straight_and_killed_then_resumed,
     tiny_runner_flags,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flags(model, out, **over):
@@ -202,24 +196,12 @@ def test_baseline_settings_refused_before_anything_is_written(tiny_mlm_dir, tmp_
 
 @pytest.mark.slow
 def test_replay_merge_ema_run_killed_and_resumed_equals_uninterrupted(tiny_mlm_dir, tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(RUNNER_KILL_WORKER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-    def run(out, kill):
-        flags = tiny_runner_flags(tiny_mlm_dir, out, strategy="ncl", replay_ratio=0.5, merge_alpha=0.5, ema_decay=0.5)
-        return subprocess.run(
-            [sys.executable, str(worker), kill, *flags],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-
-    assert run(tmp_path / "straight", "none").returncode == 0
-    assert run(tmp_path / "killed", "2_sports:2").returncode == 17
-    resumed = run(tmp_path / "killed", "none")
+    resumed = straight_and_killed_then_resumed(
+        tmp_path,
+        lambda out: tiny_runner_flags(
+            tiny_mlm_dir, out, strategy="ncl", replay_ratio=0.5, merge_alpha=0.5, ema_decay=0.5
+        ),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "straight" / "state.json").read_text())["domains"]
     b = json.loads((tmp_path / "killed" / "state.json").read_text())["domains"]

@@ -35,6 +35,7 @@ dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_s
 torch.set_num_threads(1)
 from torch.distributed.fsdp import fully_shard
 from hf_softmask.continual import ContinualPretrainer, parse_config
+from hf_softmask.continual.distributed import end_processes
 
 def shard(model):
     for layer in model.base_model.encoder.layer:
@@ -52,7 +53,7 @@ d = out / f"rank{rank}"
 runner.strategy.importance.save_pretrained(d)
 sharded = any(hasattr(p, "full_tensor") for p in runner.model.parameters())
 (d / "res.json").write_text(json.dumps({"loss": res["loss_matrix"], "sharded": sharded, "world": runner.world}))
-dist.destroy_process_group()
+end_processes()
 """
 
 

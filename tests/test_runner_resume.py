@@ -9,19 +9,17 @@ MLM masks are now drawn per block (hf_softmask.data.block_seeded_mlm_collator).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from hf_softmask.data import build_lm_dataset, lm_data_collator
-from tests.testing_utils import RUNNER_KILL_WORKER, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.testing_utils import (
+    save_tiny_bert_with_minilm_tokenizer,
+    straight_and_killed_then_resumed,
+    tiny_runner_flags,
+)
 
 
 def test_mlm_masks_depend_only_on_the_block(minilm_dir):
@@ -62,19 +60,9 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, minilm_dir, strategy
     from safetensors.torch import load_file
 
     model = save_tiny_bert_with_minilm_tokenizer(BertForMaskedLM, tmp_path / "model", minilm_dir)
-    worker = tmp_path / "worker.py"
-    worker.write_text(RUNNER_KILL_WORKER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-    def run(out, kill):
-        flags = tiny_runner_flags(model, out, strategy=strategy, **RESUMED[strategy])
-        return subprocess.run(
-            [sys.executable, str(worker), kill, *flags], env=env, capture_output=True, text=True, timeout=300
-        )
-
-    assert run(tmp_path / "straight", "none").returncode == 0
-    assert run(tmp_path / "killed", "2_sports:2").returncode == 17
-    resumed = run(tmp_path / "killed", "none")
+    resumed = straight_and_killed_then_resumed(
+        tmp_path, lambda out: tiny_runner_flags(model, out, strategy=strategy, **RESUMED[strategy])
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
     a = json.loads((tmp_path / "straight" / "state.json").read_text())["domains"]

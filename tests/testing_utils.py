@@ -300,6 +300,31 @@ ContinualPretrainer(parse_config(sys.argv[2:]), callbacks=[DieAfterSave()]).run(
 """
 
 
+def straight_and_killed_then_resumed(tmp_path: Path, flags_for, kill: str = "2_sports:2"):
+    """Run the pre-training runner uninterrupted (``tmp_path/straight``) and, side by side, the same run killed
+    right after its Trainer checkpoint ``kill`` = ``<k>_<domain>:<step>`` (``tmp_path/killed``); then rerun the
+    killed one to its end. ``flags_for(out)``: the runner's flags. Returns the resumed process; asserts the first
+    two ended as meant (exit 0, and 17 at the kill). One thread a process: the pair runs on two cores at once."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(RUNNER_KILL_WORKER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path, stop: str) -> list[str]:
+        return [sys.executable, str(worker), stop, *flags_for(out)]
+
+    pair = {
+        name: subprocess.Popen(
+            command(tmp_path / name, stop), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, stop in (("straight", "none"), ("killed", kill))
+    }
+    ended = {name: (p, *p.communicate(timeout=300)) for name, p in pair.items()}
+    for name, code in (("straight", 0), ("killed", 17)):
+        p, _, err = ended[name]
+        assert p.returncode == code, f"{name}: exit {p.returncode}\n{err[-3000:]}"
+    return subprocess.run(command(tmp_path / "killed", "none"), env=env, capture_output=True, text=True, timeout=300)
+
+
 #: A launcher's script that runs ``main(flags)`` of the runner script ``sys.argv[1]``, then writes to
 #: ``<sys.argv[2]>.<rank>`` whether a process group is still up: ``python worker.py SCRIPT REPORT <flags>``.
 #: A group left to interpreter teardown aborts a finished run now and then (gloo: SIGABRT, "terminate called

@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .distributed import is_main_process
+
 __all__ = ["Console", "summary_line"]
 
 
@@ -19,9 +21,9 @@ class _Stdout(logging.StreamHandler):
 
 class Console:
     """``console(message)`` logs ``[runner] message`` at INFO to stdout (logger ``hf_softmask.<runner>``) on the
-    main process only, as accelerate's state decides it, whatever the user's logging configuration: the runner's
-    progress lines are its interface. accelerate's own adapter is not used: it prefixes every line with the rank.
-    The state exists once a ``TrainingArguments`` is built (it sets it up)."""
+    main process only (:func:`~hf_softmask.continual.distributed.is_main_process`: accelerate launch or a process
+    group the caller joined), whatever the user's logging configuration: the runner's progress lines are its
+    interface. accelerate's own adapter is not used: it prefixes every line with the rank."""
 
     def __init__(self, runner: str):
         self.log = logging.getLogger(f"hf_softmask.{runner}")
@@ -33,9 +35,7 @@ class Console:
             self.log.propagate = False  # printed once, not again by a root handler the user set up
 
     def __call__(self, message: str) -> None:
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
+        if is_main_process():
             self.log.info(message)
 
 

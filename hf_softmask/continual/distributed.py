@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ProcessInfo", "describe_processes", "end_processes", "full_state_dict", "is_sharded"]
+__all__ = [
+    "ProcessInfo",
+    "describe_processes",
+    "end_processes",
+    "full_state_dict",
+    "is_main_process",
+    "is_sharded",
+]
 
 
 @dataclass
@@ -44,6 +51,18 @@ class ProcessInfo:
 
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 of the run, however its processes were joined: torch's rank where a process group
+    exists (accelerate's state alone calls every process of a torch-only group the main one), else accelerate's."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def describe_processes(world: int, device, sharded: bool = False, torch_only: bool = False) -> str:

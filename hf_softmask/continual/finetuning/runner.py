@@ -58,7 +58,7 @@ from ..checkpointing import (
 )
 from ..cli import check_process_group, register_architectures, user_errors
 from ..console import Console
-from ..distributed import describe_processes
+from ..distributed import ProcessInfo, describe_processes
 from ..model_loading import load_backbone
 from ..strategy_settings import build_strategy
 from .config import ContinualFinetuningArguments
@@ -201,6 +201,15 @@ class _FinetuneRun:
             torch.set_num_threads(args.num_threads)
         _ = args.world_size  # sets up the device and, under a launcher, the process group
         check_process_group("finetuning")
+        if ProcessInfo.current(cpu=args.device.type == "cpu").torch_only:
+            # accelerate sees one process: each would train alone, both writing output_dir (pre-training
+            # supports such a group through its model_hook; the finetuning runner has none)
+            raise ValueError(
+                "the finetuning runner was started in a process group joined by torch.distributed without "
+                "accelerate (world size "
+                f"{torch.distributed.get_world_size()}, accelerate sees {args.world_size}): launch it with "
+                "'accelerate launch --num_processes N' (or torchrun) and let the Trainer join the processes"
+            )
         self.is_main = args.process_index == 0
         self.say = Console("continual_finetune")
         launch = (args.world_size, args.device, fsdp_version(args) is not None)

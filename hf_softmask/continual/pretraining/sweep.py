@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cli import user_errors
+from ..distributed import is_main_process
 from .config import ContinualPretrainingArguments, parse_str_list
 from .frontier import write_frontier
 from .pretrainer import ContinualPretrainer
@@ -53,10 +54,8 @@ def run_sweep(args: ContinualPretrainingArguments) -> dict:
             seed=args.seed if seed is None else seed,
         )
         ContinualPretrainer(run_args).run()
-    from accelerate import PartialState
-
     dirs = [sub for *_, sub in runs]
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return {}
     waiting = [d.name for d in dirs if not _finished(d)]
     if waiting:  # another shard still runs these: the one that finishes last writes the frontier
