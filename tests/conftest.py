@@ -11,6 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# One thread a process, here and in the runs the tests start: tiny models are faster so, and two pytest workers
+# (``-n 2``) or a 2-process launch then share a 2-core machine without oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -29,16 +32,12 @@ def minilm_dir():
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M converted once from the shipped GGUF to a plain safetensors checkpoint."""
-    from hf_softmask.utils.assets import load_smollm2
+def smollm2_dir():
+    """SmolLM2-135M converted from the shipped GGUF to a plain checkpoint: the runners' cached conversion, so the
+    suite dequantizes it once (the runner tests load the same directory)."""
+    from hf_softmask.continual.model_loading import smollm2_checkpoint
 
-    model, tok = load_smollm2()
-    d = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    del model
-    return d
+    return smollm2_checkpoint()
 
 
 @pytest.fixture(scope="session")

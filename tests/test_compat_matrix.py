@@ -315,7 +315,7 @@ def test_rows_under_two_ddp_processes(tmp_path):
     are refused at train begin on every rank with the matrix's message."""
     from safetensors.torch import load_file
 
-    launch_cpu_processes(Path(__file__), tmp_path, port_offset=7)
+    launch_cpu_processes(Path(__file__), tmp_path)
     outcomes = [json.loads((tmp_path / f"outcome{r}.json").read_text()) for r in range(2)]
     for row in DDP_ROWS:
         cell = MATRIX[row]["ddp"]

@@ -15,7 +15,6 @@ import importlib.util
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from hf_softmask.core.compatibility import (  # noqa: E402  (after the sys.path 
     detect_features,
 )
 from tests.compat_evidence import DDP_TEST, EVIDENCE, REFUSAL_TEST, evidence  # noqa: E402
-from tests.testing_utils import lm_dataset, task_dataset, tiny_llama, train_args  # noqa: E402
+from tests.testing_utils import free_port, lm_dataset, task_dataset, tiny_llama, train_args  # noqa: E402
 
 PAGE_SCRIPT = ROOT / "scripts" / "make_compatibility_page.py"
 #: refused cells checked here (one process); DDP cells are checked by DDP_TEST inside its 2-process launch
@@ -239,9 +238,7 @@ def _trainers(row: str, args, col: str):
 
 def _refusal_worker(out: Path) -> None:
     """For each refused cell: build the row's Trainer with the column's flags and train; record what happened."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # --fsdp needs torch.distributed: one process, world size 1 (as benchmarks/gpu_check.py's fsdp2 cell)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1"

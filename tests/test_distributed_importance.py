@@ -71,7 +71,7 @@ def test_two_processes_get_identical_importance(tmp_path, minilm_dir):
         "--output_dir",
         str(tmp_path / "run"),
     ]
-    launch_cpu_processes(worker, tmp_path / "out", *flags, port_offset=11, timeout=400)
+    launch_cpu_processes(worker, tmp_path / "out", *flags, timeout=400)
 
     out = tmp_path / "out"
     shards = [json.loads((out / f"rank{r}" / "shard.json").read_text()) for r in (0, 1)]
@@ -120,7 +120,7 @@ def test_every_estimator_is_identical_on_two_gloo_processes(tmp_path):
 
     worker = tmp_path / "worker.py"
     worker.write_text(ESTIMATOR_WORKER)
-    launch_cpu_processes(worker, tmp_path, port_offset=13, timeout=400)
+    launch_cpu_processes(worker, tmp_path, timeout=400)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(r0) == 2 * len(available_estimators()) * 2
     for key, (h0, f0, t0) in r0.items():

@@ -165,7 +165,7 @@ def runs(tmp_path_factory):
     """One single-process and one 2-process launch; each trains every configuration once."""
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("two_procs")
     launch_cpu_processes(Path(__file__), "--out", single, num_processes=1)
-    launch_cpu_processes(Path(__file__), "--out", multi, num_processes=2, port_offset=3)
+    launch_cpu_processes(Path(__file__), "--out", multi, num_processes=2)
     return single, multi
 
 

@@ -103,7 +103,7 @@ def _worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    launch_cpu_processes(Path(__file__), "--out", out, port_offset=1500)
+    launch_cpu_processes(Path(__file__), "--out", out)
     return out
 
 

@@ -120,7 +120,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_commands(tmp_path, tiny_mlm_di
 
     # accelerate launch -m hf_softmask: two gloo processes in one group (the runner refuses a launch whose
     # processes did not join), each on half of every global batch: the same 2 steps cover twice the epoch.
-    launch = [python, *accelerate_launch_cmd(2)[1:], "--main_process_port", str(29500 + os.getpid() % 2000)]
+    launch = [python, *accelerate_launch_cmd(2)[1:]]
     flags = tiny_runner_flags(tiny_mlm_dir, work / "two", domains=domains, max_steps=2, save_steps=2, logging_steps=1)
     two = _run([*launch, "-m", "hf_softmask", "pretrain", *flags], work, _clean_env(HF_HUB_OFFLINE="1"), timeout=500)
     assert json.loads((work / "two" / "results.json").read_text())["domains"] == ["markets", "football"]

@@ -248,7 +248,7 @@ def test_two_ddp_processes_each_train_on_mixed_batches(tmp_path):
 
     from safetensors.torch import load_file
 
-    launch_cpu_processes(Path(__file__), tmp_path, port_offset=0)
+    launch_cpu_processes(Path(__file__), tmp_path)
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 6  # 3 steps x 2 micro-batches per rank
     for batches in seen:

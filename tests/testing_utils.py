@@ -340,10 +340,20 @@ with open(f"{sys.argv[2]}.{os.environ.get('RANK', '0')}", "w") as f:
 
 
 # -- several processes --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port free on this machine now: concurrent launches (pytest -n 2) never share a rendezvous port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``num_processes`` processes on this machine. Several use the torchrun launcher
-    (``--multi_gpu``), which runs gloo on a CPU; one uses ``--cpu`` (which runs ONE process whatever
-    ``--num_processes`` says, and needs an MPI hostfile for more)."""
+    (``--multi_gpu``, on a port of its own), which runs gloo on a CPU; one uses ``--cpu`` (which runs ONE process
+    whatever ``--num_processes`` says, and needs an MPI hostfile for more)."""
+    port = ["--main_process_port", str(free_port())] if num_processes > 1 else []
     return [
         sys.executable,
         "-m",
@@ -351,6 +361,7 @@ def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
         "--multi_gpu" if num_processes > 1 else "--cpu",
         "--num_processes",
         str(num_processes),
+        *port,
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -360,12 +371,10 @@ def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     ]
 
 
-def launch_cpu_processes(script, *args, num_processes: int = 2, port_offset: int = 0, timeout: int = 600):
+def launch_cpu_processes(script, *args, num_processes: int = 2, timeout: int = 600):
     """Run ``script`` with ``args`` under ``accelerate launch`` as ``num_processes`` gloo processes on this CPU, with
     the repository on ``PYTHONPATH`` (``tests.testing_utils`` imports); asserts it exits 0 and returns the finished
-    process.
-
-    ``port_offset`` keeps the launches of different test files on different ports."""
+    process."""
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -373,10 +382,7 @@ def launch_cpu_processes(script, *args, num_processes: int = 2, port_offset: int
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     )
-    cmd = accelerate_launch_cmd(num_processes)
-    if num_processes > 1:
-        cmd += ["--main_process_port", str(29500 + (os.getpid() + port_offset) % 2000)]
-    cmd += [str(script), *map(str, args)]
+    cmd = [*accelerate_launch_cmd(num_processes), str(script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
