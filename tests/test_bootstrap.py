@@ -401,6 +401,26 @@ def test_frontier_json_and_table_carry_the_design(tmp_path):
     md = (tmp_path / "frontier.md").read_text()
     assert cmd in md and "das (primary)" in md and "ncl_control (control)" in md
     assert "not beyond, as it must be" in md and "resampling unit **document**" in md
+    assert design["control_check"] == "not beyond"
+
+
+def test_a_control_outside_the_frontiers_range_is_reported_as_untested(tmp_path):
+    """The CPU study's control reached an in-domain loss below every frontier rate's: its gap is undefined, so it
+    tested nothing. Before the fix the table said "not beyond, as it must be" (a pass) all the same."""
+    rows = [("ncl", 2.0, 0.5), ("ncl", 2.2, 0.3), ("ncl", 2.4, 0.1), ("das", 2.1, 0.1), ("ncl_control", 1.5, 0.6)]
+    dirs = _results_dirs(tmp_path / "runs", rows, seeds=(0, 1, 2))
+    payload = write_frontier(tmp_path, dirs, n_resamples=200, primary="das", control="ncl_control")
+    control = next(r for r in payload["runs"] if r["strategy"] == "ncl_control")
+    assert control["forgetting_gap"]["estimate"] is None
+    assert payload["design"]["control_check"] == "untested"
+    md = (tmp_path / "frontier.md").read_text()
+    assert "as it must be" not in md and "it checked nothing; the frontier is untested" in md
+    # a control inside the range is a check; one reading beyond says the frontier flatters
+    for forgetting, check in ((0.2, "not beyond"), (0.0, "beyond")):
+        rows[-1] = ("ncl_control", 2.3, forgetting)
+        out = tmp_path / f"f{forgetting}"
+        dirs = _results_dirs(out / "runs", rows, seeds=(0, 1, 2))
+        assert write_frontier(out, dirs, n_resamples=200, control="ncl_control")["design"]["control_check"] == check
 
 
 def test_runs_without_document_ids_are_read_as_blocks_and_flagged(tmp_path):

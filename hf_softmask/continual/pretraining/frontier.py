@@ -169,6 +169,17 @@ def _matches(record: dict, name: str) -> bool:
     return record["strategy"] == label and (lr is None or math.isclose(lr, record["lr"], rel_tol=1e-9))
 
 
+def control_check(controls: list[dict]) -> str:
+    """What the control rows (plain training left out of the frontier) say about it: "beyond" (the frontier
+    flatters: no beyond verdict can be believed), "not beyond" (at least one control rate had a defined gap and none
+    read beyond) or "untested" (no control row complete, or every one outside the frontier's range: a control with
+    no gap checks nothing)."""
+    gaps = [r.get("forgetting_gap") or {} for r in controls]
+    if any(g.get("adjusted_verdict") == "beyond" for g in gaps):
+        return "beyond"
+    return "not beyond" if any(g.get("estimate") is not None for g in gaps) else "untested"
+
+
 def add_intervals(
     records: list[dict],
     n_resamples: int = 2000,
@@ -211,6 +222,7 @@ def add_intervals(
             r["control"] = bool(control) and _matches(r, control)
     first = next(iter(rows.values()))[0]
     lrs = sorted(r["lr"] for r in usable if r["strategy"] == BASELINE)
+    controls = [r for r in usable if r.get("control")]
     return {
         "resampling_unit": study.unit,
         "held_out_documents": dict(zip([*(f"domain {j}" for j in range(first.num_domains)), "general"], study.units)),
@@ -229,6 +241,7 @@ def add_intervals(
         "primary_rows": primary_rows,
         "adjustment": "holm (primary rows one family; all other rows another)",
         "control_row": control,
+        "control_check": control_check(controls) if control else None,
         "frontier_rows": frontier,
         "frontier_learning_rates": lrs,
         "max_adjacent_lr_ratio": max((b / a for a, b in pairwise(lrs)), default=None),
@@ -321,14 +334,15 @@ def _design_text(records: list[dict], d: dict) -> str:
             "narrow wherever blocks share a document. Do not read verdicts from this table.**"
         )
     if d.get("control_row"):
-        bad = [r for r in control if (r.get("forgetting_gap") or {}).get("adjusted_verdict") == "beyond"]
+        check = d.get("control_check") or control_check(control)
         lines.append(
             f"Control row {d['control_row']} (plain training left out of the frontier): "
-            + (
-                "**reads beyond: the frontier flatters, and no beyond verdict here can be believed.**"
-                if bad
-                else "not beyond, as it must be."
-            )
+            + {
+                "beyond": "**reads beyond: the frontier flatters, and no beyond verdict here can be believed.**",
+                "not beyond": "not beyond, as it must be.",
+                "untested": "**no defined gap (outside the frontier's range, or not run): it checked nothing; "
+                "the frontier is untested.**",
+            }[check]
         )
     if d.get("command"):
         lines.append(f"\nCommand:\n\n```\n{d['command']}\n```")
