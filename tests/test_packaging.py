@@ -250,6 +250,22 @@ def test_assets_are_pinned_in_one_place(capsys):
         assert not any(name in text and f"{name}==" in text for name in ASSET_PINS), f"{doc} repeats the pins"
 
 
+def test_readme_and_ci_run_the_same_test_command():
+    """README's test command is what .ci/run runs, and what it needs (pytest-xdist for ``-n``) is in the test
+    extra."""
+    import shlex
+
+    def pytest_args(text: str) -> list[str]:
+        line = next(x for x in text.splitlines() if "python -m pytest" in x and not x.lstrip().startswith("#"))
+        return shlex.split(line[line.index("python -m pytest") :])
+
+    readme, ci = (pytest_args((ROOT / doc).read_text()) for doc in ("README.md", ".ci/run"))
+    assert readme == ci, (readme, ci)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    if "-n" in ci:
+        assert any(dep.startswith("pytest-xdist") for dep in extra), extra
+
+
 def test_a_missing_extra_is_named_and_plots_can_be_turned_off(tmp_path):
     """Without matplotlib (the 'plots' extra) or gguf (the 'gguf' extra): the runners import and refuse --plots
     at start naming the extra and --no_plots; --no_plots runs; SmolLM2 names the gguf extra."""
