@@ -115,9 +115,12 @@ def _adamw_update_lists(params, grads, exp_avgs, exp_avg_sqs, masks, hyper, deco
         pf, gf = p.float(), g.float() * inv_scale
         if not decoupled:
             gf = gf + wd * pf  # L2-regularised Adam
-        # lerp, not m*b1 + g*(1-b1): with the latter inductor materialises the moments in a loop of its own
-        # (flat, while the masked update loops per unit) and the step takes two passes instead of one.
-        mf = m.float().lerp(gf, c1)
+        # m + (1-b1)*(g - m), not m*b1 + g*(1-b1): with the latter inductor materialises the moments in a loop of
+        # its own (flat, while the masked update loops per unit) and the step takes two passes instead of one; nor
+        # lerp, whose per-element branch made the pass 6-9 % slower than torch's fused kernel (idle 2-core CPU,
+        # 10M and 135M parameters, 2026-12-07).
+        mf = m.float()
+        mf = mf + c1 * (gf - mf)
         vf = v.float() * b2 + c2 * gf * gf
         if decoupled:
             pf = pf * (1 - k * wd)  # masked decay: 1 - lr*wd*k per unit
