@@ -195,6 +195,22 @@ def publish_dir(staging: Path, final: Path) -> None:
     atomic_replace_dir(staging, final)
 
 
+def publish_once(staging: Path, final: Path) -> bool:
+    """Rename a fully written staging directory to ``final`` unless another process published it first (a cache
+    entry of the same content): then ours is discarded. A published entry is never moved aside, so a process
+    reading it is never left without its files. Returns whether ours was published."""
+    import shutil
+
+    try:
+        os.rename(staging, final)  # refused when final exists and is not empty
+        return True
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+
+
 def last_trainer_checkpoint(directory: str | os.PathLike) -> str | None:
     """The newest complete ``checkpoint-N`` in ``directory`` (one holding trainer_state.json), else None."""
     directory = Path(directory)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from ..data import is_masked_lm
 from ..utils.assets import load_smollm2, minilm_path, shipped_model
-from .checkpointing import publish_dir, stage_dir
+from .checkpointing import publish_once, stage_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +34,7 @@ def smollm2_checkpoint() -> Path:
     staging = stage_dir(target.parent, target.name + f".{os.getpid()}")
     model.save_pretrained(staging)
     tok.save_pretrained(staging)
-    if not (target / "config.json").is_file():
-        publish_dir(staging, target)
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
+    publish_once(staging, target)  # two processes converting at once: the first one's stays
     return target
 
 

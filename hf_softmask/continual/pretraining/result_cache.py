@@ -11,13 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from ..checkpointing import publish_dir, stage_dir
+from ..checkpointing import publish_once, stage_dir
 
 __all__ = ["cache_entry", "content_key", "publish_entry"]
 
@@ -52,10 +51,7 @@ def publish_entry(entry: Path, write: Callable[[Path], None]) -> bool:
     try:
         staging = stage_dir(entry.parent, f"{entry.name}.{os.getpid()}")
         write(staging)
-        if not entry.is_dir():
-            publish_dir(staging, entry)
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
+        publish_once(staging, entry)
         return True
     except OSError as e:
         logger.warning("not cached in %s (%s)", entry, e)
