@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,10 @@ def _fsdp2_worker(out: str) -> None:
         json.dumps({"norm": float(norm), "by_hand": float(by_hand), "worst": worst})
     )
     end_processes()  # barrier first: a rank tearing gloo down while its peer is still in a collective aborts
+    # Even so, 2 of ~6 full-suite runs (2026-12-07) saw one rank abort in interpreter teardown after this point
+    # ("terminate called without an active exception": a C++ thread destroyed while joinable), with the results
+    # already written. Not understood yet; what this test checks is in the files, so skip the teardown.
+    os._exit(0)
 
 
 @pytest.mark.slow
