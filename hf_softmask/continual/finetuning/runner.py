@@ -201,13 +201,13 @@ class _FinetuneRun:
             torch.set_num_threads(args.num_threads)
         _ = args.world_size  # sets up the device and, under a launcher, the process group
         check_process_group("finetuning")
-        if ProcessInfo.current(cpu=args.device.type == "cpu").torch_only:
+        proc = ProcessInfo.current(cpu=args.device.type == "cpu")
+        if proc.torch_only:
             # accelerate sees one process: each would train alone, both writing output_dir (pre-training
             # supports such a group through its model_hook; the finetuning runner has none)
             raise ValueError(
                 "the finetuning runner was started in a process group joined by torch.distributed without "
-                "accelerate (world size "
-                f"{torch.distributed.get_world_size()}, accelerate sees {args.world_size}): launch it with "
+                f"accelerate (world size {proc.world}, accelerate sees {args.world_size}): launch it with "
                 "'accelerate launch --num_processes N' (or torchrun) and let the Trainer join the processes"
             )
         self.is_main = args.process_index == 0

@@ -308,15 +308,14 @@ def _markdown(records: list[dict], design: dict | None = None) -> str:
         )
     out = "\n".join(lines) + "\n"
     if design:
-        out += "\n" + _design_text(records, design)
+        out += "\n" + _design_text(design)
     return out
 
 
-def _design_text(records: list[dict], d: dict) -> str:
+def _design_text(d: dict) -> str:
     """What the table's intervals resample and decide, under it (frontier.md)."""
     ratio = d.get("max_adjacent_lr_ratio")
     dense = ratio is not None and ratio <= math.sqrt(2) * (1 + 1e-3)  # rates written to 5 digits
-    control = [r for r in records if r.get("control")]
     lines = [
         f"Design: resampling unit **{d['resampling_unit']}** (held-out units per group: "
         + ", ".join(f"{k} {v}" for k, v in d["held_out_documents"].items())
@@ -334,7 +333,7 @@ def _design_text(records: list[dict], d: dict) -> str:
             "narrow wherever blocks share a document. Do not read verdicts from this table.**"
         )
     if d.get("control_row"):
-        check = d.get("control_check") or control_check(control)
+        check = d["control_check"]  # set by add_intervals whenever a control row is named
         lines.append(
             f"Control row {d['control_row']} (plain training left out of the frontier): "
             + {
