@@ -11,6 +11,7 @@ cancels. The mask is fused into the step: no parameter-sized snapshot is taken.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import torch
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from .dtensor import LocalMasks, is_dtensor, local_mask, local_tensor
+from .step_plan import PLAN_ATTR, PartlyStepped, StepPlan, drop_plan, fold_hyper, group_hyper, raise_partly_stepped
 
 __all__ = [
     "AUTO_COMPILE_AFTER_STEPS",
@@ -222,14 +224,50 @@ def masked_adamw_step(
 
     Under a GradScaler (``optimizer.grad_scale`` / ``found_inf``, set for optimizers that declare
     ``_step_supports_amp_scaling``), gradients are unscaled and a step with an inf gradient changes nothing.
+
+    Returns (the parameters stepped, their gradients) when the step ran from a :class:`StepPlan` (then they are
+    all the parameters that have one), else None.
     """
     skip, inv_scale = _amp_inputs(optimizer)
     if skip:
         return
+    state = optimizer.__dict__
+    if compiled and _COMPILE_ERROR not in state:
+        stepped = _planned_step(optimizer, masks, decoupled, inv_scale)
+        if stepped is not None:
+            return stepped
     local_masks = local_masks_of(optimizer)
-    lists = []  # per group: (group, params, grads, exp_avgs, exp_avg_sqs, steps, masks)
+    lists = _gather(optimizer)
+    if not lists:
+        return
+    done = state.get("_hf_softmask_masked_steps", 0)
+    state["_hf_softmask_masked_steps"] = done + 1
+    if compiled and done >= after and _COMPILE_ERROR not in state:
+        step = functools.partial(_compiled_step, optimizer, lists, masks, local_masks, decoupled, inv_scale)
+        if _try_compiled(optimizer, step):
+            return
+    drop_plan(optimizer)  # the eager step advances the step counts the plan mirrors
+    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
+        _foreach_group_step(
+            group,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            step_ts,
+            [local_masks.get(masks, p) for p in owners],
+            [local_masks.get_float(masks, p) for p in owners],
+            decoupled,
+            inv_scale,
+        )
+
+
+def _gather(optimizer: Optimizer) -> list:
+    """Per group with gradients: (group, params, grads, exp_avgs, exp_avg_sqs, steps, owners), local tensors of
+    DTensors (``owners``: the parameters themselves); creates missing state as torch's AdamW does."""
+    lists = []
     for group in optimizer.param_groups:
-        params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, step_ts, owners = [], [], [], [], [], []
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -252,39 +290,47 @@ def masked_adamw_step(
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
             step_ts.append(state["step"])
-            pmasks.append(p)
+            owners.append(p)
         if params:
-            lists.append((group, params, grads, exp_avgs, exp_avg_sqs, step_ts, pmasks))
-    if not lists:
-        return
-    done = optimizer.__dict__.get("_hf_softmask_masked_steps", 0)
-    optimizer.__dict__["_hf_softmask_masked_steps"] = done + 1
-    if compiled and done >= after and "_hf_softmask_compile_error" not in optimizer.__dict__:
-        try:
-            _compiled_step(lists, masks, local_masks, decoupled, inv_scale)
-            return
-        except Exception as err:  # no compiler, unsupported op/backend: the eager step is exact, only slower
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            optimizer.__dict__["_hf_softmask_compile_error"] = f"{type(err).__name__}: {err}"
-            _warn_once(
-                f"fail:{type(err).__name__}",
-                f"compiling the masked AdamW update failed ({type(err).__name__}: "
-                f"{str(err)[:200]}); using the eager masked step",
-            )
-    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
-        _foreach_group_step(
-            group,
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            step_ts,
-            [local_masks.get(masks, p) for p in owners],
-            [local_masks.get_float(masks, p) for p in owners],
-            decoupled,
-            inv_scale,
+            lists.append((group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners))
+    return lists
+
+
+_COMPILE_ERROR = "_hf_softmask_compile_error"
+
+
+def _try_compiled(optimizer: Optimizer, step: Callable[[], None]) -> bool:
+    """Run a compiled step; on failure (no compiler, unsupported op/backend) record and warn once, and return False
+    so that the eager step (exact, only slower) runs instead."""
+    try:
+        step()
+        return True
+    except Exception as err:
+        if isinstance(err, (torch.OutOfMemoryError, PartlyStepped)):
+            raise
+        drop_plan(optimizer)
+        optimizer.__dict__[_COMPILE_ERROR] = f"{type(err).__name__}: {err}"
+        _warn_once(
+            f"fail:{type(err).__name__}",
+            f"compiling the masked AdamW update failed ({type(err).__name__}: "
+            f"{str(err)[:200]}); using the eager masked step",
         )
+        return False
+
+
+def _planned_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool, inv_scale: float | None):
+    """The compiled step from the optimizer's :class:`StepPlan`, if it has one that still holds: (the parameters
+    it stepped, their gradients), else None (nothing done)."""
+    plan = optimizer.__dict__.get(PLAN_ATTR)
+    if plan is None:
+        return None
+    grads = plan.grads() if plan.holds(optimizer, masks, decoupled) else None
+    if grads is None:
+        drop_plan(optimizer)
+        return None
+    if _try_compiled(optimizer, functools.partial(plan.run, _compiled_update(), grads, inv_scale, _to_device)):
+        return plan.owners, grads
+    return None
 
 
 def _foreach_group_step(
@@ -337,46 +383,44 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def _compiled_step(lists, masks: MaskDict, local_masks: LocalMasks, decoupled: bool, inv_scale: float | None) -> None:
-    """All groups in one compiled call per device; steps are advanced only after the update succeeded."""
+def _compiled_step(
+    optimizer: Optimizer, lists, masks: MaskDict, local_masks: LocalMasks, decoupled: bool, inv_scale: float | None
+) -> None:
+    """All groups in one compiled call per device; steps are advanced only after the update succeeded.
+
+    Without DTensors the step is made through a :class:`StepPlan` kept for the next steps; DTensor (FSDP2) local
+    shards are gathered anew each step (FSDP2 may swap a parameter's local tensor)."""
+    owners = [p for *_, group_owners in lists for p in group_owners]
+    if not any(map(is_dtensor, owners)):
+        plan = StepPlan(optimizer, masks, owners, [local_masks.get_kernel(masks, p) for p in owners], decoupled)
+        optimizer.__dict__[PLAN_ATTR] = plan
+        plan.run(_compiled_update(), [g for _, _, grads, *_ in lists for g in grads], inv_scale, _to_device)
+        return
     by_device: dict[torch.device, list] = {}
-    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
-        hp = [float(group["lr"]), *group["betas"], group["eps"], group["weight_decay"]]
+    for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, group_owners in lists:
+        hp = group_hyper(group)
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(
-                (p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], owners[i], hp)
+                (p, grads[i], exp_avgs[i], exp_avg_sqs[i], step_ts[i], group_owners[i], hp)
             )
-    for device, rows in by_device.items():
+    inv = 1.0 if inv_scale is None else inv_scale
+    for n, (device, rows) in enumerate(by_device.items()):
         steps = [r[4] for r in rows]
-        inv = 1.0 if inv_scale is None else inv_scale
         if all(s.device.type == "cpu" for s in steps):  # torch's default: fold on the host, in float64 like torch
-            hyper_rows, folded = [], {}
-            for r, s in zip(rows, torch.stack(steps).tolist()):
-                row = folded.get((id(r[6]), s))
-                if row is None:
-                    lr, b1, b2, eps, wd = r[6]
-                    bc2_sqrt = math.sqrt(1 - b2 ** (s + 1))
-                    row = folded[id(r[6]), s] = [
-                        1 - b1,
-                        b2,
-                        1 - b2,
-                        lr * bc2_sqrt / (1 - b1 ** (s + 1)),
-                        eps * bc2_sqrt,
-                        wd * lr if decoupled else wd,
-                        inv,
-                    ]
-                hyper_rows.append(row)
-            hyper = torch.tensor(hyper_rows, dtype=torch.float32)
+            hyper = torch.tensor(
+                [fold_hyper(r[6], s, decoupled, inv) for r, s in zip(rows, torch.stack(steps).tolist())],
+                dtype=torch.float32,
+            )
         else:  # fused/capturable AdamW keeps steps on the device: fold there, with no host sync
             lr, b1, b2, eps, wd = _to_device(torch.tensor([r[6] for r in rows], dtype=torch.float64), device).unbind(1)
-            n = torch.stack([s.to(device) for s in steps]).double() + 1
-            bc2_sqrt = (1 - b2**n).sqrt()
+            n_next = torch.stack([s.to(device) for s in steps]).double() + 1
+            bc2_sqrt = (1 - b2**n_next).sqrt()
             hyper = torch.stack(
                 [
                     1 - b1,
                     b2,
                     1 - b2,
-                    lr * bc2_sqrt / (1 - b1**n),
+                    lr * bc2_sqrt / (1 - b1**n_next),
                     eps * bc2_sqrt,
                     wd * lr if decoupled else wd,
                     torch.full_like(lr, inv),
@@ -389,16 +433,19 @@ def _compiled_step(lists, masks: MaskDict, local_masks: LocalMasks, decoupled: b
         # Step counts on the parameters' device advance inside the compiled call (one launch fewer); CPU step
         # counts of device parameters (a non-fused optimizer) after it.
         inside = all(s.device == device for s in steps)
-        _compiled_update()(
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            [r[3] for r in rows],
-            [ones if k is None else k for k in kmasks],
-            hyper,
-            decoupled,
-            steps if inside else None,
-        )
+        try:
+            _compiled_update()(
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [ones if k is None else k for k in kmasks],
+                hyper,
+                decoupled,
+                steps if inside else None,
+            )
+        except Exception as err:
+            raise_partly_stepped(err, n, device)
         if not inside:
             torch._foreach_add_(steps, 1)
 
@@ -550,7 +597,7 @@ class UpdateMaskHandle:
         self.compiled = compiled
         self.compile_after = after
         self._hooks: list = []
-        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._hidden: tuple[list, list] = ([], [])  # parameters whose gradients the class's step must not see
         self._snapshot: dict = {}
         self._updated = False
 
@@ -559,6 +606,7 @@ class UpdateMaskHandle:
         self.masks.update(masks)
 
     def remove(self) -> None:
+        drop_plan(self.optimizer)  # the class's own step moves the step counts from here on
         if self.how == "native":
             self.optimizer.set_update_masks(None)
         for h in self._hooks:
@@ -581,9 +629,12 @@ class UpdateMaskHandle:
 
         def masked_closure():
             loss = closure() if closure is not None else None
-            self._update()
-            self._hidden = [(p, p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            for p, _ in self._hidden:
+            stepped = self._update()  # (params, grads) when the step knows them: no second scan
+            if stepped is None:
+                with_grad = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                stepped = with_grad, [p.grad for p in with_grad]
+            self._hidden = stepped
+            for p in stepped[0]:
                 p.grad = None
             self._updated = True
             return loss
@@ -591,22 +642,21 @@ class UpdateMaskHandle:
         kwargs["closure"] = masked_closure
         return args, kwargs
 
-    def _update(self) -> None:
+    def _update(self):
         if self.how == "sgd":
-            masked_sgd_step(self.optimizer, self.masks)
-        else:
-            masked_adamw_step(
-                self.optimizer,
-                self.masks,
-                decoupled=(self.how == "adamw"),
-                compiled=self.compiled,
-                after=self.compile_after,
-            )
+            return masked_sgd_step(self.optimizer, self.masks)
+        return masked_adamw_step(
+            self.optimizer,
+            self.masks,
+            decoupled=(self.how == "adamw"),
+            compiled=self.compiled,
+            after=self.compile_after,
+        )
 
     def _post_fused(self, opt, args, kwargs) -> None:
-        for p, g in self._hidden:
+        for p, g in zip(*self._hidden):
             p.grad = g
-        self._hidden = []
+        self._hidden = ([], [])
         if not self._updated:
             raise RuntimeError(
                 f"{type(opt).__name__}.step did not call its closure, so the update masks were not applied"
@@ -676,6 +726,7 @@ def install_update_masks(optimizer, masks: MaskDict, compiled: bool | str = "aut
             f"{type(opt).__name__} already has update masks installed; remove() their handle first "
             "(or install the product of both mask sets)"
         )
+    drop_plan(opt)  # steps taken without masks since an earlier plan moved its step counts
     masks = dict(masks)
     optimized = {id(p) for group in opt.param_groups for p in group["params"]}
     if masks and not any(id(p) in optimized for p in masks):
