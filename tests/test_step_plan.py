@@ -144,3 +144,49 @@ def test_a_plan_is_not_kept_for_the_eager_step_and_the_eager_step_drops_one(eage
     assert opt.__dict__[PLAN_ATTR].parts[0].buckets == [[0, 3.0]]
     handle.remove()  # a removed handle leaves no plan holding the optimizer's tensors
     assert opt.__dict__.get(PLAN_ATTR) is None
+
+
+class _KernelFailure(Exception):
+    """Stands for a compile error on a later step (e.g. a recompile for a new dtype)."""
+
+
+@pytest.mark.parametrize("kind", ["installed", "native"])
+def test_a_compiled_step_failing_after_the_plan_was_built_steps_eagerly_once(eager_update, monkeypatch, kind):
+    """The hook path runs the plan's update in the post-hook: a failure there must fall back to one eager step
+    (not none, not two) and say so."""
+    out = []
+    for fail in (False, True):
+        params = _model()
+        opt = (torch.optim.AdamW if kind == "installed" else optim.MaskedAdamW)(
+            list(params.values()), lr=1e-2, fused=True
+        )
+        handle = optim.install_update_masks(opt, _masks(params, 1), compiled=True)
+        g = torch.Generator().manual_seed(2)
+        _backward(params, g)
+        opt.step()  # builds the plan
+        _backward(params, g)
+        if fail:
+
+            def broken(*args):
+                raise _KernelFailure("no kernel")
+
+            monkeypatch.setattr(optim, "_COMPILED_UPDATE", broken)
+            monkeypatch.setattr(optim, "_COMPILE_WARNED", set())  # warned once per process and error type
+            with pytest.warns(RuntimeWarning, match="_KernelFailure"):
+                opt.step()
+            assert "_KernelFailure" in opt.__dict__["_hf_softmask_compile_error"]
+            assert opt.__dict__.get(PLAN_ATTR) is None
+        else:
+            if kind == "installed":
+                handle.compiled = False
+            else:
+                opt.compiled = False
+            opt.step()  # the eager step
+        assert all(p.grad is not None for k, p in params.items() if k != "idle")  # gradients given back
+        out.append((params, opt))
+    (ref, ref_opt), (got, got_opt) = out
+    for name, p in ref.items():
+        assert torch.equal(got[name], p), name
+        for key, value in ref_opt.state[p].items():
+            assert torch.equal(got_opt.state[got[name]][key], value), (name, key)
+    assert got_opt.state[got["rows"]]["step"].item() == 2

@@ -206,10 +206,9 @@ def compile_after(compiled: bool | str) -> int:
     return AUTO_COMPILE_AFTER_STEPS if compiled == "auto" else 0
 
 
-@torch.no_grad()
 def masked_adamw_step(
     optimizer: Optimizer, masks: MaskDict, decoupled: bool = True, compiled: bool = False, after: int = 0
-) -> None:
+):
     """One Adam/AdamW step over ``optimizer.param_groups`` with update masks; state keys match torch's.
 
     Works on local tensors, so DTensor (FSDP2) parameters, gradients and states are updated shard by shard
@@ -228,24 +227,36 @@ def masked_adamw_step(
     Returns (the parameters stepped, their gradients) when the step ran from a :class:`StepPlan` (then they are
     all the parameters that have one), else None.
     """
+    return _masked_adamw_step(optimizer, masks, decoupled, compiled, after)
+
+
+@torch.no_grad()
+def _masked_adamw_step(
+    optimizer: Optimizer, masks: MaskDict, decoupled: bool, compiled: bool, after: int, defer: bool = False
+):
+    """:func:`masked_adamw_step`; with ``defer``, a step from the plan is returned as (params, grads, run) for the
+    caller to ``run()`` later, all its host work but the update itself done (every other step runs at once)."""
     skip, inv_scale = _amp_inputs(optimizer)
     if skip:
-        return
+        return None
     state = optimizer.__dict__
     if compiled and _COMPILE_ERROR not in state:
-        stepped = _planned_step(optimizer, masks, decoupled, inv_scale)
-        if stepped is not None:
-            return stepped
+        planned = _plan_step(optimizer, masks, decoupled, inv_scale)
+        if planned is not None:
+            if defer:
+                return planned
+            planned[2]()
+            return planned[:2]
     local_masks = local_masks_of(optimizer)
     lists = _gather(optimizer)
     if not lists:
-        return
+        return None
     done = state.get("_hf_softmask_masked_steps", 0)
     state["_hf_softmask_masked_steps"] = done + 1
     if compiled and done >= after and _COMPILE_ERROR not in state:
         step = functools.partial(_compiled_step, optimizer, lists, masks, local_masks, decoupled, inv_scale)
         if _try_compiled(optimizer, step):
-            return
+            return None
     drop_plan(optimizer)  # the eager step advances the step counts the plan mirrors
     for group, params, grads, exp_avgs, exp_avg_sqs, step_ts, owners in lists:
         _foreach_group_step(
@@ -260,6 +271,7 @@ def masked_adamw_step(
             decoupled,
             inv_scale,
         )
+    return None
 
 
 def _gather(optimizer: Optimizer) -> list:
@@ -318,9 +330,9 @@ def _try_compiled(optimizer: Optimizer, step: Callable[[], None]) -> bool:
         return False
 
 
-def _planned_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool, inv_scale: float | None):
-    """The compiled step from the optimizer's :class:`StepPlan`, if it has one that still holds: (the parameters
-    it stepped, their gradients), else None (nothing done)."""
+def _plan_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool, inv_scale: float | None):
+    """(the parameters to step, their gradients, a callable that steps them) from the optimizer's
+    :class:`StepPlan`, if it has one that still holds; else None, and the plan is dropped."""
     plan = optimizer.__dict__.get(PLAN_ATTR)
     if plan is None:
         return None
@@ -328,9 +340,13 @@ def _planned_step(optimizer: Optimizer, masks: MaskDict, decoupled: bool, inv_sc
     if grads is None:
         drop_plan(optimizer)
         return None
-    if _try_compiled(optimizer, functools.partial(plan.run, _compiled_update(), grads, inv_scale, _to_device)):
-        return plan.owners, grads
-    return None
+    return plan.owners, grads, functools.partial(_run_plan, optimizer, plan, grads, inv_scale, masks, decoupled)
+
+
+@torch.no_grad()
+def _run_plan(optimizer, plan: StepPlan, grads, inv_scale, masks: MaskDict, decoupled: bool) -> None:
+    if not _try_compiled(optimizer, functools.partial(plan.run, _compiled_update(), grads, inv_scale, _to_device)):
+        _masked_adamw_step(optimizer, masks, decoupled, compiled=False, after=0)  # the eager step: exact, slower
 
 
 def _foreach_group_step(
@@ -600,6 +616,7 @@ class UpdateMaskHandle:
         self._hidden: tuple[list, list] = ([], [])  # parameters whose gradients the class's step must not see
         self._snapshot: dict = {}
         self._updated = False
+        self._pending = None  # a prepared compiled step, run by the post-hook
 
     def update(self, masks: MaskDict) -> None:
         self.masks.clear()
@@ -619,21 +636,25 @@ class UpdateMaskHandle:
     def _pre_fused(self, opt, args, kwargs):
         """Hand the class's step a closure that runs the user's closure, then the masked update, then hides the
         gradients so the class's own update finds nothing to do. The step calls it after all pre-hooks ran, in
-        whatever order they were registered."""
+        whatever order they were registered. A compiled step from a plan runs in the post-hook instead, after the
+        gradients are back: the host work before and after it then finds the caches as the update left them
+        warm, not streamed cold (~0.1 ms a step for 39 tensors on the 2-core CPU)."""
         args, kwargs = tuple(args), dict(kwargs)
         closure = kwargs.pop("closure", None)
         if len(args) > 1:
             closure, args = args[1], args[:1]
         self._updated = False
+        self._pending = None
         self._first_post_hook(opt)
 
         def masked_closure():
             loss = closure() if closure is not None else None
-            stepped = self._update()  # (params, grads) when the step knows them: no second scan
+            stepped = self._update()  # (params, grads[, pending update]) when the step knows them: no second scan
             if stepped is None:
                 with_grad = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
                 stepped = with_grad, [p.grad for p in with_grad]
-            self._hidden = stepped
+            self._hidden = stepped[:2]
+            self._pending = stepped[2] if len(stepped) > 2 else None
             for p in stepped[0]:
                 p.grad = None
             self._updated = True
@@ -645,12 +666,8 @@ class UpdateMaskHandle:
     def _update(self):
         if self.how == "sgd":
             return masked_sgd_step(self.optimizer, self.masks)
-        return masked_adamw_step(
-            self.optimizer,
-            self.masks,
-            decoupled=(self.how == "adamw"),
-            compiled=self.compiled,
-            after=self.compile_after,
+        return _masked_adamw_step(
+            self.optimizer, self.masks, self.how == "adamw", self.compiled, self.compile_after, defer=True
         )
 
     def _post_fused(self, opt, args, kwargs) -> None:
@@ -661,6 +678,9 @@ class UpdateMaskHandle:
             raise RuntimeError(
                 f"{type(opt).__name__}.step did not call its closure, so the update masks were not applied"
             )
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending()
 
     # -- any other optimizer: snapshot the masked parameters, step, interpolate -------------------------------
     @torch.no_grad()

@@ -8,8 +8,9 @@ parameters, each parameter's state tensors, the masks dict and its entries, whic
 plan holds references to all of these, so an id cannot be reused while it lives. It keeps a host copy of the step
 counts, which only the plan advances while it lives: no 0-d tensor is read on the host (on a GPU, no sync).
 
-Not seen: a step count or moment changed *in place* by other code (``load_state_dict`` replaces the state and is
-seen). Whoever steps the optimizer without the plan must drop it (:func:`drop_plan`); ``optim`` does so.
+Not seen: a step count changed *in place* by other code (in-place changes to moments or parameters, as CBP's resets
+make, are the plan's own tensors and need nothing; ``load_state_dict`` replaces the state and is seen). Whoever steps
+the optimizer without the plan must drop it (:func:`drop_plan`); ``optim`` does so.
 """
 
 from __future__ import annotations
