@@ -74,19 +74,24 @@ def run(env: Env, shape: str) -> list[Row]:
 
     # A step is milliseconds: 15 rounds cost seconds, and a median of 5 moved the ratios by up to 50 % under load.
     warmup, rounds = (1, 15) if env.quick else (3, 20)
-    per_set, compile_error, how = [], None, ""
+    per_set, how = [], ""
     for _ in range(STATE_SETS):
         variants, default, optimizers = _variants(params, masks, env)
         per_set.append(interleaved(variants, env, warmup=warmup, rounds=rounds))
         compile_error = optimizers[-1].__dict__.get("_hf_softmask_compile_error")
-        how = "compiled" if default.compiled and not compile_error else "eager"
-        how = f"eager ({compile_error or 'auto chose eager'})"[:60] if how == "eager" else how
-        free(variants, default, optimizers)
+        compiled = default.compiled and not compile_error
+        how = "compiled" if compiled else f"eager ({compile_error or 'auto chose eager'})"[:60]
+        del variants, default, optimizers  # this set's states go before the next set's are made
+        free()
     # per variant, the median over the state sets of its median over rounds
     t = {name: statistics.median(s[name].ms for s in per_set) for name in per_set[0]}
     base = t["torch AdamW foreach"]
     fused_ms = t["torch AdamW fused"]
     spread = "/".join(f"{s['masked fused AdamW (default)'].ms / s['torch AdamW fused'].ms:.2f}" for s in per_set)
+
+    def faults(name):  # page faults per step in each state set: the eager steps' temporaries may be mapped fresh
+        return "/".join(f"{s[name].faults:.0f}" for s in per_set)
+
     note = f"{n_params / 1e6:.0f}M params, {100 * n_masked / n_params:.0f}% masked"
     rows = [
         Row(
@@ -107,6 +112,7 @@ def run(env: Env, shape: str) -> list[Row]:
             t["masked AdamW (ours)"],
             base,
             target="<=1.10x",
+            note=f"page faults/step per set: {faults('masked AdamW (ours)')} vs {faults('torch AdamW foreach')}",
         ),
         Row(
             "optimizer", shape, "masked foreach AdamW (eager)", "torch AdamW fused", t["masked AdamW (ours)"], fused_ms

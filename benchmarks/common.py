@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -162,6 +163,7 @@ class Timing:
     ms: float  # median milliseconds per call
     spread: float  # (max - min) / median over the timed calls
     peak: int | None  # bytes, see peak_bytes
+    faults: float | None = None  # median minor page faults per call (CPU; the kernel maps fresh memory in)
 
 
 def measure(fn: Callable[[], None], env: Env, warmup: int, iters: int) -> Timing:
@@ -180,6 +182,11 @@ def measure(fn: Callable[[], None], env: Env, warmup: int, iters: int) -> Timing
     return Timing(med, (max(times) - min(times)) / med if med > 0 else 0.0, peak_bytes(env))
 
 
+def _minor_faults() -> int:
+    # Pages the kernel mapped in for this process: a step whose temporaries come from fresh mappings pays for them.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved(
     fns: dict[str, Callable[[], None]], env: Env, warmup: int, rounds: int, iters: int = 1
 ) -> dict[str, Timing]:
@@ -193,14 +200,17 @@ def interleaved(
             fn()
     sync(env)
     per: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, list[int]] = {k: [] for k in fns}
     now = clock(env)
     for _ in range(rounds):
         for name, fn in fns.items():
+            f0 = _minor_faults()
             t0 = now()
             for _ in range(iters):
                 fn()
             sync(env)
             per[name].append((now() - t0) * 1e3 / iters)
+            faults[name].append(_minor_faults() - f0)
     peaks = {}
     for name, fn in fns.items():
         reset_peak(env)
@@ -210,7 +220,8 @@ def interleaved(
     out = {}
     for name, times in per.items():
         med = statistics.median(times)
-        out[name] = Timing(med, (max(times) - min(times)) / med if med > 0 else 0.0, peaks[name])
+        spread = (max(times) - min(times)) / med if med > 0 else 0.0
+        out[name] = Timing(med, spread, peaks[name], statistics.median(faults[name]) / iters)
     return out
 
 
