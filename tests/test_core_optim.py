@@ -161,3 +161,27 @@ def test_second_install_on_one_optimizer_is_refused():
         install_update_masks(opt, {params[1]: torch.zeros(())})
     handle.remove()
     install_update_masks(opt, {params[1]: torch.zeros(())}).remove()
+
+
+def test_eager_step_in_chunks_equals_one_pass(monkeypatch):
+    """The eager step computes Adam's denominator chunk by chunk (on the CPU, 4M elements: temporaries that reuse
+    each other's memory); chunks of one tensor, of several, and a single chunk must give the same step."""
+    from hf_softmask.core import optim
+
+    def run(limit):
+        monkeypatch.setattr(optim, "_CHUNK_ELEMENTS", {"cpu": limit})
+        g = torch.Generator().manual_seed(0)
+        shapes = [(6, 5), (5,), (2, 2), (3,), (4, 3)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        masks = {params[0]: torch.rand(6, 1, generator=g), params[2]: torch.rand(2, 2, generator=g)}
+        opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, update_masks=masks)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return params
+
+    one_pass = run(1 << 30)
+    for limit in (1, 8, 40):  # every tensor alone; (5,) alone and (2,2)+(3,) together; mixed
+        for a, b in zip(run(limit), one_pass):
+            assert torch.equal(a, b), limit
