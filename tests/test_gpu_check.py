@@ -14,7 +14,7 @@ from tests.testing_utils import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-CELLS = ["fp16_gradscaler", "fused_adamw_bf16", "fsdp2", "das_smollm2"]
+CELLS = ["fp16_gradscaler", "fused_adamw_bf16", "fsdp2", "das_smollm2", "compiled_step_plan"]
 
 
 def _run(*args, timeout=900):
@@ -49,6 +49,7 @@ def test_cpu_needs_the_dry_run_flag():
         ("fsdp2", "SKIP"),  # accelerate does not shard on a CPU: the Trainer runs, the cell says so
         ("fp16_gradscaler", "PASS"),
         ("das_smollm2", "PASS"),
+        ("compiled_step_plan", "PASS"),
     ],
 )
 def test_cpu_dry_run_of_each_cell(cell, expected):
