@@ -17,7 +17,12 @@ from transformers import BertModel, TrainerCallback
 from hf_softmask.continual import ContinualPretrainer, ContinualPretrainingArguments, parse_config
 from hf_softmask.continual.cli import check_process_group, help_text, runner_parsers
 from hf_softmask.continual.finetuning import parse_finetuning_config, run_continual_finetuning
-from tests.testing_utils import MAIN_THEN_REPORT_PROCESS_GROUP, accelerate_launch_cmd, tiny_runner_flags
+from tests.testing_utils import (
+    MAIN_THEN_REPORT_PROCESS_GROUP,
+    accelerate_launch_cmd,
+    run_torch_only_processes,
+    tiny_runner_flags,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,22 +219,11 @@ def test_finetuning_refuses_a_process_group_accelerate_does_not_see(tiny_bert_di
     so before the fix both trained alone into one directory, each as its main process."""
     worker = tmp_path / "worker.py"
     worker.write_text(TORCH_ONLY_FINETUNE)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     flags = finetune_flags(tiny_bert_dir, tmp_path / "run")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(tmp_path / "init"), str(r), *flags],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    procs = run_torch_only_processes(worker, lambda r: [str(tmp_path / "init"), str(r), *flags])
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = p.stdout
         assert "REFUSED" in out and "accelerate launch" in out and "world size 2" in out, out[-2000:]
     assert not (tmp_path / "run" / "state.json").exists()  # refused before the directory was touched
 

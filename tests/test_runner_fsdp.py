@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from hf_softmask.core.importance import UnitImportance
-from tests.testing_utils import save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
+from tests.testing_utils import run_torch_only_processes, save_tiny_bert_with_minilm_tokenizer, tiny_runner_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,29 +58,10 @@ end_processes()
 def _launch(tmp_path: Path, run: str, stop_after: str, flags: list[str]) -> list[subprocess.CompletedProcess]:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    init = tmp_path / f"init_{run}"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(r), "2", str(init), str(tmp_path / "res"), stop_after, *flags],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    done = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=240)  # a hang (collective on one rank only) ends here
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the 2-process fully_shard run hung")
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+    init, res = tmp_path / f"init_{run}", tmp_path / "res"
+    return run_torch_only_processes(
+        worker, lambda r: [str(r), "2", str(init), str(res), stop_after, *flags], timeout=240
+    )
 
 
 def _digest(directory: Path) -> dict:

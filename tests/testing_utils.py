@@ -349,6 +349,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torch_only_processes(
+    worker: Path, args_of_rank, world_size: int = 2, timeout: float = 300
+) -> list[subprocess.CompletedProcess]:
+    """``python worker <args_of_rank(rank)>`` in ``world_size`` processes at once, with none of a launcher's
+    variables (the worker joins them by ``torch.distributed`` alone), one thread each; every process is killed and
+    the test fails if one hangs (a collective entered by one rank only)."""
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), *args_of_rank(r)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"the {world_size}-process run of {worker.name} hung")
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
 def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``num_processes`` processes on this machine. Several use the torchrun launcher
     (``--multi_gpu``, on a port of its own), which runs gloo on a CPU; one uses ``--cpu`` (which runs ONE process
