@@ -7,6 +7,7 @@ hook). Both give the same rank and world size here; the second is ``torch_only``
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,29 @@ def full_state_dict(model: torch.nn.Module) -> dict | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+#: How long ``end_processes`` leaves the GIL to gloo's worker threads after the last barrier.
+_GLOO_RELEASE_SECONDS = 0.2
+
+
 def end_processes() -> None:
     """End a launched run: wait for every process, then destroy the process group (no-op in one process).
 
     Call it last in a script's ``main``. Without it the gloo/NCCL worker threads are torn down during interpreter
     finalization while still holding Python objects, which aborts a run that finished (SIGABRT, "terminate
     called without an active exception"), so the launcher reports a failure after all results were written.
+
+    Under gloo, then, the GIL is left free for a moment: a gloo worker thread frees the barrier's work, and the
+    work it waited for (e.g. FSDP2's last all-gather, holding Python tensors), just after the barrier returns, and
+    needs the GIL for that. When it got the GIL only after the main thread had begun interpreter finalization, it
+    was made to exit inside a C++ destructor: the same abort (core dumps, 2026-12-07: ``~AsyncBarrierWork`` ->
+    ``~AsyncAllgatherCoalescedWork`` -> ``decref_pyobject`` -> ``PyThread_exit_thread``; ~3 runs in 22 of an
+    FSDP2 script). Nothing observable from Python says when the thread is done, hence a fixed pause.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.barrier()
         dist.destroy_process_group()
+        if gloo:
+            time.sleep(_GLOO_RELEASE_SECONDS)
