@@ -156,7 +156,7 @@ def _fsdp2_worker(out: str) -> None:
         json.dumps({"norm": float(norm), "by_hand": float(by_hand), "worst": worst})
     )
     # barrier first (a rank tearing gloo down while its peer is still in a collective aborts), then a pause for gloo's
-    # worker threads to free the works they hold (this worker aborted in interpreter teardown in ~3 runs in 22 before)
+    # worker threads to free the works they hold (this worker aborted in interpreter teardown in 6 runs in 44 before)
     end_processes()
 
 

@@ -110,7 +110,7 @@ def end_processes() -> None:
     work it waited for (e.g. FSDP2's last all-gather, holding Python tensors), just after the barrier returns, and
     needs the GIL for that. When it got the GIL only after the main thread had begun interpreter finalization, it
     was made to exit inside a C++ destructor: the same abort (core dumps, 2026-12-07: ``~AsyncBarrierWork`` ->
-    ``~AsyncAllgatherCoalescedWork`` -> ``decref_pyobject`` -> ``PyThread_exit_thread``; ~3 runs in 22 of an
+    ``~AsyncAllgatherCoalescedWork`` -> ``decref_pyobject`` -> ``PyThread_exit_thread``; 6 runs in 44 of an
     FSDP2 script). Nothing observable from Python says when the thread is done, hence a fixed pause.
     """
     import torch.distributed as dist
