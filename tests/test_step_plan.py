@@ -190,3 +190,22 @@ def test_a_compiled_step_failing_after_the_plan_was_built_steps_eagerly_once(eag
         for key, value in ref_opt.state[p].items():
             assert torch.equal(got_opt.state[got[name]][key], value), (name, key)
     assert got_opt.state[got["rows"]]["step"].item() == 2
+
+
+def test_the_device_path_of_the_hyper_rows_gives_the_same_steps(eager_update, monkeypatch):
+    """Off the CPU each step builds its hyper-parameter rows in a fresh host buffer (the copy to the device is
+    asynchronous) instead of writing one buffer in place; here that path runs on the CPU and must step the same."""
+    from hf_softmask.core import step_plan
+
+    ref, ref_opt, _ = _scenario("installed", fresh_every_step=False)
+    init = step_plan._Part.__init__
+
+    def as_on_a_device(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.buffer = self.hyper = None
+
+    monkeypatch.setattr(step_plan._Part, "__init__", as_on_a_device)
+    got, got_opt, plans = _scenario("installed", fresh_every_step=False)
+    assert all(part.buffer is None for plan in plans if plan is not None for part in plan.parts)
+    for name, p in ref.items():
+        assert torch.equal(got[name], p), name
