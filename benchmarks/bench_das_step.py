@@ -96,8 +96,9 @@ def run(env: Env, shape: str, batch_size: int, seq_len: int, checkpointing: bool
         out = model(**batch, **das.forward_kwargs(model, batch))
         ids, mask = batch["input_ids"], batch["attention_mask"]
         z1 = (out.hidden_states[-1] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        (z2,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 1, None)
-        (z3,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 0, importance)
+        site = das.cfg.ffn_gate_site
+        (z2,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 1, None, site)
+        (z3,) = _pooled_views(model, ids, mask, layout, das._view_dropout, 0, importance, site)
         finish(out.loss + info_nce(z1, z2, z3, das.cfg.temperature), opts["v1"])
 
     def attach(key):
