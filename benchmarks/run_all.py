@@ -64,7 +64,7 @@ def plan(env: Env) -> list[tuple[str, callable]]:
         ("tss", lambda: bench_tss_layer.run(env, 384, 1056, 512)),
     ]
     if not env.quick:
-        # the optimizer step at a real model's size, where its fixed per-step cost (~1-2 ms of Python) is small
+        # the optimizer step at a real model's size, where its fixed per-step host cost is a small share
         jobs.insert(1, ("optimizer", lambda: bench_optimizer.run(env, "smollm2-135m")))
         jobs.insert(3, ("step", lambda: bench_softmask_step.run(env, "smollm2-135m", 1, 128)))
     return jobs
